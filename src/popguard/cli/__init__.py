@@ -1,0 +1,1 @@
+"""The management shell: `popguard <cmdlet>`, one module per command group."""

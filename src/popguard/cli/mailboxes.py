@@ -1,0 +1,117 @@
+"""Mailboxes: new-mailbox, get-mailbox, set-mailbox, remove-mailbox."""
+
+from __future__ import annotations
+
+import datetime
+import sys
+from typing import Any
+
+import click
+
+from .. import paths
+from ..directory import Mailbox
+from ..errors import UserError
+from ..mailstore import MailboxDatabase
+from ..passwords import generate_password, hash_password
+from .context import AppContext, pass_app
+from .render import format_option, render
+
+# Longer than any password a person types; bounds the KDF's input.
+MAX_PASSWORD_LENGTH = 1024
+
+
+def _when(timestamp: float) -> str:
+    return datetime.datetime.fromtimestamp(timestamp, datetime.UTC).isoformat(timespec="seconds")
+
+
+def mailbox_row(mailbox: Mailbox) -> dict[str, Any]:
+    return {
+        "PrimarySmtpAddress": mailbox.address,
+        "Database": mailbox.database,
+        "WhenCreated": _when(mailbox.created),
+        "WhenPasswordChanged": _when(mailbox.password_changed),
+    }
+
+
+def read_password_from_stdin() -> str:
+    password = sys.stdin.read().rstrip("\r\n")
+    if not password:
+        raise UserError("no password on standard input")
+    if len(password) > MAX_PASSWORD_LENGTH:
+        raise UserError(f"password longer than {MAX_PASSWORD_LENGTH} characters")
+    if "\0" in password or "\n" in password:
+        raise UserError("password must be one line without NUL characters")
+    return password
+
+
+@click.command("new-mailbox")
+@click.argument("address")
+@click.option("--database", required=True, help="The mailbox database to create it in.")
+@click.option("--password-stdin", is_flag=True, help="Read the password from standard input.")
+@format_option
+@pass_app
+def new_mailbox(
+    app: AppContext, address: str, database: str, password_stdin: bool, output_format: str
+) -> None:
+    """Create a mailbox; without --password-stdin a password is generated and shown once."""
+    password = read_password_from_stdin() if password_stdin else generate_password()
+    with app.directory() as directory:
+        mailbox = directory.new_mailbox(address, database, hash_password(password))
+    row = mailbox_row(mailbox)
+    if not password_stdin:
+        row["Password"] = password
+    render([row], output_format)
+
+
+@click.command("get-mailbox")
+@click.argument("address", required=False)
+@click.option("--database", help="Only mailboxes in this database.")
+@format_option
+@pass_app
+def get_mailbox(
+    app: AppContext, address: str | None, database: str | None, output_format: str
+) -> None:
+    """Show mailboxes."""
+    with app.directory() as directory:
+        if address:
+            mailboxes = [directory.get_mailbox(address)]
+        else:
+            mailboxes = directory.list_mailboxes(database)
+    render([mailbox_row(m) for m in mailboxes], output_format)
+
+
+@click.command("set-mailbox")
+@click.argument("address")
+@click.option("--password-stdin", is_flag=True, required=True, help="Read the new password.")
+@pass_app
+def set_mailbox(app: AppContext, address: str, password_stdin: bool) -> None:
+    """Change a mailbox's password; it takes effect at the next login."""
+    password = read_password_from_stdin()
+    with app.directory() as directory:
+        directory.set_password_hash(address, hash_password(password))
+    click.echo(f"password of {address.lower()} changed")
+
+
+@click.command("remove-mailbox")
+@click.argument("address")
+@click.option("--confirm/--no-confirm", default=True, help="Ask before removing.")
+@pass_app
+def remove_mailbox(app: AppContext, address: str, confirm: bool) -> None:
+    """Remove a mailbox and every message in it."""
+    with app.directory() as directory:
+        mailbox = directory.get_mailbox(address)
+        if confirm and sys.stdin.isatty():
+            click.confirm(f"Remove {mailbox.address} and all its mail?", abort=True)
+        server = directory.active_server(mailbox.database)
+        directory.remove_mailbox(mailbox.address)
+    store = MailboxDatabase(
+        paths.database_copy_file(app.data, mailbox.database, server), mailbox.database
+    )
+    try:
+        removed = store.purge(mailbox.address)
+    finally:
+        store.close()
+    click.echo(f"removed {mailbox.address} and {removed} messages")
+
+
+COMMANDS = [new_mailbox, get_mailbox, set_mailbox, remove_mailbox]

@@ -1,0 +1,124 @@
+"""get-popsettings and set-popsettings.
+
+The options of set-popsettings are made from the PopSettings model itself, one
+per property (LoginType becomes --login-type), so the two never disagree.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Any
+
+import click
+
+from ..errors import UserError
+from ..settings import RESTART_REQUIRED, PopSettings
+from .context import AppContext, pass_app
+from .render import FORMATS, render
+
+# The spelling the runbook uses for ProtocolLogEnabled.
+ALIASES = {"protocol-logging-enabled": "ProtocolLogEnabled"}
+
+_TIMESPAN = re.compile(r"^(?:(\d+)\.)?(\d{1,2}):(\d{2}):(\d{2})$")
+_SIZE = re.compile(r"^(\d+)\s*(B|KB|MB|GB)?$", re.IGNORECASE)
+_SIZE_UNITS = {"B": 1, "KB": 1024, "MB": 1024**2, "GB": 1024**3}
+_TRUE = {"true", "$true", "1", "yes", "on"}
+_FALSE = {"false", "$false", "0", "no", "off"}
+
+
+def option_name(field: str) -> str:
+    """LoginType -> login-type, MaxConnectionFromSingleIP -> max-connection-from-single-ip."""
+    words = re.findall(r"X509|[A-Z]+(?![a-z])|[A-Z][a-z0-9]*", field)
+    return "-".join(word.lower() for word in words)
+
+
+OPTION_TO_FIELD = {option_name(name): name for name in PopSettings.model_fields} | ALIASES
+
+
+def parse_value(field: str, raw: str) -> Any:
+    """Turn command-line text into the value PopSettings validates."""
+    if field.endswith("Timeout"):
+        match = _TIMESPAN.match(raw)
+        if match:  # Exchange's [d.]hh:mm:ss
+            days, hours, minutes, seconds = (int(g or 0) for g in match.groups())
+            return ((days * 24 + hours) * 60 + minutes) * 60 + seconds
+        return raw
+    if field == "LogPerFileSizeQuota":
+        match = _SIZE.match(raw.strip())
+        if not match:
+            raise UserError(f"invalid LogPerFileSizeQuota: {raw!r} (bytes, or e.g. 10MB)")
+        return int(match.group(1)) * _SIZE_UNITS[(match.group(2) or "B").upper()]
+    if field == "ProtocolLogEnabled":
+        lowered = raw.lower()
+        if lowered in _TRUE:
+            return True
+        if lowered in _FALSE:
+            return False
+        raise UserError(f"invalid ProtocolLogEnabled: {raw!r} (true or false)")
+    if field in ("X509CertificateName", "LogFileLocation") and raw == "":
+        return None
+    return raw
+
+
+def settings_row(server: str, settings: PopSettings) -> dict[str, Any]:
+    return {"Server": server} | settings.model_dump(mode="json")
+
+
+@click.command("get-popsettings")
+@click.option("--server", required=True)
+@click.option("--format", "output_format", type=click.Choice(FORMATS), default="list")
+@pass_app
+def get_popsettings(app: AppContext, server: str, output_format: str) -> None:
+    """Show the POP settings of a server."""
+    with app.directory() as directory:
+        settings, _ = directory.pop_settings(server)
+        name = directory.get_server(server).name
+    render([settings_row(name, settings)], output_format)
+
+
+def _set_popsettings(app: AppContext, server: str, output_format: str, **options: Any) -> None:
+    changes = {
+        OPTION_TO_FIELD[name.replace("_", "-")]: parse_value(
+            OPTION_TO_FIELD[name.replace("_", "-")], value
+        )
+        for name, value in options.items()
+        if value is not None
+    }
+    if not changes:
+        raise UserError("nothing to change: give at least one setting, e.g. --login-type")
+    with app.directory() as directory:
+        current, _ = directory.pop_settings(server)
+        updated = current.with_changes(changes)
+        revision = directory.set_pop_settings(server, updated)
+        name = directory.get_server(server).name
+    render([settings_row(name, updated)], output_format)
+    restart = sorted(set(changes) & RESTART_REQUIRED)
+    if restart:
+        click.echo(
+            f"restart the POP3 services on {name} for {', '.join(restart)} to apply", err=True
+        )
+    else:
+        click.echo(
+            f"revision {revision}: running POP3 services on {name} apply it within seconds",
+            err=True,
+        )
+
+
+def _build_set_command() -> click.Command:
+    command = click.Command(
+        "set-popsettings",
+        callback=click.pass_obj(_set_popsettings),
+        help="Change POP settings of a server (Exchange's Set-PopSettings).",
+        params=[
+            click.Option(["--server"], required=True),
+            click.Option(["--format", "output_format"], type=click.Choice(FORMATS), default="list"),
+        ],
+    )
+    for option, field in OPTION_TO_FIELD.items():
+        command.params.append(click.Option([f"--{option}"], metavar="VALUE", help=f"Sets {field}."))
+    return command
+
+
+set_popsettings = _build_set_command()
+
+COMMANDS = [get_popsettings, set_popsettings]

@@ -1,0 +1,39 @@
+"""`popguard serve SERVICE --server NAME`: run one service in the foreground."""
+
+from __future__ import annotations
+
+import click
+
+from .. import backend, delivery
+from .context import AppContext, pass_app
+
+
+@click.group("serve")
+def serve() -> None:
+    """Run one popguard service in the foreground (SIGTERM stops it)."""
+
+
+@serve.command("pop3be")
+@click.option("--server", required=True, help="The mailbox server to serve as.")
+@pass_app
+def serve_pop3be(app: AppContext, server: str) -> None:
+    """The POP3 back end of a mailbox server."""
+    backend.serve(app.data, server)
+
+
+@serve.command("delivery")
+@click.option("--server", required=True, help="The mailbox server to deliver on.")
+@click.option(
+    "--max-message-size",
+    type=click.IntRange(1024),
+    default=delivery.DEFAULT_MAX_MESSAGE_SIZE,
+    show_default=True,
+    help="Largest message accepted, in octets.",
+)
+@pass_app
+def serve_delivery(app: AppContext, server: str, max_message_size: int) -> None:
+    """LMTP delivery into the mailbox databases active on a mailbox server."""
+    delivery.serve(app.data, server, max_message_size)
+
+
+COMMANDS = [serve]

@@ -1,0 +1,96 @@
+"""Performance counters that other processes can read.
+
+A service keeps its counters in memory and publishes them every second as a
+small JSON file (written to a temporary name, then renamed, so a reader never
+sees half a file). The health engine's AverageCommandProcessingTime monitor
+reads `AverageCommandProcessingTimeMs` from it.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+# The rolling window of the average command processing time and of the rate.
+WINDOW_SECONDS = 60
+PUBLISH_INTERVAL = 1.0
+
+
+@dataclass
+class _Bucket:
+    second: int
+    commands: int = 0
+    total_ms: float = 0.0
+
+
+class ServiceCounters:
+    def __init__(self, service: str, clock: Callable[[], float] = time.time) -> None:
+        self.service = service
+        self._clock = clock
+        self.current_connections = 0
+        self.total_connections = 0
+        self.rejected_connections = 0
+        self.total_commands = 0
+        self.failed_logins = 0
+        self.successful_logins = 0
+        self.messages_retrieved = 0
+        self.messages_deleted = 0
+        self._buckets: deque[_Bucket] = deque()
+        self.started = clock()
+
+    def command_done(self, elapsed_ms: float) -> None:
+        self.total_commands += 1
+        second = int(self._clock())
+        if not self._buckets or self._buckets[-1].second != second:
+            self._buckets.append(_Bucket(second))
+            self._expire(second)
+        bucket = self._buckets[-1]
+        bucket.commands += 1
+        bucket.total_ms += elapsed_ms
+
+    def _expire(self, now: int) -> None:
+        while self._buckets and self._buckets[0].second <= now - WINDOW_SECONDS:
+            self._buckets.popleft()
+
+    def snapshot(self) -> dict[str, Any]:
+        now = self._clock()
+        self._expire(int(now))
+        commands = sum(b.commands for b in self._buckets)
+        total_ms = sum(b.total_ms for b in self._buckets)
+        window = min(WINDOW_SECONDS, max(now - self.started, 1.0))
+        return {
+            "Service": self.service,
+            "ProcessId": os.getpid(),
+            "Updated": now,
+            "CurrentConnections": self.current_connections,
+            "TotalConnections": self.total_connections,
+            "RejectedConnections": self.rejected_connections,
+            "TotalCommands": self.total_commands,
+            "CommandsPerSecond": round(commands / window, 3),
+            "AverageCommandProcessingTimeMs": round(total_ms / commands, 3) if commands else 0.0,
+            "SuccessfulLogins": self.successful_logins,
+            "FailedLogins": self.failed_logins,
+            "MessagesRetrieved": self.messages_retrieved,
+            "MessagesDeleted": self.messages_deleted,
+        }
+
+    def publish(self, path: Path) -> None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+        temporary.write_text(json.dumps(self.snapshot()))
+        os.replace(temporary, path)
+
+
+def read_counters(path: Path) -> dict[str, Any] | None:
+    """The last published counters, or None when the service never published."""
+    try:
+        loaded = json.loads(path.read_text())
+    except (FileNotFoundError, json.JSONDecodeError):
+        return None
+    return loaded if isinstance(loaded, dict) else None

@@ -1,0 +1,132 @@
+"""LMTP delivery (`popguard serve delivery`): RFC 2033 with aiosmtpd.
+
+Each recipient is checked at RCPT time (550 5.1.1 when unknown). After DATA the
+message is written, durably, into the active copy of each recipient's mailbox
+database, and the server answers once per accepted recipient, in RCPT order, as
+RFC 2033 section 4.2 requires. aiosmtpd's LMTP class sends one reply by itself;
+the handler returns the per-recipient lines joined, which aiosmtpd writes as is.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import sqlite3
+from pathlib import Path
+from typing import Any
+
+from aiosmtpd.lmtp import LMTP
+
+from . import paths
+from .counters import PUBLISH_INTERVAL, ServiceCounters
+from .directory import Directory, Server
+from .errors import UserError
+from .mounted import MountedDatabases, NotMountedError
+from .service import every
+
+log = logging.getLogger("popguard.delivery")
+
+# The largest message accepted, in octets (552 5.3.4 beyond it).
+DEFAULT_MAX_MESSAGE_SIZE = 50 * 1024 * 1024
+# RFC 5321 section 4.5.3.1.8: at least 100 recipients must be accepted.
+MAX_RECIPIENTS = 1000
+
+
+class DeliveryHandler:
+    def __init__(self, service: DeliveryService) -> None:
+        self._service = service
+
+    async def handle_RCPT(
+        self, server: Any, session: Any, envelope: Any, address: str, rcpt_options: list[str]
+    ) -> str:
+        if len(envelope.rcpt_tos) >= MAX_RECIPIENTS:
+            return "452 4.5.3 Too many recipients"
+        mailbox = self._service.directory.find_mailbox(address)
+        if mailbox is None:
+            return f"550 5.1.1 <{address}>: no such mailbox"
+        envelope.rcpt_tos.append(mailbox.address)
+        return "250 2.1.5 OK"
+
+    async def handle_DATA(self, server: Any, session: Any, envelope: Any) -> str:
+        content: bytes = envelope.original_content or b""
+        sender = (envelope.mail_from or "").strip("<>")
+        # RFC 5321 section 4.4: the final delivery adds the Return-Path.
+        message = f"Return-Path: <{sender}>\r\n".encode() + content
+        replies = []
+        for recipient in envelope.rcpt_tos:
+            replies.append(await self._service.deliver(recipient, message))
+        return "\r\n".join(replies)
+
+
+class DeliveryService:
+    def __init__(
+        self, data: Path, server_name: str, max_message_size: int = DEFAULT_MAX_MESSAGE_SIZE
+    ) -> None:
+        self.data = data
+        self.directory = Directory(data)
+        self.server: Server = self.directory.get_server(server_name)
+        if "mailbox" not in self.server.roles:
+            raise UserError(f"server {self.server.name} does not have the mailbox role")
+        self.databases = MountedDatabases(data, self.server.name, self.directory)
+        self.counters = ServiceCounters("delivery")
+        self.max_message_size = max_message_size
+
+    async def deliver(self, recipient: str, message: bytes) -> str:
+        """Store one copy for one recipient; the LMTP reply line for it."""
+        mailbox = self.directory.find_mailbox(recipient)
+        if mailbox is None:  # removed between RCPT and the end of DATA
+            return f"550 5.1.1 <{recipient}>: no such mailbox"
+        try:
+            uid = await self.databases.write(
+                mailbox.database, lambda store: store.deliver(mailbox.address, message)
+            )
+        except NotMountedError as exc:
+            log.warning("not delivering to %s: %s", recipient, exc)
+            return f"451 4.3.0 <{recipient}>: mailbox database not mounted here, try again later"
+        except (sqlite3.Error, OSError, UserError) as exc:
+            log.error("delivery to %s failed: %s", recipient, exc)
+            return f"451 4.3.0 <{recipient}>: temporary store failure, try again later"
+        self.counters.command_done(0.0)
+        log.info("delivered to %s as uid %d (%d octets)", recipient, uid, len(message))
+        return f"250 2.0.0 <{recipient}> delivered as uid {uid}"
+
+    async def run(self, stop: asyncio.Event) -> None:
+        handler = DeliveryHandler(self)
+        loop = asyncio.get_running_loop()
+        listener = await loop.create_server(
+            lambda: LMTP(
+                handler,
+                data_size_limit=self.max_message_size,
+                enable_SMTPUTF8=True,
+                decode_data=False,
+                hostname=self.server.name,
+                ident="popguard LMTP",
+            ),
+            self.server.address,
+            self.server.port("lmtp"),
+            reuse_address=True,
+        )
+        log.info(
+            "LMTP listening on %s:%d, pid %d",
+            self.server.address,
+            self.server.port("lmtp"),
+            os.getpid(),
+        )
+        counters_file = paths.counters_file(self.data, self.server.name, "delivery")
+        publisher = asyncio.create_task(
+            every(PUBLISH_INTERVAL, lambda: self.counters.publish(counters_file), stop)
+        )
+        await stop.wait()
+        listener.close()
+        await publisher
+        self.databases.close()
+        self.directory.close()
+
+
+def serve(data: Path, server_name: str, max_message_size: int) -> None:
+    from .service import run_until_stopped, setup_logging
+
+    setup_logging("delivery", server_name)
+    service = DeliveryService(data, server_name, max_message_size)
+    run_until_stopped(service.run)

@@ -1,0 +1,367 @@
+"""The directory: servers, mailbox databases and their copies, mailboxes, settings.
+
+Exchange keeps these in Active Directory; popguard keeps them in one SQLite file
+in the data folder that every process opens. The schema is versioned with
+`PRAGMA user_version`; `MIGRATIONS[i]` takes a directory from version i to i+1.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import json
+import re
+import sqlite3
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from . import paths
+from .errors import NotFoundError, UserError
+from .settings import PopSettings
+
+MIGRATIONS: tuple[str, ...] = (
+    """
+    CREATE TABLE servers (
+        name TEXT PRIMARY KEY COLLATE NOCASE,
+        roles TEXT NOT NULL,              -- JSON list: "mailbox", "frontend"
+        address TEXT NOT NULL,
+        ports TEXT NOT NULL               -- JSON map: endpoint -> TCP port
+    );
+    CREATE TABLE databases (
+        name TEXT PRIMARY KEY COLLATE NOCASE,
+        created REAL NOT NULL
+    );
+    CREATE TABLE database_copies (
+        database TEXT NOT NULL REFERENCES databases(name) ON DELETE CASCADE,
+        server TEXT NOT NULL REFERENCES servers(name),
+        activation_preference INTEGER NOT NULL,
+        is_active INTEGER NOT NULL DEFAULT 0,
+        PRIMARY KEY (database, server)
+    );
+    -- Exactly one mounted copy per database: the index makes a second one impossible.
+    CREATE UNIQUE INDEX one_active_copy ON database_copies(database) WHERE is_active = 1;
+    CREATE TABLE mailboxes (
+        address TEXT PRIMARY KEY COLLATE NOCASE,
+        database TEXT NOT NULL REFERENCES databases(name),
+        password_hash TEXT NOT NULL,
+        created REAL NOT NULL,
+        password_changed REAL NOT NULL
+    );
+    CREATE TABLE pop_settings (
+        server TEXT PRIMARY KEY REFERENCES servers(name) ON DELETE CASCADE,
+        settings TEXT NOT NULL,           -- JSON of PopSettings, only non-defaults
+        revision INTEGER NOT NULL
+    );
+    """,
+)
+
+SCHEMA_VERSION = len(MIGRATIONS)
+
+ROLES = ("mailbox", "frontend")
+
+# Ports per role. Each logical server has its own loopback address, so every
+# server can use the same port numbers, as real hosts would.
+DEFAULT_PORTS: dict[str, dict[str, int]] = {
+    "mailbox": {"pop3be": 1110, "pop3be-tls": 1995, "lmtp": 2424},
+    "frontend": {"pop3": 10110, "pop3-tls": 10995},
+}
+
+_SERVER_NAME = re.compile(r"^[A-Za-z][A-Za-z0-9-]{0,62}$")
+_DATABASE_NAME = re.compile(r"^[A-Za-z][A-Za-z0-9_-]{0,63}$")
+# Deliberately narrow: popguard's own mailboxes are plain ASCII local@domain.
+_ADDRESS = re.compile(r"^[A-Za-z0-9._%+=-]{1,64}@[A-Za-z0-9-]+(\.[A-Za-z0-9-]+)+$")
+
+
+@dataclass(frozen=True)
+class Server:
+    name: str
+    roles: tuple[str, ...]
+    address: str
+    ports: dict[str, int] = field(default_factory=dict)
+
+    def port(self, endpoint: str) -> int:
+        try:
+            return self.ports[endpoint]
+        except KeyError:
+            raise UserError(f"server {self.name} has no {endpoint} endpoint") from None
+
+
+@dataclass(frozen=True)
+class DatabaseCopy:
+    database: str
+    server: str
+    activation_preference: int
+    is_active: bool
+
+
+@dataclass(frozen=True)
+class Mailbox:
+    address: str
+    database: str
+    password_hash: str
+    created: float
+    password_changed: float
+
+
+def normalize_address(address: str) -> str:
+    address = address.strip().lower()
+    if not _ADDRESS.match(address):
+        raise UserError(f"not a valid mailbox address: {address!r}")
+    return address
+
+
+class Directory:
+    """One connection to the directory; cheap to open, safe across processes."""
+
+    def __init__(self, data: Path) -> None:
+        self.data = data
+        self.path = paths.directory_file(data)
+        data.mkdir(parents=True, exist_ok=True)
+        self._db = sqlite3.connect(self.path, timeout=10.0, isolation_level=None)
+        self._db.row_factory = sqlite3.Row
+        self._db.execute("PRAGMA journal_mode=WAL")
+        self._db.execute("PRAGMA synchronous=FULL")
+        self._db.execute("PRAGMA foreign_keys=ON")
+        self._migrate()
+
+    def close(self) -> None:
+        self._db.close()
+
+    def __enter__(self) -> Directory:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    @contextmanager
+    def _transaction(self) -> Iterator[sqlite3.Connection]:
+        # BEGIN IMMEDIATE takes the write lock up front, so two processes changing
+        # the directory at once serialize instead of failing half way.
+        self._db.execute("BEGIN IMMEDIATE")
+        try:
+            yield self._db
+        except BaseException:
+            self._db.execute("ROLLBACK")
+            raise
+        self._db.execute("COMMIT")
+
+    def _migrate(self) -> None:
+        with self._transaction() as db:
+            version = db.execute("PRAGMA user_version").fetchone()[0]
+            if version > SCHEMA_VERSION:
+                raise UserError(
+                    f"directory {self.path} has schema version {version}, newer than this "
+                    f"popguard ({SCHEMA_VERSION}); upgrade popguard"
+                )
+            for target in range(version, SCHEMA_VERSION):
+                for statement in MIGRATIONS[target].split(";"):
+                    if statement.strip():
+                        db.execute(statement)
+                db.execute(f"PRAGMA user_version = {target + 1}")
+
+    def schema_version(self) -> int:
+        return int(self._db.execute("PRAGMA user_version").fetchone()[0])
+
+    def change_counter(self) -> int:
+        """Changes whenever any process commits to the directory (cheap to poll)."""
+        return int(self._db.execute("PRAGMA data_version").fetchone()[0])
+
+    # Servers -------------------------------------------------------------------
+
+    def new_server(
+        self,
+        name: str,
+        roles: list[str],
+        address: str,
+        ports: dict[str, int] | None = None,
+    ) -> Server:
+        if not _SERVER_NAME.match(name):
+            raise UserError(f"not a valid server name: {name!r} (letters, digits, '-')")
+        if not roles:
+            raise UserError("a server needs at least one role (mailbox, frontend)")
+        for role in roles:
+            if role not in ROLES:
+                raise UserError(f"unknown role {role!r}; roles are: {', '.join(ROLES)}")
+        try:
+            ipaddress.ip_address(address)
+        except ValueError:
+            raise UserError(f"not an IP address: {address!r}") from None
+        merged: dict[str, int] = {}
+        for role in roles:
+            merged |= DEFAULT_PORTS[role]
+        merged |= ports or {}
+        for endpoint, port in merged.items():
+            if not 1 <= port <= 65535:
+                raise UserError(f"port for {endpoint} out of range: {port}")
+        with self._transaction() as db:
+            if db.execute("SELECT 1 FROM servers WHERE name = ?", (name,)).fetchone():
+                raise UserError(f"server {name} already exists")
+            db.execute(
+                "INSERT INTO servers (name, roles, address, ports) VALUES (?, ?, ?, ?)",
+                (name, json.dumps(sorted(set(roles))), address, json.dumps(merged)),
+            )
+        return self.get_server(name)
+
+    def get_server(self, name: str) -> Server:
+        row = self._db.execute("SELECT * FROM servers WHERE name = ?", (name,)).fetchone()
+        if row is None:
+            raise NotFoundError(f"no server named {name!r}")
+        return _server(row)
+
+    def list_servers(self) -> list[Server]:
+        rows = self._db.execute("SELECT * FROM servers ORDER BY name").fetchall()
+        return [_server(row) for row in rows]
+
+    # Databases and copies ----------------------------------------------------------
+
+    def new_database(self, name: str, server: str) -> DatabaseCopy:
+        """A database with its first copy, active, on `server`."""
+        if not _DATABASE_NAME.match(name):
+            raise UserError(f"not a valid database name: {name!r}")
+        host = self.get_server(server)
+        if "mailbox" not in host.roles:
+            raise UserError(f"server {server} does not have the mailbox role")
+        with self._transaction() as db:
+            if db.execute("SELECT 1 FROM databases WHERE name = ?", (name,)).fetchone():
+                raise UserError(f"database {name} already exists")
+            db.execute("INSERT INTO databases (name, created) VALUES (?, ?)", (name, time.time()))
+            db.execute(
+                "INSERT INTO database_copies (database, server, activation_preference, "
+                "is_active) VALUES (?, ?, 1, 1)",
+                (name, host.name),
+            )
+        return DatabaseCopy(name, host.name, 1, True)
+
+    def list_databases(self) -> list[str]:
+        rows = self._db.execute("SELECT name FROM databases ORDER BY name").fetchall()
+        return [row["name"] for row in rows]
+
+    def database_copies(self, database: str | None = None) -> list[DatabaseCopy]:
+        if database is not None:
+            self._require_database(database)
+        rows = self._db.execute(
+            "SELECT * FROM database_copies WHERE ?1 IS NULL OR database = ?1 "
+            "ORDER BY database, activation_preference",
+            (database,),
+        ).fetchall()
+        return [
+            DatabaseCopy(
+                r["database"], r["server"], r["activation_preference"], bool(r["is_active"])
+            )
+            for r in rows
+        ]
+
+    def active_server(self, database: str) -> str:
+        row = self._db.execute(
+            "SELECT server FROM database_copies WHERE database = ? AND is_active = 1", (database,)
+        ).fetchone()
+        if row is None:
+            self._require_database(database)
+            raise UserError(f"database {database} has no active copy")
+        return str(row["server"])
+
+    def _require_database(self, name: str) -> str:
+        row = self._db.execute("SELECT name FROM databases WHERE name = ?", (name,)).fetchone()
+        if row is None:
+            known = ", ".join(self.list_databases()) or "none"
+            raise NotFoundError(f"no database named {name!r} (databases: {known})")
+        return str(row["name"])
+
+    # Mailboxes -----------------------------------------------------------------------
+
+    def new_mailbox(self, address: str, database: str, password_hash: str) -> Mailbox:
+        address = normalize_address(address)
+        database = self._require_database(database)
+        now = time.time()
+        with self._transaction() as db:
+            if db.execute("SELECT 1 FROM mailboxes WHERE address = ?", (address,)).fetchone():
+                raise UserError(f"mailbox {address} already exists")
+            db.execute(
+                "INSERT INTO mailboxes (address, database, password_hash, created, "
+                "password_changed) VALUES (?, ?, ?, ?, ?)",
+                (address, database, password_hash, now, now),
+            )
+        return self.get_mailbox(address)
+
+    def find_mailbox(self, address: str) -> Mailbox | None:
+        row = self._db.execute(
+            "SELECT * FROM mailboxes WHERE address = ?", (address.strip().lower(),)
+        ).fetchone()
+        return None if row is None else _mailbox(row)
+
+    def get_mailbox(self, address: str) -> Mailbox:
+        mailbox = self.find_mailbox(address)
+        if mailbox is None:
+            raise NotFoundError(f"no mailbox {address!r}")
+        return mailbox
+
+    def list_mailboxes(self, database: str | None = None) -> list[Mailbox]:
+        rows = self._db.execute(
+            "SELECT * FROM mailboxes WHERE ?1 IS NULL OR database = ?1 ORDER BY address",
+            (database,),
+        ).fetchall()
+        return [_mailbox(row) for row in rows]
+
+    def set_password_hash(self, address: str, password_hash: str) -> None:
+        with self._transaction() as db:
+            updated = db.execute(
+                "UPDATE mailboxes SET password_hash = ?, password_changed = ? WHERE address = ?",
+                (password_hash, time.time(), address.strip().lower()),
+            ).rowcount
+        if not updated:
+            raise NotFoundError(f"no mailbox {address!r}")
+
+    def remove_mailbox(self, address: str) -> Mailbox:
+        mailbox = self.get_mailbox(address)
+        with self._transaction() as db:
+            db.execute("DELETE FROM mailboxes WHERE address = ?", (mailbox.address,))
+        return mailbox
+
+    # POP settings ------------------------------------------------------------------------
+
+    def pop_settings(self, server: str) -> tuple[PopSettings, int]:
+        """The server's settings and a revision that grows with every change."""
+        name = self.get_server(server).name
+        row = self._db.execute(
+            "SELECT settings, revision FROM pop_settings WHERE server = ?", (name,)
+        ).fetchone()
+        if row is None:
+            return PopSettings(), 0
+        return PopSettings.model_validate_json(row["settings"]), int(row["revision"])
+
+    def set_pop_settings(self, server: str, settings: PopSettings) -> int:
+        name = self.get_server(server).name
+        stored = settings.model_dump_json(exclude_defaults=True)
+        with self._transaction() as db:
+            row = db.execute(
+                "SELECT revision FROM pop_settings WHERE server = ?", (name,)
+            ).fetchone()
+            revision = (row["revision"] if row else 0) + 1
+            db.execute(
+                "INSERT INTO pop_settings (server, settings, revision) VALUES (?, ?, ?) "
+                "ON CONFLICT(server) DO UPDATE SET settings = excluded.settings, "
+                "revision = excluded.revision",
+                (name, stored, revision),
+            )
+        return int(revision)
+
+
+def _server(row: sqlite3.Row) -> Server:
+    return Server(
+        name=row["name"],
+        roles=tuple(json.loads(row["roles"])),
+        address=row["address"],
+        ports={str(k): int(v) for k, v in json.loads(row["ports"]).items()},
+    )
+
+
+def _mailbox(row: sqlite3.Row) -> Mailbox:
+    return Mailbox(
+        address=row["address"],
+        database=row["database"],
+        password_hash=row["password_hash"],
+        created=row["created"],
+        password_changed=row["password_changed"],
+    )

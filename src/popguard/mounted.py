@@ -1,0 +1,68 @@
+"""The mailbox database copies a mailbox server serves: those active on it.
+
+Reads run on the event loop (SQLite reads of one row are quick); writes run on
+one worker thread with their own connections, so a commit's fsync never stalls
+the sessions of other users.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import TypeVar
+
+from . import paths
+from .directory import Directory
+from .mailstore import MailboxDatabase
+
+T = TypeVar("T")
+
+
+class NotMountedError(Exception):
+    """The database's active copy is not on this server (now)."""
+
+
+class MountedDatabases:
+    def __init__(self, data: Path, server: str, directory: Directory) -> None:
+        self.data = data
+        self.server = server
+        self.directory = directory
+        self._readers: dict[str, MailboxDatabase] = {}
+        self._writers: dict[str, MailboxDatabase] = {}
+        self._write_thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="store-writer")
+
+    def _check_mounted(self, database: str) -> None:
+        active = self.directory.active_server(database)
+        if active.lower() != self.server.lower():
+            raise NotMountedError(f"database {database} is active on {active}, not {self.server}")
+
+    def _file(self, database: str) -> Path:
+        return paths.database_copy_file(self.data, database, self.server)
+
+    def reader(self, database: str) -> MailboxDatabase:
+        self._check_mounted(database)
+        store = self._readers.get(database)
+        if store is None:
+            store = self._readers[database] = MailboxDatabase(self._file(database), database)
+        return store
+
+    async def write(self, database: str, change: Callable[[MailboxDatabase], T]) -> T:
+        """Run `change` on the writer connection of `database`, off the event loop."""
+        self._check_mounted(database)
+
+        def in_thread() -> T:
+            store = self._writers.get(database)
+            if store is None:
+                store = self._writers[database] = MailboxDatabase(self._file(database), database)
+            return change(store)
+
+        return await asyncio.get_running_loop().run_in_executor(self._write_thread, in_thread)
+
+    def close(self) -> None:
+        self._write_thread.shutdown(wait=True)
+        for store in (*self._readers.values(), *self._writers.values()):
+            store.close()
+        self._readers.clear()
+        self._writers.clear()

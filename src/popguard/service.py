@@ -1,0 +1,47 @@
+"""What every long-running popguard service shares: logging, signals, tickers."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import signal
+import sys
+from collections.abc import Awaitable, Callable
+
+log = logging.getLogger("popguard")
+
+
+def setup_logging(service: str, server: str) -> None:
+    logging.basicConfig(
+        level=logging.INFO,
+        stream=sys.stderr,
+        format=f"%(asctime)s {server}/{service} %(levelname)s %(message)s",
+    )
+    # aiosmtpd logs every LMTP command at INFO; keep its warnings only.
+    logging.getLogger("mail.log").setLevel(logging.WARNING)
+
+
+def run_until_stopped(main: Callable[[asyncio.Event], Awaitable[None]]) -> None:
+    """Run `main(stop)` until SIGTERM or SIGINT sets `stop`."""
+
+    async def runner() -> None:
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for signum in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(signum, stop.set)
+        await main(stop)
+
+    with contextlib.suppress(KeyboardInterrupt):
+        asyncio.run(runner())
+
+
+async def every(interval: float, action: Callable[[], None], stop: asyncio.Event) -> None:
+    """Call `action` every `interval` seconds until `stop`; errors are logged, not fatal."""
+    while not stop.is_set():
+        try:
+            action()
+        except Exception:
+            log.exception("periodic task %s failed", getattr(action, "__name__", action))
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(stop.wait(), interval)

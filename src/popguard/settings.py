@@ -1,0 +1,84 @@
+"""POP settings of one server, with Exchange's property names (Get-PopSettings).
+
+The model is the single source of truth for names, defaults and valid ranges;
+the CLI, the directory and the services all go through it.
+"""
+
+from __future__ import annotations
+
+from enum import StrEnum
+from typing import Annotated, Any
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from .errors import UserError
+
+
+class LoginType(StrEnum):
+    PLAIN_TEXT_LOGIN = "PlainTextLogin"  # USER/PASS and AUTH PLAIN allowed without TLS
+    PLAIN_TEXT_AUTHENTICATION = "PlainTextAuthentication"  # AUTH PLAIN only without TLS
+    SECURE_LOGIN = "SecureLogin"  # no credentials before TLS
+
+
+class SortOrder(StrEnum):
+    ASCENDING = "Ascending"
+    DESCENDING = "Descending"
+
+
+class RollOver(StrEnum):
+    HOURLY = "Hourly"
+    DAILY = "Daily"
+    WEEKLY = "Weekly"
+    MONTHLY = "Monthly"
+
+
+# RFC 2449 section 4: a command line, keyword included, may be at most 255 octets,
+# but Exchange's MaxCommandSize defaults to 512 and allows 40..1024.
+MAX_COMMAND_SIZE_DEFAULT = 512
+
+# RFC 1939 section 3: an autologout timer "MUST be of at least 10 minutes" once
+# authenticated; Exchange defaults to 30 minutes and 1 minute before login.
+AUTHENTICATED_TIMEOUT_DEFAULT = 1800
+PRE_AUTHENTICATED_TIMEOUT_DEFAULT = 60
+
+
+class PopSettings(BaseModel):
+    """What `get-popsettings` shows and `set-popsettings` changes."""
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, use_enum_values=False)
+
+    LoginType: LoginType = LoginType.SECURE_LOGIN
+    MaxConnections: Annotated[int, Field(ge=1, le=1_000_000)] = 2000
+    MaxConnectionFromSingleIP: Annotated[int, Field(ge=1, le=1_000_000)] = 500
+    MaxConnectionsPerUser: Annotated[int, Field(ge=1, le=1_000)] = 16
+    MaxCommandSize: Annotated[int, Field(ge=40, le=1024)] = MAX_COMMAND_SIZE_DEFAULT
+    PreAuthenticatedConnectionTimeout: Annotated[int, Field(ge=1, le=3600)] = (
+        PRE_AUTHENTICATED_TIMEOUT_DEFAULT
+    )
+    AuthenticatedConnectionTimeout: Annotated[int, Field(ge=1, le=86_400)] = (
+        AUTHENTICATED_TIMEOUT_DEFAULT
+    )
+    MessageRetrievalSortOrder: SortOrder = SortOrder.ASCENDING
+    X509CertificateName: str | None = None
+    ProtocolLogEnabled: bool = False
+    LogFileLocation: str | None = None
+    LogFileRollOverSettings: RollOver = RollOver.DAILY
+    LogPerFileSizeQuota: Annotated[int, Field(ge=0)] = 10 * 1024 * 1024
+
+    def with_changes(self, changes: dict[str, Any]) -> PopSettings:
+        """Validated copy with `changes` applied; a bad value names its key."""
+        merged = self.model_dump() | changes
+        try:
+            return PopSettings.model_validate(merged)
+        except ValidationError as exc:
+            raise UserError(describe_validation_error(exc)) from None
+
+
+def describe_validation_error(exc: ValidationError) -> str:
+    first = exc.errors()[0]
+    where = ".".join(str(part) for part in first["loc"]) or "value"
+    return f"invalid {where}: {first['msg']} (got {first.get('input')!r})"
+
+
+# Settings that a running service cannot pick up by itself.
+RESTART_REQUIRED: frozenset[str] = frozenset()

@@ -1,0 +1,196 @@
+"""The organization's certificate authority and each server's certificate.
+
+On first start popguard makes a CA in the data folder and signs one certificate
+per server with it, so a client needs to trust a single file: `tls/ca.pem`.
+"""
+
+from __future__ import annotations
+
+import datetime
+import fcntl
+import ipaddress
+import os
+import ssl
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+
+from . import paths
+
+CA_VALIDITY = datetime.timedelta(days=3650)
+SERVER_VALIDITY = datetime.timedelta(days=397)  # the CA/Browser Forum's ceiling
+RENEW_BEFORE = datetime.timedelta(days=30)
+
+
+@dataclass(frozen=True)
+class CertificatePair:
+    certificate: Path
+    key: Path
+
+
+def ca_certificate_file(data: Path) -> Path:
+    return paths.tls_dir(data) / "ca.pem"
+
+
+@contextmanager
+def _locked(data: Path) -> Iterator[None]:
+    # Several services of one organization start at once; the lock makes sure only
+    # one of them creates the CA or a given certificate.
+    folder = paths.tls_dir(data)
+    folder.mkdir(parents=True, exist_ok=True)
+    with open(folder / ".lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)
+
+
+def _write_private(path: Path, content: bytes) -> None:
+    temporary = path.with_suffix(path.suffix + ".tmp")
+    fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "wb") as out:
+        out.write(content)
+        out.flush()
+        os.fsync(out.fileno())
+    os.replace(temporary, path)
+
+
+def _write_public(path: Path, content: bytes) -> None:
+    temporary = path.with_suffix(path.suffix + ".tmp")
+    temporary.write_bytes(content)
+    os.replace(temporary, path)
+
+
+def _now() -> datetime.datetime:
+    return datetime.datetime.now(datetime.UTC)
+
+
+def _key_pem(key: ec.EllipticCurvePrivateKey) -> bytes:
+    return key.private_bytes(
+        serialization.Encoding.PEM,
+        serialization.PrivateFormat.PKCS8,
+        serialization.NoEncryption(),
+    )
+
+
+def _ensure_ca(data: Path) -> tuple[x509.Certificate, ec.EllipticCurvePrivateKey]:
+    cert_file = ca_certificate_file(data)
+    key_file = paths.tls_dir(data) / "ca.key"
+    if cert_file.exists() and key_file.exists():
+        certificate = x509.load_pem_x509_certificate(cert_file.read_bytes())
+        key = serialization.load_pem_private_key(key_file.read_bytes(), password=None)
+        assert isinstance(key, ec.EllipticCurvePrivateKey)
+        return certificate, key
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "popguard organization CA")])
+    now = _now()
+    certificate = (
+        x509.CertificateBuilder()
+        .subject_name(name)
+        .issuer_name(name)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(minutes=5))
+        .not_valid_after(now + CA_VALIDITY)
+        .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
+        .add_extension(
+            x509.KeyUsage(
+                digital_signature=True,
+                content_commitment=False,
+                key_encipherment=False,
+                data_encipherment=False,
+                key_agreement=False,
+                key_cert_sign=True,
+                crl_sign=True,
+                encipher_only=False,
+                decipher_only=False,
+            ),
+            critical=True,
+        )
+        .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()), critical=False)
+        .sign(key, hashes.SHA256())
+    )
+    _write_private(key_file, _key_pem(key))
+    _write_public(cert_file, certificate.public_bytes(serialization.Encoding.PEM))
+    return certificate, key
+
+
+def _subject_names(certificate: x509.Certificate) -> set[str]:
+    try:
+        extension = certificate.extensions.get_extension_for_class(x509.SubjectAlternativeName)
+    except x509.ExtensionNotFound:
+        return set()
+    names = {str(n) for n in extension.value.get_values_for_type(x509.DNSName)}
+    names |= {str(ip) for ip in extension.value.get_values_for_type(x509.IPAddress)}
+    return names
+
+
+def ensure_server_certificate(
+    data: Path, name: str, dns_names: list[str], ip_addresses: list[str]
+) -> CertificatePair:
+    """A certificate for `name`, made or renewed when missing, expiring or wrong."""
+    folder = paths.tls_dir(data) / "servers"
+    pair = CertificatePair(folder / f"{name}.pem", folder / f"{name}.key")
+    wanted = set(dns_names) | set(ip_addresses)
+    with _locked(data):
+        ca_certificate, ca_key = _ensure_ca(data)
+        if pair.certificate.exists() and pair.key.exists():
+            current = x509.load_pem_x509_certificate(pair.certificate.read_bytes())
+            fresh = current.not_valid_after_utc - _now() > RENEW_BEFORE
+            if (
+                fresh
+                and _subject_names(current) == wanted
+                and current.issuer == ca_certificate.subject
+            ):
+                return pair
+        folder.mkdir(parents=True, exist_ok=True)
+        key = ec.generate_private_key(ec.SECP256R1())
+        now = _now()
+        alternative_names: list[x509.GeneralName] = [x509.DNSName(n) for n in dns_names]
+        alternative_names += [x509.IPAddress(ipaddress.ip_address(ip)) for ip in ip_addresses]
+        certificate = (
+            x509.CertificateBuilder()
+            .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, name)]))
+            .issuer_name(ca_certificate.subject)
+            .public_key(key.public_key())
+            .serial_number(x509.random_serial_number())
+            .not_valid_before(now - datetime.timedelta(minutes=5))
+            .not_valid_after(now + SERVER_VALIDITY)
+            .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
+            .add_extension(x509.SubjectAlternativeName(alternative_names), critical=False)
+            .add_extension(
+                x509.ExtendedKeyUsage(
+                    [ExtendedKeyUsageOID.SERVER_AUTH, ExtendedKeyUsageOID.CLIENT_AUTH]
+                ),
+                critical=False,
+            )
+            .add_extension(
+                x509.AuthorityKeyIdentifier.from_issuer_public_key(ca_key.public_key()),
+                critical=False,
+            )
+            .sign(ca_key, hashes.SHA256())
+        )
+        _write_private(pair.key, _key_pem(key))
+        _write_public(pair.certificate, certificate.public_bytes(serialization.Encoding.PEM))
+        return pair
+
+
+def server_context(pair: CertificatePair) -> ssl.SSLContext:
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    context.minimum_version = ssl.TLSVersion.TLSv1_2
+    context.load_cert_chain(pair.certificate, pair.key)
+    return context
+
+
+def client_context(data: Path) -> ssl.SSLContext:
+    """Trusts the organization's CA and nothing else."""
+    context = ssl.create_default_context(cafile=str(ca_certificate_file(data)))
+    context.minimum_version = ssl.TLSVersion.TLSv1_2
+    return context

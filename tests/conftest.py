@@ -1,0 +1,170 @@
+"""Fixtures that start real popguard services on their own loopback address."""
+
+from __future__ import annotations
+
+import os
+import secrets
+import signal
+import socket
+import ssl
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pytest
+
+from popguard import tls
+from popguard.directory import Directory
+from popguard.lmtp_client import deliver
+from popguard.passwords import hash_password
+from popguard.settings import LoginType, PopSettings
+
+PASSWORD = "correct horse battery staple"
+START_TIMEOUT = 20.0
+
+
+def free_loopback_address() -> str:
+    """A random 127.x.y.z whose popguard ports are free: each test its own host."""
+    for _ in range(100):
+        address = f"127.{secrets.randbelow(200) + 20}.{secrets.randbelow(254) + 1}.{secrets.randbelow(253) + 2}"
+        try:
+            for port in (1110, 1995, 2424):
+                with socket.socket() as probe:
+                    probe.bind((address, port))
+        except OSError:
+            continue
+        return address
+    raise RuntimeError("no free loopback address found")
+
+
+def wait_for_port(address: str, port: int, process: subprocess.Popen[bytes] | None = None) -> None:
+    deadline = time.monotonic() + START_TIMEOUT
+    while time.monotonic() < deadline:
+        if process is not None and process.poll() is not None:
+            raise RuntimeError(f"service exited with status {process.returncode}")
+        try:
+            with socket.create_connection((address, port), timeout=1):
+                return
+        except OSError:
+            time.sleep(0.05)
+    raise RuntimeError(f"nothing listening on {address}:{port}")
+
+
+@dataclass
+class MailboxServer:
+    """One mailbox server (pop3be + delivery as real processes) in its own data folder."""
+
+    data: Path
+    name: str
+    address: str
+    database: str = "DB01"
+    processes: dict[str, subprocess.Popen[bytes]] = field(default_factory=dict)
+    logs: dict[str, Path] = field(default_factory=dict)
+
+    pop3_port: int = 1110
+    pop3s_port: int = 1995
+    lmtp_port: int = 2424
+
+    @property
+    def cafile(self) -> str:
+        return str(tls.ca_certificate_file(self.data))
+
+    def ssl_context(self) -> ssl.SSLContext:
+        return ssl.create_default_context(cafile=self.cafile)
+
+    def directory(self) -> Directory:
+        return Directory(self.data)
+
+    def add_mailbox(self, address: str, password: str = PASSWORD) -> str:
+        with self.directory() as directory:
+            directory.new_mailbox(address, self.database, hash_password(password))
+        return address
+
+    def set_settings(self, **changes: object) -> None:
+        with self.directory() as directory:
+            current, _ = directory.pop_settings(self.name)
+            directory.set_pop_settings(self.name, current.with_changes(dict(changes)))
+
+    def deliver(self, recipient: str, message: bytes) -> None:
+        with self.directory() as directory:
+            result = deliver(directory, recipient, message, "sender@example.test")
+        assert result.code == 250, result.reply
+
+    def start(self, service: str) -> subprocess.Popen[bytes]:
+        log = self.logs.setdefault(service, self.data / f"{service}.log")
+        command = [sys.executable, "-m", "popguard", "--data", str(self.data), "serve", service]
+        with open(log, "ab") as out:
+            process = subprocess.Popen([*command, "--server", self.name], stdout=out, stderr=out)
+        self.processes[service] = process
+        port = self.pop3_port if service == "pop3be" else self.lmtp_port
+        wait_for_port(self.address, port, process)
+        if service == "pop3be":
+            wait_for_port(self.address, self.pop3s_port, process)
+        return process
+
+    def kill(self, service: str, signum: int = signal.SIGKILL) -> None:
+        process = self.processes.pop(service)
+        process.send_signal(signum)
+        process.wait(10)
+
+    def stop_all(self) -> None:
+        for process in self.processes.values():
+            if process.poll() is None:
+                process.terminate()
+        for process in self.processes.values():
+            try:
+                process.wait(10)
+            except subprocess.TimeoutExpired:
+                process.kill()
+                process.wait()
+        self.processes.clear()
+
+    def log_text(self, service: str) -> str:
+        return self.logs[service].read_text(errors="replace")
+
+
+def make_mailbox_server(data: Path, settings: PopSettings | None = None) -> MailboxServer:
+    address = free_loopback_address()
+    server = MailboxServer(data=data, name="mbx1", address=address)
+    with server.directory() as directory:
+        directory.new_server("mbx1", ["mailbox"], address)
+        directory.new_database(server.database, "mbx1")
+        if settings is not None:
+            directory.set_pop_settings("mbx1", settings)
+    return server
+
+
+@pytest.fixture
+def mailbox_server(tmp_path: Path) -> Iterator[MailboxServer]:
+    """A running mailbox server that allows plaintext logins (tests of TLS set it back)."""
+    server = make_mailbox_server(tmp_path / "data", PopSettings(LoginType=LoginType.PLAIN_TEXT_LOGIN))
+    try:
+        server.start("pop3be")
+        server.start("delivery")
+        yield server
+    finally:
+        server.stop_all()
+
+
+def message(subject: str, body: str = "Hello.\r\n", size: int = 0) -> bytes:
+    """A small RFC 5322 message with a unique Message-ID; padded to `size` octets."""
+    head = (
+        f"From: sender@example.test\r\nTo: user@example.test\r\nSubject: {subject}\r\n"
+        f"Message-ID: <{secrets.token_hex(8)}@example.test>\r\n\r\n"
+    ).encode()
+    content = head + body.encode()
+    if size > len(content):
+        line = b"x" * 76 + b"\r\n"
+        content += line * ((size - len(content)) // len(line))
+    return content
+
+
+def pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    return True

@@ -1,0 +1,294 @@
+"""The POP3 back end as a real process, talked to with Python's poplib and raw sockets."""
+
+from __future__ import annotations
+
+import json
+import poplib
+import socket
+import time
+from pathlib import Path
+
+import pytest
+
+from popguard import paths
+from popguard.counters import read_counters
+from popguard.settings import LoginType
+
+from .conftest import PASSWORD, MailboxServer, message
+
+
+def connect(server: MailboxServer) -> poplib.POP3:
+    return poplib.POP3(server.address, server.pop3_port, timeout=10)
+
+
+def login(server: MailboxServer, user: str, password: str = PASSWORD) -> poplib.POP3:
+    client = connect(server)
+    client.user(user)
+    client.pass_(password)
+    return client
+
+
+def raw_session(server: MailboxServer, payload: bytes, wait: float = 0.5) -> bytes:
+    """Send `payload` at once (pipelined) and read every reply until the server closes."""
+    with socket.create_connection((server.address, server.pop3_port), timeout=10) as sock:
+        sock.sendall(payload)
+        sock.settimeout(wait)
+        received = b""
+        deadline = time.monotonic() + 15
+        while time.monotonic() < deadline:
+            try:
+                chunk = sock.recv(65536)
+            except TimeoutError:
+                break
+            if not chunk:
+                break
+            received += chunk
+        return received
+
+
+def test_deliver_list_retrieve_delete(mailbox_server: MailboxServer) -> None:
+    user = mailbox_server.add_mailbox("alice@example.test")
+    first, second = message("first"), message("second", body=".starts with a dot\r\nend\r\n")
+    mailbox_server.deliver(user, first)
+    mailbox_server.deliver(user, second)
+    client = login(mailbox_server, user)
+    count, octets = client.stat()
+    assert count == 2
+    uids_before = client.uidl()[1]
+    _, lines, _ = client.retr(2)
+    assert b"\r\n".join(lines) + b"\r\n" == b"Return-Path: <sender@example.test>\r\n" + second
+    assert client.dele(1).startswith(b"+OK")
+    assert client.quit().startswith(b"+OK")
+    client = login(mailbox_server, user)
+    assert client.stat()[0] == 1
+    # The surviving message keeps its UIDL across sessions.
+    assert client.uidl()[1] == [b"1 " + uids_before[1].split()[1]]
+    client.quit()
+
+
+def test_uids_are_never_reused(mailbox_server: MailboxServer) -> None:
+    user = mailbox_server.add_mailbox("uids@example.test")
+    seen: set[bytes] = set()
+    for round_number in range(3):
+        mailbox_server.deliver(user, message(f"round {round_number}"))
+        client = login(mailbox_server, user)
+        (uid_line,) = client.uidl()[1]
+        uid = uid_line.split()[1]
+        assert uid not in seen
+        seen.add(uid)
+        client.dele(1)
+        client.quit()
+    mailbox_server.stop_all()
+    mailbox_server.start("pop3be")
+    mailbox_server.start("delivery")
+    mailbox_server.deliver(user, message("after restart"))
+    client = login(mailbox_server, user)
+    assert client.uidl()[1][0].split()[1] not in seen
+    client.quit()
+
+
+def test_second_login_gets_in_use(mailbox_server: MailboxServer) -> None:
+    user = mailbox_server.add_mailbox("busy@example.test")
+    first = login(mailbox_server, user)
+    second = connect(mailbox_server)
+    second.user(user)
+    with pytest.raises(poplib.error_proto, match=r"\[IN-USE\]"):
+        second.pass_(PASSWORD)
+    first.quit()
+    second.user(user)
+    second.pass_(PASSWORD)
+    second.quit()
+
+
+def test_wrong_password_and_unknown_user_get_auth_code(mailbox_server: MailboxServer) -> None:
+    user = mailbox_server.add_mailbox("carol@example.test")
+    for name, password in ((user, "wrong"), ("nobody@example.test", PASSWORD)):
+        client = connect(mailbox_server)
+        client.user(name)
+        with pytest.raises(poplib.error_proto, match=r"-ERR \[AUTH\] authentication failed"):
+            client.pass_(password)
+        client.quit()
+    assert "failed login for 'carol@example.test'" in mailbox_server.log_text("pop3be")
+
+
+def test_password_change_takes_effect_at_once(mailbox_server: MailboxServer) -> None:
+    from popguard.passwords import hash_password
+
+    user = mailbox_server.add_mailbox("dave@example.test")
+    login(mailbox_server, user).quit()  # now in the authentication cache
+    with mailbox_server.directory() as directory:
+        directory.set_password_hash(user, hash_password("a new password"))
+    client = connect(mailbox_server)
+    client.user(user)
+    with pytest.raises(poplib.error_proto, match=r"\[AUTH\]"):
+        client.pass_(PASSWORD)
+    client.quit()
+    login(mailbox_server, user, "a new password").quit()
+
+
+def test_implicit_tls_and_stls(mailbox_server: MailboxServer) -> None:
+    user = mailbox_server.add_mailbox("erin@example.test")
+    mailbox_server.deliver(user, message("tls"))
+    mailbox_server.set_settings(LoginType=LoginType.SECURE_LOGIN)
+    time.sleep(1.5)  # settings are polled every second
+    client = connect(mailbox_server)
+    assert "USER" not in client.capa()
+    with pytest.raises(poplib.error_proto, match=r"\[AUTH\] Plaintext authentication disallowed"):
+        client.user(user)
+    client.stls(mailbox_server.ssl_context())
+    assert "USER" in client.capa()
+    client.user(user)
+    client.pass_(PASSWORD)
+    assert client.stat()[0] == 1
+    client.quit()
+    secure = poplib.POP3_SSL(
+        mailbox_server.address, mailbox_server.pop3s_port, context=mailbox_server.ssl_context()
+    )
+    secure.user(user)
+    secure.pass_(PASSWORD)
+    assert secure.stat()[0] == 1
+    secure.quit()
+
+
+def test_pipelined_session_over_a_raw_socket(mailbox_server: MailboxServer) -> None:
+    user = mailbox_server.add_mailbox("frank@example.test")
+    mailbox_server.deliver(user, message("one"))
+    mailbox_server.deliver(user, message("two"))
+    reply = raw_session(
+        mailbox_server,
+        f"USER {user}\r\nPASS {PASSWORD}\r\nSTAT\r\nLIST\r\nUIDL 2\r\nDELE 1\r\nQUIT\r\n".encode(),
+    )
+    lines = reply.split(b"\r\n")
+    assert lines[0].startswith(b"+OK popguard POP3 back end")
+    assert lines[1] == b"+OK send PASS"
+    assert lines[2].startswith(b"+OK Logged in, 2 messages")
+    assert lines[3].startswith(b"+OK 2 ")
+    assert reply.endswith(b"+OK popguard signing off (1 messages deleted)\r\n")
+
+
+def test_garbage_flood_is_cut_off_and_service_stays_up(mailbox_server: MailboxServer) -> None:
+    junk = b"\x00\xff\xfe garbage \x01\x02\r\n" * 50 + b"A" * 100_000 + b"\r\n"
+    reply = raw_session(mailbox_server, junk)
+    assert b"Traceback" not in reply
+    assert reply.rstrip().endswith(b"-ERR too many bad commands, closing the connection")
+    user = mailbox_server.add_mailbox("grace@example.test")
+    login(mailbox_server, user).quit()
+
+
+def test_disconnect_without_quit_deletes_nothing(mailbox_server: MailboxServer) -> None:
+    user = mailbox_server.add_mailbox("heidi@example.test")
+    mailbox_server.deliver(user, message("keep me"))
+    raw_session(mailbox_server, f"USER {user}\r\nPASS {PASSWORD}\r\nDELE 1\r\n".encode(), 0.3)
+    client = login(mailbox_server, user)
+    assert client.stat()[0] == 1
+    client.quit()
+
+
+def test_connection_limits(mailbox_server: MailboxServer) -> None:
+    mailbox_server.set_settings(MaxConnectionFromSingleIP=2)
+    time.sleep(1.5)
+    held = [connect(mailbox_server), connect(mailbox_server)]
+    with socket.create_connection((mailbox_server.address, mailbox_server.pop3_port), 5) as sock:
+        assert sock.recv(200).startswith(b"-ERR [SYS/TEMP] too many connections from your address")
+    for client in held:
+        client.quit()
+    time.sleep(0.2)
+    connect(mailbox_server).quit()
+
+
+def test_idle_client_is_cut_at_the_timeout(mailbox_server: MailboxServer) -> None:
+    mailbox_server.set_settings(PreAuthenticatedConnectionTimeout=1)
+    time.sleep(1.5)
+    with socket.create_connection((mailbox_server.address, mailbox_server.pop3_port), 5) as sock:
+        sock.settimeout(8)
+        greeting = sock.recv(200)
+        assert greeting.startswith(b"+OK")
+        started = time.monotonic()
+        assert sock.recv(200) == b"-ERR [SYS/TEMP] autologout: idle for too long\r\n"
+        assert sock.recv(200) == b""
+        assert time.monotonic() - started < 8  # cut, not left hanging
+
+
+def test_sort_order_descending(mailbox_server: MailboxServer) -> None:
+    user = mailbox_server.add_mailbox("ivan@example.test")
+    mailbox_server.deliver(user, message("older"))
+    time.sleep(0.01)
+    mailbox_server.deliver(user, message("newer"))
+    mailbox_server.set_settings(MessageRetrievalSortOrder="Descending")
+    time.sleep(1.5)
+    client = login(mailbox_server, user)
+    assert b"Subject: newer" in b"\r\n".join(client.top(1, 0)[1])
+    client.quit()
+
+
+def test_protocol_log_shows_the_session_without_the_password(
+    mailbox_server: MailboxServer,
+) -> None:
+    user = mailbox_server.add_mailbox("judy@example.test")
+    mailbox_server.deliver(user, message("logged"))
+    mailbox_server.set_settings(ProtocolLogEnabled=True)
+    time.sleep(1.5)
+    client = login(mailbox_server, user)
+    client.retr(1)
+    client.quit()
+    secret_client = mailbox_server.ssl_context()
+    tls = poplib.POP3_SSL(mailbox_server.address, mailbox_server.pop3s_port, context=secret_client)
+    tls._shortcmd(  # AUTH PLAIN with an initial response
+        "AUTH PLAIN "
+        + __import__("base64").b64encode(f"\0{user}\0{PASSWORD}".encode()).decode()
+    )
+    tls.quit()
+    folder = paths.default_protocol_log_dir(mailbox_server.data, "mbx1", "pop3be")
+    deadline = time.monotonic() + 5
+    text = ""
+    while time.monotonic() < deadline and "Disconnected: QUIT" not in text:
+        text = "".join(p.read_text() for p in sorted(folder.glob("POP3BE*.LOG")))
+        time.sleep(0.1)
+    assert "#Fields: dateTime,sessionId,seqNumber,sIp,cIp,user,duration,rqsize,rpsize,command" in text
+    assert f",USER,{user}," in text
+    assert ",PASS,****," in text
+    assert ",RETR,1," in text
+    assert "AUTH,PLAIN ****" in text
+    assert PASSWORD not in text
+    assert __import__("base64").b64encode(f"\0{user}\0{PASSWORD}".encode()).decode() not in text
+
+
+def test_counters_are_published(mailbox_server: MailboxServer) -> None:
+    user = mailbox_server.add_mailbox("ken@example.test")
+    held = login(mailbox_server, user)
+    held.noop()
+    counters_file = paths.counters_file(mailbox_server.data, "mbx1", "pop3be")
+    deadline = time.monotonic() + 5
+    counters = None
+    while time.monotonic() < deadline:
+        counters = read_counters(counters_file)
+        if counters and counters["CurrentConnections"] == 1 and counters["TotalCommands"] >= 3:
+            break
+        time.sleep(0.2)
+    assert counters is not None, "no counters file"
+    assert counters["CurrentConnections"] == 1
+    assert counters["SuccessfulLogins"] == 1
+    assert counters["AverageCommandProcessingTimeMs"] > 0
+    assert counters["ProcessId"] == mailbox_server.processes["pop3be"].pid
+    held.quit()
+    json.dumps(counters)
+
+
+def test_failed_logins_are_delayed_more_each_time(mailbox_server: MailboxServer) -> None:
+    user = mailbox_server.add_mailbox("leo@example.test")
+    waits = []
+    for _ in range(3):
+        client = connect(mailbox_server)
+        client.user(user)
+        started = time.monotonic()
+        with pytest.raises(poplib.error_proto):
+            client.pass_("wrong")
+        waits.append(time.monotonic() - started)
+        client.quit()
+    # The delay doubles (0.25 s, 0.5 s, 1 s): check the order, not the clock.
+    log = mailbox_server.log_text("pop3be")
+    assert "answering in 0.25s" in log and "answering in 0.50s" in log and "answering in 1.00s" in log
+
+
+def test_settings_file_path_is_inside_data(tmp_path: Path, mailbox_server: MailboxServer) -> None:
+    assert paths.directory_file(mailbox_server.data).exists()
