@@ -29,7 +29,12 @@ START_TIMEOUT = 20.0
 def free_loopback_address() -> str:
     """A random 127.x.y.z whose popguard ports are free: each test its own host."""
     for _ in range(100):
-        address = f"127.{secrets.randbelow(200) + 20}.{secrets.randbelow(254) + 1}.{secrets.randbelow(253) + 2}"
+        octets = (
+            secrets.randbelow(200) + 20,
+            secrets.randbelow(254) + 1,
+            secrets.randbelow(253) + 2,
+        )
+        address = "127.{}.{}.{}".format(*octets)
         try:
             for port in (1110, 1995, 2424):
                 with socket.socket() as probe:
@@ -140,7 +145,9 @@ def make_mailbox_server(data: Path, settings: PopSettings | None = None) -> Mail
 @pytest.fixture
 def mailbox_server(tmp_path: Path) -> Iterator[MailboxServer]:
     """A running mailbox server that allows plaintext logins (tests of TLS set it back)."""
-    server = make_mailbox_server(tmp_path / "data", PopSettings(LoginType=LoginType.PLAIN_TEXT_LOGIN))
+    server = make_mailbox_server(
+        tmp_path / "data", PopSettings(LoginType=LoginType.PLAIN_TEXT_LOGIN)
+    )
     try:
         server.start("pop3be")
         server.start("delivery")
@@ -160,6 +167,21 @@ def message(subject: str, body: str = "Hello.\r\n", size: int = 0) -> bytes:
         line = b"x" * 76 + b"\r\n"
         content += line * ((size - len(content)) // len(line))
     return content
+
+
+def processes_matching(fragment: str) -> list[int]:
+    """Process ids whose command line contains `fragment` (like pgrep -f, without procps)."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            command_line = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode()
+        except OSError:
+            continue
+        if fragment in command_line:
+            found.append(int(entry.name))
+    return found
 
 
 def pid_alive(pid: int) -> bool:

@@ -109,7 +109,9 @@ def test_any_input_gets_well_formed_replies_and_ends(
 )
 def test_reply_stream_does_not_depend_on_how_input_is_split(stream: bytes, split: int) -> None:
     whole = b"".join(_run(stream, [len(stream) + 1], LoginType.PLAIN_TEXT_LOGIN))
-    pieces = b"".join(_run(stream, [split] * (len(stream) // split + 2), LoginType.PLAIN_TEXT_LOGIN))
+    pieces = b"".join(
+        _run(stream, [split] * (len(stream) // split + 2), LoginType.PLAIN_TEXT_LOGIN)
+    )
     assert whole == pieces
 
 

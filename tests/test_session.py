@@ -149,7 +149,10 @@ def test_auth_plain_refuses_another_authorization_identity() -> None:
 
 def test_auth_unknown_mechanism_and_listing() -> None:
     driver = Driver(secure=True)
-    assert driver.send(b"AUTH CRAM-MD5\r\n") == b"-ERR unsupported authentication mechanism CRAM-MD5\r\n"
+    assert (
+        driver.send(b"AUTH CRAM-MD5\r\n")
+        == b"-ERR unsupported authentication mechanism CRAM-MD5\r\n"
+    )
     assert driver.send(b"AUTH\r\n") == b"+OK SASL mechanisms follow\r\nPLAIN\r\n.\r\n"
 
 
@@ -212,7 +215,8 @@ def test_pipelined_commands_are_answered_in_order() -> None:
     driver = plain_login_driver()
     reply = driver.send(b"USER alice@example.test\r\nPASS secret\r\nSTAT\r\nLIST 1\r\nUIDL 2\r\n")
     assert reply == (
-        b"+OK send PASS\r\n+OK Logged in, 2 messages (65 octets)\r\n+OK 2 65\r\n+OK 1 41\r\n+OK 2 9\r\n"
+        b"+OK send PASS\r\n+OK Logged in, 2 messages (65 octets)\r\n"
+        b"+OK 2 65\r\n+OK 1 41\r\n+OK 2 9\r\n"
     )
 
 
@@ -247,7 +251,9 @@ def test_over_long_line_arriving_in_pieces_is_not_buffered_whole() -> None:
 def test_non_utf8_and_control_characters() -> None:
     driver = plain_login_driver()
     assert driver.send(b"\xff\xfe\r\n") == b"-ERR command is not valid UTF-8\r\n"
-    assert driver.send(b"US\x00ER a\r\n") == b"-ERR control characters are not allowed in commands\r\n"
+    assert (
+        driver.send(b"US\x00ER a\r\n") == b"-ERR control characters are not allowed in commands\r\n"
+    )
 
 
 def test_bad_command_budget_closes_the_connection() -> None:

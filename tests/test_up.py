@@ -1,0 +1,53 @@
+"""`popguard up` as a new user runs it: start, read the demo mailbox, Ctrl-C."""
+
+from __future__ import annotations
+
+import poplib
+import re
+import signal
+import ssl
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from .conftest import free_loopback_address, pid_alive, processes_matching
+
+
+def test_up_serves_the_demo_mailbox_and_stops_cleanly(tmp_path: Path) -> None:
+    address = free_loopback_address()
+    data = tmp_path / "data"
+    process = subprocess.Popen(
+        [sys.executable, "-m", "popguard", "--data", str(data), "up", "--address", address],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    assert process.stdout is not None
+    output = ""
+    deadline = time.monotonic() + 60
+    while "Press Ctrl-C to stop." not in output and time.monotonic() < deadline:
+        line = process.stdout.readline()
+        if not line:
+            break
+        output += line
+    assert "Press Ctrl-C to stop." in output, output
+    match = re.search(r"demo mailbox (\S+)\s+password (\S+)", output)
+    assert match, output
+    user, password = match.groups()
+    assert f"curl --ssl-reqd --cacert {data.resolve()}/tls/ca.pem" in output
+    context = ssl.create_default_context(cafile=str(data / "tls" / "ca.pem"))
+    client = poplib.POP3_SSL(address, 1995, context=context, timeout=10)
+    client.user(user)
+    client.pass_(password)
+    _, lines, _ = client.retr(1)
+    assert b"Subject: Welcome to popguard" in lines
+    client.quit()
+    children = processes_matching(f"popguard --data {data} serve")
+    assert len(children) == 2, children
+    process.send_signal(signal.SIGINT)
+    rest, _ = process.communicate(timeout=30)
+    assert process.returncode == 0, rest
+    assert "stopped" in rest
+    assert "Traceback" not in output + rest
+    assert not [pid for pid in children if pid_alive(pid)]
