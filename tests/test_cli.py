@@ -152,3 +152,23 @@ def test_data_folder_from_environment(tmp_path: Path) -> None:
     )  # fmt: skip
     assert result.returncode == 0, result.stderr
     assert (env_data / "directory.sqlite").exists()
+
+
+def test_serve_on_a_port_in_use_says_so_in_one_line(organization: Path) -> None:
+    import socket
+
+    (server,) = json.loads(popguard(organization, "get-server", "--format", "json").stdout)
+    with socket.socket() as squatter:
+        squatter.bind((server["Address"], server["Ports"]["pop3be"]))
+        squatter.listen()
+        result = popguard(organization, "serve", "pop3be", "--server", "mbx1")
+    assert result.returncode == 1
+    last = result.stderr.strip().splitlines()[-1]
+    assert last.startswith("popguard: cannot listen for pop3be on")
+    assert "Traceback" not in result.stderr
+
+
+def test_serve_an_unknown_server(organization: Path) -> None:
+    result = popguard(organization, "serve", "delivery", "--server", "mbx7")
+    assert result.returncode == 1
+    assert result.stderr.strip() == "popguard: no server named 'mbx7'"

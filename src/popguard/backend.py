@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import itertools
 import logging
 import os
@@ -40,7 +41,7 @@ from .pop3.session import (
     Update,
 )
 from .protocol_log import ProtocolLog, ProtocolLogConfig, ProtocolLogRecord
-from .service import every
+from .service import every, listen
 from .settings import PopSettings, SortOrder
 
 log = logging.getLogger("popguard.pop3be")
@@ -142,8 +143,10 @@ class BackendService:
 
     def _make_tls_context(self) -> ssl.SSLContext:
         name = self.settings.X509CertificateName or self.server.name
-        dns_names = sorted({self.server.name.lower(), name.lower(), "localhost"})
         ip_addresses = sorted({self.server.address, "127.0.0.1"})
+        # The addresses appear as DNS names too: fetchmail matches a host given as
+        # an IP address against the certificate's DNS names only.
+        dns_names = sorted({self.server.name.lower(), name.lower(), "localhost", *ip_addresses})
         pair = tls.ensure_server_certificate(self.data, name, dns_names, ip_addresses)
         return tls.server_context(pair)
 
@@ -191,18 +194,23 @@ class BackendService:
 
     async def run(self, stop: asyncio.Event) -> None:
         address = self.server.address
-        plain = await asyncio.start_server(
-            lambda r, w: self._accept(r, w, implicit_tls=False),
-            address,
-            self.server.port("pop3be"),
-            reuse_address=True,
-        )
-        secure = await asyncio.start_server(
-            lambda r, w: self._accept(r, w, implicit_tls=True),
-            address,
-            self.server.port("pop3be-tls"),
-            reuse_address=True,
-        )
+        listeners = []
+        for endpoint, implicit_tls in (("pop3be", False), ("pop3be-tls", True)):
+            port = self.server.port(endpoint)
+            listeners.append(
+                await listen(
+                    functools.partial(
+                        asyncio.start_server,
+                        functools.partial(self._accept, implicit_tls=implicit_tls),
+                        address,
+                        port,
+                        reuse_address=True,
+                    ),
+                    endpoint,
+                    address,
+                    port,
+                )
+            )
         counters_file = paths.counters_file(self.data, self.server.name, "pop3be")
         log.info(
             "listening on %s:%d (STLS) and %s:%d (TLS), pid %d",
@@ -220,7 +228,7 @@ class BackendService:
         ]
         await stop.wait()
         log.info("stopping")
-        for listener in (plain, secure):
+        for listener in listeners:
             listener.close()
         for task in list(self._tasks):
             task.cancel()

@@ -10,6 +10,7 @@ the handler returns the per-recipient lines joined, which aiosmtpd writes as is.
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import os
 import sqlite3
@@ -23,7 +24,7 @@ from .counters import PUBLISH_INTERVAL, ServiceCounters
 from .directory import Directory, Server
 from .errors import UserError
 from .mounted import MountedDatabases, NotMountedError
-from .service import every
+from .service import every, listen
 
 log = logging.getLogger("popguard.delivery")
 
@@ -94,18 +95,25 @@ class DeliveryService:
     async def run(self, stop: asyncio.Event) -> None:
         handler = DeliveryHandler(self)
         loop = asyncio.get_running_loop()
-        listener = await loop.create_server(
-            lambda: LMTP(
-                handler,
-                data_size_limit=self.max_message_size,
-                enable_SMTPUTF8=True,
-                decode_data=False,
-                hostname=self.server.name,
-                ident="popguard LMTP",
+        address, port = self.server.address, self.server.port("lmtp")
+        listener = await listen(
+            functools.partial(
+                loop.create_server,
+                lambda: LMTP(
+                    handler,
+                    data_size_limit=self.max_message_size,
+                    enable_SMTPUTF8=True,
+                    decode_data=False,
+                    hostname=self.server.name,
+                    ident="popguard LMTP",
+                ),
+                address,
+                port,
+                reuse_address=True,
             ),
-            self.server.address,
-            self.server.port("lmtp"),
-            reuse_address=True,
+            "lmtp",
+            address,
+            port,
         )
         log.info(
             "LMTP listening on %s:%d, pid %d",

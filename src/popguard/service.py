@@ -9,6 +9,8 @@ import signal
 import sys
 from collections.abc import Awaitable, Callable
 
+from .errors import UserError
+
 log = logging.getLogger("popguard")
 
 
@@ -34,6 +36,16 @@ def run_until_stopped(main: Callable[[asyncio.Event], Awaitable[None]]) -> None:
 
     with contextlib.suppress(KeyboardInterrupt):
         asyncio.run(runner())
+
+
+async def listen(
+    factory: Callable[[], Awaitable[asyncio.Server]], what: str, address: str, port: int
+) -> asyncio.Server:
+    """Start a listener; a port in use is the operator's problem to fix, said in one line."""
+    try:
+        return await factory()
+    except OSError as exc:
+        raise UserError(f"cannot listen for {what} on {address}:{port}: {exc.strerror}") from None
 
 
 async def every(interval: float, action: Callable[[], None], stop: asyncio.Event) -> None:
