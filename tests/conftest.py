@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import secrets
 import signal
@@ -142,18 +143,26 @@ def make_mailbox_server(data: Path, settings: PopSettings | None = None) -> Mail
     return server
 
 
-@pytest.fixture
-def mailbox_server(tmp_path: Path) -> Iterator[MailboxServer]:
-    """A running mailbox server that allows plaintext logins (tests of TLS set it back)."""
-    server = make_mailbox_server(
-        tmp_path / "data", PopSettings(LoginType=LoginType.PLAIN_TEXT_LOGIN)
-    )
+@contextlib.contextmanager
+def running_mailbox_server(
+    data: Path, settings: PopSettings | None = None
+) -> Iterator[MailboxServer]:
+    """A mailbox server whose pop3be and delivery run as processes until the block ends."""
+    server = make_mailbox_server(data, settings)
     try:
         server.start("pop3be")
         server.start("delivery")
         yield server
     finally:
         server.stop_all()
+
+
+@pytest.fixture
+def mailbox_server(tmp_path: Path) -> Iterator[MailboxServer]:
+    """A running mailbox server that allows plaintext logins (tests of TLS set it back)."""
+    settings = PopSettings(LoginType=LoginType.PLAIN_TEXT_LOGIN)
+    with running_mailbox_server(tmp_path / "data", settings) as server:
+        yield server
 
 
 def message(subject: str, body: str = "Hello.\r\n", size: int = 0) -> bytes:

@@ -36,7 +36,6 @@ Postfix instance that relays a domain over LMTP (:func:`start_postfix_to_lmtp`),
 from __future__ import annotations
 
 import contextlib
-import datetime
 import ipaddress
 import os
 import poplib
@@ -201,84 +200,21 @@ class TestPki:
 def make_test_pki(
     directory: Path, hosts: Sequence[str], *, common_name: str | None = None
 ) -> TestPki:
-    """Write ``ca.pem``, ``cert.pem`` and ``key.pem`` into ``directory``.
+    """A fresh organization CA (popguard's own, in ``directory``) and one server certificate.
 
     The server certificate's subjectAltName has, for each entry of ``hosts``, an
     iPAddress entry when it is an IP address, and always a dNSName entry with the
     literal string: the latter is what fetchmail's name check needs for IP hosts.
     """
-    from cryptography import x509
-    from cryptography.hazmat.primitives import hashes, serialization
-    from cryptography.hazmat.primitives.asymmetric import ec
-    from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+    from popguard import tls
 
-    directory.mkdir(parents=True, exist_ok=True)
-    now = datetime.datetime.now(datetime.UTC)
-    ca_key = ec.generate_private_key(ec.SECP256R1())
-    ca_name = x509.Name(
-        [x509.NameAttribute(NameOID.COMMON_NAME, f"popguard test CA {os.urandom(4).hex()}")]
-    )
-    ca_cert = (
-        x509.CertificateBuilder()
-        .subject_name(ca_name)
-        .issuer_name(ca_name)
-        .public_key(ca_key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(now - datetime.timedelta(hours=1))
-        .not_valid_after(now + datetime.timedelta(days=7))
-        .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
-        .add_extension(
-            x509.KeyUsage(
-                digital_signature=True,
-                content_commitment=False,
-                key_encipherment=False,
-                data_encipherment=False,
-                key_agreement=False,
-                key_cert_sign=True,
-                crl_sign=True,
-                encipher_only=False,
-                decipher_only=False,
-            ),
-            critical=True,
-        )
-        .add_extension(x509.SubjectKeyIdentifier.from_public_key(ca_key.public_key()), False)
-        .sign(ca_key, hashes.SHA256())
-    )
-    key = ec.generate_private_key(ec.SECP256R1())
-    names: list[x509.GeneralName] = []
+    ip_hosts = []
     for host in hosts:
         with contextlib.suppress(ValueError):
-            names.append(x509.IPAddress(ipaddress.ip_address(host)))
-        names.append(x509.DNSName(host))
-    cn = common_name or (hosts[0] if hosts else "popguard test server")
-    cert = (
-        x509.CertificateBuilder()
-        .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, cn)]))
-        .issuer_name(ca_name)
-        .public_key(key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(now - datetime.timedelta(hours=1))
-        .not_valid_after(now + datetime.timedelta(days=7))
-        .add_extension(x509.SubjectAlternativeName(names), critical=False)
-        .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
-        .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH]), critical=False)
-        .add_extension(
-            x509.AuthorityKeyIdentifier.from_issuer_public_key(ca_key.public_key()), False
-        )
-        .sign(ca_key, hashes.SHA256())
-    )
-    pki = TestPki(directory / "ca.pem", directory / "cert.pem", directory / "key.pem")
-    pki.ca_file.write_bytes(ca_cert.public_bytes(serialization.Encoding.PEM))
-    pki.cert_file.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
-    pki.key_file.write_bytes(
-        key.private_bytes(
-            serialization.Encoding.PEM,
-            serialization.PrivateFormat.PKCS8,
-            serialization.NoEncryption(),
-        )
-    )
-    pki.key_file.chmod(0o600)
-    return pki
+            ip_hosts.append(str(ipaddress.ip_address(host)))
+    name = common_name or (hosts[0] if hosts else "popguard-test-server")
+    pair = tls.ensure_server_certificate(directory, name, list(hosts), ip_hosts)
+    return TestPki(tls.ca_certificate_file(directory), pair.certificate, pair.key)
 
 
 # --------------------------------------------------------------------------------------

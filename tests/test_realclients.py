@@ -16,7 +16,7 @@ import pytest
 
 from tests import realclients
 
-from .conftest import PASSWORD, MailboxServer, make_mailbox_server, message
+from .conftest import PASSWORD, MailboxServer, message, running_mailbox_server
 
 CASES = [
     (client, mode)
@@ -29,13 +29,8 @@ CASES = [
 @pytest.fixture(scope="module")
 def secure_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[MailboxServer]:
     """A mailbox server with the default LoginType, SecureLogin: TLS before credentials."""
-    server = make_mailbox_server(tmp_path_factory.mktemp("realclients") / "data")
-    try:
-        server.start("pop3be")
-        server.start("delivery")
+    with running_mailbox_server(tmp_path_factory.mktemp("realclients") / "data") as server:
         yield server
-    finally:
-        server.stop_all()
 
 
 def _stat(server: MailboxServer, user: str) -> int:

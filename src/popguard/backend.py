@@ -288,6 +288,13 @@ class BackendService:
         except asyncio.CancelledError:
             ending = "service stopping"
             raise
+        except Exception:
+            # A bug must cost one session, never the service, and never show the
+            # client an exception: they get a plain temporary error.
+            log.exception("session %s failed", connection.session_id)
+            ending = "internal error"
+            with contextlib.suppress(Exception):
+                writer.write(err("internal server error, try again later", ResponseCode.SYS_TEMP))
         finally:
             timer.finish()
             self._release(connection, session)
