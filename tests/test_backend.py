@@ -300,3 +300,17 @@ def test_failed_logins_are_delayed_more_each_time(mailbox_server: MailboxServer)
 
 def test_settings_file_path_is_inside_data(tmp_path: Path, mailbox_server: MailboxServer) -> None:
     assert paths.directory_file(mailbox_server.data).exists()
+
+
+def test_commands_pipelined_after_stls_are_not_run(mailbox_server: MailboxServer) -> None:
+    """CVE-2011-0411: plaintext sent right after STLS must not count as sent inside TLS."""
+    user = mailbox_server.add_mailbox("mallory@example.test")
+    with socket.create_connection((mailbox_server.address, mailbox_server.pop3_port), 10) as raw:
+        assert raw.recv(200).startswith(b"+OK")
+        raw.sendall(f"STLS\r\nUSER {user}\r\nPASS {PASSWORD}\r\n".encode())
+        assert raw.recv(200) == b"+OK Begin TLS negotiation\r\n"
+        context = mailbox_server.ssl_context()
+        with context.wrap_socket(raw, server_hostname=mailbox_server.address) as tls:
+            tls.sendall(b"STAT\r\n")
+            # Were the injected USER/PASS run, this would be "+OK 0 0".
+            assert tls.recv(200) == b"-ERR STAT is not valid in the AUTHORIZATION state\r\n"

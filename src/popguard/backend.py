@@ -8,7 +8,6 @@ the connection limits and timeouts, and feeds the counters and protocol log.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import functools
 import itertools
 import logging
@@ -21,6 +20,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from . import paths, tls
+from .byte_stream import TLS_HANDSHAKE_TIMEOUT, ByteStream
 from .counters import PUBLISH_INTERVAL, ServiceCounters
 from .directory import Directory, Server
 from .errors import UserError
@@ -46,10 +46,6 @@ from .settings import PopSettings, SortOrder
 
 log = logging.getLogger("popguard.pop3be")
 
-READ_CHUNK = 64 * 1024
-# Above this many bytes waiting in the socket buffer we wait for the client to
-# read (flow control), bounded by the session timeout.
-WRITE_HIGH_WATER = 256 * 1024
 SETTINGS_POLL_INTERVAL = 1.0
 SHUTDOWN_GRACE = 5.0
 
@@ -136,19 +132,20 @@ class BackendService:
         self._per_ip: dict[str, int] = {}
         self._per_user: dict[str, int] = {}
         self._tasks: set[asyncio.Task[None]] = set()
-        self._tls_context = self._make_tls_context()
+        # One context for the life of the service: the implicit-TLS listener holds
+        # it, so a new certificate is loaded into it rather than a new context made.
+        self._tls_context = tls.server_context(self._certificate())
         self._apply_log_settings()
 
     # Settings ------------------------------------------------------------------------
 
-    def _make_tls_context(self) -> ssl.SSLContext:
+    def _certificate(self) -> tls.CertificatePair:
         name = self.settings.X509CertificateName or self.server.name
         ip_addresses = sorted({self.server.address, "127.0.0.1"})
         # The addresses appear as DNS names too: fetchmail matches a host given as
         # an IP address against the certificate's DNS names only.
         dns_names = sorted({self.server.name.lower(), name.lower(), "localhost", *ip_addresses})
-        pair = tls.ensure_server_certificate(self.data, name, dns_names, ip_addresses)
-        return tls.server_context(pair)
+        return tls.ensure_server_certificate(self.data, name, dns_names, ip_addresses)
 
     def _apply_log_settings(self) -> None:
         location = self.settings.LogFileLocation
@@ -178,7 +175,8 @@ class BackendService:
         old = self.settings
         self.settings, self._settings_revision = settings, revision
         if settings.X509CertificateName != old.X509CertificateName:
-            self._tls_context = self._make_tls_context()
+            pair = self._certificate()
+            self._tls_context.load_cert_chain(pair.certificate, pair.key)
         self._apply_log_settings()
         log.info("POP settings revision %d applied", revision)
 
@@ -194,17 +192,22 @@ class BackendService:
 
     async def run(self, stop: asyncio.Event) -> None:
         address = self.server.address
+        loop = asyncio.get_running_loop()
         listeners = []
         for endpoint, implicit_tls in (("pop3be", False), ("pop3be-tls", True)):
             port = self.server.port(endpoint)
             listeners.append(
                 await listen(
                     functools.partial(
-                        asyncio.start_server,
-                        functools.partial(self._accept, implicit_tls=implicit_tls),
+                        loop.create_server,
+                        functools.partial(
+                            ByteStream, functools.partial(self._accept, implicit_tls=implicit_tls)
+                        ),
                         address,
                         port,
                         reuse_address=True,
+                        ssl=self._tls_context if implicit_tls else None,
+                        ssl_handshake_timeout=TLS_HANDSHAKE_TIMEOUT if implicit_tls else None,
                     ),
                     endpoint,
                     address,
@@ -239,32 +242,23 @@ class BackendService:
         self.protocol_log.close()
         self.directory.close()
 
-    def _accept(
-        self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, implicit_tls: bool
-    ) -> None:
-        task = asyncio.create_task(self._connection(reader, writer, implicit_tls))
+    def _accept(self, stream: ByteStream, implicit_tls: bool) -> None:
+        task = asyncio.create_task(self._connection(stream, implicit_tls))
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 
     # One connection ------------------------------------------------------------------
 
-    async def _connection(
-        self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, implicit_tls: bool
-    ) -> None:
-        peer = writer.get_extra_info("peername") or ("?", 0)
-        local = writer.get_extra_info("sockname") or ("?", 0)
-        client_ip = str(peer[0])
+    async def _connection(self, stream: ByteStream, implicit_tls: bool) -> None:
+        peer, local = stream.peer(), stream.local()
+        client_ip = peer[0]
         settings = self.settings
         refusal = self._connection_refusal(client_ip, settings)
         self.counters.total_connections += 1
         if refusal:
             self.counters.rejected_connections += 1
-            with contextlib.suppress(Exception):
-                if implicit_tls:
-                    await asyncio.wait_for(writer.start_tls(self._tls_context), 5)
-                writer.write(err(refusal, ResponseCode.SYS_TEMP))
-                await asyncio.wait_for(writer.drain(), 5)
-            writer.close()
+            stream.write(err(refusal, ResponseCode.SYS_TEMP))
+            stream.close()
             return
         connection = _Connection(
             session_id=secrets.token_hex(8),
@@ -278,11 +272,8 @@ class BackendService:
         timer = _CommandTimer(self, connection)
         ending = "closed"
         try:
-            if implicit_tls:
-                async with asyncio.timeout(settings.PreAuthenticatedConnectionTimeout):
-                    await writer.start_tls(self._tls_context)
-            writer.write(session.greeting())
-            ending = await self._converse(session, reader, writer, connection, timer)
+            stream.write(session.greeting())
+            ending = await self._converse(session, stream, connection, timer)
         except (ConnectionError, ssl.SSLError, OSError) as exc:
             ending = f"connection error: {exc.__class__.__name__}"
         except asyncio.CancelledError:
@@ -293,8 +284,7 @@ class BackendService:
             # client an exception: they get a plain temporary error.
             log.exception("session %s failed", connection.session_id)
             ending = "internal error"
-            with contextlib.suppress(Exception):
-                writer.write(err("internal server error, try again later", ResponseCode.SYS_TEMP))
+            stream.write(err("internal server error, try again later", ResponseCode.SYS_TEMP))
         finally:
             timer.finish()
             self._release(connection, session)
@@ -315,7 +305,7 @@ class BackendService:
                         f"Disconnected: {ending}",
                     )
                 )
-            writer.close()
+            stream.close()
 
     def _connection_refusal(self, client_ip: str, settings: PopSettings) -> str | None:
         if self.counters.current_connections >= settings.MaxConnections:
@@ -346,8 +336,7 @@ class BackendService:
     async def _converse(
         self,
         session: ServerSession,
-        reader: asyncio.StreamReader,
-        writer: asyncio.StreamWriter,
+        stream: ByteStream,
         connection: _Connection,
         timer: _CommandTimer,
     ) -> str:
@@ -364,20 +353,21 @@ class BackendService:
                 )
                 try:
                     async with asyncio.timeout(timeout):
-                        await writer.drain()
-                        data = await reader.read(READ_CHUNK)
+                        await stream.drain()
+                        data = await stream.read()
                 except TimeoutError:
                     # RFC 1939 section 3: an autologout timer ends the session
                     # without entering the UPDATE state, so nothing is deleted.
-                    writer.write(err("autologout: idle for too long", ResponseCode.SYS_TEMP))
+                    stream.write(err("autologout: idle for too long", ResponseCode.SYS_TEMP))
                     return "idle timeout"
                 session.receive_data(data)
             elif isinstance(event, Reply):
-                writer.write(event.data)
+                stream.write(event.data)
                 timer.add_response(len(event.data))
-                if writer.transport.get_write_buffer_size() > WRITE_HIGH_WATER:
+                if not stream.writable:
+                    # A client that reads slowly holds its session, not our memory.
                     async with asyncio.timeout(self.settings.AuthenticatedConnectionTimeout):
-                        await writer.drain()
+                        await stream.drain()
             elif isinstance(event, Authenticate):
                 await self._authenticate(session, event, connection, timer)
             elif isinstance(event, Retrieve):
@@ -385,18 +375,19 @@ class BackendService:
             elif isinstance(event, Update):
                 await self._update(session, event, connection)
             elif isinstance(event, StartTls):
-                writer.write(event.reply)
+                stream.stop_reading()
+                stream.write(event.reply)
                 timer.add_response(len(event.reply))
                 async with asyncio.timeout(self.settings.PreAuthenticatedConnectionTimeout):
-                    await writer.drain()
-                    await writer.start_tls(self._tls_context)
+                    await stream.drain()
+                    await stream.start_tls(self._tls_context)
                 session.tls_started()
             elif isinstance(event, Close):
                 # Unlocked before the event loop can run again, so a client that
                 # reads "+OK" to QUIT and logs in at once never sees [IN-USE].
                 self._unlock(session)
                 async with asyncio.timeout(self.settings.PreAuthenticatedConnectionTimeout):
-                    await writer.drain()
+                    await stream.drain()
                 return event.reason
 
     # Requests from the session -------------------------------------------------------

@@ -1,0 +1,400 @@
+"""Start a private Dovecot POP3 server for the benchmark, and stop it again.
+
+Each instance lives in its own temporary directory: its own config file (passed with
+`dovecot -c FILE`), base_dir, state_dir, log files, passwd-file and maildirs, on a
+loopback address and port of its own, so it never touches the system's Dovecot and
+two instances never see each other.
+
+Two profiles, as in Dovecot's performance tuning guide:
+
+- `default`: stock service settings. Every login is handled by a fresh pop3-login
+  process (service_count = 1, "high-security mode") and every session by a fresh
+  pop3 process.
+- `highperf`: pop3-login processes serve many connections each (service_count = 0)
+  and are kept ready (process_min_avail = number of cores); pop3 processes are
+  reused for many sessions; the limits are raised so that 64 clients fit.
+
+The mail is written straight into the maildirs. The same message files are
+hard-linked into every user's maildir: the content is identical per user and this
+keeps 128 users x 4 MiB from costing 512 MiB of disk and page cache per instance.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import os
+import pwd
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from types import TracebackType
+
+from bench.mail import Message, standard_messages, user_names
+
+PROFILES = ("default", "highperf")
+MAIL_USER = "mail"  # a system user that exists on Debian; owns the maildirs
+DOVECOT = "/usr/sbin/dovecot"
+DOVEADM = "/usr/bin/doveadm"
+
+_BASE_CONFIG = """\
+# Written by bench/dovecot.py for one benchmark run; nothing here is read from /etc.
+base_dir = {root}/run
+state_dir = {root}/state
+instance_name = {instance}
+protocols = pop3
+listen = {address}
+log_path = {root}/log/dovecot.log
+info_log_path = {root}/log/dovecot-info.log
+ssl = {ssl}
+{ssl_files}
+disable_plaintext_auth = no
+auth_mechanisms = plain
+mail_location = maildir:~/Maildir
+mail_uid = {uid}
+mail_gid = {gid}
+first_valid_uid = {uid}
+last_valid_uid = {uid}
+first_valid_gid = {gid}
+last_valid_gid = {gid}
+
+passdb {{
+  driver = passwd-file
+  args = {root}/passwd
+}}
+userdb {{
+  driver = passwd-file
+  args = {root}/passwd
+}}
+
+service pop3-login {{
+  inet_listener pop3 {{
+    address = {address}
+    port = {port}
+  }}
+  inet_listener pop3s {{
+    address = {address}
+    port = {tls_port}
+  }}
+{login_extra}}}
+{extra}"""
+
+# Dovecot's "high-performance mode": login processes that serve many connections,
+# kept ready; pop3 processes reused; limits high enough for 64 clients and more.
+_HIGHPERF_LOGIN = """\
+  service_count = 0
+  process_min_avail = {cores}
+  vsz_limit = 1G
+  client_limit = 1000
+"""
+_HIGHPERF_REST = """\
+service pop3 {{
+  service_count = 1000
+  process_min_avail = {cores}
+  process_limit = 1024
+}}
+default_process_limit = 1024
+default_client_limit = 4000
+protocol pop3 {{
+  mail_max_userip_connections = 100
+}}
+"""
+
+
+def hash_password(password: str, scheme: str) -> str:
+    """The passwd-file form of the password: {PLAIN}... or a hash made by doveadm."""
+    if scheme.upper() == "PLAIN":
+        return "{PLAIN}" + password
+    out = subprocess.run(
+        [DOVEADM, "pw", "-s", scheme, "-p", password],
+        check=True,
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
+    return out.stdout.strip()
+
+
+def free_port(address: str) -> int:
+    """A TCP port that is free on `address` right now."""
+    with socket.socket() as sock:
+        sock.bind((address, 0))
+        port: int = sock.getsockname()[1]
+        return port
+
+
+def wait_for_greeting(address: str, port: int, timeout: float = 15.0) -> None:
+    """Wait until a POP3 server answers +OK on address:port."""
+    deadline = time.monotonic() + timeout
+    last = "no attempt"
+    while time.monotonic() < deadline:
+        try:
+            with socket.create_connection((address, port), timeout=2.0) as sock:
+                greeting = sock.recv(512)
+                if greeting.startswith(b"+OK"):
+                    return
+                last = f"unexpected greeting {greeting!r}"
+        except OSError as exc:
+            last = str(exc)
+        time.sleep(0.1)
+    raise RuntimeError(f"no POP3 greeting on {address}:{port} after {timeout}s: {last}")
+
+
+def _self_signed(root: Path, address: str) -> tuple[Path, Path]:
+    """A throw-away certificate for `address` (it is its own CA for the client)."""
+    cert, key = root / "tls" / "cert.pem", root / "tls" / "key.pem"
+    cert.parent.mkdir()
+    subprocess.run(
+        [
+            "openssl",
+            "req",
+            "-x509",
+            "-newkey",
+            "rsa:2048",
+            "-nodes",
+            "-days",
+            "2",
+            "-keyout",
+            str(key),
+            "-out",
+            str(cert),
+            "-subj",
+            f"/CN={address}",
+            "-addext",
+            f"subjectAltName=IP:{address}",
+        ],
+        check=True,
+        capture_output=True,
+        timeout=60,
+    )
+    return cert, key
+
+
+class Dovecot:
+    """One Dovecot instance; a context manager that always stops what it started."""
+
+    def __init__(
+        self,
+        profile: str,
+        address: str,
+        users: Sequence[str],
+        password: str,
+        messages: Sequence[Message],
+        scheme: str = "PLAIN",
+        tls: bool = False,
+        workdir: Path | None = None,
+    ) -> None:
+        if profile not in PROFILES:
+            raise ValueError(f"unknown profile {profile!r}, expected one of {PROFILES}")
+        self.profile = profile
+        self.address = address
+        self.users = list(users)
+        self.password = password
+        self.messages = list(messages)
+        self.scheme = scheme
+        self.tls = tls
+        self.workdir = workdir
+        self.root = Path()
+        self.config = Path()
+        self.port = 0
+        self.tls_port = 0
+        self.ca_file: Path | None = None
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    # -- setup ---------------------------------------------------------------------
+
+    def _write_mail(self, uid: int, gid: int) -> None:
+        """Maildirs for every user, the message files hard-linked from one copy."""
+        store = self.root / "messages"
+        store.mkdir()
+        originals: list[tuple[Path, str]] = []
+        for i, msg in enumerate(self.messages):
+            # Dovecot reads the sizes from S= (physical) and W= (virtual, CRLF) in the
+            # file name, so STAT and LIST need not open the files; the ":2,S" flags
+            # mark them as seen, as they are after the first RETR anyway.
+            size = len(msg.data)
+            name = f"{1700000000 + i}.M{i}P1.bench,S={size},W={size}:2,S"
+            path = store / name
+            path.write_bytes(msg.data)
+            originals.append((path, name))
+        for user in self.users:
+            maildir = self.root / "mail" / user / "Maildir"
+            for sub in ("cur", "new", "tmp"):
+                (maildir / sub).mkdir(parents=True)
+            for path, name in originals:
+                os.link(path, maildir / "cur" / name)
+        for dirpath, _dirs, files in os.walk(self.root / "mail"):
+            os.chown(dirpath, uid, gid)
+            for f in files:
+                os.chown(os.path.join(dirpath, f), uid, gid)
+        for path, _name in originals:
+            os.chown(path, uid, gid)
+
+    def _write_config(self, uid: int, gid: int) -> None:
+        cores = os.cpu_count() or 1
+        login_extra, extra = "", ""
+        if self.profile == "highperf":
+            login_extra = _HIGHPERF_LOGIN.format(cores=cores)
+            extra = _HIGHPERF_REST.format(cores=cores)
+        ssl_files = ""
+        if self.tls:
+            cert, key = _self_signed(self.root, self.address)
+            self.ca_file = cert
+            ssl_files = f"ssl_cert = <{cert}\nssl_key = <{key}"
+        self.config.write_text(
+            _BASE_CONFIG.format(
+                root=self.root,
+                instance=f"popbench-{self.profile}-{self.port}",
+                address=self.address,
+                port=self.port,
+                uid=uid,
+                gid=gid,
+                tls_port=self.tls_port if self.tls else 0,
+                ssl="yes" if self.tls else "no",
+                ssl_files=ssl_files,
+                login_extra=login_extra,
+                extra=extra,
+            )
+        )
+        hashed = hash_password(self.password, self.scheme)
+        # passwd-file: user:password:uid:gid:gecos:home:shell:extra; uid/gid come from
+        # mail_uid/mail_gid.
+        lines = [f"{u}:{hashed}::::{self.root}/mail/{u}::" for u in self.users]
+        (self.root / "passwd").write_text("\n".join(lines) + "\n")
+
+    def start(self) -> None:
+        mail = pwd.getpwnam(MAIL_USER)
+        self.root = Path(
+            tempfile.mkdtemp(prefix=f"popbench-dovecot-{self.profile}-", dir=self.workdir)
+        )
+        # mkdtemp makes the directory 0700; the mail user must be able to reach the
+        # maildirs and Dovecot's unprivileged processes the run directory.
+        self.root.chmod(0o755)
+        for sub in ("run", "state", "log"):
+            (self.root / sub).mkdir()
+        self.config = self.root / "dovecot.conf"
+        self.port = free_port(self.address)
+        self.tls_port = free_port(self.address) if self.tls else 0
+        self._write_mail(mail.pw_uid, mail.pw_gid)
+        self._write_config(mail.pw_uid, mail.pw_gid)
+        # -F keeps the master in the foreground, so we hold its pid and can always
+        # stop it; a new session keeps a Ctrl-C in the terminal from reaching it.
+        self.proc = subprocess.Popen(
+            [DOVECOT, "-F", "-c", str(self.config)],
+            stdout=open(self.root / "log" / "master.out", "wb"),  # noqa: SIM115
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+        try:
+            wait_for_greeting(self.address, self.port)
+            if self.tls:
+                wait_port(self.address, self.tls_port)
+        except Exception:
+            self.stop()
+            raise RuntimeError(f"Dovecot did not start:\n{self.log_tail()}") from None
+
+    @property
+    def pids(self) -> list[int]:
+        """The master's pid: every Dovecot process descends from it."""
+        return [self.proc.pid] if self.proc else []
+
+    def log_tail(self, lines: int = 20) -> str:
+        text = ""
+        for name in ("master.out", "dovecot.log"):
+            path = self.root / "log" / name
+            if path.exists():
+                text += "".join(path.read_text(errors="replace").splitlines(True)[-lines:])
+        return text
+
+    def error_count(self) -> int:
+        """Lines in Dovecot's error log (warnings, errors, fatals)."""
+        path = self.root / "log" / "dovecot.log"
+        return len(path.read_text(errors="replace").splitlines()) if path.exists() else 0
+
+    # -- teardown ------------------------------------------------------------------
+
+    def stop(self) -> None:
+        """Stop the master (doveadm stop, then signals) and remove the directory."""
+        proc, self.proc = self.proc, None
+        if proc is not None:
+            if proc.poll() is None:
+                with contextlib.suppress(subprocess.SubprocessError, OSError):
+                    subprocess.run(
+                        [DOVEADM, "-c", str(self.config), "stop"], capture_output=True, timeout=15
+                    )
+            try:
+                proc.wait(timeout=15)
+            except subprocess.TimeoutExpired:
+                # The master is ours and leads its own process group: end the group.
+                with contextlib.suppress(ProcessLookupError):
+                    os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait(timeout=15)
+        if self.root != Path() and self.root.exists() and not os.environ.get("BENCH_KEEP"):
+            shutil.rmtree(self.root, ignore_errors=True)
+
+    def __enter__(self) -> Dovecot:
+        self.start()
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.stop()
+
+
+def wait_port(address: str, port: int, timeout: float = 15.0) -> None:
+    """Wait until something accepts TCP connections on address:port."""
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            socket.create_connection((address, port), timeout=2.0).close()
+            return
+        except OSError:
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.1)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Start one instance and keep it running until Ctrl-C (for trying things by hand)."""
+    parser = argparse.ArgumentParser(description="Run a benchmark Dovecot by hand.")
+    parser.add_argument("--profile", choices=PROFILES, default="default")
+    parser.add_argument("--address", default="127.0.4.1")
+    parser.add_argument("--users", type=int, default=8)
+    parser.add_argument("--password", default="benchpass")
+    parser.add_argument("--scheme", default="PLAIN")
+    parser.add_argument("--tls", action="store_true")
+    parser.add_argument("--seconds", type=float, default=600.0, help="stop after this long")
+    args = parser.parse_args(argv)
+    # Unwind on SIGTERM too, so that the instance is stopped and its directory removed.
+    signal.signal(signal.SIGTERM, lambda signum, _frame: sys.exit(128 + signum))
+    with Dovecot(
+        args.profile,
+        args.address,
+        user_names(args.users),
+        args.password,
+        standard_messages(),
+        scheme=args.scheme,
+        tls=args.tls,
+    ) as dc:
+        print(
+            f"Dovecot {args.profile} on {dc.address}:{dc.port} "
+            f"(tls port {dc.tls_port}, CA {dc.ca_file}); config {dc.config}",
+            flush=True,
+        )
+        with contextlib.suppress(KeyboardInterrupt):
+            time.sleep(args.seconds)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

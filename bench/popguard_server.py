@@ -1,0 +1,251 @@
+"""Set up and run popguard's POP3 back end for the benchmark, through its CLI only.
+
+Everything goes through the `popguard` command, so the benchmark depends on nothing
+but the documented interface:
+
+    popguard --data DIR new-server mbx1 --role mailbox --address ADDR
+    popguard --data DIR new-mailboxdatabase DB01 --server mbx1
+    popguard --data DIR set-popsettings --server mbx1 --login-type PlainTextLogin ...
+    popguard --data DIR new-mailbox USER --database DB01 --password-stdin
+    popguard --data DIR get-server mbx1 --format json
+    popguard --data DIR serve pop3be --server mbx1     (foreground, SIGTERM stops it)
+    popguard --data DIR serve delivery --server mbx1   (LMTP, foreground)
+    popguard --data DIR send-message --to USER --file MSG.eml
+
+The mail goes in over LMTP, on the port that get-server reports, one transaction per
+recipient on one connection (768 `send-message` runs would cost minutes of Python
+start-up); if that fails, `send-message` is the fallback. Each run uses a fresh data
+directory and the loopback address it is given.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+import signal
+import smtplib
+import subprocess
+import tempfile
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from types import TracebackType
+
+from bench.dovecot import wait_for_greeting, wait_port
+from bench.mail import DOMAIN, Message
+
+SERVER = "mbx1"
+DATABASE = "DB01"
+_CLI_TIMEOUT = 120.0  # seconds for one popguard command
+_DELIVERY_TIMEOUT = 900.0  # seconds for filling all the mailboxes
+
+
+class PopguardError(RuntimeError):
+    """A popguard command failed; the message says which one and what it printed."""
+
+
+class Popguard:
+    """popguard's pop3be and delivery services on one address, as a context manager."""
+
+    def __init__(
+        self,
+        cli: Path,
+        address: str,
+        users: Sequence[str],
+        password: str,
+        messages: Sequence[Message],
+        max_connections_per_user: int = 16,
+        workdir: Path | None = None,
+    ) -> None:
+        self.cli = cli
+        self.address = address
+        self.users = list(users)
+        self.password = password
+        self.messages = list(messages)
+        self.max_per_user = max_connections_per_user
+        self.workdir = workdir
+        self.data = Path()
+        self.ports: dict[str, int] = {}
+        self.procs: dict[str, subprocess.Popen[bytes]] = {}
+        self.delivery_note = ""
+
+    @property
+    def port(self) -> int:
+        return self.ports["pop3be"]
+
+    @property
+    def tls_port(self) -> int:
+        return self.ports.get("pop3be-tls", 0)
+
+    @property
+    def ca_file(self) -> Path | None:
+        """The CA that signs popguard's server certificates. Not part of the CLI
+        interface: popguard keeps it at DATA/tls/ca.pem today; None if it is not there."""
+        path = self.data / "tls" / "ca.pem"
+        return path if path.exists() else None
+
+    @property
+    def pids(self) -> list[int]:
+        return [p.pid for p in self.procs.values()]
+
+    def run(self, *args: str, stdin: str | None = None) -> str:
+        """Run one popguard command; raise PopguardError with its output if it fails."""
+        cmd = [str(self.cli), "--data", str(self.data), *args]
+        try:
+            out = subprocess.run(
+                cmd, input=stdin, capture_output=True, text=True, timeout=_CLI_TIMEOUT
+            )
+        except (OSError, subprocess.TimeoutExpired) as exc:
+            raise PopguardError(f"`{' '.join(cmd)}` could not run: {exc}") from exc
+        if out.returncode != 0:
+            raise PopguardError(
+                f"`{' '.join(cmd)}` exited {out.returncode}\n"
+                f"stdout: {out.stdout.strip()[-2000:]}\nstderr: {out.stderr.strip()[-2000:]}"
+            )
+        return out.stdout
+
+    # -- setup ---------------------------------------------------------------------
+
+    def _configure(self) -> None:
+        self.run("new-server", SERVER, "--role", "mailbox", "--address", self.address)
+        self.run("new-mailboxdatabase", DATABASE, "--server", SERVER)
+        self.run(
+            "set-popsettings",
+            "--server",
+            SERVER,
+            "--login-type",
+            "PlainTextLogin",
+            "--max-connections",
+            "1000",
+            "--max-connection-from-single-ip",
+            "1000",
+            "--max-connections-per-user",
+            str(self.max_per_user),
+        )
+        for user in self.users:
+            self.run(
+                "new-mailbox", user, "--database", DATABASE, "--password-stdin", stdin=self.password
+            )
+        info = json.loads(self.run("get-server", SERVER, "--format", "json"))
+        server = info[0] if isinstance(info, list) else info
+        self.ports = {str(k): int(v) for k, v in server["Ports"].items()}
+        if server.get("Address") not in (None, self.address):
+            raise PopguardError(
+                f"get-server reports address {server.get('Address')!r}, expected {self.address}"
+            )
+        for needed in ("pop3be", "lmtp"):
+            if needed not in self.ports:
+                raise PopguardError(f"get-server lists no {needed} port: {server}")
+
+    def _serve(self, service: str) -> None:
+        log = open(self.data / f"serve-{service}.log", "wb")  # noqa: SIM115
+        self.procs[service] = subprocess.Popen(
+            [str(self.cli), "--data", str(self.data), "serve", service, "--server", SERVER],
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+            start_new_session=True,
+        )
+        log.close()  # the child has its own copy
+
+    def _check_alive(self) -> None:
+        for service, proc in self.procs.items():
+            if proc.poll() is not None:
+                raise PopguardError(
+                    f"`popguard serve {service}` exited {proc.returncode}:\n"
+                    + self.log_tail(service)
+                )
+
+    def _deliver_lmtp(self) -> None:
+        """Every message to every user over LMTP, one recipient per transaction."""
+        deadline = time.monotonic() + _DELIVERY_TIMEOUT
+        with smtplib.LMTP(self.address, self.ports["lmtp"], timeout=60) as lmtp:
+            for user in self.users:
+                for msg in self.messages:
+                    if time.monotonic() > deadline:
+                        raise PopguardError(f"delivery took longer than {_DELIVERY_TIMEOUT:.0f}s")
+                    refused = lmtp.sendmail(f"sender@{DOMAIN}", [user], msg.data)
+                    if refused:
+                        raise PopguardError(f"LMTP refused {user}: {refused}")
+
+    def _deliver_cli(self) -> None:
+        """The slow way: one `popguard send-message` per user and message."""
+        files = []
+        for msg in self.messages:
+            path = self.data / f"{msg.name}.eml"
+            path.write_bytes(msg.data)
+            files.append(path)
+        deadline = time.monotonic() + _DELIVERY_TIMEOUT
+        for user in self.users:
+            for path in files:
+                if time.monotonic() > deadline:
+                    raise PopguardError(f"delivery took longer than {_DELIVERY_TIMEOUT:.0f}s")
+                self.run("send-message", "--to", user, "--file", str(path))
+
+    def start(self) -> None:
+        if not self.cli.exists():
+            raise PopguardError(f"{self.cli} does not exist")
+        self.data = Path(tempfile.mkdtemp(prefix="popbench-popguard-", dir=self.workdir))
+        try:
+            self._configure()
+            self._serve("pop3be")
+            self._serve("delivery")
+            try:
+                wait_for_greeting(self.address, self.port, timeout=30.0)
+                wait_port(self.address, self.ports["lmtp"], timeout=30.0)
+            except (OSError, RuntimeError) as exc:
+                self._check_alive()
+                raise PopguardError(
+                    f"popguard services not answering: {exc}\n"
+                    + self.log_tail("pop3be")
+                    + self.log_tail("delivery")
+                ) from exc
+            try:
+                self._deliver_lmtp()
+                self.delivery_note = "LMTP"
+            except (OSError, smtplib.SMTPException, PopguardError) as exc:
+                self._check_alive()
+                self.delivery_note = f"LMTP failed ({exc}); used send-message"
+                self._deliver_cli()
+            self._check_alive()
+        except BaseException:
+            self.stop()
+            raise
+
+    def log_tail(self, service: str, lines: int = 30) -> str:
+        path = self.data / f"serve-{service}.log"
+        if not path.exists():
+            return ""
+        return "".join(path.read_text(errors="replace").splitlines(True)[-lines:])
+
+    # -- teardown ------------------------------------------------------------------
+
+    def stop(self) -> None:
+        """SIGTERM each service we started, SIGKILL its group if it lingers."""
+        procs, self.procs = self.procs, {}
+        for proc in procs.values():
+            if proc.poll() is None:
+                proc.send_signal(signal.SIGTERM)
+        for proc in procs.values():
+            try:
+                proc.wait(timeout=15)
+            except subprocess.TimeoutExpired:
+                with contextlib.suppress(ProcessLookupError):
+                    os.killpg(proc.pid, signal.SIGKILL)  # its own session: only its group
+                proc.wait(timeout=15)
+        if self.data != Path() and self.data.exists() and not os.environ.get("BENCH_KEEP"):
+            shutil.rmtree(self.data, ignore_errors=True)
+
+    def __enter__(self) -> Popguard:
+        self.start()
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.stop()
