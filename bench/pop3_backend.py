@@ -618,8 +618,9 @@ def main(argv: list[str] | None = None) -> int:
     )
     if args.dovecot_scheme.upper() == "PLAIN" and "popguard" in targets:
         report.notes.append(
-            "Dovecot checks a plaintext password; popguard checks its own "
-            "stored hash, so its logins/s include a hash verification."
+            "Dovecot compares a plaintext password from its passwd-file; popguard "
+            "stores only argon2id hashes and, after a user's first login, checks "
+            "the password against its authentication cache (a keyed digest)."
         )
     command = ".venv/bin/python -m bench.pop3_backend " + " ".join(
         argv if argv is not None else sys.argv[1:]
