@@ -6,6 +6,7 @@ a real restart. Ctrl-C (or SIGTERM) stops them all.
 
 from __future__ import annotations
 
+import shlex
 import signal
 import socket
 import subprocess
@@ -93,7 +94,7 @@ Read the demo mailbox with curl (list, then fetch message 1):
   curl --ssl-reqd --cacert {ca} -u '{demo.address}:{demo.password}' pop3://{server.address}:{pop3}/
   curl --cacert {ca} -u '{demo.address}:{demo.password}' pop3s://{server.address}:{pop3s}/1
 Deliver another message:
-  popguard --data {app.data} send-message --to {demo.address} --file message.eml
+  {shlex.quote(sys.argv[0])} --data {shlex.quote(str(app.data))} send-message --to {demo.address} --file message.eml
 Press Ctrl-C to stop.""",
         )
         while True:
