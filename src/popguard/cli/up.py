@@ -81,6 +81,7 @@ def up(app: AppContext, address: str) -> None:
             result = deliver(directory, demo.address, WELCOME_MESSAGE, "postmaster@popguard.test")
         ca = tls.ca_certificate_file(app.data).resolve()
         pop3, pop3s = server.port("pop3be"), server.port("pop3be-tls")
+        command = f"{shlex.quote(sys.argv[0])} --data {shlex.quote(str(app.data))}"
         click.echo(
             f"""
 popguard is up: mailbox server {server.name} on {server.address}
@@ -94,7 +95,7 @@ Read the demo mailbox with curl (list, then fetch message 1):
   curl --ssl-reqd --cacert {ca} -u '{demo.address}:{demo.password}' pop3://{server.address}:{pop3}/
   curl --cacert {ca} -u '{demo.address}:{demo.password}' pop3s://{server.address}:{pop3s}/1
 Deliver another message:
-  {shlex.quote(sys.argv[0])} --data {shlex.quote(str(app.data))} send-message --to {demo.address} --file message.eml
+  {command} send-message --to {demo.address} --file message.eml
 Press Ctrl-C to stop.""",
         )
         while True:
