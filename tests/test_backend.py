@@ -314,3 +314,31 @@ def test_commands_pipelined_after_stls_are_not_run(mailbox_server: MailboxServer
             tls.sendall(b"STAT\r\n")
             # Were the injected USER/PASS run, this would be "+OK 0 0".
             assert tls.recv(200) == b"-ERR STAT is not valid in the AUTHORIZATION state\r\n"
+
+
+def test_certificate_name_change_applies_without_restart(mailbox_server: MailboxServer) -> None:
+    def served_names() -> set[str]:
+        context = mailbox_server.ssl_context()
+        context.check_hostname = False
+        address = (mailbox_server.address, mailbox_server.pop3s_port)
+        with (
+            socket.create_connection(address, 10) as raw,
+            context.wrap_socket(raw) as tls,
+        ):
+            certificate = tls.getpeercert(binary_form=True)
+        assert certificate is not None
+        from cryptography import x509
+
+        names = x509.load_der_x509_certificate(certificate).extensions.get_extension_for_class(
+            x509.SubjectAlternativeName
+        )
+        return set(names.value.get_values_for_type(x509.DNSName))
+
+    assert "mail.example.test" not in served_names()
+    pid = mailbox_server.processes["pop3be"].pid
+    mailbox_server.set_settings(X509CertificateName="mail.example.test")
+    deadline = time.monotonic() + 10
+    while "mail.example.test" not in served_names() and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert "mail.example.test" in served_names()
+    assert mailbox_server.processes["pop3be"].pid == pid
