@@ -201,13 +201,12 @@ def test_idle_client_is_cut_at_the_timeout(mailbox_server: MailboxServer) -> Non
     mailbox_server.set_settings(PreAuthenticatedConnectionTimeout=1)
     time.sleep(1.5)
     with socket.create_connection((mailbox_server.address, mailbox_server.pop3_port), 5) as sock:
+        # A recv that outlives this socket timeout raises: the server must cut first.
         sock.settimeout(8)
         greeting = sock.recv(200)
         assert greeting.startswith(b"+OK")
-        started = time.monotonic()
         assert sock.recv(200) == b"-ERR [SYS/TEMP] autologout: idle for too long\r\n"
         assert sock.recv(200) == b""
-        assert time.monotonic() - started < 8  # cut, not left hanging
 
 
 def test_sort_order_descending(mailbox_server: MailboxServer) -> None:
@@ -282,14 +281,11 @@ def test_counters_are_published(mailbox_server: MailboxServer) -> None:
 
 def test_failed_logins_are_delayed_more_each_time(mailbox_server: MailboxServer) -> None:
     user = mailbox_server.add_mailbox("leo@example.test")
-    waits = []
     for _ in range(3):
         client = connect(mailbox_server)
         client.user(user)
-        started = time.monotonic()
         with pytest.raises(poplib.error_proto):
             client.pass_("wrong")
-        waits.append(time.monotonic() - started)
         client.quit()
     # The delay doubles (0.25 s, 0.5 s, 1 s): check the order, not the clock.
     log = mailbox_server.log_text("pop3be")
