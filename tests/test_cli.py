@@ -114,6 +114,21 @@ def test_set_popsettings_with_the_runbook_spelling(organization: Path) -> None:
             "invalid ProtocolLogEnabled",
         ),
         (("get-popsettings",), None, "Missing option '--server'"),
+        (
+            ("set-popsettings", "--server", "mbx1", "--x509-certificate-name", "../x"),
+            None,
+            "invalid X509CertificateName",
+        ),
+        (
+            ("set-popsettings", "--server", "mbx1", "--x509-certificate-name", "é"),
+            None,
+            "invalid X509CertificateName",
+        ),
+        (
+            ("new-server", "x", "--role", "mailbox", "--address", "127.0.0.9", "--port", "lmtp=²"),
+            None,
+            "--port wants ENDPOINT=NUMBER",
+        ),
         (("no-such-command",), None, "No such command"),
         (
             ("send-message", "--to", "ghost@example.test", "--file", "/nonexistent"),

@@ -84,11 +84,16 @@ def test_message_over_the_size_limit_is_refused(mailbox_server: MailboxServer) -
     mailbox_server.processes["delivery"] = process
     wait_for_port(mailbox_server.address, mailbox_server.lmtp_port, process)
     alice = mailbox_server.add_mailbox("big@example.test")
+    bob = mailbox_server.add_mailbox("big2@example.test")
     lmtp = LmtpConversation(mailbox_server)
     lmtp.command(b"LHLO client")
     lmtp.command(b"MAIL FROM:<s@example.test>")
     lmtp.command(f"RCPT TO:<{alice}>".encode())
+    lmtp.command(f"RCPT TO:<{bob}>".encode())
     lmtp.command(b"DATA")
     lmtp.sock.sendall(message("big", size=50_000) + b".\r\n")
+    # RFC 2033: one reply per accepted recipient, even when DATA is refused.
     assert lmtp.reply()[0].startswith(b"552")
+    assert lmtp.reply()[0].startswith(b"552")
+    assert lmtp.command(b"NOOP")[0].startswith(b"250")
     lmtp.close()

@@ -319,3 +319,34 @@ def test_next_event_while_waiting_is_a_programming_error() -> None:
     assert isinstance(session.next_event(), Authenticate)
     with pytest.raises(RuntimeError):
         session.next_event()
+
+
+def test_unicode_digits_are_not_message_numbers() -> None:
+    driver = plain_login_driver()
+    driver.login()
+    assert driver.send("RETR ²\r\n".encode()) == "-ERR invalid message number '²'\r\n".encode()
+    assert driver.send("TOP 1 ¹\r\n".encode()) == (
+        b"-ERR TOP needs a message number and a line count\r\n"
+    )
+
+
+def test_over_long_sasl_response_ends_the_auth_exchange() -> None:
+    driver = Driver(secure=True)
+    assert driver.send(b"AUTH PLAIN\r\n") == b"+ \r\n"
+    assert driver.send(b"A" * 1100 + b"\r\n") == b"-ERR line too long (at most 1026 octets)\r\n"
+    assert driver.send(b"CAPA\r\n").startswith(b"+OK Capability list follows")
+
+
+def test_argument_errors_spend_the_bad_command_budget() -> None:
+    driver = plain_login_driver()
+    driver.login()
+    reply = driver.send(b"RETR 0\r\n" * limits.MAX_BAD_COMMANDS)
+    assert reply.endswith(b"-ERR too many bad commands, closing the connection\r\n")
+    assert isinstance(driver.events[-1], Close)
+
+
+def test_unknown_commands_are_recorded_without_their_arguments() -> None:
+    driver = plain_login_driver()
+    driver.send(b" PASS hunter2\r\n")
+    record = driver.session.last_command
+    assert record is not None and "hunter2" not in record.parameters

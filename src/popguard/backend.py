@@ -88,27 +88,33 @@ class _CommandTimer:
             return
         elapsed_ms = (time.perf_counter() - self._started) * 1000.0
         self._backend.counters.command_done(elapsed_ms)
-        protocol_log = self._backend.protocol_log
-        if protocol_log.enabled:
-            connection = self._connection
-            protocol_log.write(
-                ProtocolLogRecord(
-                    session_id=connection.session_id,
-                    sequence=next(connection.sequence),
-                    server_endpoint=connection.server_endpoint,
-                    client_endpoint=connection.client_endpoint,
-                    user=connection.user,
-                    duration_ms=elapsed_ms,
-                    request_size=record.size,
-                    response_size=self._response_size,
-                    command=record.keyword,
-                    parameters=record.parameters,
-                    context=self.context,
-                )
-            )
+        self.log_line(record, elapsed_ms, self._response_size, self.context)
         self._record = None
         self._response_size = 0
         self.context = ""
+
+    def log_line(
+        self, record: CommandRecord, elapsed_ms: float, response_size: int, context: str
+    ) -> None:
+        protocol_log = self._backend.protocol_log
+        if not protocol_log.enabled:
+            return
+        connection = self._connection
+        protocol_log.write(
+            ProtocolLogRecord(
+                session_id=connection.session_id,
+                sequence=next(connection.sequence),
+                server_endpoint=connection.server_endpoint,
+                client_endpoint=connection.client_endpoint,
+                user=connection.user,
+                duration_ms=elapsed_ms,
+                request_size=record.size,
+                response_size=response_size,
+                command=record.keyword,
+                parameters=record.parameters,
+                context=context,
+            )
+        )
 
 
 class BackendService:
@@ -130,7 +136,6 @@ class BackendService:
         self._decoy_hash = hash_password(secrets.token_urlsafe(16))
         self._locked: set[str] = set()
         self._per_ip: dict[str, int] = {}
-        self._per_user: dict[str, int] = {}
         self._tasks: set[asyncio.Task[None]] = set()
         # One context for the life of the service: the implicit-TLS listener holds
         # it, so a new certificate is loaded into it rather than a new context made.
@@ -174,10 +179,13 @@ class BackendService:
             return
         old = self.settings
         self.settings, self._settings_revision = settings, revision
-        if settings.X509CertificateName != old.X509CertificateName:
-            pair = self._certificate()
-            self._tls_context.load_cert_chain(pair.certificate, pair.key)
         self._apply_log_settings()
+        if settings.X509CertificateName != old.X509CertificateName:
+            try:
+                pair = self._certificate()
+                self._tls_context.load_cert_chain(pair.certificate, pair.key)
+            except (ValueError, OSError, ssl.SSLError) as exc:
+                log.error("keeping the current certificate: cannot use a new one: %s", exc)
         log.info("POP settings revision %d applied", revision)
 
     def _session_config(self) -> SessionConfig:
@@ -288,23 +296,7 @@ class BackendService:
         finally:
             timer.finish()
             self._release(connection, session)
-            if self.protocol_log.enabled:
-                timer.context = ending
-                self.protocol_log.write(
-                    ProtocolLogRecord(
-                        connection.session_id,
-                        next(connection.sequence),
-                        connection.server_endpoint,
-                        connection.client_endpoint,
-                        connection.user,
-                        0,
-                        0,
-                        0,
-                        "*",
-                        "",
-                        f"Disconnected: {ending}",
-                    )
-                )
+            timer.log_line(CommandRecord("*", "", 0), 0.0, 0, f"Disconnected: {ending}")
             stream.close()
 
     def _connection_refusal(self, client_ip: str, settings: PopSettings) -> str | None:
@@ -322,12 +314,6 @@ class BackendService:
         else:
             self._per_ip.pop(connection.client_ip, None)
         self._unlock(session)
-        if session.user is not None:
-            left = self._per_user.get(session.user, 1) - 1
-            if left:
-                self._per_user[session.user] = left
-            else:
-                self._per_user.pop(session.user, None)
 
     def _unlock(self, session: ServerSession) -> None:
         if session.user is not None:
@@ -344,13 +330,13 @@ class BackendService:
         while True:
             event = session.next_event()
             timer.observe(session)
+            timeout = (
+                self.settings.AuthenticatedConnectionTimeout
+                if session.user
+                else self.settings.PreAuthenticatedConnectionTimeout
+            )
             if isinstance(event, NeedData):
                 timer.finish()
-                timeout = (
-                    self.settings.AuthenticatedConnectionTimeout
-                    if session.user
-                    else self.settings.PreAuthenticatedConnectionTimeout
-                )
                 try:
                     async with asyncio.timeout(timeout):
                         await stream.drain()
@@ -366,7 +352,7 @@ class BackendService:
                 timer.add_response(len(event.data))
                 if not stream.writable:
                     # A client that reads slowly holds its session, not our memory.
-                    async with asyncio.timeout(self.settings.AuthenticatedConnectionTimeout):
+                    async with asyncio.timeout(timeout):
                         await stream.drain()
             elif isinstance(event, Authenticate):
                 await self._authenticate(session, event, connection, timer)
@@ -386,7 +372,7 @@ class BackendService:
                 # Unlocked before the event loop can run again, so a client that
                 # reads "+OK" to QUIT and logs in at once never sees [IN-USE].
                 self._unlock(session)
-                async with asyncio.timeout(self.settings.PreAuthenticatedConnectionTimeout):
+                async with asyncio.timeout(timeout):
                     await stream.drain()
                 return event.reason
 
@@ -426,9 +412,6 @@ class BackendService:
             timer.context = "InUse"
             session.login_failed("mailbox is in use by another session", ResponseCode.IN_USE)
             return
-        if self._per_user.get(address, 0) >= self.settings.MaxConnectionsPerUser:
-            session.login_failed("too many connections for this user", ResponseCode.SYS_TEMP)
-            return
         try:
             store = self.databases.reader(mailbox.database)
             messages = store.maildrop(address)
@@ -446,7 +429,6 @@ class BackendService:
         if self.settings.MessageRetrievalSortOrder is SortOrder.DESCENDING:
             messages.sort(key=lambda m: (m.received, m.uid), reverse=True)
         self._locked.add(address)
-        self._per_user[address] = self._per_user.get(address, 0) + 1
         self.counters.successful_logins += 1
         connection.user = address
         connection.database = mailbox.database

@@ -19,7 +19,9 @@ from typing import cast
 # Above this many unread bytes the socket is not read any more until the session
 # catches up, so a client that floods us cannot grow our memory.
 READ_BUFFER_LIMIT = 256 * 1024
-TLS_HANDSHAKE_TIMEOUT = 30.0
+# A TLS handshake that has not finished by then is dropped: until it finishes the
+# connection counts against no limit, so it must not linger.
+TLS_HANDSHAKE_TIMEOUT = 10.0
 
 
 class ByteStream(asyncio.Protocol):
@@ -99,9 +101,6 @@ class ByteStream(asyncio.Protocol):
             raise ConnectionResetError("connection closed")
         await self._can_write.wait()
 
-    def pending_output(self) -> int:
-        return self.transport.get_write_buffer_size() if self.transport else 0
-
     def peer(self) -> tuple[str, int]:
         info = self.transport.get_extra_info("peername") if self.transport else None
         return (str(info[0]), int(info[1])) if info else ("?", 0)
@@ -139,7 +138,3 @@ class ByteStream(asyncio.Protocol):
     def close(self) -> None:
         if self.transport is not None:
             self.transport.close()
-
-    def abort(self) -> None:
-        if self.transport is not None:
-            self.transport.abort()

@@ -13,7 +13,6 @@ import asyncio
 import functools
 import logging
 import os
-import sqlite3
 from pathlib import Path
 from typing import Any
 
@@ -32,6 +31,35 @@ log = logging.getLogger("popguard.delivery")
 DEFAULT_MAX_MESSAGE_SIZE = 50 * 1024 * 1024
 # RFC 5321 section 4.5.3.1.8: at least 100 recipients must be accepted.
 MAX_RECIPIENTS = 1000
+
+
+class PerRecipientLMTP(LMTP):
+    """aiosmtpd's LMTP, made to answer an aborted DATA once per recipient.
+
+    When a message is over the size limit (552) or has an over-long line (500),
+    aiosmtpd answers the end of DATA itself, once. RFC 2033 section 4.2 wants one
+    reply per accepted recipient, and an LMTP client such as Postfix waits for all
+    of them, so the same reply is repeated for each.
+    """
+
+    _after_data_prompt = False
+
+    async def smtp_DATA(self, arg: str) -> None:
+        try:
+            await super().smtp_DATA(arg)
+        finally:
+            self._after_data_prompt = False
+
+    async def push(self, status: Any) -> None:
+        text = status.decode() if isinstance(status, bytes) else str(status)
+        if text.startswith("354"):
+            self._after_data_prompt = True
+        elif self._after_data_prompt and text.startswith(("552", "500")):
+            self._after_data_prompt = False
+            recipients = max(1, len(self.envelope.rcpt_tos)) if self.envelope else 1
+            await super().push("\r\n".join([text] * recipients))
+            return
+        await super().push(status)
 
 
 class DeliveryHandler:
@@ -74,19 +102,20 @@ class DeliveryService:
         self.max_message_size = max_message_size
 
     async def deliver(self, recipient: str, message: bytes) -> str:
-        """Store one copy for one recipient; the LMTP reply line for it."""
-        mailbox = self.directory.find_mailbox(recipient)
-        if mailbox is None:  # removed between RCPT and the end of DATA
-            return f"550 5.1.1 <{recipient}>: no such mailbox"
+        """Store one copy for one recipient; the LMTP reply line for it. Never raises:
+        an exception would make aiosmtpd answer once, with its text, for everyone."""
         try:
+            mailbox = self.directory.find_mailbox(recipient)
+            if mailbox is None:  # removed between RCPT and the end of DATA
+                return f"550 5.1.1 <{recipient}>: no such mailbox"
             uid = await self.databases.write(
                 mailbox.database, lambda store: store.deliver(mailbox.address, message)
             )
         except NotMountedError as exc:
             log.warning("not delivering to %s: %s", recipient, exc)
             return f"451 4.3.0 <{recipient}>: mailbox database not mounted here, try again later"
-        except (sqlite3.Error, OSError, UserError) as exc:
-            log.error("delivery to %s failed: %s", recipient, exc)
+        except Exception:
+            log.exception("delivery to %s failed", recipient)
             return f"451 4.3.0 <{recipient}>: temporary store failure, try again later"
         self.counters.command_done(0.0)
         log.info("delivered to %s as uid %d (%d octets)", recipient, uid, len(message))
@@ -99,7 +128,7 @@ class DeliveryService:
         listener = await listen(
             functools.partial(
                 loop.create_server,
-                lambda: LMTP(
+                lambda: PerRecipientLMTP(
                     handler,
                     data_size_limit=self.max_message_size,
                     enable_SMTPUTF8=True,

@@ -10,11 +10,11 @@ from __future__ import annotations
 import json
 import sqlite3
 import time
-from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from pathlib import Path
 
+from . import sqlite_util
 from .message_format import to_wire
 
 SCHEMA = """
@@ -58,26 +58,16 @@ class MailboxDatabase:
         self.path = path
         self.name = name
         path.parent.mkdir(parents=True, exist_ok=True)
-        self._db = sqlite3.connect(
-            path, timeout=30.0, isolation_level=None, check_same_thread=False
-        )
-        self._db.execute("PRAGMA journal_mode=WAL")
-        # FULL: a message is on disk, not only in the OS cache, before we say 250.
-        self._db.execute("PRAGMA synchronous=FULL")
+        # FULL sync (in connect): a message is on disk, not only in the OS cache,
+        # before delivery says 250.
+        self._db = sqlite_util.connect(path, timeout=30.0, check_same_thread=False)
         self._db.executescript(SCHEMA)
 
     def close(self) -> None:
         self._db.close()
 
-    @contextmanager
-    def _transaction(self) -> Iterator[sqlite3.Connection]:
-        self._db.execute("BEGIN IMMEDIATE")
-        try:
-            yield self._db
-        except BaseException:
-            self._db.execute("ROLLBACK")
-            raise
-        self._db.execute("COMMIT")
+    def _transaction(self) -> AbstractContextManager[sqlite3.Connection]:
+        return sqlite_util.transaction(self._db)
 
     def deliver(self, address: str, content: bytes, received: float | None = None) -> int:
         """Store a message durably; returns its UID."""

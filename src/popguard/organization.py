@@ -23,6 +23,7 @@ DEFAULT_DATABASE = "DB01"
 class DemoMailbox:
     address: str
     password: str
+    new: bool  # made by this call: it gets a welcome message
 
 
 def _demo_file(data: Path) -> Path:
@@ -45,7 +46,8 @@ def ensure_single_server_organization(
         servers = [server]
     server = servers[0]
     demo_file = _demo_file(data)
-    if directory.find_mailbox(DEMO_ADDRESS) is None or not demo_file.exists():
+    new = directory.find_mailbox(DEMO_ADDRESS) is None
+    if new or not demo_file.exists():
         password = generate_password()
         database = next(c.database for c in directory.database_copies() if c.is_active)
         if directory.find_mailbox(DEMO_ADDRESS) is None:
@@ -56,7 +58,7 @@ def ensure_single_server_organization(
         with os.fdopen(fd, "w") as out:
             out.write(f"{DEMO_ADDRESS}\n{password}\n")
     lines = demo_file.read_text().splitlines()
-    return server, DemoMailbox(lines[0], lines[1])
+    return server, DemoMailbox(lines[0], lines[1], new)
 
 
 WELCOME_MESSAGE = (

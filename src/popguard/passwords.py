@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import hmac
+import itertools
 import secrets
 import time
 from collections.abc import Callable
@@ -109,10 +110,15 @@ class LoginDelays:
         """Count a failed login; returns how long to wait before answering it."""
         now = self._clock()
         if len(self._failures) >= FAILED_LOGIN_MAX_TRACKED:
-            self._failures.clear()
+            # Forget the least recently failing tenth, never everyone: spraying many
+            # user names must not wipe the sprayer's own address's count.
+            for key in list(itertools.islice(self._failures, FAILED_LOGIN_MAX_TRACKED // 10)):
+                del self._failures[key]
         worst = 0
         for key in (f"ip:{client_ip}", f"user:{user.lower()}"):
             count = self._count(key) + 1
+            # Re-inserted so that the dict's order is the order of last failure.
+            self._failures.pop(key, None)
             self._failures[key] = _Failures(count, now)
             worst = max(worst, count)
         return min(FAILED_LOGIN_BASE_DELAY * 2.0 ** (worst - 1), FAILED_LOGIN_MAX_DELAY)

@@ -3,8 +3,8 @@
 Off by default (ProtocolLogEnabled). Files roll over per LogFileRollOverSettings
 (a new file each hour, day, week or month) and when one reaches
 LogPerFileSizeQuota. Secrets never reach this module: the session redacts PASS
-and AUTH before a record is made, and `write` redacts them again in case a
-caller forgets.
+and AUTH before a record is made, and `write` applies the same (idempotent)
+redaction again in case a caller forgets.
 """
 
 from __future__ import annotations
@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TextIO
 
+from .pop3.session import redact
 from .settings import RollOver
 
 FIELDS = (
@@ -32,8 +33,6 @@ FIELDS = (
     "parameters",
     "context",
 )
-
-_SECRET_COMMANDS = {"PASS", "AUTH"}
 
 
 @dataclass(frozen=True)
@@ -130,10 +129,7 @@ class ProtocolLog:
         if config is None or not config.enabled:
             return
         moment = datetime.datetime.now(datetime.UTC)
-        parameters = record.parameters
-        if record.command.upper() in _SECRET_COMMANDS:
-            mechanism = parameters.split(" ", 1)[0] if record.command.upper() == "AUTH" else ""
-            parameters = f"{mechanism} ****".strip() if parameters else ""
+        parameters = redact(record.command.upper(), record.parameters)
         row = io.StringIO()
         csv.writer(row, lineterminator="\r\n").writerow(
             (

@@ -59,7 +59,17 @@ class PopSettings(BaseModel):
         AUTHENTICATED_TIMEOUT_DEFAULT
     )
     MessageRetrievalSortOrder: SortOrder = SortOrder.ASCENDING
-    X509CertificateName: str | None = None
+    # A DNS name: it goes into the certificate and names its file.
+    X509CertificateName: (
+        Annotated[
+            str,
+            Field(
+                max_length=253,
+                pattern=r"^[A-Za-z0-9]([A-Za-z0-9-]{0,62})(\.[A-Za-z0-9-]{1,63})*$",
+            ),
+        ]
+        | None
+    ) = None
     ProtocolLogEnabled: bool = False
     LogFileLocation: str | None = None
     LogFileRollOverSettings: RollOver = RollOver.DAILY
@@ -78,7 +88,3 @@ def describe_validation_error(exc: ValidationError) -> str:
     first = exc.errors()[0]
     where = ".".join(str(part) for part in first["loc"]) or "value"
     return f"invalid {where}: {first['msg']} (got {first.get('input')!r})"
-
-
-# Settings that a running service cannot pick up by itself.
-RESTART_REQUIRED: frozenset[str] = frozenset()

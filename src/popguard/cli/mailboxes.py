@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import sys
+from collections.abc import Iterator
 from typing import Any
 
 import click
@@ -33,6 +35,15 @@ def mailbox_row(mailbox: Mailbox) -> dict[str, Any]:
     }
 
 
+@contextlib.contextmanager
+def _store(app: AppContext, database: str, server: str) -> Iterator[MailboxDatabase]:
+    store = MailboxDatabase(paths.database_copy_file(app.data, database, server), database)
+    try:
+        yield store
+    finally:
+        store.close()
+
+
 def read_password_from_stdin() -> str:
     password = sys.stdin.read().rstrip("\r\n")
     if not password:
@@ -57,6 +68,12 @@ def new_mailbox(
     password = read_password_from_stdin() if password_stdin else generate_password()
     with app.directory() as directory:
         mailbox = directory.new_mailbox(address, database, hash_password(password))
+        server = directory.active_server(mailbox.database)
+    # A delivery that was in flight when an earlier mailbox of this address was
+    # removed may have left messages behind: a new mailbox starts empty.
+    with _store(app, mailbox.database, server) as store:
+        if store.maildrop(mailbox.address):
+            store.purge(mailbox.address)
     row = mailbox_row(mailbox)
     if not password_stdin:
         row["Password"] = password
@@ -104,13 +121,8 @@ def remove_mailbox(app: AppContext, address: str, confirm: bool) -> None:
             click.confirm(f"Remove {mailbox.address} and all its mail?", abort=True)
         server = directory.active_server(mailbox.database)
         directory.remove_mailbox(mailbox.address)
-    store = MailboxDatabase(
-        paths.database_copy_file(app.data, mailbox.database, server), mailbox.database
-    )
-    try:
+    with _store(app, mailbox.database, server) as store:
         removed = store.purge(mailbox.address)
-    finally:
-        store.close()
     click.echo(f"removed {mailbox.address} and {removed} messages")
 
 

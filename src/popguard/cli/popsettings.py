@@ -12,7 +12,7 @@ from typing import Any
 import click
 
 from ..errors import UserError
-from ..settings import RESTART_REQUIRED, PopSettings
+from ..settings import PopSettings
 from .context import AppContext, pass_app
 from .render import FORMATS, render
 
@@ -92,16 +92,10 @@ def _set_popsettings(app: AppContext, server: str, output_format: str, **options
         revision = directory.set_pop_settings(server, updated)
         name = directory.get_server(server).name
     render([settings_row(name, updated)], output_format)
-    restart = sorted(set(changes) & RESTART_REQUIRED)
-    if restart:
-        click.echo(
-            f"restart the POP3 services on {name} for {', '.join(restart)} to apply", err=True
-        )
-    else:
-        click.echo(
-            f"revision {revision}: running POP3 services on {name} apply it within seconds",
-            err=True,
-        )
+    # Every setting is picked up by the running services; none needs a restart.
+    click.echo(
+        f"revision {revision}: running POP3 services on {name} apply it within seconds", err=True
+    )
 
 
 def _build_set_command() -> click.Command:

@@ -35,7 +35,7 @@ def _parse_ports(values: tuple[str, ...]) -> dict[str, int]:
     ports = {}
     for value in values:
         endpoint, sep, number = value.partition("=")
-        if not sep or not number.isdigit():
+        if not sep or not (number.isascii() and number.isdigit()):
             raise UserError(f"--port wants ENDPOINT=NUMBER, got {value!r}")
         ports[endpoint] = int(number)
     return ports

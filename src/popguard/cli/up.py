@@ -12,7 +12,6 @@ import socket
 import subprocess
 import sys
 import time
-from types import FrameType
 
 import click
 
@@ -52,14 +51,6 @@ def _stop(processes: dict[str, subprocess.Popen[bytes]]) -> None:
             process.wait()
 
 
-class _Stop(Exception):
-    pass
-
-
-def _raise_stop(signum: int, frame: FrameType | None) -> None:
-    raise _Stop()
-
-
 @click.command("up")
 @click.option("--address", default="127.0.2.1", show_default=True, help="Address of mbx1.")
 @pass_app
@@ -70,15 +61,19 @@ def up(app: AppContext, address: str) -> None:
     app.data.mkdir(parents=True, exist_ok=True)
     base = [sys.executable, "-m", "popguard", "--data", str(app.data), "serve"]
     processes: dict[str, subprocess.Popen[bytes]] = {}
-    signal.signal(signal.SIGTERM, _raise_stop)
+    # SIGTERM (from a script or a supervisor) stops everything as Ctrl-C does.
+    signal.signal(signal.SIGTERM, signal.default_int_handler)
     try:
         for service, endpoint in (("pop3be", "pop3be"), ("delivery", "lmtp")):
             processes[service] = subprocess.Popen([*base, service, "--server", server.name])
             _wait_for_port(server.address, server.port(endpoint), processes[service], service)
-        with app.directory() as directory:
-            if not directory.find_mailbox(demo.address):
-                raise UserError("the demo mailbox vanished during start-up")
-            result = deliver(directory, demo.address, WELCOME_MESSAGE, "postmaster@popguard.test")
+        welcome = ""
+        if demo.new:
+            with app.directory() as directory:
+                result = deliver(
+                    directory, demo.address, WELCOME_MESSAGE, "postmaster@popguard.test"
+                )
+            welcome = f"\n  welcome message: {result.reply}"
         ca = tls.ca_certificate_file(app.data).resolve()
         pop3, pop3s = server.port("pop3be"), server.port("pop3be-tls")
         command = f"{shlex.quote(sys.argv[0])} --data {shlex.quote(str(app.data))}"
@@ -88,8 +83,7 @@ popguard is up: mailbox server {server.name} on {server.address}
   POP3 (STLS) {server.address}:{pop3}   POP3 over TLS {server.address}:{pop3s}
   LMTP        {server.address}:{server.port("lmtp")}
   CA file     {ca}
-  demo mailbox {demo.address}  password {demo.password}
-  welcome message: {result.reply}
+  demo mailbox {demo.address}  password {demo.password}{welcome}
 
 Read the demo mailbox with curl (list, then fetch message 1):
   curl --ssl-reqd --cacert {ca} -u '{demo.address}:{demo.password}' pop3://{server.address}:{pop3}/
@@ -103,7 +97,7 @@ Press Ctrl-C to stop.""",
                 if process.poll() is not None:
                     raise UserError(f"{service} exited with status {process.returncode}")
             time.sleep(0.5)
-    except (KeyboardInterrupt, _Stop):
+    except KeyboardInterrupt:
         click.echo("\nstopping ...")
     finally:
         _stop(processes)

@@ -1,10 +1,5 @@
 """Named protocol limits, each beside the rule that sets it."""
 
-# RFC 1939 section 3: keywords are 3 or 4 characters; RFC 2449 section 4 allows
-# keywords of up to 4 characters and arguments of up to 40 characters each.
-MAX_KEYWORD_LENGTH = 4
-MAX_ARGUMENT_LENGTH = 40
-
 # RFC 5034 section 4: a SASL response line may be longer than a command; PLAIN
 # carries authzid, authcid and password, each at most 255 octets (RFC 4616),
 # which base64 makes (3 * 255 + 2) * 4 / 3 = 1024 octets.

@@ -10,6 +10,7 @@ and random input without a socket.
 from __future__ import annotations
 
 import binascii
+import re
 from collections import deque
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -199,9 +200,12 @@ class ServerSession:
         if line.endswith(b"\r"):
             line = line[:-1]
         if self._discarding or len(line) > self._line_limit():
+            limit = self._line_limit()
             self._discarding = False
             self.last_command = CommandRecord("?", "", len(line))
-            self._bad(f"line too long (at most {self._line_limit()} octets)")
+            if self.phase is Phase.SASL_RESPONSE:
+                self.phase = Phase.AUTHORIZATION  # the AUTH exchange is over
+            self._bad(f"line too long (at most {limit} octets)")
             return None
         return line
 
@@ -224,10 +228,11 @@ class ServerSession:
             return
         keyword, _, argument = text.partition(" ")
         keyword = keyword.upper()
-        secret = keyword in ("PASS", "AUTH")
-        shown = _redact(keyword, argument) if secret else argument
-        self.last_command = CommandRecord(keyword[:16], shown[:128], len(line))
         phases = COMMAND_PHASES.get(keyword)
+        # Arguments are recorded only for known commands, secrets redacted: what a
+        # client sends as an unknown command may be a password typed in the wrong place.
+        shown = redact(keyword, argument) if phases else ""
+        self.last_command = CommandRecord(keyword[:16], shown[:128], len(line))
         if phases is None:
             self._bad("unknown command" if keyword else "empty command")
             return
@@ -242,13 +247,14 @@ class ServerSession:
     def _send(self, data: bytes) -> None:
         self._outbox.append(Reply(data))
 
-    def _bad(self, text: str) -> None:
+    def _bad(self, text: str, code: ResponseCode | None = None) -> None:
+        """Refuse what the client sent; each refusal spends the bad-command budget."""
         self.bad_commands += 1
         if self.bad_commands >= limits.MAX_BAD_COMMANDS:
             self._send(err("too many bad commands, closing the connection"))
             self._close("bad command budget spent")
         else:
-            self._send(err(text))
+            self._send(err(text, code))
 
     def _close(self, reason: str) -> None:
         self.phase = Phase.CLOSED
@@ -263,11 +269,9 @@ class ServerSession:
         return self.config.login_type is LoginType.PLAIN_TEXT_AUTHENTICATION and mechanism != "USER"
 
     def _refuse_plaintext(self) -> None:
-        self._send(
-            err(
-                "Plaintext authentication disallowed on non-secure connections; use STLS",
-                ResponseCode.AUTH,
-            )
+        self._bad(
+            "Plaintext authentication disallowed on non-secure connections; use STLS",
+            ResponseCode.AUTH,
         )
 
     def _cmd_capa(self, argument: str) -> None:
@@ -332,7 +336,7 @@ class ServerSession:
             self._send(multiline(ok("SASL mechanisms follow"), list(SASL_MECHANISMS)))
             return
         if mechanism not in SASL_MECHANISMS:
-            self._send(err(f"unsupported authentication mechanism {mechanism[:20]}"))
+            self._bad(f"unsupported authentication mechanism {mechanism[:20]}")
             return
         if not self._plaintext_allowed(mechanism):
             self._refuse_plaintext()
@@ -412,15 +416,15 @@ class ServerSession:
     def _message_number(self, argument: str) -> int | None:
         """A live message number, or None after queueing the reason it is not."""
         token = argument.strip()
-        if not token.isdigit() or len(token) > limits.MAX_MESSAGE_NUMBER_DIGITS:
-            self._send(err(f"invalid message number {token[:20]!r}"))
+        if not _is_number(token):
+            self._bad(f"invalid message number {token[:20]!r}")
             return None
         number = int(token)
         if not 1 <= number <= len(self._maildrop):
-            self._send(err(f"no such message, only {len(self._maildrop)} in maildrop"))
+            self._bad(f"no such message, only {len(self._maildrop)} in maildrop")
             return None
         if number in self._deleted:
-            self._send(err(f"message {number} already deleted"))
+            self._bad(f"message {number} already deleted")
             return None
         return number
 
@@ -459,8 +463,8 @@ class ServerSession:
 
     def _cmd_top(self, argument: str) -> None:
         message, _, lines = argument.strip().partition(" ")
-        if not lines.isdigit() or len(lines) > limits.MAX_MESSAGE_NUMBER_DIGITS:
-            self._send(err("TOP needs a message number and a line count"))
+        if not _is_number(lines):
+            self._bad("TOP needs a message number and a line count")
             return
         number = self._message_number(message)
         if number is not None:
@@ -512,8 +516,24 @@ class ServerSession:
         self._close("QUIT")
 
 
-def _redact(keyword: str, argument: str) -> str:
+_MECHANISM_NAME = re.compile(r"^[A-Za-z0-9_-]{1,20}$")  # RFC 4422 section 3.1
+
+
+def redact(keyword: str, argument: str) -> str:
+    """The argument as logs may show it: no password, no SASL response.
+
+    Idempotent, so a record redacted here can be redacted again by a log writer.
+    """
+    if keyword == "PASS":
+        return _REDACTED if argument else ""
     if keyword == "AUTH":
         mechanism, _, initial = argument.partition(" ")
+        if not _MECHANISM_NAME.match(mechanism):
+            return _REDACTED if argument else ""
         return f"{mechanism} {_REDACTED}" if initial else mechanism
-    return _REDACTED
+    return argument
+
+
+def _is_number(token: str) -> bool:
+    """Decimal ASCII digits only: str.isdigit() also accepts '²', which int() refuses."""
+    return token.isascii() and token.isdigit() and len(token) <= limits.MAX_MESSAGE_NUMBER_DIGITS
