@@ -338,3 +338,19 @@ def test_certificate_name_change_applies_without_restart(mailbox_server: Mailbox
         time.sleep(0.2)
     assert "mail.example.test" in served_names()
     assert mailbox_server.processes["pop3be"].pid == pid
+
+
+def test_minimum_login_interval_gives_login_delay(mailbox_server: MailboxServer) -> None:
+    user = mailbox_server.add_mailbox("poller@example.test")
+    mailbox_server.set_settings(MinimumLoginInterval=600)
+    time.sleep(1.5)
+    client = connect(mailbox_server)
+    assert client.capa()["LOGIN-DELAY"] == ["600"]
+    client.user(user)
+    client.pass_(PASSWORD)
+    client.quit()
+    again = connect(mailbox_server)
+    again.user(user)
+    with pytest.raises(poplib.error_proto, match=r"-ERR \[LOGIN-DELAY\] logged in too recently"):
+        again.pass_(PASSWORD)
+    again.quit()

@@ -11,6 +11,7 @@ import asyncio
 import functools
 import itertools
 import logging
+import math
 import os
 import secrets
 import sqlite3
@@ -135,6 +136,7 @@ class BackendService:
         # costs the same time as a wrong password.
         self._decoy_hash = hash_password(secrets.token_urlsafe(16))
         self._locked: set[str] = set()
+        self._last_login: dict[str, float] = {}  # only while MinimumLoginInterval is set
         self._per_ip: dict[str, int] = {}
         self._tasks: set[asyncio.Task[None]] = set()
         # One context for the life of the service: the implicit-TLS listener holds
@@ -193,6 +195,7 @@ class BackendService:
             login_type=self.settings.LoginType,
             max_command_size=self.settings.MaxCommandSize,
             tls_available=True,
+            login_delay=self.settings.MinimumLoginInterval,
             greeting=f"popguard POP3 back end {self.server.name} ready",
         )
 
@@ -412,6 +415,15 @@ class BackendService:
             timer.context = "InUse"
             session.login_failed("mailbox is in use by another session", ResponseCode.IN_USE)
             return
+        interval = self.settings.MinimumLoginInterval
+        wait = self._last_login.get(address, -math.inf) + interval - time.monotonic()
+        if interval and wait > 0:
+            timer.context = "LoginDelay"
+            session.login_failed(
+                f"logged in too recently, wait {math.ceil(wait)} more seconds",
+                ResponseCode.LOGIN_DELAY,
+            )
+            return
         try:
             store = self.databases.reader(mailbox.database)
             messages = store.maildrop(address)
@@ -429,6 +441,8 @@ class BackendService:
         if self.settings.MessageRetrievalSortOrder is SortOrder.DESCENDING:
             messages.sort(key=lambda m: (m.received, m.uid), reverse=True)
         self._locked.add(address)
+        if self.settings.MinimumLoginInterval:
+            self._last_login[address] = time.monotonic()
         self.counters.successful_logins += 1
         connection.user = address
         connection.database = mailbox.database

@@ -58,6 +58,10 @@ class PopSettings(BaseModel):
     AuthenticatedConnectionTimeout: Annotated[int, Field(ge=1, le=86_400)] = (
         AUTHENTICATED_TIMEOUT_DEFAULT
     )
+    # Not an Exchange setting: RFC 2449's LOGIN-DELAY, the least number of seconds
+    # between two logins of one mailbox (0: no limit). It stops clients that poll
+    # every few seconds; an earlier login gets -ERR [LOGIN-DELAY].
+    MinimumLoginInterval: Annotated[int, Field(ge=0, le=86_400)] = 0
     MessageRetrievalSortOrder: SortOrder = SortOrder.ASCENDING
     # A DNS name: it goes into the certificate and names its file.
     X509CertificateName: (

@@ -11,6 +11,7 @@ class ResponseCode(StrEnum):
     """RFC 2449 section 8 and RFC 3206 extended response codes."""
 
     IN_USE = "IN-USE"
+    LOGIN_DELAY = "LOGIN-DELAY"
     SYS_TEMP = "SYS/TEMP"
     SYS_PERM = "SYS/PERM"
     AUTH = "AUTH"

@@ -37,6 +37,7 @@ class SessionConfig:
     tls_available: bool = True
     implementation: str = "popguard"
     greeting: str = "popguard POP3 server ready"
+    login_delay: int = 0  # seconds between a user's logins; announced by CAPA when set
 
 
 # Events ------------------------------------------------------------------------------
@@ -283,6 +284,9 @@ class ServerSession:
                 capabilities.append("SASL " + " ".join(SASL_MECHANISMS))
             if self.config.tls_available and not self.secure:
                 capabilities.append("STLS")
+        if self.config.login_delay:
+            # RFC 2449 section 6.5: the minimum seconds between logins.
+            capabilities.append(f"LOGIN-DELAY {self.config.login_delay}")
         capabilities.append(f"IMPLEMENTATION {self.config.implementation}")
         self._send(multiline(ok("Capability list follows"), capabilities))
 
