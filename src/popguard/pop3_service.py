@@ -1,0 +1,434 @@
+"""What the POP3 back end and front end share: one asyncio server around the
+sans-I/O `ServerSession`.
+
+This module moves bytes, enforces the connection limits and timeouts, follows
+the POP settings live, and feeds the counters and the protocol log. A subclass
+says what a login means (`authenticate`) and, for the back end, how to read and
+delete messages; the front end instead hands the logged-in connection over to a
+back end (`Handoff`) and relays bytes.
+"""
+
+from __future__ import annotations
+
+import abc
+import asyncio
+import functools
+import itertools
+import logging
+import os
+import secrets
+import ssl
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import ClassVar
+
+from . import paths, tls
+from .authentication import Authenticator
+from .byte_stream import TLS_HANDSHAKE_TIMEOUT, ByteStream
+from .counters import PUBLISH_INTERVAL, ServiceCounters
+from .directory import Directory, Server
+from .errors import UserError
+from .pop3.replies import ResponseCode, err
+from .pop3.session import (
+    Authenticate,
+    Close,
+    CommandRecord,
+    NeedData,
+    Reply,
+    Retrieve,
+    ServerSession,
+    SessionConfig,
+    StartTls,
+    Update,
+)
+from .protocol_log import ProtocolLog, ProtocolLogConfig, ProtocolLogRecord
+from .service import every, listen
+
+log = logging.getLogger("popguard.pop3")
+
+DIRECTORY_POLL_INTERVAL = 1.0
+SHUTDOWN_GRACE = 5.0
+
+
+@dataclass
+class Connection:
+    session_id: str
+    client_ip: str
+    client_endpoint: str
+    server_endpoint: str
+    user: str = ""
+    database: str = ""  # the logged-in user's mailbox database
+    ended: bool = False  # session_ended has run
+    sequence: itertools.count[int] = field(default_factory=lambda: itertools.count(1))
+
+
+class CommandTimer:
+    """Times each command from its parsing to its reply being handed to the socket."""
+
+    def __init__(self, service: Pop3Service, connection: Connection) -> None:
+        self._service = service
+        self._connection = connection
+        self._record: CommandRecord | None = None  # the command being timed
+        self._seen: CommandRecord | None = None  # the last command the session parsed
+        self._started = 0.0
+        self._response_size = 0
+        self.context = ""
+
+    def observe(self, session: ServerSession) -> None:
+        if session.last_command is not self._seen:
+            self.finish()
+            self._record = self._seen = session.last_command
+            self._started = time.perf_counter()
+
+    def add_response(self, size: int) -> None:
+        self._response_size += size
+
+    def finish(self) -> None:
+        record = self._record
+        if record is None:
+            return
+        elapsed_ms = (time.perf_counter() - self._started) * 1000.0
+        self._service.counters.command_done(elapsed_ms)
+        self.log_line(record, elapsed_ms, self._response_size, self.context)
+        self._record = None
+        self._response_size = 0
+        self.context = ""
+
+    def log_line(
+        self, record: CommandRecord, elapsed_ms: float, response_size: int, context: str
+    ) -> None:
+        protocol_log = self._service.protocol_log
+        if not protocol_log.enabled:
+            return
+        connection = self._connection
+        protocol_log.write(
+            ProtocolLogRecord(
+                session_id=connection.session_id,
+                sequence=next(connection.sequence),
+                server_endpoint=connection.server_endpoint,
+                client_endpoint=connection.client_endpoint,
+                user=connection.user,
+                duration_ms=elapsed_ms,
+                request_size=record.size,
+                response_size=response_size,
+                command=record.keyword,
+                parameters=record.parameters,
+                context=context,
+            )
+        )
+
+
+@dataclass
+class Handoff:
+    """A login the front end completed on a back end: from now on, relay bytes."""
+
+    backend: ByteStream
+    backend_name: str
+    reply: bytes  # the back end's "+OK" to the login, passed on to the client
+
+
+class Pop3Service(abc.ABC):
+    role: ClassVar[str]  # the directory role the server must have
+    service: ClassVar[str]  # pop3be | pop3: names the counters and log folders
+    log_prefix: ClassVar[str]  # POP3BE | POP3, as Exchange names its log files
+    endpoints: ClassVar[tuple[str, str]]  # (plain+STLS, implicit TLS) port names
+    title: ClassVar[str]  # for the greeting
+
+    def __init__(self, data: Path, server_name: str) -> None:
+        self.data = data
+        self.directory = Directory(data)
+        self.server: Server = self.directory.get_server(server_name)
+        if self.role not in self.server.roles:
+            raise UserError(f"server {self.server.name} does not have the {self.role} role")
+        self.settings, self._settings_revision = self.directory.pop_settings(self.server.name)
+        self._directory_version = self.directory.change_counter()
+        self.counters = ServiceCounters(self.service)
+        self.protocol_log = ProtocolLog(self.log_prefix)
+        self.authenticator = Authenticator(self.directory, self.counters)
+        self._per_ip: dict[str, int] = {}
+        self._tasks: set[asyncio.Task[None]] = set()
+        # One context for the life of the service: the implicit-TLS listener holds
+        # it, so a new certificate is loaded into it rather than a new context made.
+        self._tls_context = tls.server_context(self._certificate())
+        self._apply_log_settings()
+
+    # What a subclass decides -----------------------------------------------------------
+
+    @abc.abstractmethod
+    async def authenticate(
+        self,
+        session: ServerSession,
+        request: Authenticate,
+        connection: Connection,
+        timer: CommandTimer,
+    ) -> Handoff | None:
+        """Answer the session's login request (login_succeeded or login_failed), or
+        return a Handoff to relay the connection to a back end."""
+
+    def retrieve(self, session: ServerSession, request: Retrieve, connection: Connection) -> None:
+        raise NotImplementedError(f"{self.service} does not serve messages itself")
+
+    async def update(self, session: ServerSession, request: Update, connection: Connection) -> None:
+        raise NotImplementedError(f"{self.service} does not serve messages itself")
+
+    async def relay(
+        self, handoff: Handoff, session: ServerSession, client: ByteStream, connection: Connection
+    ) -> str:
+        raise NotImplementedError(f"{self.service} does not relay")
+
+    def session_ended(self, session: ServerSession, connection: Connection) -> None:
+        """The session is over (the mailbox may be unlocked); called once."""
+
+    def refusal(self, client_ip: str) -> str | None:
+        """Why a new connection from `client_ip` is refused, or None."""
+        if self.counters.current_connections >= self.settings.MaxConnections:
+            return "too many connections to this server, try again later"
+        if self._per_ip.get(client_ip, 0) >= self.settings.MaxConnectionFromSingleIP:
+            return "too many connections from your address, try again later"
+        return None
+
+    def directory_changed(self) -> None:
+        """Something in the directory changed (polled every second)."""
+
+    def close_resources(self) -> None:
+        """Release what the subclass holds when the service stops."""
+
+    # Settings ------------------------------------------------------------------------
+
+    def _certificate(self) -> tls.CertificatePair:
+        name = self.settings.X509CertificateName or self.server.name
+        ip_addresses = sorted({self.server.address, "127.0.0.1"})
+        # The addresses appear as DNS names too: fetchmail matches a host given as
+        # an IP address against the certificate's DNS names only.
+        dns_names = sorted({self.server.name.lower(), name.lower(), "localhost", *ip_addresses})
+        return tls.ensure_server_certificate(self.data, name, dns_names, ip_addresses)
+
+    def _apply_log_settings(self) -> None:
+        location = self.settings.LogFileLocation
+        folder = (
+            Path(location)
+            if location
+            else paths.default_protocol_log_dir(self.data, self.server.name, self.service)
+        )
+        self.protocol_log.configure(
+            ProtocolLogConfig(
+                enabled=self.settings.ProtocolLogEnabled,
+                folder=folder,
+                rollover=self.settings.LogFileRollOverSettings,
+                size_quota=self.settings.LogPerFileSizeQuota,
+            )
+        )
+
+    def poll_directory(self) -> None:
+        """Pick up `set-popsettings` (and other directory) changes without a restart."""
+        version = self.directory.change_counter()
+        if version == self._directory_version:
+            return
+        self._directory_version = version
+        self.directory_changed()
+        settings, revision = self.directory.pop_settings(self.server.name)
+        if revision == self._settings_revision:
+            return
+        old = self.settings
+        self.settings, self._settings_revision = settings, revision
+        self._apply_log_settings()
+        if settings.X509CertificateName != old.X509CertificateName:
+            try:
+                pair = self._certificate()
+                self._tls_context.load_cert_chain(pair.certificate, pair.key)
+            except (ValueError, OSError, ssl.SSLError) as exc:
+                log.error("keeping the current certificate: cannot use a new one: %s", exc)
+        log.info("POP settings revision %d applied", revision)
+
+    def session_config(self) -> SessionConfig:
+        return SessionConfig(
+            login_type=self.settings.LoginType,
+            max_command_size=self.settings.MaxCommandSize,
+            tls_available=True,
+            login_delay=self.settings.MinimumLoginInterval,
+            greeting=f"popguard POP3 {self.title} {self.server.name} ready",
+        )
+
+    # Lifecycle -----------------------------------------------------------------------
+
+    async def run(self, stop: asyncio.Event) -> None:
+        address = self.server.address
+        loop = asyncio.get_running_loop()
+        listeners = []
+        for endpoint, implicit_tls in zip(self.endpoints, (False, True), strict=True):
+            port = self.server.port(endpoint)
+            listeners.append(
+                await listen(
+                    functools.partial(
+                        loop.create_server,
+                        functools.partial(
+                            ByteStream, functools.partial(self._accept, implicit_tls=implicit_tls)
+                        ),
+                        address,
+                        port,
+                        reuse_address=True,
+                        ssl=self._tls_context if implicit_tls else None,
+                        ssl_handshake_timeout=TLS_HANDSHAKE_TIMEOUT if implicit_tls else None,
+                    ),
+                    endpoint,
+                    address,
+                    port,
+                )
+            )
+        counters_file = paths.counters_file(self.data, self.server.name, self.service)
+        plain, secure = (self.server.port(e) for e in self.endpoints)
+        log.info(
+            "%s listening on %s:%d (STLS) and %s:%d (TLS), pid %d",
+            self.service,
+            address,
+            plain,
+            address,
+            secure,
+            os.getpid(),
+        )
+        background = [
+            asyncio.create_task(every(DIRECTORY_POLL_INTERVAL, self.poll_directory, stop)),
+            asyncio.create_task(
+                every(PUBLISH_INTERVAL, lambda: self.counters.publish(counters_file), stop)
+            ),
+        ]
+        await stop.wait()
+        log.info("stopping")
+        for listener in listeners:
+            listener.close()
+        for task in list(self._tasks):
+            task.cancel()
+        if self._tasks:
+            await asyncio.wait(self._tasks, timeout=SHUTDOWN_GRACE)
+        await asyncio.gather(*background, return_exceptions=True)
+        self.close_resources()
+        self.protocol_log.close()
+        self.directory.close()
+
+    def _accept(self, stream: ByteStream, implicit_tls: bool) -> None:
+        task = asyncio.create_task(self._connection(stream, implicit_tls))
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    @property
+    def open_tasks(self) -> int:
+        return len(self._tasks)
+
+    # One connection ------------------------------------------------------------------
+
+    async def _connection(self, stream: ByteStream, implicit_tls: bool) -> None:
+        peer, local = stream.peer(), stream.local()
+        client_ip = peer[0]
+        refusal = self.refusal(client_ip)
+        self.counters.total_connections += 1
+        if refusal:
+            self.counters.rejected_connections += 1
+            stream.write(err(refusal, ResponseCode.SYS_TEMP))
+            stream.close()
+            return
+        connection = Connection(
+            session_id=secrets.token_hex(8),
+            client_ip=client_ip,
+            client_endpoint=f"{peer[0]}:{peer[1]}",
+            server_endpoint=f"{local[0]}:{local[1]}",
+        )
+        self.counters.current_connections += 1
+        self._per_ip[client_ip] = self._per_ip.get(client_ip, 0) + 1
+        session = ServerSession(self.session_config(), secure=implicit_tls)
+        timer = CommandTimer(self, connection)
+        ending = "closed"
+        try:
+            stream.write(session.greeting())
+            handoff = await self._converse(session, stream, connection, timer)
+            if isinstance(handoff, Handoff):
+                timer.finish()
+                ending = await self.relay(handoff, session, stream, connection)
+            else:
+                ending = handoff
+        except (ConnectionError, ssl.SSLError, OSError) as exc:
+            ending = f"connection error: {exc.__class__.__name__}"
+        except asyncio.CancelledError:
+            ending = "service stopping"
+            raise
+        except Exception:
+            # A bug must cost one session, never the service, and never show the
+            # client an exception: they get a plain temporary error.
+            log.exception("session %s failed", connection.session_id)
+            ending = "internal error"
+            stream.write(err("internal server error, try again later", ResponseCode.SYS_TEMP))
+        finally:
+            timer.finish()
+            self.counters.current_connections -= 1
+            remaining = self._per_ip.get(client_ip, 1) - 1
+            if remaining:
+                self._per_ip[client_ip] = remaining
+            else:
+                self._per_ip.pop(client_ip, None)
+            self._end(session, connection)
+            timer.log_line(CommandRecord("*", "", 0), 0.0, 0, f"Disconnected: {ending}")
+            stream.close()
+
+    def _end(self, session: ServerSession, connection: Connection) -> None:
+        if not connection.ended:
+            connection.ended = True
+            self.session_ended(session, connection)
+
+    async def _converse(
+        self,
+        session: ServerSession,
+        stream: ByteStream,
+        connection: Connection,
+        timer: CommandTimer,
+    ) -> str | Handoff:
+        """Run the session to its end (returns why it ended) or to a handoff."""
+        while True:
+            event = session.next_event()
+            timer.observe(session)
+            timeout = (
+                self.settings.AuthenticatedConnectionTimeout
+                if session.user
+                else self.settings.PreAuthenticatedConnectionTimeout
+            )
+            if isinstance(event, NeedData):
+                timer.finish()
+                try:
+                    async with asyncio.timeout(timeout):
+                        await stream.drain()
+                        data = await stream.read()
+                except TimeoutError:
+                    # RFC 1939 section 3: an autologout timer ends the session
+                    # without entering the UPDATE state, so nothing is deleted.
+                    stream.write(err("autologout: idle for too long", ResponseCode.SYS_TEMP))
+                    return "idle timeout"
+                session.receive_data(data)
+            elif isinstance(event, Reply):
+                stream.write(event.data)
+                timer.add_response(len(event.data))
+                if not stream.writable:
+                    # A client that reads slowly holds its session, not our memory.
+                    async with asyncio.timeout(timeout):
+                        await stream.drain()
+            elif isinstance(event, Authenticate):
+                handoff = await self.authenticate(session, event, connection, timer)
+                if handoff is not None:
+                    return handoff
+            elif isinstance(event, Retrieve):
+                self.retrieve(session, event, connection)
+            elif isinstance(event, Update):
+                await self.update(session, event, connection)
+            elif isinstance(event, StartTls):
+                stream.stop_reading()
+                stream.write(event.reply)
+                timer.add_response(len(event.reply))
+                async with asyncio.timeout(self.settings.PreAuthenticatedConnectionTimeout):
+                    await stream.drain()
+                    await stream.start_tls(self._tls_context)
+                session.tls_started()
+            elif isinstance(event, Close):
+                # Released before the event loop can run again, so a client that
+                # reads "+OK" to QUIT and logs in at once never sees [IN-USE].
+                self._end(session, connection)
+                async with asyncio.timeout(timeout):
+                    await stream.drain()
+                return event.reason
