@@ -100,7 +100,7 @@ class MailboxServer:
         assert result.code == 250, result.reply
 
     def start(self, service: str) -> subprocess.Popen[bytes]:
-        log = self.logs.setdefault(service, self.data / f"{service}.log")
+        log = self.logs.setdefault(service, self.data / f"{self.name}-{service}.log")
         command = [sys.executable, "-m", "popguard", "--data", str(self.data), "serve", service]
         with open(log, "ab") as out:
             process = subprocess.Popen([*command, "--server", self.name], stdout=out, stderr=out)
@@ -199,3 +199,87 @@ def pid_alive(pid: int) -> bool:
     except ProcessLookupError:
         return False
     return True
+
+
+@dataclass
+class Organization:
+    """cas1 (front end) + mbx1 and mbx2 (back end and delivery each); DB01 on mbx1,
+    DB02 on mbx2, each with a passive copy row on the other server."""
+
+    data: Path
+    frontend_address: str
+    mailbox: dict[str, MailboxServer]
+    processes: list[subprocess.Popen[bytes]] = field(default_factory=list)
+    pop3_port: int = 10110
+    pop3s_port: int = 10995
+
+    @property
+    def cafile(self) -> str:
+        return str(tls.ca_certificate_file(self.data))
+
+    def ssl_context(self) -> ssl.SSLContext:
+        return ssl.create_default_context(cafile=self.cafile)
+
+    def directory(self) -> Directory:
+        return Directory(self.data)
+
+    def add_mailbox(self, address: str, database: str = "DB01") -> str:
+        with self.directory() as directory:
+            directory.new_mailbox(address, database, hash_password(PASSWORD))
+        return address
+
+    def deliver(self, recipient: str, content: bytes) -> None:
+        with self.directory() as directory:
+            result = deliver(directory, recipient, content, "sender@example.test")
+        assert result.code == 250, result.reply
+
+    def start_frontend(self) -> subprocess.Popen[bytes]:
+        log = self.data / "pop3.log"
+        command = [sys.executable, "-m", "popguard", "--data", str(self.data), "serve", "pop3"]
+        with open(log, "ab") as out:
+            process = subprocess.Popen([*command, "--server", "cas1"], stdout=out, stderr=out)
+        self.processes.append(process)
+        wait_for_port(self.frontend_address, self.pop3_port, process)
+        wait_for_port(self.frontend_address, self.pop3s_port, process)
+        return process
+
+    def frontend_log(self) -> str:
+        return (self.data / "pop3.log").read_text(errors="replace")
+
+    def stop_all(self) -> None:
+        for server in self.mailbox.values():
+            server.stop_all()
+        for process in self.processes:
+            if process.poll() is None:
+                process.terminate()
+        for process in self.processes:
+            try:
+                process.wait(10)
+            except subprocess.TimeoutExpired:
+                process.kill()
+                process.wait()
+
+
+@pytest.fixture
+def organization(tmp_path: Path) -> Iterator[Organization]:
+    data = tmp_path / "data"
+    frontend_address = free_loopback_address()
+    mailbox: dict[str, MailboxServer] = {}
+    with Directory(data) as directory:
+        directory.new_server("cas1", ["frontend"], frontend_address)
+        for name, database in (("mbx1", "DB01"), ("mbx2", "DB02")):
+            address = free_loopback_address()
+            directory.new_server(name, ["mailbox"], address)
+            directory.new_database(database, name)
+            mailbox[name] = MailboxServer(data=data, name=name, address=address, database=database)
+        directory.add_database_copy("DB01", "mbx2", 2)
+        directory.add_database_copy("DB02", "mbx1", 2)
+    org = Organization(data=data, frontend_address=frontend_address, mailbox=mailbox)
+    try:
+        for server in mailbox.values():
+            server.start("pop3be")
+            server.start("delivery")
+        org.start_frontend()
+        yield org
+    finally:
+        org.stop_all()

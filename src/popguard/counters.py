@@ -41,6 +41,7 @@ class ServiceCounters:
         self.successful_logins = 0
         self.messages_retrieved = 0
         self.messages_deleted = 0
+        self.open_tasks = 0  # connection tasks alive: a leak shows here
         self._buckets: deque[_Bucket] = deque()
         self.started = clock()
 
@@ -78,6 +79,7 @@ class ServiceCounters:
             "FailedLogins": self.failed_logins,
             "MessagesRetrieved": self.messages_retrieved,
             "MessagesDeleted": self.messages_deleted,
+            "OpenTasks": self.open_tasks,
         }
 
     def publish(self, path: Path) -> None:

@@ -54,7 +54,25 @@ MIGRATIONS: tuple[str, ...] = (
         revision INTEGER NOT NULL
     );
     """,
+    """
+    -- Server component states (Exchange's Set-ServerComponentState): one row per
+    -- requester; a component is Inactive when any requester says so.
+    CREATE TABLE component_states (
+        server TEXT NOT NULL REFERENCES servers(name) ON DELETE CASCADE,
+        component TEXT NOT NULL,
+        requester TEXT NOT NULL,
+        state TEXT NOT NULL,
+        updated REAL NOT NULL,
+        PRIMARY KEY (server, component, requester)
+    );
+    """,
 )
+
+COMPONENTS = ("PopProxy",)
+COMPONENT_STATES = ("Active", "Inactive", "Draining")
+# Exchange's requesters; a state is kept per requester so that, say, the health
+# engine bringing a component back does not undo an operator's maintenance.
+REQUESTERS = ("HealthApi", "Maintenance", "Sidelined", "Functional", "Deployment")
 
 SCHEMA_VERSION = len(MIGRATIONS)
 
@@ -144,9 +162,8 @@ class Directory:
                     f"popguard ({SCHEMA_VERSION}); upgrade popguard"
                 )
             for target in range(version, SCHEMA_VERSION):
-                for statement in MIGRATIONS[target].split(";"):
-                    if statement.strip():
-                        db.execute(statement)
+                for statement in _statements(MIGRATIONS[target]):
+                    db.execute(statement)
                 db.execute(f"PRAGMA user_version = {target + 1}")
 
     def schema_version(self) -> int:
@@ -221,6 +238,35 @@ class Directory:
                 (name, host.name),
             )
         return DatabaseCopy(name, host.name, 1, True)
+
+    def add_database_copy(self, database: str, server: str, activation_preference: int) -> None:
+        """A passive copy of `database` on `server` (its data comes with replication)."""
+        database = self._require_database(database)
+        host = self.get_server(server)
+        if "mailbox" not in host.roles:
+            raise UserError(f"server {server} does not have the mailbox role")
+        with self._transaction() as db:
+            db.execute(
+                "INSERT INTO database_copies (database, server, activation_preference, "
+                "is_active) VALUES (?, ?, ?, 0)",
+                (database, host.name, activation_preference),
+            )
+
+    def activate_copy(self, database: str, server: str) -> None:
+        """Make the copy on `server` the active one, in one transaction."""
+        database = self._require_database(database)
+        with self._transaction() as db:
+            target = db.execute(
+                "SELECT 1 FROM database_copies WHERE database = ? AND server = ?",
+                (database, server),
+            ).fetchone()
+            if target is None:
+                raise UserError(f"database {database} has no copy on {server}")
+            db.execute("UPDATE database_copies SET is_active = 0 WHERE database = ?", (database,))
+            db.execute(
+                "UPDATE database_copies SET is_active = 1 WHERE database = ? AND server = ?",
+                (database, server),
+            )
 
     def list_databases(self) -> list[str]:
         rows = self._db.execute("SELECT name FROM databases ORDER BY name").fetchall()
@@ -307,6 +353,39 @@ class Directory:
             db.execute("DELETE FROM mailboxes WHERE address = ?", (mailbox.address,))
         return mailbox
 
+    # Server component states ------------------------------------------------------------
+
+    def set_component_state(self, server: str, component: str, state: str, requester: str) -> None:
+        name = self.get_server(server).name
+        component = _choice(component, COMPONENTS, "component")
+        state = _choice(state, COMPONENT_STATES, "state")
+        requester = _choice(requester, REQUESTERS, "requester")
+        with self._transaction() as db:
+            db.execute(
+                "INSERT INTO component_states (server, component, requester, state, updated) "
+                "VALUES (?, ?, ?, ?, ?) ON CONFLICT(server, component, requester) "
+                "DO UPDATE SET state = excluded.state, updated = excluded.updated",
+                (name, component, requester, state, time.time()),
+            )
+
+    def component_states(self, server: str) -> list[ComponentState]:
+        name = self.get_server(server).name
+        rows = self._db.execute(
+            "SELECT component, requester, state FROM component_states WHERE server = ?", (name,)
+        ).fetchall()
+        states = []
+        for component in COMPONENTS:
+            requesters = {r["requester"]: r["state"] for r in rows if r["component"] == component}
+            effective = next(
+                (s for s in ("Inactive", "Draining") if s in requesters.values()), "Active"
+            )
+            states.append(ComponentState(name, component, effective, requesters))
+        return states
+
+    def component_state(self, server: str, component: str) -> str:
+        component = _choice(component, COMPONENTS, "component")
+        return next(s.state for s in self.component_states(server) if s.component == component)
+
     # POP settings ------------------------------------------------------------------------
 
     def pop_settings(self, server: str) -> tuple[PopSettings, int]:
@@ -334,6 +413,32 @@ class Directory:
                 (name, stored, revision),
             )
         return int(revision)
+
+
+@dataclass(frozen=True)
+class ComponentState:
+    server: str
+    component: str
+    state: str  # the effective state
+    requesters: dict[str, str]  # requester -> the state it asked for
+
+
+def _statements(script: str) -> list[str]:
+    """Split a script into statements as SQLite does (a ';' in a comment is no end)."""
+    statements, pending = [], ""
+    for line in script.splitlines(keepends=True):
+        pending += line
+        if sqlite3.complete_statement(pending):
+            statements.append(pending)
+            pending = ""
+    return statements
+
+
+def _choice(value: str, allowed: tuple[str, ...], what: str) -> str:
+    for candidate in allowed:
+        if candidate.lower() == value.lower():
+            return candidate
+    raise UserError(f"unknown {what} {value!r}; one of: {', '.join(allowed)}")
 
 
 def _server(row: sqlite3.Row) -> Server:

@@ -134,6 +134,7 @@ class Pop3Service(abc.ABC):
     log_prefix: ClassVar[str]  # POP3BE | POP3, as Exchange names its log files
     endpoints: ClassVar[tuple[str, str]]  # (plain+STLS, implicit TLS) port names
     title: ClassVar[str]  # for the greeting
+    counters_type: ClassVar[type[ServiceCounters]] = ServiceCounters
 
     def __init__(self, data: Path, server_name: str) -> None:
         self.data = data
@@ -143,7 +144,7 @@ class Pop3Service(abc.ABC):
             raise UserError(f"server {self.server.name} does not have the {self.role} role")
         self.settings, self._settings_revision = self.directory.pop_settings(self.server.name)
         self._directory_version = self.directory.change_counter()
-        self.counters = ServiceCounters(self.service)
+        self.counters = self.counters_type(self.service)
         self.protocol_log = ProtocolLog(self.log_prefix)
         self.authenticator = Authenticator(self.directory, self.counters)
         self._per_ip: dict[str, int] = {}
@@ -309,11 +310,12 @@ class Pop3Service(abc.ABC):
     def _accept(self, stream: ByteStream, implicit_tls: bool) -> None:
         task = asyncio.create_task(self._connection(stream, implicit_tls))
         self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
+        self.counters.open_tasks = len(self._tasks)
+        task.add_done_callback(self._task_done)
 
-    @property
-    def open_tasks(self) -> int:
-        return len(self._tasks)
+    def _task_done(self, task: asyncio.Task[None]) -> None:
+        self._tasks.discard(task)
+        self.counters.open_tasks = len(self._tasks)
 
     # One connection ------------------------------------------------------------------
 

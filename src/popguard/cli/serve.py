@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import click
 
-from .. import backend, delivery
+from .. import backend, delivery, frontend
 from .context import AppContext, pass_app
 
 
@@ -19,6 +19,14 @@ def serve() -> None:
 def serve_pop3be(app: AppContext, server: str) -> None:
     """The POP3 back end of a mailbox server."""
     backend.serve(app.data, server)
+
+
+@serve.command("pop3")
+@click.option("--server", required=True, help="The front-end server to serve as.")
+@pass_app
+def serve_pop3(app: AppContext, server: str) -> None:
+    """The POP3 front end (proxy) of a client access server."""
+    frontend.serve(app.data, server)
 
 
 @serve.command("delivery")

@@ -399,6 +399,22 @@ class ServerSession:
         self.phase = Phase.AUTHORIZATION
         self._send(err(text, code))
 
+    def login_refused(self, reply: bytes) -> None:
+        """A login refused elsewhere (the proxy's back end): its reply, word for word."""
+        self._expect_waiting()
+        self.phase = Phase.AUTHORIZATION
+        self._send(reply)
+
+    def detach(self, user: str) -> bytes:
+        """The login was handed to a back end: end this session and give back what
+        the client pipelined after its login, to be passed on unparsed."""
+        self._expect_waiting()
+        self.user = user
+        self.phase = Phase.CLOSED
+        rest = bytes(self._buffer)
+        self._buffer.clear()
+        return rest
+
     def tls_started(self) -> None:
         self._expect_waiting()
         self.secure = True
