@@ -260,9 +260,9 @@ class Organization:
                 process.wait()
 
 
-@pytest.fixture
-def organization(tmp_path: Path) -> Iterator[Organization]:
-    data = tmp_path / "data"
+@contextlib.contextmanager
+def running_organization(data: Path) -> Iterator[Organization]:
+    """cas1, mbx1 and mbx2 with all their services running until the block ends."""
     frontend_address = free_loopback_address()
     mailbox: dict[str, MailboxServer] = {}
     with Directory(data) as directory:
@@ -283,3 +283,9 @@ def organization(tmp_path: Path) -> Iterator[Organization]:
         yield org
     finally:
         org.stop_all()
+
+
+@pytest.fixture
+def organization(tmp_path: Path) -> Iterator[Organization]:
+    with running_organization(tmp_path / "data") as org:
+        yield org

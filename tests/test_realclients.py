@@ -16,7 +16,14 @@ import pytest
 
 from tests import realclients
 
-from .conftest import PASSWORD, MailboxServer, message, running_mailbox_server
+from .conftest import (
+    PASSWORD,
+    MailboxServer,
+    Organization,
+    message,
+    running_mailbox_server,
+    running_organization,
+)
 
 CASES = [
     (client, mode)
@@ -125,3 +132,42 @@ def test_mail_from_postfix_is_read_and_deleted_by_every_client(
         for field in head.split(b"\r\n"):
             assert field in got, (name, field)
         assert _stat(secure_server, users[name]) == 0, name
+
+
+@pytest.fixture(scope="module")
+def proxied(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Organization]:
+    """A front end (SecureLogin) before two mailbox servers."""
+    with running_organization(tmp_path_factory.mktemp("proxied") / "data") as org:
+        yield org
+
+
+@pytest.mark.parametrize(("client", "mode"), CASES)
+def test_client_through_the_front_end(
+    proxied: Organization, tmp_path: Path, client: str, mode: realclients.TlsMode
+) -> None:
+    fetch: Callable[..., list[bytes]] = realclients.CLIENTS[client]
+    database = "DB01" if mode == "stls" else "DB02"  # both mailbox servers
+    user = proxied.add_mailbox(f"{client}-{mode}-{secrets.token_hex(3)}@example.test", database)
+    sent = [message("one"), message("dots", body=".a\r\n..b\r\n"), message("big", size=500_000)]
+    for content in sent:
+        proxied.deliver(user, content)
+    port = proxied.pop3_port if mode == "stls" else proxied.pop3s_port
+    for keep in (True, False):
+        got = fetch(
+            proxied.frontend_address,
+            port,
+            mode,
+            proxied.cafile,
+            user,
+            PASSWORD,
+            keep=keep,
+            workdir=tmp_path / str(keep),
+        )
+        assert [realclients.comparable(m) for m in got] == [realclients.comparable(m) for m in sent]
+    assert (
+        realclients.fetch_with_poplib(
+            proxied.frontend_address, proxied.pop3s_port, "implicit", proxied.cafile, user,
+            PASSWORD, keep=True,
+        )
+        == []
+    )  # fmt: skip
