@@ -319,3 +319,46 @@ def test_front_end_protocol_log_and_counters(organization: Organization) -> None
     assert isinstance(snapshot["BackendConnectLatencyMs"], float)
     assert snapshot["BackendConnectLatencyMs"] > 0
     json.dumps(snapshot)
+
+
+def test_a_second_front_end_serves_the_same_organization(organization: Organization) -> None:
+    import subprocess
+    import sys
+
+    from popguard.directory import Directory
+
+    from .conftest import free_loopback_address, wait_for_port
+
+    user = organization.add_mailbox("kim@example.test", "DB02")
+    organization.deliver(user, message("via cas2"))
+    address = free_loopback_address()
+    with Directory(organization.data) as directory:
+        directory.new_server("cas2", ["frontend"], address)
+    process = subprocess.Popen(
+        [sys.executable, "-m", "popguard", "--data", str(organization.data), "serve", "pop3",
+         "--server", "cas2"],
+    )  # fmt: skip
+    organization.processes.append(process)
+    wait_for_port(address, 10995, process)
+    client = SourcedPOP3SSL(address, 10995, None, organization.ssl_context(), 15)
+    client.user(user)
+    client.pass_(PASSWORD)
+    assert client.stat()[0] == 1
+    client.quit()
+
+
+def test_max_connections_per_user_at_the_front_end(organization: Organization) -> None:
+    from popguard.directory import Directory
+    from popguard.settings import PopSettings
+
+    user = organization.add_mailbox("liam@example.test")
+    with Directory(organization.data) as directory:
+        directory.set_pop_settings("cas1", PopSettings(MaxConnectionsPerUser=1))
+    time.sleep(1.5)
+    held = login(organization, user)
+    second = secure_client(organization)
+    second.user(user)
+    with pytest.raises(poplib.error_proto, match=r"\[SYS/TEMP\] too many connections for this"):
+        second.pass_(PASSWORD)
+    second.quit()
+    held.quit()

@@ -15,10 +15,21 @@ from .conftest import free_loopback_address, pid_alive, processes_matching
 
 
 def test_up_serves_the_demo_mailbox_and_stops_cleanly(tmp_path: Path) -> None:
-    address = free_loopback_address()
+    frontend, mailbox = free_loopback_address(), free_loopback_address()
     data = tmp_path / "data"
     process = subprocess.Popen(
-        [sys.executable, "-m", "popguard", "--data", str(data), "up", "--address", address],
+        [
+            sys.executable,
+            "-m",
+            "popguard",
+            "--data",
+            str(data),
+            "up",
+            "--frontend-address",
+            frontend,
+            "--address",
+            mailbox,
+        ],
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
         text=True,
@@ -37,14 +48,16 @@ def test_up_serves_the_demo_mailbox_and_stops_cleanly(tmp_path: Path) -> None:
     user, password = match.groups()
     assert f"curl --ssl-reqd --cacert {data.resolve()}/tls/ca.pem" in output
     context = ssl.create_default_context(cafile=str(data / "tls" / "ca.pem"))
-    client = poplib.POP3_SSL(address, 1995, context=context, timeout=10)
+    # Through the front end, as the printed commands do.
+    assert f"pop3s://{frontend}:10995/1" in output
+    client = poplib.POP3_SSL(frontend, 10995, context=context, timeout=10)
     client.user(user)
     client.pass_(password)
     _, lines, _ = client.retr(1)
     assert b"Subject: Welcome to popguard" in lines
     client.quit()
     children = processes_matching(f"popguard --data {data} serve")
-    assert len(children) == 2, children
+    assert len(children) == 3, children  # pop3be, delivery, pop3
     process.send_signal(signal.SIGINT)
     rest, _ = process.communicate(timeout=30)
     assert process.returncode == 0, rest

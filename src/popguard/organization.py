@@ -1,7 +1,8 @@
 """Making a new organization's directory: what `popguard up` starts from.
 
-For now one mailbox server with one database and a demo mailbox; the whole
-organization (front ends, more mailbox servers, copies) grows from here.
+For now a front end (cas1) and one mailbox server (mbx1) with one database and
+a demo mailbox; the whole organization (more mailbox servers, copies) grows
+from here.
 """
 
 from __future__ import annotations
@@ -14,6 +15,8 @@ from .directory import Directory, Server
 from .passwords import generate_password, hash_password
 
 DEMO_ADDRESS = "demo@popguard.test"
+DEFAULT_FRONTEND_SERVER = "cas1"
+DEFAULT_FRONTEND_ADDRESS = "127.0.1.1"
 DEFAULT_MAILBOX_SERVER = "mbx1"
 DEFAULT_MAILBOX_ADDRESS = "127.0.2.1"
 DEFAULT_DATABASE = "DB01"
@@ -30,10 +33,19 @@ def _demo_file(data: Path) -> Path:
     return data / "demo-mailbox.txt"
 
 
-def ensure_single_server_organization(
-    directory: Directory, address: str = DEFAULT_MAILBOX_ADDRESS
-) -> tuple[Server, DemoMailbox]:
-    """mbx1 with DB01 and a demo mailbox; made once, reused on later starts.
+@dataclass(frozen=True)
+class DemoOrganization:
+    frontend: Server
+    mailbox: Server
+    demo: DemoMailbox
+
+
+def ensure_demo_organization(
+    directory: Directory,
+    frontend_address: str = DEFAULT_FRONTEND_ADDRESS,
+    mailbox_address: str = DEFAULT_MAILBOX_ADDRESS,
+) -> DemoOrganization:
+    """cas1 before mbx1 with DB01 and a demo mailbox; made once, reused later.
 
     The demo mailbox's password is kept in a 0600 file so `up` can show it again:
     a convenience for the demo mailbox only; real mailboxes keep only a hash.
@@ -41,10 +53,13 @@ def ensure_single_server_organization(
     data = directory.data
     servers = [s for s in directory.list_servers() if "mailbox" in s.roles]
     if not servers:
-        server = directory.new_server(DEFAULT_MAILBOX_SERVER, ["mailbox"], address)
+        server = directory.new_server(DEFAULT_MAILBOX_SERVER, ["mailbox"], mailbox_address)
         directory.new_database(DEFAULT_DATABASE, server.name)
         servers = [server]
     server = servers[0]
+    frontends = [s for s in directory.list_servers() if "frontend" in s.roles]
+    if not frontends:
+        frontends = [directory.new_server(DEFAULT_FRONTEND_SERVER, ["frontend"], frontend_address)]
     demo_file = _demo_file(data)
     new = directory.find_mailbox(DEMO_ADDRESS) is None
     if new or not demo_file.exists():
@@ -58,7 +73,7 @@ def ensure_single_server_organization(
         with os.fdopen(fd, "w") as out:
             out.write(f"{DEMO_ADDRESS}\n{password}\n")
     lines = demo_file.read_text().splitlines()
-    return server, DemoMailbox(lines[0], lines[1], new)
+    return DemoOrganization(frontends[0], server, DemoMailbox(lines[0], lines[1], new))
 
 
 WELCOME_MESSAGE = (

@@ -18,7 +18,12 @@ import click
 from .. import tls
 from ..errors import UserError
 from ..lmtp_client import deliver
-from ..organization import WELCOME_MESSAGE, ensure_single_server_organization
+from ..organization import (
+    DEFAULT_FRONTEND_ADDRESS,
+    DEFAULT_MAILBOX_ADDRESS,
+    WELCOME_MESSAGE,
+    ensure_demo_organization,
+)
 from .context import AppContext, pass_app
 
 STARTUP_TIMEOUT = 30.0
@@ -52,21 +57,29 @@ def _stop(processes: dict[str, subprocess.Popen[bytes]]) -> None:
 
 
 @click.command("up")
-@click.option("--address", default="127.0.2.1", show_default=True, help="Address of mbx1.")
+@click.option(
+    "--frontend-address", default=DEFAULT_FRONTEND_ADDRESS, show_default=True, help="cas1's."
+)
+@click.option("--address", default=DEFAULT_MAILBOX_ADDRESS, show_default=True, help="mbx1's.")
 @pass_app
-def up(app: AppContext, address: str) -> None:
-    """Start a mailbox server (POP3 back end and LMTP delivery) with a demo mailbox."""
+def up(app: AppContext, frontend_address: str, address: str) -> None:
+    """Start a front end (cas1) and a mailbox server (mbx1) with a demo mailbox."""
     with app.directory() as directory:
-        server, demo = ensure_single_server_organization(directory, address)
-    app.data.mkdir(parents=True, exist_ok=True)
+        org = ensure_demo_organization(directory, frontend_address, address)
+    cas, mbx, demo = org.frontend, org.mailbox, org.demo
     base = [sys.executable, "-m", "popguard", "--data", str(app.data), "serve"]
     processes: dict[str, subprocess.Popen[bytes]] = {}
     # SIGTERM (from a script or a supervisor) stops everything as Ctrl-C does.
     signal.signal(signal.SIGTERM, signal.default_int_handler)
     try:
-        for service, endpoint in (("pop3be", "pop3be"), ("delivery", "lmtp")):
-            processes[service] = subprocess.Popen([*base, service, "--server", server.name])
-            _wait_for_port(server.address, server.port(endpoint), processes[service], service)
+        for server, service, endpoint in (
+            (mbx, "pop3be", "pop3be"),
+            (mbx, "delivery", "lmtp"),
+            (cas, "pop3", "pop3"),
+        ):
+            name = f"{server.name}/{service}"
+            processes[name] = subprocess.Popen([*base, service, "--server", server.name])
+            _wait_for_port(server.address, server.port(endpoint), processes[name], name)
         welcome = ""
         if demo.new:
             with app.directory() as directory:
@@ -75,27 +88,29 @@ def up(app: AppContext, address: str) -> None:
                 )
             welcome = f"\n  welcome message: {result.reply}"
         ca = tls.ca_certificate_file(app.data).resolve()
-        pop3, pop3s = server.port("pop3be"), server.port("pop3be-tls")
+        pop3, pop3s = cas.port("pop3"), cas.port("pop3-tls")
         command = f"{shlex.quote(sys.argv[0])} --data {shlex.quote(str(app.data))}"
+        credentials = f"'{demo.address}:{demo.password}'"
         click.echo(
             f"""
-popguard is up: mailbox server {server.name} on {server.address}
-  POP3 (STLS) {server.address}:{pop3}   POP3 over TLS {server.address}:{pop3s}
-  LMTP        {server.address}:{server.port("lmtp")}
+popguard is up
+  front end {cas.name} on {cas.address}: POP3 (STLS) port {pop3}, POP3 over TLS port {pop3s}
+  mailbox server {mbx.name} on {mbx.address}: back end ports {mbx.port("pop3be")} and \
+{mbx.port("pop3be-tls")}, LMTP port {mbx.port("lmtp")}
   CA file     {ca}
   demo mailbox {demo.address}  password {demo.password}{welcome}
 
-Read the demo mailbox with curl (list, then fetch message 1):
-  curl --ssl-reqd --cacert {ca} -u '{demo.address}:{demo.password}' pop3://{server.address}:{pop3}/
-  curl --cacert {ca} -u '{demo.address}:{demo.password}' pop3s://{server.address}:{pop3s}/1
+Read the demo mailbox through the front end with curl (list, then fetch message 1):
+  curl --ssl-reqd --cacert {ca} -u {credentials} pop3://{cas.address}:{pop3}/
+  curl --cacert {ca} -u {credentials} pop3s://{cas.address}:{pop3s}/1
 Deliver another message:
   {command} send-message --to {demo.address} --file message.eml
 Press Ctrl-C to stop.""",
         )
         while True:
-            for service, process in processes.items():
+            for name, process in processes.items():
                 if process.poll() is not None:
-                    raise UserError(f"{service} exited with status {process.returncode}")
+                    raise UserError(f"{name} exited with status {process.returncode}")
             time.sleep(0.5)
     except KeyboardInterrupt:
         click.echo("\nstopping ...")
