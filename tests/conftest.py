@@ -59,6 +59,19 @@ def wait_for_port(address: str, port: int, process: subprocess.Popen[bytes] | No
     raise RuntimeError(f"nothing listening on {address}:{port}")
 
 
+def stop_processes(processes: list[subprocess.Popen[bytes]]) -> None:
+    """SIGTERM, then SIGKILL whatever has not stopped within 10 seconds."""
+    for process in processes:
+        if process.poll() is None:
+            process.terminate()
+    for process in processes:
+        try:
+            process.wait(10)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
+
+
 @dataclass
 class MailboxServer:
     """One mailbox server (pop3be + delivery as real processes) in its own data folder."""
@@ -117,15 +130,7 @@ class MailboxServer:
         process.wait(10)
 
     def stop_all(self) -> None:
-        for process in self.processes.values():
-            if process.poll() is None:
-                process.terminate()
-        for process in self.processes.values():
-            try:
-                process.wait(10)
-            except subprocess.TimeoutExpired:
-                process.kill()
-                process.wait()
+        stop_processes(list(self.processes.values()))
         self.processes.clear()
 
     def log_text(self, service: str) -> str:
@@ -249,15 +254,7 @@ class Organization:
     def stop_all(self) -> None:
         for server in self.mailbox.values():
             server.stop_all()
-        for process in self.processes:
-            if process.poll() is None:
-                process.terminate()
-        for process in self.processes:
-            try:
-                process.wait(10)
-            except subprocess.TimeoutExpired:
-                process.kill()
-                process.wait()
+        stop_processes(self.processes)
 
 
 @contextlib.contextmanager

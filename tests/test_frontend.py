@@ -362,3 +362,17 @@ def test_max_connections_per_user_at_the_front_end(organization: Organization) -
         second.pass_(PASSWORD)
     second.quit()
     held.quit()
+
+
+def test_garbage_flood_at_the_front_end(organization: Organization) -> None:
+    junk = b"\x00\xff garbage\r\n" * 40 + b"B" * 70_000 + b"\r\n"
+    with socket.create_connection((organization.frontend_address, organization.pop3_port)) as sock:
+        sock.sendall(junk)
+        sock.settimeout(10)
+        received = b""
+        while chunk := sock.recv(65536):
+            received += chunk
+    assert received.rstrip().endswith(b"-ERR too many bad commands, closing the connection")
+    assert b"Traceback" not in received
+    user = organization.add_mailbox("mona@example.test")
+    login(organization, user).quit()

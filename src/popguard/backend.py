@@ -51,16 +51,8 @@ class BackendService(Pop3Service):
         connection: Connection,
         timer: CommandTimer,
     ) -> Handoff | None:
-        mailbox = await self.authenticator.verify(
-            request.user,
-            request.password,
-            connection.client_ip,
-            connection.client_endpoint,
-            request.mechanism,
-        )
+        mailbox = await self.verified_mailbox(session, request, connection, timer)
         if mailbox is None:
-            timer.context = "AuthFailed"
-            session.login_failed("authentication failed", ResponseCode.AUTH)
             return None
         address = mailbox.address
         if address in self._locked:

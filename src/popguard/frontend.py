@@ -107,16 +107,8 @@ class FrontendService(Pop3Service):
         connection: Connection,
         timer: CommandTimer,
     ) -> Handoff | None:
-        mailbox = await self.authenticator.verify(
-            request.user,
-            request.password,
-            connection.client_ip,
-            connection.client_endpoint,
-            request.mechanism,
-        )
+        mailbox = await self.verified_mailbox(session, request, connection, timer)
         if mailbox is None:
-            timer.context = "AuthFailed"
-            session.login_failed("authentication failed", ResponseCode.AUTH)
             return None
         if self._per_user.get(mailbox.address, 0) >= self.settings.MaxConnectionsPerUser:
             timer.context = "TooManyForUser"

@@ -27,7 +27,7 @@ from . import paths, tls
 from .authentication import Authenticator
 from .byte_stream import TLS_HANDSHAKE_TIMEOUT, ByteStream
 from .counters import PUBLISH_INTERVAL, ServiceCounters
-from .directory import Directory, Server
+from .directory import Directory, Mailbox, Server
 from .errors import UserError
 from .pop3.replies import ResponseCode, err
 from .pop3.session import (
@@ -166,6 +166,26 @@ class Pop3Service(abc.ABC):
     ) -> Handoff | None:
         """Answer the session's login request (login_succeeded or login_failed), or
         return a Handoff to relay the connection to a back end."""
+
+    async def verified_mailbox(
+        self,
+        session: ServerSession,
+        request: Authenticate,
+        connection: Connection,
+        timer: CommandTimer,
+    ) -> Mailbox | None:
+        """The mailbox whose password the client gave, or None after answering [AUTH]."""
+        mailbox = await self.authenticator.verify(
+            request.user,
+            request.password,
+            connection.client_ip,
+            connection.client_endpoint,
+            request.mechanism,
+        )
+        if mailbox is None:
+            timer.context = "AuthFailed"
+            session.login_failed("authentication failed", ResponseCode.AUTH)
+        return mailbox
 
     def retrieve(self, session: ServerSession, request: Retrieve, connection: Connection) -> None:
         raise NotImplementedError(f"{self.service} does not serve messages itself")
