@@ -22,6 +22,8 @@ READ_BUFFER_LIMIT = 256 * 1024
 # A TLS handshake that has not finished by then is dropped: until it finishes the
 # connection counts against no limit, so it must not linger.
 TLS_HANDSHAKE_TIMEOUT = 10.0
+# How long a closed connection may take to hand its last bytes to a peer.
+CLOSE_GRACE = 10.0
 
 
 class ByteStream(asyncio.Protocol):
@@ -56,7 +58,9 @@ class ByteStream(asyncio.Protocol):
     def eof_received(self) -> bool:
         self._eof = True
         self._data_ready.set()
-        return False  # close our side too
+        # Keep our side open: a client that half-closes after its last command
+        # still gets the answers (the session closes the connection when done).
+        return True
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._eof = True
@@ -136,5 +140,16 @@ class ByteStream(asyncio.Protocol):
         self._reading_paused = False
 
     def close(self) -> None:
-        if self.transport is not None:
-            self.transport.close()
+        """Close after what is buffered has been sent, but give a peer that does not
+        read at most CLOSE_GRACE seconds: then the socket is dropped."""
+        transport = self.transport
+        if transport is None or transport.is_closing():
+            return
+        transport.close()
+        if not self.closed.is_set():
+            asyncio.get_running_loop().call_later(CLOSE_GRACE, self.abort)
+
+    def abort(self) -> None:
+        """Drop the connection now, unsent data and all."""
+        if self.transport is not None and not self.closed.is_set():
+            self.transport.abort()

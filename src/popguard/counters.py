@@ -25,7 +25,8 @@ PUBLISH_INTERVAL = 1.0
 @dataclass
 class _Bucket:
     second: int
-    commands: int = 0
+    commands: int = 0  # every command, for the rate
+    timed: int = 0  # the commands whose processing time is known, for the average
     total_ms: float = 0.0
 
 
@@ -45,15 +46,25 @@ class ServiceCounters:
         self._buckets: deque[_Bucket] = deque()
         self.started = clock()
 
-    def command_done(self, elapsed_ms: float) -> None:
-        self.total_commands += 1
+    def _bucket(self) -> _Bucket:
         second = int(self._clock())
         if not self._buckets or self._buckets[-1].second != second:
             self._buckets.append(_Bucket(second))
             self._expire(second)
-        bucket = self._buckets[-1]
+        return self._buckets[-1]
+
+    def command_done(self, elapsed_ms: float) -> None:
+        self.total_commands += 1
+        bucket = self._bucket()
         bucket.commands += 1
+        bucket.timed += 1
         bucket.total_ms += elapsed_ms
+
+    def commands_relayed(self, count: int) -> None:
+        """Commands passed through unparsed: they count for the rate, not the average."""
+        if count:
+            self.total_commands += count
+            self._bucket().commands += count
 
     def _expire(self, now: int) -> None:
         while self._buckets and self._buckets[0].second <= now - WINDOW_SECONDS:
@@ -63,6 +74,7 @@ class ServiceCounters:
         now = self._clock()
         self._expire(int(now))
         commands = sum(b.commands for b in self._buckets)
+        timed = sum(b.timed for b in self._buckets)
         total_ms = sum(b.total_ms for b in self._buckets)
         window = min(WINDOW_SECONDS, max(now - self.started, 1.0))
         return {
@@ -74,7 +86,7 @@ class ServiceCounters:
             "RejectedConnections": self.rejected_connections,
             "TotalCommands": self.total_commands,
             "CommandsPerSecond": round(commands / window, 3),
-            "AverageCommandProcessingTimeMs": round(total_ms / commands, 3) if commands else 0.0,
+            "AverageCommandProcessingTimeMs": round(total_ms / timed, 3) if timed else 0.0,
             "SuccessfulLogins": self.successful_logins,
             "FailedLogins": self.failed_logins,
             "MessagesRetrieved": self.messages_retrieved,

@@ -16,6 +16,7 @@ import logging
 import ssl
 import time
 from collections import deque
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -24,7 +25,7 @@ from .byte_stream import TLS_HANDSHAKE_TIMEOUT, ByteStream
 from .counters import ServiceCounters
 from .directory import Server
 from .errors import UserError
-from .pop3.client import LineReader, ProtocolError
+from .pop3.client import LineReader, ProtocolError, StatusLine
 from .pop3.replies import ResponseCode
 from .pop3.session import Authenticate, ServerSession
 from .pop3_service import CommandTimer, Connection, Handoff, Pop3Service
@@ -34,6 +35,12 @@ log = logging.getLogger("popguard.pop3")
 # Connecting to the back end, TLS, its greeting and the login, all together: a
 # back end that accepts and then says nothing costs the user this long at most.
 BACKEND_LOGIN_TIMEOUT = 10.0
+# A relay ends when neither side has moved for the autologout time plus this: the
+# back end's own autologout normally ends it first, with its own -ERR.
+RELAY_IDLE_SLACK = 30.0
+# After the client closes its side, the back end's answers to what it sent last
+# (often QUIT) are still passed on for this long.
+HALF_CLOSE_GRACE = 10.0
 COMPONENT = "PopProxy"
 
 
@@ -70,11 +77,14 @@ class FrontendService(Pop3Service):
 
     def __init__(self, data: Path, server_name: str) -> None:
         super().__init__(data, server_name)
-        assert isinstance(self.counters, FrontendCounters)
-        self.frontend_counters = self.counters
         self._backend_tls = tls.client_context(data)
         self._per_user: dict[str, int] = {}
         self.component_state = self.directory.component_state(self.server.name, COMPONENT)
+
+    @property
+    def frontend_counters(self) -> FrontendCounters:
+        assert isinstance(self.counters, FrontendCounters)
+        return self.counters
 
     def directory_changed(self) -> None:
         state = self.directory.component_state(self.server.name, COMPONENT)
@@ -92,7 +102,9 @@ class FrontendService(Pop3Service):
         return super().refusal(client_ip)
 
     def session_ended(self, session: ServerSession, connection: Connection) -> None:
-        user = connection.user
+        self.session_ended_for(connection.user)
+
+    def session_ended_for(self, user: str) -> None:
         if user:
             left = self._per_user.get(user, 1) - 1
             if left:
@@ -114,10 +126,16 @@ class FrontendService(Pop3Service):
             timer.context = "TooManyForUser"
             session.login_failed("too many connections for this user", ResponseCode.SYS_TEMP)
             return None
+        # Counted before the awaits below, so concurrent logins cannot all pass the
+        # check; session_ended gives the place back however this login ends.
+        self._per_user[mailbox.address] = self._per_user.get(mailbox.address, 0) + 1
+        connection.user = mailbox.address
         try:
             backend = self.directory.get_server(self.directory.active_server(mailbox.database))
+            max_command = self.directory.pop_settings(backend.name)[0].MaxCommandSize
         except UserError as exc:
             timer.context = str(exc)
+            self._give_back(connection)
             session.login_failed(
                 "mailbox database is not available now, try again later", ResponseCode.SYS_TEMP
             )
@@ -125,24 +143,20 @@ class FrontendService(Pop3Service):
         started = time.perf_counter()
         try:
             async with asyncio.timeout(BACKEND_LOGIN_TIMEOUT):
-                stream, reader = await self._connect(backend)
+                stream = await self._connect(backend)
                 try:
-                    greeting = await reader.status()
-                    if not greeting.ok:
-                        raise ProtocolError(f"greeting {greeting.raw[:80]!r}")
-                    token = base64.b64encode(
-                        b"\0" + mailbox.address.encode() + b"\0" + request.password.encode()
+                    reply, leftover = await _log_in(
+                        stream, mailbox.address, request.password, max_command
                     )
-                    stream.write(b"AUTH PLAIN " + token + b"\r\n")
-                    reply = await reader.status()
                 except BaseException:
-                    stream.close()
+                    stream.abort()
                     raise
         except (OSError, TimeoutError, ssl.SSLError, ProtocolError) as exc:
             self.frontend_counters.backend_failures += 1
             reason = f"{exc.__class__.__name__}: {exc}" if str(exc) else exc.__class__.__name__
             log.warning("back end %s failed for %s: %s", backend.name, mailbox.address, reason)
             timer.context = f"Backend={backend.name};Failed={reason}"
+            self._give_back(connection)
             session.login_failed(
                 "mailbox server not reachable, try again later", ResponseCode.SYS_TEMP
             )
@@ -152,15 +166,17 @@ class FrontendService(Pop3Service):
         if not reply.ok:
             # [IN-USE], [LOGIN-DELAY], [SYS/TEMP]: the client sees the back end's words.
             stream.close()
+            self._give_back(connection)
             session.login_refused(reply.raw)
             return None
         self.counters.successful_logins += 1
-        self._per_user[mailbox.address] = self._per_user.get(mailbox.address, 0) + 1
-        connection.user = mailbox.address
-        connection.database = mailbox.database
-        return Handoff(stream, backend.name, reply.raw)
+        return Handoff(stream, backend.name, reply.raw + leftover)
 
-    async def _connect(self, backend: Server) -> tuple[ByteStream, LineReader]:
+    def _give_back(self, connection: Connection) -> None:
+        self.session_ended_for(connection.user)
+        connection.user = ""
+
+    async def _connect(self, backend: Server) -> ByteStream:
         loop = asyncio.get_running_loop()
         _, stream = await loop.create_connection(
             ByteStream,
@@ -170,7 +186,7 @@ class FrontendService(Pop3Service):
             server_hostname=backend.address,
             ssl_handshake_timeout=TLS_HANDSHAKE_TIMEOUT,
         )
-        return stream, LineReader(stream)
+        return stream
 
     async def relay(
         self, handoff: Handoff, session: ServerSession, client: ByteStream, connection: Connection
@@ -180,51 +196,101 @@ class FrontendService(Pop3Service):
         pending = session.detach(connection.user)
         if pending:
             backend.write(pending)
-        idle = self.settings.AuthenticatedConnectionTimeout
-        sent_at: deque[float] = deque()  # when each relayed client line left, for timing
+            self.counters.commands_relayed(pending.count(b"\n"))
+        # The back end runs the session's autologout and says so to the client; the
+        # proxy only ends a relay in which neither side has moved for longer.
+        activity = _Activity(self.settings.AuthenticatedConnectionTimeout + RELAY_IDLE_SLACK)
 
         def client_sent(data: bytes) -> None:
-            now = time.perf_counter()
-            sent_at.extend(now for _ in range(data.count(b"\n")))
+            activity.touch()
+            # Not parsed, so counted by lines; their timing is the back end's to measure.
+            self.counters.commands_relayed(data.count(b"\n"))
 
-        def backend_answered(data: bytes) -> None:
-            # Not parsed: the first bytes after a command count as its answer.
-            if sent_at:
-                self.counters.command_done((time.perf_counter() - sent_at.popleft()) * 1000.0)
-
-        upstream = asyncio.create_task(_pump(client, backend, idle, client_sent))
-        downstream = asyncio.create_task(_pump(backend, client, idle, backend_answered))
+        upstream = asyncio.create_task(_pump(client, backend, client_sent))
+        downstream = asyncio.create_task(_pump(backend, client, lambda _: activity.touch()))
+        watchdog = asyncio.create_task(activity.expired())
+        tasks: set[asyncio.Task[Any]] = {upstream, downstream, watchdog}
         try:
-            done, _ = await asyncio.wait(
-                {upstream, downstream}, return_when=asyncio.FIRST_COMPLETED
-            )
+            done, _ = await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
+            if upstream in done and not upstream.exception():
+                # The client closed its side: what it sent before (often QUIT) is
+                # still answered, for a short while, then the relay ends.
+                gone = asyncio.create_task(client.closed.wait())
+                tasks.add(gone)
+                done, _ = await asyncio.wait(
+                    {downstream, watchdog, gone}, timeout=HALF_CLOSE_GRACE,
+                    return_when=asyncio.FIRST_COMPLETED,
+                )  # fmt: skip
+                return f"client closed; relayed via {handoff.backend_name}"
         finally:
-            for task in (upstream, downstream):
+            for task in tasks:
                 task.cancel()
-            await asyncio.gather(upstream, downstream, return_exceptions=True)
+            await asyncio.gather(*tasks, return_exceptions=True)
             backend.close()
-        finished = done.pop()
+        if watchdog in done:
+            client.abort()
+            return f"relay idle for {activity.limit:.0f} s; via {handoff.backend_name}"
+        finished = upstream if upstream in done else downstream
         side = "client" if finished is upstream else f"back end {handoff.backend_name}"
-        error = finished.exception() if not finished.cancelled() else None
-        if isinstance(error, TimeoutError):
-            return f"{side} idle, relay ended"
+        error = finished.exception()
         if error is not None:
+            client.abort()
             return f"{side} connection error: {error.__class__.__name__}"
         return f"{side} closed; relayed via {handoff.backend_name}"
 
 
-async def _pump(source: ByteStream, sink: ByteStream, idle: float, seen: Any) -> None:
+async def _log_in(
+    stream: ByteStream, address: str, password: str, max_command: int
+) -> tuple[StatusLine, bytes]:
+    """AUTH PLAIN on the back end with the client's own credentials.
+
+    The back end's reply, and any bytes that came with it. The initial response
+    rides on the AUTH line when that fits the back end's MaxCommandSize; else it
+    is sent after "+ ", where RFC 5034 allows a longer line.
+    """
+    reader = LineReader(stream)
+    greeting = await reader.status()
+    if not greeting.ok:
+        raise ProtocolError(f"greeting {greeting.raw[:80]!r}")
+    token = base64.b64encode(b"\0" + address.encode() + b"\0" + password.encode())
+    command = b"AUTH PLAIN " + token + b"\r\n"
+    if len(command) <= max_command:
+        stream.write(command)
+    else:
+        stream.write(b"AUTH PLAIN\r\n")
+        if await reader.line() != b"+ \r\n":
+            raise ProtocolError("the back end refused AUTH PLAIN")
+        stream.write(token + b"\r\n")
+    reply = await reader.status()
+    return reply, reader.unread()
+
+
+class _Activity:
+    """When either side of a relay last moved; `expired` returns once it is too long ago."""
+
+    def __init__(self, limit: float) -> None:
+        self.limit = limit
+        self._last = time.monotonic()
+
+    def touch(self) -> None:
+        self._last = time.monotonic()
+
+    async def expired(self) -> None:
+        # A deadline that moves: sleeping to it and checking again costs one wake-up
+        # per idle period, where an Event set on every chunk would cost far more.
+        while (left := self._last + self.limit - time.monotonic()) > 0:  # noqa: ASYNC110
+            await asyncio.sleep(left)
+
+
+async def _pump(source: ByteStream, sink: ByteStream, moved: Callable[[bytes], None]) -> None:
     """Copy bytes until `source` closes, at the pace `sink` can take them."""
-    while True:
-        async with asyncio.timeout(idle):
-            data = await source.read()
-        if not data:
-            return
-        seen(data)
+    while data := await source.read():
+        if sink.closed.is_set():
+            raise ConnectionResetError("the other side has gone")
+        moved(data)
         sink.write(data)
         if not sink.writable:
-            async with asyncio.timeout(idle):
-                await sink.drain()
+            await sink.drain()
 
 
 def serve(data: Path, server_name: str) -> None:

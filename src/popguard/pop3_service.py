@@ -318,10 +318,14 @@ class Pop3Service(abc.ABC):
         log.info("stopping")
         for listener in listeners:
             listener.close()
+        # Sessions in the middle of something get a moment to finish it; the rest
+        # are told the service is stopping.
+        if self._tasks:
+            await asyncio.wait(set(self._tasks), timeout=SHUTDOWN_GRACE)
         for task in list(self._tasks):
             task.cancel()
         if self._tasks:
-            await asyncio.wait(self._tasks, timeout=SHUTDOWN_GRACE)
+            await asyncio.wait(set(self._tasks), timeout=SHUTDOWN_GRACE)
         await asyncio.gather(*background, return_exceptions=True)
         self.close_resources()
         self.protocol_log.close()
@@ -360,18 +364,23 @@ class Pop3Service(abc.ABC):
         session = ServerSession(self.session_config(), secure=implicit_tls)
         timer = CommandTimer(self, connection)
         ending = "closed"
+        relaying = False
         try:
             stream.write(session.greeting())
             handoff = await self._converse(session, stream, connection, timer)
             if isinstance(handoff, Handoff):
                 timer.finish()
+                relaying = True
                 ending = await self.relay(handoff, session, stream, connection)
             else:
                 ending = handoff
         except (ConnectionError, ssl.SSLError, OSError) as exc:
             ending = f"connection error: {exc.__class__.__name__}"
+            stream.abort()
         except asyncio.CancelledError:
             ending = "service stopping"
+            if not relaying:  # mid-relay, a line of ours would corrupt the stream
+                stream.write(err("service is stopping, try again later", ResponseCode.SYS_TEMP))
             raise
         except Exception:
             # A bug must cost one session, never the service, and never show the
