@@ -34,32 +34,39 @@ def test_up_serves_the_demo_mailbox_and_stops_cleanly(tmp_path: Path) -> None:
         stderr=subprocess.STDOUT,
         text=True,
     )
-    assert process.stdout is not None
-    output = ""
-    deadline = time.monotonic() + 60
-    while "Press Ctrl-C to stop." not in output and time.monotonic() < deadline:
-        line = process.stdout.readline()
-        if not line:
-            break
-        output += line
-    assert "Press Ctrl-C to stop." in output, output
-    match = re.search(r"demo mailbox (\S+)\s+password (\S+)", output)
-    assert match, output
-    user, password = match.groups()
-    assert f"curl --ssl-reqd --cacert {data.resolve()}/tls/ca.pem" in output
-    context = ssl.create_default_context(cafile=str(data / "tls" / "ca.pem"))
-    # Through the front end, as the printed commands do.
-    assert f"pop3s://{frontend}:10995/1" in output
-    client = poplib.POP3_SSL(frontend, 10995, context=context, timeout=10)
-    client.user(user)
-    client.pass_(password)
-    _, lines, _ = client.retr(1)
-    assert b"Subject: Welcome to popguard" in lines
-    client.quit()
-    children = processes_matching(f"popguard --data {data} serve")
-    assert len(children) == 3, children  # pop3be, delivery, pop3
-    process.send_signal(signal.SIGINT)
-    rest, _ = process.communicate(timeout=30)
+    try:
+        assert process.stdout is not None
+        output = ""
+        deadline = time.monotonic() + 60
+        while "Press Ctrl-C to stop." not in output and time.monotonic() < deadline:
+            line = process.stdout.readline()
+            if not line:
+                break
+            output += line
+        assert "Press Ctrl-C to stop." in output, output
+        match = re.search(r"demo mailbox (\S+)\s+password (\S+)", output)
+        assert match, output
+        user, password = match.groups()
+        assert f"curl --ssl-reqd --cacert {data.resolve()}/tls/ca.pem" in output
+        context = ssl.create_default_context(cafile=str(data / "tls" / "ca.pem"))
+        # Through the front end, as the printed commands do.
+        assert f"pop3s://{frontend}:10995/1" in output
+        client = poplib.POP3_SSL(frontend, 10995, context=context, timeout=10)
+        client.user(user)
+        client.pass_(password)
+        _, lines, _ = client.retr(1)
+        assert b"Subject: Welcome to popguard" in lines
+        client.quit()
+        children = processes_matching(f"popguard --data {data} serve")
+        assert len(children) == 3, children  # pop3be, delivery, pop3
+        process.send_signal(signal.SIGINT)
+        rest, _ = process.communicate(timeout=30)
+    finally:
+        # However the checks above went, nothing of this test may outlive it:
+        # Ctrl-C is how `up` stops its services.
+        if process.poll() is None:
+            process.send_signal(signal.SIGINT)
+            process.wait(30)
     assert process.returncode == 0, rest
     assert "stopped" in rest
     assert "Traceback" not in output + rest

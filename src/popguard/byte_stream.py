@@ -60,7 +60,8 @@ class ByteStream(asyncio.Protocol):
         self._data_ready.set()
         # Keep our side open: a client that half-closes after its last command
         # still gets the answers (the session closes the connection when done).
-        return True
+        # TLS has no half-close, and uvloop warns if asked for one there.
+        return self.transport is None or self.transport.get_extra_info("ssl_object") is None
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._eof = True
