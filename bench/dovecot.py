@@ -14,6 +14,10 @@ Two profiles, as in Dovecot's performance tuning guide:
   and are kept ready (process_min_avail = number of cores); pop3 processes are
   reused for many sessions; the limits are raised so that 64 clients fit.
 
+An instance can also be a proxy (`mail=False`, `passdb_extra="proxy=y host=..."`):
+its passdb verifies the password and hands the session on to another instance;
+`extra_config` adds settings such as login_trusted_networks or ssl_client_ca_file.
+
 The mail is written straight into the maildirs. The same message files are
 hard-linked into every user's maildir: the content is identical per user and this
 keeps 128 users x 4 MiB from costing 512 MiB of disk and page cache per instance.
@@ -146,7 +150,15 @@ def wait_for_greeting(address: str, port: int, timeout: float = 15.0) -> None:
     raise RuntimeError(f"no POP3 greeting on {address}:{port} after {timeout}s: {last}")
 
 
-def _self_signed(root: Path, address: str) -> tuple[Path, Path]:
+# Key types for the throw-away certificate: RSA 2048 (the default) or ECDSA P-256
+# (what popguard's own certificates use; a handshake costs the server far less CPU).
+KEY_TYPES = {
+    "rsa:2048": ["-newkey", "rsa:2048"],
+    "ec-p256": ["-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1"],
+}
+
+
+def _self_signed(root: Path, address: str, key_type: str = "rsa:2048") -> tuple[Path, Path]:
     """A throw-away certificate for `address` (it is its own CA for the client)."""
     cert, key = root / "tls" / "cert.pem", root / "tls" / "key.pem"
     cert.parent.mkdir()
@@ -155,8 +167,7 @@ def _self_signed(root: Path, address: str) -> tuple[Path, Path]:
             "openssl",
             "req",
             "-x509",
-            "-newkey",
-            "rsa:2048",
+            *KEY_TYPES[key_type],
             "-nodes",
             "-days",
             "2",
@@ -189,9 +200,22 @@ class Dovecot:
         scheme: str = "PLAIN",
         tls: bool = False,
         workdir: Path | None = None,
+        *,
+        mail: bool = True,
+        passdb_extra: str = "",
+        extra_config: str = "",
+        name: str | None = None,
+        key_type: str = "rsa:2048",
     ) -> None:
+        """`mail=False`: no maildirs (a proxy's users live elsewhere); `passdb_extra`:
+        extra fields for every user's passwd-file line (e.g. "proxy=y host=A port=P");
+        `extra_config`: appended to dovecot.conf; `name`: shown in the instance name
+        and the temporary directory's (the profile by default); `key_type`: of the
+        self-signed certificate when `tls` (see KEY_TYPES)."""
         if profile not in PROFILES:
             raise ValueError(f"unknown profile {profile!r}, expected one of {PROFILES}")
+        if key_type not in KEY_TYPES:
+            raise ValueError(f"unknown key type {key_type!r}, expected one of {list(KEY_TYPES)}")
         self.profile = profile
         self.address = address
         self.users = list(users)
@@ -200,6 +224,11 @@ class Dovecot:
         self.scheme = scheme
         self.tls = tls
         self.workdir = workdir
+        self.mail = mail
+        self.passdb_extra = passdb_extra
+        self.extra_config = extra_config
+        self.name = name or profile
+        self.key_type = key_type
         self.root = Path()
         self.config = Path()
         self.port = 0
@@ -242,15 +271,16 @@ class Dovecot:
         if self.profile == "highperf":
             login_extra = _HIGHPERF_LOGIN.format(cores=cores)
             extra = _HIGHPERF_REST.format(cores=cores)
+        extra += self.extra_config
         ssl_files = ""
         if self.tls:
-            cert, key = _self_signed(self.root, self.address)
+            cert, key = _self_signed(self.root, self.address, self.key_type)
             self.ca_file = cert
             ssl_files = f"ssl_cert = <{cert}\nssl_key = <{key}"
         self.config.write_text(
             _BASE_CONFIG.format(
                 root=self.root,
-                instance=f"popbench-{self.profile}-{self.port}",
+                instance=f"popbench-{self.name}-{self.port}",
                 address=self.address,
                 port=self.port,
                 uid=uid,
@@ -264,14 +294,14 @@ class Dovecot:
         )
         hashed = hash_password(self.password, self.scheme)
         # passwd-file: user:password:uid:gid:gecos:home:shell:extra; uid/gid come from
-        # mail_uid/mail_gid.
-        lines = [f"{u}:{hashed}::::{self.root}/mail/{u}::" for u in self.users]
+        # mail_uid/mail_gid; the extra fields are space-separated key=value pairs.
+        lines = [f"{u}:{hashed}::::{self.root}/mail/{u}::{self.passdb_extra}" for u in self.users]
         (self.root / "passwd").write_text("\n".join(lines) + "\n")
 
     def start(self) -> None:
         mail = pwd.getpwnam(MAIL_USER)
         self.root = Path(
-            tempfile.mkdtemp(prefix=f"popbench-dovecot-{self.profile}-", dir=self.workdir)
+            tempfile.mkdtemp(prefix=f"popbench-dovecot-{self.name}-", dir=self.workdir)
         )
         # mkdtemp makes the directory 0700; the mail user must be able to reach the
         # maildirs and Dovecot's unprivileged processes the run directory.
@@ -281,7 +311,8 @@ class Dovecot:
         self.config = self.root / "dovecot.conf"
         self.port = free_port(self.address)
         self.tls_port = free_port(self.address) if self.tls else 0
-        self._write_mail(mail.pw_uid, mail.pw_gid)
+        if self.mail:
+            self._write_mail(mail.pw_uid, mail.pw_gid)
         self._write_config(mail.pw_uid, mail.pw_gid)
         # -F keeps the master in the foreground, so we hold its pid and can always
         # stop it; a new session keeps a Ctrl-C in the terminal from reaching it.

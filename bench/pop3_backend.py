@@ -31,7 +31,7 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
@@ -186,8 +186,13 @@ def measure(
     args: argparse.Namespace,
     users: tuple[str, ...],
     workers: int | None = None,
+    probe: Callable[[], dict[str, float]] | None = None,
 ) -> Run:
-    """One figure: one mode at one concurrency against one running server."""
+    """One figure: one mode at one concurrency against one running server.
+
+    `probe` replaces the default CPU probe (machine and server); it must return at
+    least the keys `machine_busy` and `server_cpu` (cumulative CPU seconds).
+    """
     port, ca = server.port, None
     if args.tls:
         if not server.tls_port or server.ca_file is None:
@@ -207,7 +212,7 @@ def measure(
         workers=args.workers if workers is None else workers,
         tls_ca=ca,
     )
-    res: LoadResult = run_load(cfg, _probe(server))
+    res: LoadResult = run_load(cfg, probe or _probe(server))
     window = max(res.window, 1e-9)
     run = Run(
         target=target,
@@ -430,13 +435,15 @@ def generator_verdict(report: Report) -> str:
 
 def check_generator(
     report: Report,
-    servers: dict[str, Server],
+    servers: Mapping[str, Server],
     args: argparse.Namespace,
     users: tuple[str, ...],
+    before: Callable[[str], object] | None = None,
 ) -> None:
     """Measure again, with twice the generator processes, the figure of each mode in
     which the generator's busiest worker was busiest. Were the generator the limit,
-    more of it would raise the figure; if the figure stays, the server sets the pace."""
+    more of it would raise the figure; if the figure stays, the server sets the pace.
+    `before`, if given, is called with the target's name before it is measured."""
     for mode in MODES:
         best = [
             r
@@ -447,6 +454,8 @@ def check_generator(
         if not best:
             continue
         base = max(best, key=lambda r: r.gen_max_worker_share)
+        if before is not None:
+            before(base.target)
         wait_quiet(args.quiet_wait)
         print(
             f"generator cross-check: {base.target} {mode} {base.clients} clients with "
@@ -510,8 +519,9 @@ def markdown(report: Report, clients: list[int], command: str) -> str:
     return "\n".join(lines)
 
 
-def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+def base_parser(description: str, tls_help: str) -> argparse.ArgumentParser:
+    """The options every server benchmark here shares (bench.pop3_proxy uses them too)."""
+    parser = argparse.ArgumentParser(description=description)
     parser.add_argument("--duration", type=float, default=5.0, help="measured seconds per figure")
     parser.add_argument("--warmup", type=float, default=1.0, help="unmeasured seconds first")
     parser.add_argument("--clients", default="1,16,64", help="comma-separated concurrencies")
@@ -542,12 +552,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         default="auto",
         help="load generator event loop (auto: uvloop if installed)",
     )
-    parser.add_argument(
-        "--tls",
-        action="store_true",
-        help="implicit TLS: Dovecot with a self-signed certificate, popguard's "
-        "pop3be-tls port verified with DATA/tls/ca.pem",
-    )
+    parser.add_argument("--tls", action="store_true", help=tls_help)
     parser.add_argument(
         "--repeat", type=int, default=1, help="take every figure this many times and keep the best"
     )
@@ -565,7 +570,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     )
     parser.add_argument("--pause", type=float, default=1.0, help="seconds between figures")
     parser.add_argument("--out-dir", type=Path, default=RESULTS)
-    args = parser.parse_args(argv)
+    return parser
+
+
+def check_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> argparse.Namespace:
+    """Validate and normalise the options of base_parser (parser.error exits)."""
     args.loop = resolve_loop(args.loop)
     args.clients = [int(c) for c in str(args.clients).split(",") if c.strip()]
     if not args.clients or min(args.clients) < 1:
@@ -579,6 +588,15 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     if args.duration <= 0 or args.duration > 600:
         parser.error("--duration must be in (0, 600] seconds")
     return args
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = base_parser(
+        __doc__.split("\n\n")[0],
+        "implicit TLS: Dovecot with a self-signed certificate, popguard's "
+        "pop3be-tls port verified with DATA/tls/ca.pem",
+    )
+    return check_args(parser, parser.parse_args(argv))
 
 
 def _exit_on_sigterm(signum: int, _frame: object) -> None:

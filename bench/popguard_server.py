@@ -1,4 +1,5 @@
-"""Set up and run popguard's POP3 back end for the benchmark, through its CLI only.
+"""Set up and run popguard's POP3 back end (and, if asked, its front end) for the
+benchmark, through its CLI only.
 
 Everything goes through the `popguard` command, so the benchmark depends on nothing
 but the documented interface:
@@ -11,6 +12,13 @@ but the documented interface:
     popguard --data DIR serve pop3be --server mbx1     (foreground, SIGTERM stops it)
     popguard --data DIR serve delivery --server mbx1   (LMTP, foreground)
     popguard --data DIR send-message --to USER --file MSG.eml
+
+With `frontend_address`, a client access server joins the same data directory
+(the organization: one directory, one CA) and its POP3 front end is started too:
+
+    popguard --data DIR new-server cas1 --role frontend --address ADDR2
+    popguard --data DIR set-popsettings --server cas1 --login-type PlainTextLogin ...
+    popguard --data DIR serve pop3 --server cas1
 
 The mail goes in over LMTP, on the port that get-server reports, one transaction per
 recipient on one connection (768 `send-message` runs would cost minutes of Python
@@ -37,6 +45,7 @@ from bench.dovecot import wait_for_greeting, wait_port
 from bench.mail import DOMAIN, Message
 
 SERVER = "mbx1"
+FRONTEND = "cas1"
 DATABASE = "DB01"
 _CLI_TIMEOUT = 120.0  # seconds for one popguard command
 _DELIVERY_TIMEOUT = 900.0  # seconds for filling all the mailboxes
@@ -58,6 +67,7 @@ class Popguard:
         messages: Sequence[Message],
         max_connections_per_user: int = 16,
         workdir: Path | None = None,
+        frontend_address: str | None = None,
     ) -> None:
         self.cli = cli
         self.address = address
@@ -68,6 +78,8 @@ class Popguard:
         self.workdir = workdir
         self.data = Path()
         self.ports: dict[str, int] = {}
+        self.frontend_address = frontend_address
+        self.frontend_ports: dict[str, int] = {}
         self.procs: dict[str, subprocess.Popen[bytes]] = {}
         self.delivery_note = ""
 
@@ -90,6 +102,16 @@ class Popguard:
     def pids(self) -> list[int]:
         return [p.pid for p in self.procs.values()]
 
+    @property
+    def backend_pids(self) -> list[int]:
+        """The mailbox server's services (pop3be, delivery)."""
+        return [p.pid for s, p in self.procs.items() if s != "pop3"]
+
+    @property
+    def frontend_pids(self) -> list[int]:
+        """The front end's process (`serve pop3`), if it was started."""
+        return [p.pid for s, p in self.procs.items() if s == "pop3"]
+
     def run(self, *args: str, stdin: str | None = None) -> str:
         """Run one popguard command; raise PopguardError with its output if it fails."""
         cmd = [str(self.cli), "--data", str(self.data), *args]
@@ -108,13 +130,11 @@ class Popguard:
 
     # -- setup ---------------------------------------------------------------------
 
-    def _configure(self) -> None:
-        self.run("new-server", SERVER, "--role", "mailbox", "--address", self.address)
-        self.run("new-mailboxdatabase", DATABASE, "--server", SERVER)
+    def _popsettings(self, server: str) -> None:
         self.run(
             "set-popsettings",
             "--server",
-            SERVER,
+            server,
             "--login-type",
             "PlainTextLogin",
             "--max-connections",
@@ -124,25 +144,41 @@ class Popguard:
             "--max-connections-per-user",
             str(self.max_per_user),
         )
+
+    def _ports(self, server_name: str, address: str, needed: tuple[str, ...]) -> dict[str, int]:
+        info = json.loads(self.run("get-server", server_name, "--format", "json"))
+        server = info[0] if isinstance(info, list) else info
+        ports = {str(k): int(v) for k, v in server["Ports"].items()}
+        if server.get("Address") not in (None, address):
+            raise PopguardError(
+                f"get-server reports address {server.get('Address')!r}, expected {address}"
+            )
+        for port in needed:
+            if port not in ports:
+                raise PopguardError(f"get-server lists no {port} port: {server}")
+        return ports
+
+    def _configure(self) -> None:
+        self.run("new-server", SERVER, "--role", "mailbox", "--address", self.address)
+        self.run("new-mailboxdatabase", DATABASE, "--server", SERVER)
+        self._popsettings(SERVER)
+        if self.frontend_address is not None:
+            self.run(
+                "new-server", FRONTEND, "--role", "frontend", "--address", self.frontend_address
+            )
+            self._popsettings(FRONTEND)
         for user in self.users:
             self.run(
                 "new-mailbox", user, "--database", DATABASE, "--password-stdin", stdin=self.password
             )
-        info = json.loads(self.run("get-server", SERVER, "--format", "json"))
-        server = info[0] if isinstance(info, list) else info
-        self.ports = {str(k): int(v) for k, v in server["Ports"].items()}
-        if server.get("Address") not in (None, self.address):
-            raise PopguardError(
-                f"get-server reports address {server.get('Address')!r}, expected {self.address}"
-            )
-        for needed in ("pop3be", "lmtp"):
-            if needed not in self.ports:
-                raise PopguardError(f"get-server lists no {needed} port: {server}")
+        self.ports = self._ports(SERVER, self.address, ("pop3be", "lmtp"))
+        if self.frontend_address is not None:
+            self.frontend_ports = self._ports(FRONTEND, self.frontend_address, ("pop3",))
 
-    def _serve(self, service: str) -> None:
+    def _serve(self, service: str, server: str = SERVER) -> None:
         log = open(self.data / f"serve-{service}.log", "wb")  # noqa: SIM115
         self.procs[service] = subprocess.Popen(
-            [str(self.cli), "--data", str(self.data), "serve", service, "--server", SERVER],
+            [str(self.cli), "--data", str(self.data), "serve", service, "--server", server],
             stdout=log,
             stderr=subprocess.STDOUT,
             stdin=subprocess.DEVNULL,
@@ -210,9 +246,22 @@ class Popguard:
                 self.delivery_note = f"LMTP failed ({exc}); used send-message"
                 self._deliver_cli()
             self._check_alive()
+            if self.frontend_address is not None:
+                self._start_frontend(self.frontend_address)
         except BaseException:
             self.stop()
             raise
+
+    def _start_frontend(self, address: str) -> None:
+        self._serve("pop3", FRONTEND)
+        try:
+            wait_for_greeting(address, self.frontend_ports["pop3"], timeout=30.0)
+        except (OSError, RuntimeError) as exc:
+            self._check_alive()
+            raise PopguardError(
+                f"popguard front end not answering: {exc}\n" + self.log_tail("pop3")
+            ) from exc
+        self._check_alive()
 
     def log_tail(self, service: str, lines: int = 30) -> str:
         path = self.data / f"serve-{service}.log"
