@@ -17,7 +17,8 @@ from pathlib import Path
 
 import pytest
 
-from popguard import tls
+from popguard import paths, tls
+from popguard.counters import read_counters
 from popguard.directory import Directory
 from popguard.lmtp_client import deliver
 from popguard.passwords import hash_password
@@ -57,6 +58,21 @@ def wait_for_port(address: str, port: int, process: subprocess.Popen[bytes] | No
         except OSError:
             time.sleep(0.05)
     raise RuntimeError(f"nothing listening on {address}:{port}")
+
+
+def apply_settings(data: Path, server: str, service: str, **changes: object) -> None:
+    """set-popsettings, then wait for `service`'s counters to show the new revision."""
+    with Directory(data) as directory:
+        current, _ = directory.pop_settings(server)
+        revision = directory.set_pop_settings(server, current.with_changes(dict(changes)))
+    counters_file = paths.counters_file(data, server, service)
+    deadline = time.monotonic() + 20
+    while time.monotonic() < deadline:
+        published = read_counters(counters_file) or {}
+        if int(published.get("SettingsRevision", 0)) >= revision:
+            return
+        time.sleep(0.1)
+    raise AssertionError(f"{server}/{service} never applied settings revision {revision}")
 
 
 def stop_processes(processes: list[subprocess.Popen[bytes]]) -> None:
@@ -103,9 +119,8 @@ class MailboxServer:
         return address
 
     def set_settings(self, **changes: object) -> None:
-        with self.directory() as directory:
-            current, _ = directory.pop_settings(self.name)
-            directory.set_pop_settings(self.name, current.with_changes(dict(changes)))
+        """Change POP settings and wait until the running pop3be has applied them."""
+        apply_settings(self.data, self.name, "pop3be", **changes)
 
     def deliver(self, recipient: str, message: bytes) -> None:
         with self.directory() as directory:
@@ -247,6 +262,9 @@ class Organization:
         wait_for_port(self.frontend_address, self.pop3_port, process)
         wait_for_port(self.frontend_address, self.pop3s_port, process)
         return process
+
+    def set_frontend_settings(self, **changes: object) -> None:
+        apply_settings(self.data, "cas1", "pop3", **changes)
 
     def frontend_log(self) -> str:
         return (self.data / "pop3.log").read_text(errors="replace")

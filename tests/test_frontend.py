@@ -296,13 +296,9 @@ def _rss_kib(pid: int) -> int:
 
 
 def test_front_end_protocol_log_and_counters(organization: Organization) -> None:
-    from popguard.directory import Directory
-    from popguard.settings import PopSettings
 
     user = organization.add_mailbox("judy@example.test")
-    with Directory(organization.data) as directory:
-        directory.set_pop_settings("cas1", PopSettings(ProtocolLogEnabled=True))
-    time.sleep(1.5)
+    organization.set_frontend_settings(ProtocolLogEnabled=True)
     client = login(organization, user)
     client.stat()
     client.quit()
@@ -349,13 +345,9 @@ def test_a_second_front_end_serves_the_same_organization(organization: Organizat
 
 
 def test_max_connections_per_user_at_the_front_end(organization: Organization) -> None:
-    from popguard.directory import Directory
-    from popguard.settings import PopSettings
 
     user = organization.add_mailbox("liam@example.test")
-    with Directory(organization.data) as directory:
-        directory.set_pop_settings("cas1", PopSettings(MaxConnectionsPerUser=1))
-    time.sleep(1.5)
+    organization.set_frontend_settings(MaxConnectionsPerUser=1)
     held = login(organization, user)
     second = secure_client(organization)
     second.user(user)
@@ -380,12 +372,9 @@ def test_garbage_flood_at_the_front_end(organization: Organization) -> None:
 
 
 def _plaintext_front_end(organization: Organization) -> None:
-    from popguard.directory import Directory
-    from popguard.settings import LoginType, PopSettings
+    from popguard.settings import LoginType
 
-    with Directory(organization.data) as directory:
-        directory.set_pop_settings("cas1", PopSettings(LoginType=LoginType.PLAIN_TEXT_LOGIN))
-    time.sleep(1.5)
+    organization.set_frontend_settings(LoginType=LoginType.PLAIN_TEXT_LOGIN)
 
 
 def test_client_that_half_closes_still_gets_every_reply(organization: Organization) -> None:
@@ -411,14 +400,10 @@ def test_client_that_half_closes_still_gets_every_reply(organization: Organizati
 
 
 def test_slow_but_steady_download_outlives_the_idle_timeout(organization: Organization) -> None:
-    from popguard.directory import Directory
-    from popguard.settings import PopSettings
 
     user = organization.add_mailbox("oscar@example.test")
     organization.deliver(user, message("slow", size=6_000_000))
-    with Directory(organization.data) as directory:
-        directory.set_pop_settings("cas1", PopSettings(AuthenticatedConnectionTimeout=2))
-    time.sleep(1.5)
+    organization.set_frontend_settings(AuthenticatedConnectionTimeout=2)
     client = login(organization, user)
     client.sock.sendall(b"RETR 1\r\n")
     tail, received = b"", 0

@@ -43,6 +43,7 @@ class ServiceCounters:
         self.messages_retrieved = 0
         self.messages_deleted = 0
         self.open_tasks = 0  # connection tasks alive: a leak shows here
+        self.settings_revision = 0  # the POP settings revision in force
         self._buckets: deque[_Bucket] = deque()
         self.started = clock()
 
@@ -92,6 +93,7 @@ class ServiceCounters:
             "MessagesRetrieved": self.messages_retrieved,
             "MessagesDeleted": self.messages_deleted,
             "OpenTasks": self.open_tasks,
+            "SettingsRevision": self.settings_revision,
         }
 
     def publish(self, path: Path) -> None:

@@ -145,6 +145,7 @@ class Pop3Service(abc.ABC):
         self.settings, self._settings_revision = self.directory.pop_settings(self.server.name)
         self._directory_version = self.directory.change_counter()
         self.counters = self.counters_type(self.service)
+        self.counters.settings_revision = self._settings_revision
         self.protocol_log = ProtocolLog(self.log_prefix)
         self.authenticator = Authenticator(self.directory, self.counters)
         self._per_ip: dict[str, int] = {}
@@ -253,6 +254,7 @@ class Pop3Service(abc.ABC):
             return
         old = self.settings
         self.settings, self._settings_revision = settings, revision
+        self.counters.settings_revision = revision
         self._apply_log_settings()
         if settings.X509CertificateName != old.X509CertificateName:
             try:
