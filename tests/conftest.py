@@ -88,8 +88,24 @@ def stop_processes(processes: list[subprocess.Popen[bytes]]) -> None:
             process.wait()
 
 
+class DataFolder:
+    """What every test organization offers about its data folder."""
+
+    data: Path
+
+    @property
+    def cafile(self) -> str:
+        return str(tls.ca_certificate_file(self.data))
+
+    def ssl_context(self) -> ssl.SSLContext:
+        return ssl.create_default_context(cafile=self.cafile)
+
+    def directory(self) -> Directory:
+        return Directory(self.data)
+
+
 @dataclass
-class MailboxServer:
+class MailboxServer(DataFolder):
     """One mailbox server (pop3be + delivery as real processes) in its own data folder."""
 
     data: Path
@@ -102,16 +118,6 @@ class MailboxServer:
     pop3_port: int = 1110
     pop3s_port: int = 1995
     lmtp_port: int = 2424
-
-    @property
-    def cafile(self) -> str:
-        return str(tls.ca_certificate_file(self.data))
-
-    def ssl_context(self) -> ssl.SSLContext:
-        return ssl.create_default_context(cafile=self.cafile)
-
-    def directory(self) -> Directory:
-        return Directory(self.data)
 
     def add_mailbox(self, address: str, password: str = PASSWORD) -> str:
         with self.directory() as directory:
@@ -222,7 +228,7 @@ def pid_alive(pid: int) -> bool:
 
 
 @dataclass
-class Organization:
+class Organization(DataFolder):
     """cas1 (front end) + mbx1 and mbx2 (back end and delivery each); DB01 on mbx1,
     DB02 on mbx2, each with a passive copy row on the other server."""
 
@@ -232,16 +238,6 @@ class Organization:
     processes: list[subprocess.Popen[bytes]] = field(default_factory=list)
     pop3_port: int = 10110
     pop3s_port: int = 10995
-
-    @property
-    def cafile(self) -> str:
-        return str(tls.ca_certificate_file(self.data))
-
-    def ssl_context(self) -> ssl.SSLContext:
-        return ssl.create_default_context(cafile=self.cafile)
-
-    def directory(self) -> Directory:
-        return Directory(self.data)
 
     def add_mailbox(self, address: str, database: str = "DB01") -> str:
         with self.directory() as directory:
