@@ -151,7 +151,8 @@ class FrontendService(Pop3Service):
                 except BaseException:
                     stream.abort()
                     raise
-        except (OSError, TimeoutError, ssl.SSLError, ProtocolError) as exc:
+        except (OSError, TimeoutError, ssl.SSLError, ProtocolError, UserError) as exc:
+            # UserError: the directory names a back end without a pop3be-tls port.
             self.frontend_counters.backend_failures += 1
             reason = f"{exc.__class__.__name__}: {exc}" if str(exc) else exc.__class__.__name__
             log.warning("back end %s failed for %s: %s", backend.name, mailbox.address, reason)
