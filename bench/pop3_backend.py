@@ -605,14 +605,21 @@ def _exit_on_sigterm(signum: int, _frame: object) -> None:
     raise SystemExit(128 + signum)
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = parse_args(argv)
+def prepare_run(args: argparse.Namespace) -> bool:
+    """Stop cleanly on SIGTERM; False (after saying why) when Dovecot cannot start."""
     signal.signal(signal.SIGTERM, _exit_on_sigterm)
     if os.geteuid() != 0 and args.only != "popguard":
         print(
             "Dovecot is started as root: run this as root (or with --only popguard).",
             file=sys.stderr,
         )
+        return False
+    return True
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    if not prepare_run(args):
         return 2
     users = tuple(user_names(args.users))
     targets = [t for t in TARGETS if args.only is None or t.startswith(args.only)]

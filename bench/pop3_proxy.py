@@ -37,9 +37,7 @@ import contextlib
 import datetime as dt
 import json
 import math
-import os
 import random
-import signal
 import subprocess
 import sys
 import time
@@ -63,6 +61,7 @@ from bench.pop3_backend import (
     generator_verdict,
     machine_info,
     measure,
+    prepare_run,
     wait_quiet,
 )
 from bench.popguard_server import Popguard, PopguardError
@@ -810,18 +809,9 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     return args
 
 
-def _exit_on_sigterm(signum: int, _frame: object) -> None:
-    raise SystemExit(128 + signum)
-
-
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    signal.signal(signal.SIGTERM, _exit_on_sigterm)
-    if os.geteuid() != 0 and args.only != "popguard":
-        print(
-            "Dovecot is started as root: run this as root (or with --only popguard).",
-            file=sys.stderr,
-        )
+    if not prepare_run(args):
         return 2
     users = tuple(user_names(args.users))
     report = ProxyReport(
