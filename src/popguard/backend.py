@@ -15,7 +15,8 @@ import time
 from pathlib import Path
 
 from .errors import UserError
-from .mounted import MountedDatabases, NotMountedError
+from .mailstore import NotMountedError
+from .mounted import MountedDatabases
 from .pop3.replies import ResponseCode
 from .pop3.session import Authenticate, MaildropEntry, Retrieve, ServerSession, Update
 from .pop3_service import CommandTimer, Connection, Handoff, Pop3Service

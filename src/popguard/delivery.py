@@ -22,7 +22,8 @@ from . import paths
 from .counters import PUBLISH_INTERVAL, ServiceCounters
 from .directory import Directory, Server
 from .errors import UserError
-from .mounted import MountedDatabases, NotMountedError
+from .mailstore import NotMountedError
+from .mounted import MountedDatabases
 from .service import every, listen
 
 log = logging.getLogger("popguard.delivery")

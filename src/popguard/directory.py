@@ -154,17 +154,7 @@ class Directory:
         return sqlite_util.transaction(self._db)
 
     def _migrate(self) -> None:
-        with self._transaction() as db:
-            version = db.execute("PRAGMA user_version").fetchone()[0]
-            if version > SCHEMA_VERSION:
-                raise UserError(
-                    f"directory {self.path} has schema version {version}, newer than this "
-                    f"popguard ({SCHEMA_VERSION}); upgrade popguard"
-                )
-            for target in range(version, SCHEMA_VERSION):
-                for statement in _statements(MIGRATIONS[target]):
-                    db.execute(statement)
-                db.execute(f"PRAGMA user_version = {target + 1}")
+        sqlite_util.migrate(self._db, MIGRATIONS, f"directory {self.path}")
 
     def schema_version(self) -> int:
         return int(self._db.execute("PRAGMA user_version").fetchone()[0])
@@ -421,17 +411,6 @@ class ComponentState:
     component: str
     state: str  # the effective state
     requesters: dict[str, str]  # requester -> the state it asked for
-
-
-def _statements(script: str) -> list[str]:
-    """Split a script into statements as SQLite does (a ';' in a comment is no end)."""
-    statements, pending = [], ""
-    for line in script.splitlines(keepends=True):
-        pending += line
-        if sqlite3.complete_statement(pending):
-            statements.append(pending)
-            pending = ""
-    return statements
 
 
 def _choice(value: str, allowed: tuple[str, ...], what: str) -> str:

@@ -1,5 +1,8 @@
 """The mailbox database copies a mailbox server serves: those active on it.
 
+Two checks guard every write: the directory must name this server as the
+database's active one, and the copy itself must be mounted (see mailstore).
+
 Reads run on the event loop (SQLite reads of one row are quick); writes run on
 one worker thread with their own connections, so a commit's fsync never stalls
 the sessions of other users.
@@ -15,13 +18,9 @@ from typing import TypeVar
 
 from . import paths
 from .directory import Directory
-from .mailstore import MailboxDatabase
+from .mailstore import MailboxDatabase, NotMountedError
 
 T = TypeVar("T")
-
-
-class NotMountedError(Exception):
-    """The database's active copy is not on this server (now)."""
 
 
 class MountedDatabases:

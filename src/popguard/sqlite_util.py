@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import sqlite3
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
+
+from .errors import UserError
 
 
 def connect(path: Path, timeout: float, check_same_thread: bool = True) -> sqlite3.Connection:
@@ -29,3 +31,41 @@ def transaction(connection: sqlite3.Connection) -> Iterator[sqlite3.Connection]:
         connection.execute("ROLLBACK")
         raise
     connection.execute("COMMIT")
+
+
+def statements(script: str) -> list[str]:
+    """Split a script into statements as SQLite does (a ';' in a comment is no end)."""
+    found, pending = [], ""
+    for line in script.splitlines(keepends=True):
+        pending += line
+        if sqlite3.complete_statement(pending):
+            found.append(pending)
+            pending = ""
+    return found
+
+
+def migrate(
+    connection: sqlite3.Connection,
+    migrations: Sequence[str | Callable[[sqlite3.Connection], None]],
+    what: str,
+) -> None:
+    """Bring a file to `len(migrations)` with `PRAGMA user_version`, in one transaction.
+
+    `migrations[i]` takes version i to i+1: a script, or a function for what SQL
+    alone cannot do. A file newer than this popguard is refused, not guessed at.
+    """
+    with transaction(connection) as db:
+        version = db.execute("PRAGMA user_version").fetchone()[0]
+        if version > len(migrations):
+            raise UserError(
+                f"{what} has schema version {version}, newer than this popguard "
+                f"({len(migrations)}); upgrade popguard"
+            )
+        for target in range(version, len(migrations)):
+            step = migrations[target]
+            if isinstance(step, str):
+                for statement in statements(step):
+                    db.execute(statement)
+            else:
+                step(db)
+            db.execute(f"PRAGMA user_version = {target + 1}")
