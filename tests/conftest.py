@@ -38,7 +38,7 @@ def free_loopback_address() -> str:
         )
         address = "127.{}.{}.{}".format(*octets)
         try:
-            for port in (1110, 1995, 2424):
+            for port in (1110, 1995, 2424, 64327):
                 with socket.socket() as probe:
                     probe.bind((address, port))
         except OSError:

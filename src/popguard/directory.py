@@ -66,7 +66,38 @@ MIGRATIONS: tuple[str, ...] = (
         PRIMARY KEY (server, component, requester)
     );
     """,
+    """
+    -- Replication (continuous copies, switchover, failover).
+    UPDATE servers SET ports = json_set(ports, '$.replication', 64327)
+        WHERE roles LIKE '%"mailbox"%';
+    -- Set-MailboxServer's DatabaseCopyActivationDisabledAndMoveNow and
+    -- DatabaseCopyAutoActivationPolicy.
+    ALTER TABLE servers ADD COLUMN activation_disabled INTEGER NOT NULL DEFAULT 0;
+    ALTER TABLE servers ADD COLUMN auto_activation_policy TEXT NOT NULL DEFAULT 'Unrestricted';
+    -- A move in progress: who claimed it and when. Two moves of one database at
+    -- once cannot both claim it; a claim older than MOVE_CLAIM_TIMEOUT is stale.
+    ALTER TABLE databases ADD COLUMN move_claim TEXT;
+    ALTER TABLE databases ADD COLUMN move_claimed REAL;
+    -- What each copy's replication service last reported about it.
+    CREATE TABLE copy_status (
+        database TEXT NOT NULL,
+        server TEXT NOT NULL,
+        status TEXT NOT NULL,
+        copy_queue_length INTEGER NOT NULL,
+        replay_queue_length INTEGER NOT NULL,
+        applied_lsn INTEGER NOT NULL,
+        last_inspected_log_time REAL,
+        error TEXT,
+        reported REAL NOT NULL,
+        PRIMARY KEY (database, server),
+        FOREIGN KEY (database, server) REFERENCES database_copies(database, server)
+            ON DELETE CASCADE
+    );
+    """,
 )
+
+MOVE_CLAIM_TIMEOUT = 120.0
+ACTIVATION_POLICIES = ("Unrestricted", "Blocked")
 
 COMPONENTS = ("PopProxy",)
 COMPONENT_STATES = ("Active", "Inactive", "Draining")
@@ -81,7 +112,8 @@ ROLES = ("mailbox", "frontend")
 # Ports per role. Each logical server has its own loopback address, so every
 # server can use the same port numbers, as real hosts would.
 DEFAULT_PORTS: dict[str, dict[str, int]] = {
-    "mailbox": {"pop3be": 1110, "pop3be-tls": 1995, "lmtp": 2424},
+    # 64327 is the port Exchange's replication service (MSExchangeRepl) uses.
+    "mailbox": {"pop3be": 1110, "pop3be-tls": 1995, "lmtp": 2424, "replication": 64327},
     "frontend": {"pop3": 10110, "pop3-tls": 10995},
 }
 
@@ -97,6 +129,12 @@ class Server:
     roles: tuple[str, ...]
     address: str
     ports: dict[str, int] = field(default_factory=dict)
+    activation_disabled: bool = False  # DatabaseCopyActivationDisabledAndMoveNow
+    auto_activation_policy: str = "Unrestricted"
+
+    @property
+    def may_activate_copies(self) -> bool:
+        return not self.activation_disabled and self.auto_activation_policy != "Blocked"
 
     def port(self, endpoint: str) -> int:
         try:
@@ -235,28 +273,94 @@ class Directory:
         host = self.get_server(server)
         if "mailbox" not in host.roles:
             raise UserError(f"server {server} does not have the mailbox role")
+        if activation_preference < 1:
+            raise UserError("activation preference must be 1 or more")
         with self._transaction() as db:
+            if db.execute(
+                "SELECT 1 FROM database_copies WHERE database = ? AND server = ?",
+                (database, host.name),
+            ).fetchone():
+                raise UserError(f"database {database} already has a copy on {host.name}")
             db.execute(
                 "INSERT INTO database_copies (database, server, activation_preference, "
                 "is_active) VALUES (?, ?, ?, 0)",
                 (database, host.name, activation_preference),
             )
 
+    def remove_database_copy(self, database: str, server: str) -> None:
+        """Forget a passive copy; the active one cannot be removed (move it first)."""
+        database = self._require_database(database)
+        with self._transaction() as db:
+            row = db.execute(
+                "SELECT is_active FROM database_copies WHERE database = ? AND server = ?",
+                (database, server),
+            ).fetchone()
+            if row is None:
+                raise NotFoundError(f"database {database} has no copy on {server}")
+            if row["is_active"]:
+                raise UserError(
+                    f"{database}\\{server} is the active copy; move the database to another "
+                    "copy first (move-activemailboxdatabase)"
+                )
+            db.execute(
+                "DELETE FROM database_copies WHERE database = ? AND server = ?", (database, server)
+            )
+
+    # Moves: claimed, then finished or released, so two at once cannot both win.
+
+    def claim_move(self, database: str, claimant: str) -> None:
+        database = self._require_database(database)
+        now = time.time()
+        with self._transaction() as db:
+            claimed = db.execute(
+                "UPDATE databases SET move_claim = ?, move_claimed = ? WHERE name = ? "
+                "AND (move_claim IS NULL OR move_claimed < ?)",
+                (claimant, now, database, now - MOVE_CLAIM_TIMEOUT),
+            ).rowcount
+        if not claimed:
+            raise UserError(f"database {database} is being moved by another command; try later")
+
+    def finish_move(self, database: str, claimant: str, server: str) -> None:
+        """Activate the copy on `server` and end the move, in one transaction."""
+        with self._transaction() as db:
+            row = db.execute("SELECT move_claim FROM databases WHERE name = ?", (database,))
+            if row.fetchone()[0] != claimant:
+                raise UserError(f"the move of {database} was taken over by another command")
+            self._activate(db, database, server)
+            db.execute("UPDATE databases SET move_claim = NULL WHERE name = ?", (database,))
+
+    def release_move(self, database: str, claimant: str) -> None:
+        with self._transaction() as db:
+            db.execute(
+                "UPDATE databases SET move_claim = NULL WHERE name = ? AND move_claim = ?",
+                (database, claimant),
+            )
+
+    def move_in_progress(self, database: str) -> bool:
+        row = self._db.execute(
+            "SELECT move_claim, move_claimed FROM databases WHERE name = ?", (database,)
+        ).fetchone()
+        return bool(row and row[0] and row[1] >= time.time() - MOVE_CLAIM_TIMEOUT)
+
     def activate_copy(self, database: str, server: str) -> None:
         """Make the copy on `server` the active one, in one transaction."""
         database = self._require_database(database)
         with self._transaction() as db:
-            target = db.execute(
-                "SELECT 1 FROM database_copies WHERE database = ? AND server = ?",
-                (database, server),
-            ).fetchone()
-            if target is None:
-                raise UserError(f"database {database} has no copy on {server}")
-            db.execute("UPDATE database_copies SET is_active = 0 WHERE database = ?", (database,))
-            db.execute(
-                "UPDATE database_copies SET is_active = 1 WHERE database = ? AND server = ?",
-                (database, server),
-            )
+            self._activate(db, database, server)
+
+    @staticmethod
+    def _activate(db: sqlite3.Connection, database: str, server: str) -> None:
+        target = db.execute(
+            "SELECT 1 FROM database_copies WHERE database = ? AND server = ?",
+            (database, server),
+        ).fetchone()
+        if target is None:
+            raise UserError(f"database {database} has no copy on {server}")
+        db.execute("UPDATE database_copies SET is_active = 0 WHERE database = ?", (database,))
+        db.execute(
+            "UPDATE database_copies SET is_active = 1 WHERE database = ? AND server = ?",
+            (database, server),
+        )
 
     def list_databases(self) -> list[str]:
         rows = self._db.execute("SELECT name FROM databases ORDER BY name").fetchall()
@@ -292,6 +396,67 @@ class Directory:
             known = ", ".join(self.list_databases()) or "none"
             raise NotFoundError(f"no database named {name!r} (databases: {known})")
         return str(row["name"])
+
+    # Copy status, as each server's replication service reports it -------------------------
+
+    def report_copy_status(self, report: CopyStatusReport) -> None:
+        with self._transaction() as db:
+            exists = db.execute(
+                "SELECT 1 FROM database_copies WHERE database = ? AND server = ?",
+                (report.database, report.server),
+            ).fetchone()
+            if exists is None:  # the copy was removed meanwhile
+                return
+            db.execute(
+                "INSERT OR REPLACE INTO copy_status (database, server, status, "
+                "copy_queue_length, replay_queue_length, applied_lsn, last_inspected_log_time, "
+                "error, reported) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                (
+                    report.database, report.server, report.status, report.copy_queue_length,
+                    report.replay_queue_length, report.applied_lsn,
+                    report.last_inspected_log_time, report.error, report.reported,
+                ),
+            )  # fmt: skip
+
+    def copy_status_reports(self) -> dict[tuple[str, str], CopyStatusReport]:
+        rows = self._db.execute("SELECT * FROM copy_status").fetchall()
+        return {
+            (r["database"], r["server"]): CopyStatusReport(
+                database=r["database"],
+                server=r["server"],
+                status=r["status"],
+                copy_queue_length=r["copy_queue_length"],
+                replay_queue_length=r["replay_queue_length"],
+                applied_lsn=r["applied_lsn"],
+                last_inspected_log_time=r["last_inspected_log_time"],
+                error=r["error"],
+                reported=r["reported"],
+            )
+            for r in rows
+        }
+
+    def set_mailbox_server(
+        self,
+        server: str,
+        activation_disabled: bool | None = None,
+        auto_activation_policy: str | None = None,
+    ) -> Server:
+        host = self.get_server(server)
+        if "mailbox" not in host.roles:
+            raise UserError(f"server {host.name} does not have the mailbox role")
+        with self._transaction() as db:
+            if activation_disabled is not None:
+                db.execute(
+                    "UPDATE servers SET activation_disabled = ? WHERE name = ?",
+                    (int(activation_disabled), host.name),
+                )
+            if auto_activation_policy is not None:
+                policy = _choice(auto_activation_policy, ACTIVATION_POLICIES, "policy")
+                db.execute(
+                    "UPDATE servers SET auto_activation_policy = ? WHERE name = ?",
+                    (policy, host.name),
+                )
+        return self.get_server(host.name)
 
     # Mailboxes -----------------------------------------------------------------------
 
@@ -406,6 +571,19 @@ class Directory:
 
 
 @dataclass(frozen=True)
+class CopyStatusReport:
+    database: str
+    server: str
+    status: str
+    copy_queue_length: int
+    replay_queue_length: int
+    applied_lsn: int
+    last_inspected_log_time: float | None
+    error: str | None
+    reported: float
+
+
+@dataclass(frozen=True)
 class ComponentState:
     server: str
     component: str
@@ -426,6 +604,8 @@ def _server(row: sqlite3.Row) -> Server:
         roles=tuple(json.loads(row["roles"])),
         address=row["address"],
         ports={str(k): int(v) for k, v in json.loads(row["ports"]).items()},
+        activation_disabled=bool(row["activation_disabled"]),
+        auto_activation_policy=row["auto_activation_policy"],
     )
 
 

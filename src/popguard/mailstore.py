@@ -17,7 +17,7 @@ from __future__ import annotations
 import json
 import sqlite3
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Sequence
 from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from pathlib import Path
@@ -291,13 +291,15 @@ class MailboxDatabase:
             entries.append(entry)
         return entries
 
-    def apply(self, entries: Iterable[LogEntry]) -> LogHead:
+    def apply(self, entries: Sequence[LogEntry]) -> LogHead:
         """Replay entries shipped from the active copy, all in one transaction.
 
         Each must follow the last (LSN + 1) and carry the checksum the chain gives,
         or nothing is applied and LogIntegrityError says which one did not.
         """
         with self._transaction() as db:
+            if db.execute("SELECT role FROM copy_state").fetchone()[0] == ACTIVE:
+                raise NotMountedError(f"the copy of {self.name} is mounted: it takes no replay")
             head = self._head(db)
             for entry in entries:
                 if entry.lsn != head.lsn + 1:
@@ -360,61 +362,17 @@ class MailboxDatabase:
 
     # Seeding ------------------------------------------------------------------------
 
-    def snapshot(self, target: Path) -> LogHead:
-        """A consistent copy of this database into `target` (SQLite's online backup)."""
-        head = self.head()
-        destination = sqlite3.connect(target)
-        try:
-            with destination:
-                self._db.backup(destination)
-            head = MailboxDatabase._head(destination)
-            destination.execute("PRAGMA journal_mode=DELETE")
-        finally:
-            destination.close()
-        return head
+    def reset(self) -> None:
+        """Empty this passive copy, to be seeded again from LSN 1 of the active copy's log.
 
-    def install_seed(self, seed: Path) -> LogHead:
-        """Replace this passive copy's content with a snapshot's, in one transaction.
-
-        The file stays the same file, so other processes' open connections to it
-        stay valid. The snapshot's whole checksum chain is checked first.
+        The rows go, the file stays: other processes' connections to it stay valid.
         """
-        verify_chain(seed)
-        # ATTACH and DETACH cannot run inside a transaction.
-        self._db.execute("ATTACH DATABASE ? AS seed", (str(seed),))
-        try:
-            with self._transaction() as db:
-                if db.execute("SELECT role FROM copy_state").fetchone()[0] == ACTIVE:
-                    raise NotMountedError(f"refusing to seed over the mounted copy of {self.name}")
-                for table in ("mailboxes", "messages", "change_log", "redelivered"):
-                    db.execute(f"DELETE FROM main.{table}")
-                    db.execute(f"INSERT INTO main.{table} SELECT * FROM seed.{table}")
-                return self._head(db)
-        finally:
-            self._db.execute("DETACH DATABASE seed")
-
-
-def verify_chain(path: Path) -> LogHead:
-    """Check a database file's whole change log chain; its head, or LogIntegrityError."""
-    db = sqlite3.connect(f"file:{path}?mode=ro", uri=True)
-    try:
-        if db.execute("PRAGMA quick_check").fetchone()[0] != "ok":
-            raise LogIntegrityError(f"{path.name} is not an intact SQLite database")
-        head = LogHead(0, GENESIS)
-        cursor = db.execute(
-            "SELECT lsn, at, kind, address, uid, size, payload, checksum FROM change_log "
-            "ORDER BY lsn"
-        )
-        for row in cursor:
-            entry = _entry(row)
-            if entry.lsn != head.lsn + 1 or entry.chained_checksum(head.checksum) != entry.checksum:
-                raise LogIntegrityError(f"seed's change log breaks at LSN {entry.lsn}")
-            head = LogHead(entry.lsn, entry.checksum)
-        return head
-    except sqlite3.DatabaseError as exc:
-        raise LogIntegrityError(f"{path.name} is not a mailbox database: {exc}") from None
-    finally:
-        db.close()
+        with self._transaction() as db:
+            if db.execute("SELECT role FROM copy_state").fetchone()[0] == ACTIVE:
+                raise NotMountedError(f"refusing to empty the mounted copy of {self.name}")
+            for table in ("mailboxes", "messages", "change_log", "redelivered"):
+                db.execute(f"DELETE FROM {table}")
+            db.execute("DELETE FROM sqlite_sequence WHERE name = 'change_log'")
 
 
 def _entry(row: Any) -> LogEntry:

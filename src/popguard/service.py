@@ -8,8 +8,11 @@ import logging
 import signal
 import sys
 from collections.abc import Awaitable, Callable
+from typing import TypeVar
 
 from .errors import UserError
+
+T = TypeVar("T")
 
 log = logging.getLogger("popguard")
 
@@ -22,6 +25,8 @@ def setup_logging(service: str, server: str) -> None:
     )
     # aiosmtpd logs every LMTP command at INFO; keep its warnings only.
     logging.getLogger("mail.log").setLevel(logging.WARNING)
+    # httpx logs every request at INFO: replication's long polls would fill the log.
+    logging.getLogger("httpx").setLevel(logging.WARNING)
 
 
 def run_until_stopped(main: Callable[[asyncio.Event], Awaitable[None]]) -> None:
@@ -50,9 +55,7 @@ def _loop_factory() -> Callable[[], asyncio.AbstractEventLoop] | None:
     return uvloop.new_event_loop
 
 
-async def listen(
-    factory: Callable[[], Awaitable[asyncio.Server]], what: str, address: str, port: int
-) -> asyncio.Server:
+async def listen(factory: Callable[[], Awaitable[T]], what: str, address: str, port: int) -> T:
     """Start a listener; a port in use is the operator's problem to fix, said in one line."""
     try:
         return await factory()

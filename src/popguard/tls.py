@@ -133,11 +133,15 @@ def _subject_names(certificate: x509.Certificate) -> set[str]:
 
 
 def ensure_server_certificate(
-    data: Path, name: str, dns_names: list[str], ip_addresses: list[str]
+    data: Path, name: str, dns_names: list[str], ip_addresses: list[str], purpose: str = ""
 ) -> CertificatePair:
-    """A certificate for `name`, made or renewed when missing, expiring or wrong."""
+    """A certificate for `name`, made or renewed when missing, expiring or wrong.
+
+    `purpose` keeps certificates of one name for different uses in separate files.
+    """
     folder = paths.tls_dir(data) / "servers"
-    pair = CertificatePair(folder / f"{name}.pem", folder / f"{name}.key")
+    stem = f"{name}-{purpose}" if purpose else name
+    pair = CertificatePair(folder / f"{stem}.pem", folder / f"{stem}.key")
     wanted = set(dns_names) | set(ip_addresses)
     with _locked(data):
         ca_certificate, ca_key = _ensure_ca(data)
@@ -194,3 +198,42 @@ def client_context(data: Path) -> ssl.SSLContext:
     context = ssl.create_default_context(cafile=str(ca_certificate_file(data)))
     context.minimum_version = ssl.TLSVersion.TLSv1_2
     return context
+
+
+# The name on the certificate an operator's commands show to replication services.
+ADMIN_IDENTITY = "popguard-admin"
+
+
+def replication_identity(data: Path, server_name: str, address: str) -> CertificatePair:
+    """What a mailbox server shows other servers, as a server and as a client."""
+    return ensure_server_certificate(
+        data, server_name, [server_name.lower()], [address], purpose="replication"
+    )
+
+
+def admin_identity(data: Path) -> CertificatePair:
+    """The operator's client certificate: readable only by whoever can read the data folder."""
+    return ensure_server_certificate(data, ADMIN_IDENTITY, [ADMIN_IDENTITY], [], purpose="client")
+
+
+def mutual_server_context(data: Path, pair: CertificatePair) -> ssl.SSLContext:
+    """A server context that demands a client certificate from the organization's CA."""
+    context = server_context(pair)
+    context.verify_mode = ssl.CERT_REQUIRED
+    context.load_verify_locations(cafile=str(ca_certificate_file(data)))
+    return context
+
+
+def mutual_client_context(data: Path, pair: CertificatePair) -> ssl.SSLContext:
+    context = client_context(data)
+    context.load_cert_chain(pair.certificate, pair.key)
+    return context
+
+
+def peer_name(certificate: dict[str, object] | None) -> str | None:
+    """The common name of a verified peer certificate (ssl's getpeercert() form)."""
+    for rdn in (certificate or {}).get("subject", ()):  # type: ignore[attr-defined]
+        for key, value in rdn:
+            if key == "commonName":
+                return str(value)
+    return None

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import click
 
-from .. import backend, delivery, frontend
+from .. import backend, delivery, frontend, replication_service
 from .context import AppContext, pass_app
 
 
@@ -42,6 +42,14 @@ def serve_pop3(app: AppContext, server: str) -> None:
 def serve_delivery(app: AppContext, server: str, max_message_size: int) -> None:
     """LMTP delivery into the mailbox databases active on a mailbox server."""
     delivery.serve(app.data, server, max_message_size)
+
+
+@serve.command("replication")
+@click.option("--server", required=True, help="The mailbox server to replicate for.")
+@pass_app
+def serve_replication(app: AppContext, server: str) -> None:
+    """Ship this server's active copies' logs; keep its passive copies in step."""
+    replication_service.serve(app.data, server)
 
 
 COMMANDS = [serve]

@@ -1,0 +1,245 @@
+"""One database copy on this server, kept in step with the active copy.
+
+While the directory names another server as the database's active one, the copy
+pulls that server's change log (long polling) and replays it. A copy that was
+active and is no more (a switchover, or a failover while this server was down)
+is fenced first. When its log has changed hands it is "diverged": the entries
+that never reached the new active copy are found by comparing checksums, the
+messages they delivered are given to the new active copy (once, by key), and
+the copy is emptied and seeded again from LSN 1.
+
+While this server holds the active copy, the replicator only reports on it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import time
+from collections.abc import Callable
+from concurrent.futures import Executor
+from pathlib import Path
+from typing import TypeVar
+
+from . import change_log, paths
+from .change_log import LogFormatError
+from .directory import CopyStatusReport, Directory
+from .errors import UserError
+from .mailstore import ACTIVE, LogIntegrityError, MailboxDatabase, NotMountedError
+from .replication_peer import (
+    Diverged,
+    PeerProtocolError,
+    PeerRefused,
+    PeerUnavailable,
+    ReplicationPeer,
+)
+
+log = logging.getLogger("popguard.replication")
+
+T = TypeVar("T")
+
+LONG_POLL = 2.0  # how long the active side holds a pull that finds nothing new
+REPORT_INTERVAL = 2.0
+RETRY_AFTER_FAILURE = 5.0
+RETRY_AFTER_DISCONNECT = 1.0
+
+
+class CopyReplicator:
+    def __init__(
+        self,
+        directory: Directory,
+        server: str,
+        database: str,
+        store: MailboxDatabase,
+        executor: Executor,
+        peer_for: Callable[[str], ReplicationPeer],
+    ) -> None:
+        self.directory = directory
+        self.server = server
+        self.database = database
+        self.store = store
+        self._executor = executor
+        self._peer_for = peer_for
+        self.status = "Initializing"
+        self.error: str | None = None
+        self.copy_queue_length = 0
+        self.applied_lsn = 0
+        self.last_inspected: float | None = None
+        self._reported: tuple[object, ...] = ()
+        self._reported_at = 0.0
+        self._seeding = False
+        self.pending_file = paths.database_copy_file(directory.data, database, server).with_suffix(
+            ".redeliver"
+        )
+
+    async def _run(self, function: Callable[..., T], *args: object) -> T:
+        return await asyncio.get_running_loop().run_in_executor(self._executor, function, *args)
+
+    async def run(self, stop: asyncio.Event) -> None:
+        while not stop.is_set():
+            pause = 0.0
+            try:
+                active = self.directory.active_server(self.database)
+                if active.lower() == self.server.lower():
+                    await self._report_active()
+                    pause = 1.0
+                else:
+                    await self._follow(active)
+            except Diverged as exc:
+                log.warning("%s: %s", self._name, exc)
+                try:
+                    await self._resynchronize(active, exc.peer_head)
+                except (PeerUnavailable, PeerRefused, PeerProtocolError, NotMountedError) as again:
+                    self._set("Resynchronizing", f"resynchronizing: {again}")
+                    pause = RETRY_AFTER_FAILURE
+            except PeerUnavailable as exc:
+                was_healthy = self.status in ("Healthy", "DisconnectedAndHealthy")
+                status = (
+                    "DisconnectedAndHealthy" if was_healthy else "DisconnectedAndResynchronizing"
+                )
+                self._set(status, str(exc))
+                pause = RETRY_AFTER_DISCONNECT
+            except NotMountedError:
+                # The copy was mounted while a pull was on its way (a switchover to it):
+                # the replay was refused, as it must be; the directory will name it next.
+                pause = 0.2
+            except (PeerRefused, PeerProtocolError, LogFormatError, LogIntegrityError) as exc:
+                # Nothing of a bad batch was applied (apply is one transaction).
+                log.error("%s failed: %s", self._name, exc)
+                self._set("Failed", str(exc))
+                pause = RETRY_AFTER_FAILURE
+            except UserError as exc:  # the database or server left the directory
+                self._set("Failed", str(exc))
+                pause = RETRY_AFTER_FAILURE
+            except Exception as exc:
+                log.exception("%s: unexpected error", self._name)
+                self._set("Failed", f"internal error: {exc!r}")
+                pause = RETRY_AFTER_FAILURE
+            self._publish()
+            if pause:
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(stop.wait(), pause)
+
+    @property
+    def _name(self) -> str:
+        return f"{self.database}\\{self.server}"
+
+    def _set(self, status: str, error: str | None = None) -> None:
+        self.status, self.error = status, error
+
+    async def _report_active(self) -> None:
+        role = await self._run(self.store.role)
+        self.applied_lsn = (await self._run(self.store.head)).lsn
+        self.copy_queue_length = 0
+        self.last_inspected = time.time()
+        self._set("Mounted" if role == ACTIVE else "Dismounted")
+
+    async def _follow(self, active: str) -> None:
+        if await self._run(self.store.role) == ACTIVE:
+            if self.directory.move_in_progress(self.database):
+                # Mounted by a switchover that has not yet updated the directory.
+                raise NotMountedError(f"{self._name} is being activated")
+            head = await self._run(self.store.fence)
+            if head.lsn:  # not a brand-new, empty copy
+                log.warning(
+                    "%s was mounted, but %s is active now: fenced at LSN %d",
+                    self._name, active, head.lsn,
+                )  # fmt: skip
+        peer = self._peer_for(active)
+        if self.pending_file.exists():
+            await self._redeliver_pending(peer, active)
+        head = await self._run(self.store.head)
+        if head.lsn == 0:
+            self._seeding = True
+        batch = await peer.log_after(self.database, head, LONG_POLL)
+        if batch.entries:
+            head = await self._run(self.store.apply, batch.entries)
+        self.applied_lsn = head.lsn
+        self.copy_queue_length = max(0, batch.source_head - head.lsn)
+        self.last_inspected = time.time()
+        if self.copy_queue_length == 0:
+            self._seeding = False
+        self._set("Seeding" if self._seeding else "Healthy")
+
+    async def _resynchronize(self, active: str, peer_head: int) -> None:
+        """Give back what only this copy had, then seed it again from the active copy."""
+        self._set("Resynchronizing")
+        self._publish(force=True)
+        peer = self._peer_for(active)
+        mine = await self._run(self.store.head)
+        # Checksums chain, so they agree up to some LSN and differ after it.
+        low, high = 0, min(mine.lsn, peer_head)
+        while low < high:
+            middle = (low + high + 1) // 2
+            theirs = await peer.checksum_at(self.database, middle)
+            ours = await self._run(self.store.checksum_at, middle)
+            if theirs is not None and theirs == ours:
+                low = middle
+            else:
+                high = middle - 1
+        lost = await self._run(self.store.delivered_after, low)
+        log.warning(
+            "%s: log diverged after LSN %d (this copy had %d, the active copy %d): "
+            "%d messages only here go to %s",
+            self._name, low, mine.lsn, peer_head, len(lost), active,
+        )  # fmt: skip
+        if lost:
+            _write_durably(self.pending_file, b"".join(change_log.encode(lost)))
+            await self._redeliver_pending(peer, active)
+        await self._run(self.store.reset)
+        self.applied_lsn = 0
+        self._seeding = True
+
+    async def _redeliver_pending(self, peer: ReplicationPeer, active: str) -> None:
+        entries = change_log.decode(self.pending_file.read_bytes())
+        stored = await peer.redeliver(self.database, self.server, entries)
+        log.warning(
+            "%s: %d messages given back to %s (%d new there)",
+            self._name,
+            len(entries),
+            active,
+            stored,
+        )
+        self.pending_file.unlink()
+
+    def _publish(self, force: bool = False) -> None:
+        """Report to the directory when something changed, or every REPORT_INTERVAL."""
+        state = (self.status, self.error, self.copy_queue_length, self.applied_lsn)
+        now = time.time()
+        if not force and state == self._reported and now - self._reported_at < REPORT_INTERVAL:
+            return
+        try:
+            self.directory.report_copy_status(
+                CopyStatusReport(
+                    database=self.database,
+                    server=self.server,
+                    status=self.status,
+                    copy_queue_length=self.copy_queue_length,
+                    replay_queue_length=0,  # a batch is replayed as soon as it arrives
+                    applied_lsn=self.applied_lsn,
+                    last_inspected_log_time=self.last_inspected,
+                    error=self.error,
+                    reported=now,
+                )
+            )
+        except Exception:
+            log.exception("%s: reporting copy status failed", self._name)
+            return
+        self._reported, self._reported_at = state, now
+
+
+def _write_durably(path: Path, content: bytes) -> None:
+    """Write, fsync, rename into place, fsync the folder: there whole or not at all."""
+    temporary = path.with_suffix(path.suffix + ".tmp")
+    with open(temporary, "wb") as out:
+        out.write(content)
+        out.flush()
+        os.fsync(out.fileno())
+    os.replace(temporary, path)
+    folder = os.open(path.parent, os.O_RDONLY)
+    try:
+        os.fsync(folder)
+    finally:
+        os.close(folder)

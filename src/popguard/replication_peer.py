@@ -1,0 +1,206 @@
+"""Talking to another mailbox server's replication service (HTTPS, mutual TLS).
+
+Every failure comes out as one of three exceptions, so the caller can tell a
+server that is down (try again) from one that refuses us (a credential problem)
+from one that answers with something that is not the protocol (never applied).
+"""
+
+from __future__ import annotations
+
+import json
+import ssl
+from dataclasses import dataclass
+from types import TracebackType
+from typing import Any
+
+import httpx
+
+from . import change_log
+from .change_log import LogEntry, LogFormatError
+from .directory import Server
+from .mailstore import LogHead
+
+CONNECT_TIMEOUT = 3.0
+REQUEST_TIMEOUT = 30.0
+MAX_BATCH_BYTES = 8 * 1024 * 1024
+
+
+class PeerUnavailable(Exception):
+    """The peer did not answer: down, unreachable or too slow."""
+
+
+class PeerRefused(Exception):
+    """The peer answered and said no (a credential, or a request it will not do)."""
+
+
+class PeerProtocolError(Exception):
+    """The peer answered with something that is not the replication protocol."""
+
+
+@dataclass(frozen=True)
+class LogBatch:
+    entries: list[LogEntry]
+    source_head: int  # the peer's last LSN when it answered
+
+
+class Diverged(Exception):
+    """Our log is not a prefix of the peer's: we hold changes it never had."""
+
+    def __init__(self, peer_head: int) -> None:
+        super().__init__(f"log diverged from the active copy's (its last LSN {peer_head})")
+        self.peer_head = peer_head
+
+
+class ReplicationPeer:
+    def __init__(self, server: Server, context: ssl.SSLContext) -> None:
+        self.server = server
+        self._client = httpx.AsyncClient(
+            base_url=f"https://{_host(server.address)}:{server.port('replication')}/v1/",
+            verify=context,
+            timeout=httpx.Timeout(REQUEST_TIMEOUT, connect=CONNECT_TIMEOUT),
+        )
+
+    async def __aenter__(self) -> ReplicationPeer:
+        return self
+
+    async def __aexit__(
+        self,
+        kind: type[BaseException] | None,
+        value: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self.aclose()
+
+    async def aclose(self) -> None:
+        await self._client.aclose()
+
+    async def _request(
+        self, method: str, path: str, patience: float = REQUEST_TIMEOUT, **kwargs: Any
+    ) -> httpx.Response:
+        name = self.server.name
+        try:
+            timeout = httpx.Timeout(patience, connect=CONNECT_TIMEOUT)
+            response = await self._client.request(method, path, timeout=timeout, **kwargs)
+        except httpx.ConnectError as exc:
+            if isinstance(exc.__cause__, ssl.SSLError) or "SSL" in str(exc):
+                raise PeerRefused(f"TLS with {name} failed: {exc}") from None
+            raise PeerUnavailable(f"{name} does not answer: {exc or 'connection failed'}") from None
+        except httpx.TimeoutException:
+            raise PeerUnavailable(f"{name} did not answer in time") from None
+        except httpx.RemoteProtocolError as exc:
+            raise PeerProtocolError(f"{name} broke the protocol: {exc}") from None
+        except httpx.TransportError as exc:
+            raise PeerUnavailable(f"{name}: {exc or type(exc).__name__}") from None
+        if response.status_code in (401, 403):
+            raise PeerRefused(f"{name} refused our credential: {_reason(response)}")
+        return response
+
+    async def log_after(self, database: str, head: LogHead, wait: float) -> LogBatch:
+        response = await self._request(
+            "GET",
+            f"databases/{database}/log",
+            patience=wait + REQUEST_TIMEOUT,
+            params={
+                "after": head.lsn,
+                "checksum": head.checksum.hex(),
+                "wait": wait,
+                "max_bytes": MAX_BATCH_BYTES,
+            },
+        )
+        if response.status_code == 409:
+            raise Diverged(_int(_json(response).get("last_lsn"), "last_lsn"))
+        _expect_ok(response)
+        try:
+            entries = change_log.decode(response.content)
+        except LogFormatError as exc:
+            raise PeerProtocolError(f"{self.server.name} sent a malformed log: {exc}") from None
+        source_head = _int(response.headers.get("X-Last-Lsn"), "X-Last-Lsn header")
+        return LogBatch(entries, source_head)
+
+    async def checksum_at(self, database: str, lsn: int) -> bytes | None:
+        response = await self._request("GET", f"databases/{database}/checksum/{lsn}")
+        if response.status_code == 404:
+            return None
+        _expect_ok(response)
+        value = _json(response).get("checksum")
+        try:
+            return bytes.fromhex(str(value))
+        except ValueError:
+            raise PeerProtocolError(f"{self.server.name} sent a checksum that is not hex") from None
+
+    async def head(self, database: str) -> dict[str, Any]:
+        response = await self._request("GET", f"databases/{database}/head")
+        _expect_ok(response)
+        return _json(response)
+
+    async def dismount(self, database: str) -> LogHead:
+        response = await self._request("POST", f"databases/{database}/dismount")
+        _expect_ok(response)
+        return _log_head(_json(response))
+
+    async def mount(self, database: str, expected: LogHead | None, catch_up: float) -> LogHead:
+        body = (
+            {"lsn": None, "checksum": None}
+            if expected is None
+            else {"lsn": expected.lsn, "checksum": expected.checksum.hex()}
+        )
+        response = await self._request(
+            "POST",
+            f"databases/{database}/mount",
+            patience=catch_up + REQUEST_TIMEOUT,
+            json={**body, "catch_up": catch_up},
+        )
+        _expect_ok(response)
+        return _log_head(_json(response))
+
+    async def redeliver(self, database: str, origin: str, entries: list[LogEntry]) -> int:
+        response = await self._request(
+            "POST",
+            f"databases/{database}/redeliver",
+            content=b"".join(change_log.encode(entries)),
+            headers={"X-Origin": origin},
+        )
+        _expect_ok(response)
+        return _int(_json(response).get("stored"), "stored")
+
+
+def _host(address: str) -> str:
+    return f"[{address}]" if ":" in address else address
+
+
+def _reason(response: httpx.Response) -> str:
+    try:
+        return str(response.json().get("error", response.text))[:300]
+    except (ValueError, AttributeError):
+        return response.text[:300] or response.reason_phrase
+
+
+def _expect_ok(response: httpx.Response) -> None:
+    if response.status_code != 200:
+        raise PeerRefused(f"HTTP {response.status_code}: {_reason(response)}")
+
+
+def _json(response: httpx.Response) -> dict[str, Any]:
+    try:
+        value = response.json()
+    except (ValueError, json.JSONDecodeError):
+        raise PeerProtocolError("the answer is not JSON") from None
+    if not isinstance(value, dict):
+        raise PeerProtocolError("the answer is not a JSON object")
+    return value
+
+
+def _int(value: object, what: str) -> int:
+    try:
+        return int(str(value))
+    except ValueError:
+        raise PeerProtocolError(f"{what} is not a number: {str(value)[:40]!r}") from None
+
+
+def _log_head(value: dict[str, Any]) -> LogHead:
+    lsn = _int(value.get("lsn"), "lsn")
+    try:
+        checksum = bytes.fromhex(str(value.get("checksum")))
+    except ValueError:
+        raise PeerProtocolError("checksum is not hex") from None
+    return LogHead(lsn, checksum)

@@ -1,0 +1,297 @@
+"""`popguard serve replication`: Exchange's MSExchangeRepl for one mailbox server.
+
+It serves the change logs of the copies on this server to other mailbox servers
+(HTTPS on the server's `replication` port, each side showing a certificate of
+the organization's CA: a peer must be a mailbox server of the directory, or the
+operator's admin identity), runs one CopyReplicator per copy, and carries out
+the dismount and mount steps of a switchover when a move asks for them.
+
+All store work runs on one worker thread, in order, with one connection per copy.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import functools
+import logging
+import os
+import re
+import time
+from collections.abc import Awaitable, Callable
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import TypeVar
+
+from aiohttp import web
+
+from . import change_log, paths, tls
+from .change_log import LogFormatError
+from .copy_replicator import CopyReplicator
+from .directory import Directory, Server
+from .errors import UserError
+from .mailstore import LogHead, LogIntegrityError, MailboxDatabase, NotMountedError
+from .replication_peer import ReplicationPeer
+from .service import listen
+
+log = logging.getLogger("popguard.replication")
+
+T = TypeVar("T")
+
+MAX_WAIT = 30.0
+MAX_CATCH_UP = 120.0
+MAX_REQUEST_BODY = 512 * 1024 * 1024
+POLL = 0.02  # how often a held pull or a catch-up looks at the log again
+_SERVER_NAME = re.compile(r"^[A-Za-z][A-Za-z0-9-]{0,62}$")
+
+
+def _error(status: int, text: str) -> web.Response:
+    return web.json_response({"error": text}, status=status)
+
+
+class ReplicationService:
+    def __init__(self, data: Path, server_name: str) -> None:
+        self.data = data
+        self.directory = Directory(data)
+        self.server: Server = self.directory.get_server(server_name)
+        if "mailbox" not in self.server.roles:
+            raise UserError(f"server {self.server.name} does not have the mailbox role")
+        identity = tls.replication_identity(data, self.server.name, self.server.address)
+        self._server_tls = tls.mutual_server_context(data, identity)
+        self._client_tls = tls.mutual_client_context(data, identity)
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="replication-store")
+        self._stores: dict[str, MailboxDatabase] = {}
+        self._replicators: dict[str, tuple[CopyReplicator, asyncio.Task[None]]] = {}
+        self._peers: dict[str, ReplicationPeer] = {}
+        self._stop = asyncio.Event()
+
+    # Stores and peers ---------------------------------------------------------------
+
+    async def _run(self, function: Callable[..., T], *args: object) -> T:
+        return await asyncio.get_running_loop().run_in_executor(self._executor, function, *args)
+
+    def _open(self, database: str) -> MailboxDatabase:
+        """Runs on the store thread (the connection is used from there only)."""
+        store = self._stores.get(database)
+        if store is None:
+            path = paths.database_copy_file(self.data, database, self.server.name)
+            store = self._stores[database] = MailboxDatabase(path, database)
+        return store
+
+    def _peer(self, server_name: str) -> ReplicationPeer:
+        server = self.directory.get_server(server_name)
+        peer = self._peers.get(server.name)
+        if peer is None or peer.server != server:
+            peer = self._peers[server.name] = ReplicationPeer(server, self._client_tls)
+        return peer
+
+    # The copies on this server ----------------------------------------------------------
+
+    async def _reconcile(self) -> None:
+        """Start a replicator for each copy on this server, stop those of removed copies."""
+        wanted = {
+            c.database
+            for c in self.directory.database_copies()
+            if c.server.lower() == self.server.name.lower()
+        }
+        for database in wanted - set(self._replicators):
+            store = await self._run(self._open, database)
+            replicator = CopyReplicator(
+                self.directory, self.server.name, database, store, self._executor, self._peer
+            )
+            task = asyncio.create_task(replicator.run(self._stop), name=f"replicate {database}")
+            self._replicators[database] = (replicator, task)
+            log.info("copy %s\\%s: replicator started", database, self.server.name)
+        for database in set(self._replicators) - wanted:
+            _, task = self._replicators.pop(database)
+            task.cancel()
+            log.info("copy %s\\%s removed: replicator stopped", database, self.server.name)
+
+    # The HTTP API -------------------------------------------------------------------------
+
+    def _app(self) -> web.Application:
+        app = web.Application(client_max_size=MAX_REQUEST_BODY, middlewares=[self._authorize])
+        app.add_routes(
+            [
+                web.get("/v1/databases/{database}/log", self._log),
+                web.get("/v1/databases/{database}/checksum/{lsn}", self._checksum),
+                web.get("/v1/databases/{database}/head", self._head),
+                web.post("/v1/databases/{database}/dismount", self._dismount),
+                web.post("/v1/databases/{database}/mount", self._mount),
+                web.post("/v1/databases/{database}/redeliver", self._redeliver),
+            ]
+        )
+        return app
+
+    @web.middleware
+    async def _authorize(
+        self, request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
+    ) -> web.StreamResponse:
+        transport = request.transport
+        ssl_object = transport.get_extra_info("ssl_object") if transport else None
+        peer = tls.peer_name(ssl_object.getpeercert() if ssl_object else None)
+        if peer is None:
+            return _error(401, "a client certificate of the organization is required")
+        if peer != tls.ADMIN_IDENTITY:
+            try:
+                server = self.directory.get_server(peer)
+            except UserError:
+                return _error(403, f"{peer} is not a server of this organization")
+            if "mailbox" not in server.roles:
+                return _error(403, f"{peer} is not a mailbox server")
+        try:
+            return await handler(request)
+        except (ValueError, KeyError, TypeError) as exc:
+            return _error(400, f"bad request: {exc}")
+        except (NotMountedError, LogIntegrityError) as exc:
+            return _error(409, str(exc))
+
+    async def _store_for(self, request: web.Request) -> tuple[str, MailboxDatabase]:
+        name = request.match_info["database"]
+        database = next(
+            (
+                c.database
+                for c in self.directory.database_copies()
+                if c.database.lower() == name.lower()
+                and c.server.lower() == self.server.name.lower()
+            ),
+            None,
+        )
+        if database is None:
+            raise web.HTTPNotFound(text=f"no copy of {name} on {self.server.name}")
+        return database, await self._run(self._open, database)
+
+    async def _log(self, request: web.Request) -> web.Response:
+        _, store = await self._store_for(request)
+        after = int(request.query["after"])
+        checksum = bytes.fromhex(request.query["checksum"])
+        wait = min(max(float(request.query.get("wait", "0")), 0.0), MAX_WAIT)
+        max_bytes = min(max(int(request.query.get("max_bytes", "1")), 1), 64 * 1024 * 1024)
+        mine = await self._run(store.checksum_at, after)
+        if mine != checksum:
+            head = await self._run(store.head)
+            return web.json_response({"error": "log diverged", "last_lsn": head.lsn}, status=409)
+        deadline = time.monotonic() + wait
+        while True:
+            entries = await self._run(store.entries_after, after, max_bytes)
+            if entries or time.monotonic() >= deadline or self._stop.is_set():
+                break
+            await asyncio.sleep(POLL)
+        head = await self._run(store.head)
+        return web.Response(
+            body=b"".join(change_log.encode(entries)),
+            content_type="application/octet-stream",
+            headers={"X-Last-Lsn": str(head.lsn)},
+        )
+
+    async def _checksum(self, request: web.Request) -> web.Response:
+        _, store = await self._store_for(request)
+        checksum = await self._run(store.checksum_at, int(request.match_info["lsn"]))
+        if checksum is None:
+            raise web.HTTPNotFound(text="no such LSN")
+        return web.json_response({"checksum": checksum.hex()})
+
+    async def _head(self, request: web.Request) -> web.Response:
+        _, store = await self._store_for(request)
+        head = await self._run(store.head)
+        role = await self._run(store.role)
+        return web.json_response({"lsn": head.lsn, "checksum": head.checksum.hex(), "role": role})
+
+    async def _dismount(self, request: web.Request) -> web.Response:
+        database, store = await self._store_for(request)
+        head = await self._run(store.fence)
+        log.warning("%s\\%s dismounted at LSN %d", database, self.server.name, head.lsn)
+        return web.json_response({"lsn": head.lsn, "checksum": head.checksum.hex()})
+
+    async def _mount(self, request: web.Request) -> web.Response:
+        """Mount this copy once its log reaches the old active copy's last entry."""
+        database, store = await self._store_for(request)
+        body = await request.json()
+        catch_up = min(max(float(body.get("catch_up", 30)), 0.0), MAX_CATCH_UP)
+        expected = None
+        if body.get("lsn") is not None:
+            expected = LogHead(int(body["lsn"]), bytes.fromhex(str(body["checksum"])))
+            deadline = time.monotonic() + catch_up
+            while (await self._run(store.head)).lsn < expected.lsn:
+                if time.monotonic() >= deadline:
+                    head = await self._run(store.head)
+                    return _error(
+                        409,
+                        f"copy did not catch up within {catch_up:g}s: at LSN {head.lsn} "
+                        f"of {expected.lsn}",
+                    )
+                await asyncio.sleep(POLL)
+        head = await self._run(store.mount, expected)
+        log.warning("%s\\%s mounted at LSN %d", database, self.server.name, head.lsn)
+        return web.json_response({"lsn": head.lsn, "checksum": head.checksum.hex()})
+
+    async def _redeliver(self, request: web.Request) -> web.Response:
+        database, store = await self._store_for(request)
+        origin = request.headers.get("X-Origin", "")
+        if not _SERVER_NAME.match(origin):
+            return _error(400, "X-Origin must name the server the messages come from")
+        try:
+            entries = change_log.decode(await request.read())
+        except LogFormatError as exc:
+            return _error(400, f"malformed entries: {exc}")
+        stored = 0
+        for entry in entries:
+            if entry.kind != "deliver" or entry.payload is None or entry.size is None:
+                return _error(400, f"entry {entry.lsn} is not a delivery")
+            key = f"{origin}:{entry.lsn}:{entry.checksum.hex()}"
+            before = await self._run(store.last_lsn)
+            await self._run(
+                functools.partial(
+                    store.redeliver, key, entry.address, entry.payload, entry.size, entry.at
+                )
+            )
+            stored += int(await self._run(store.last_lsn) != before)
+        log.warning(
+            "%s: %d of %d messages from %s's lost log stored again",
+            database, stored, len(entries), origin,
+        )  # fmt: skip
+        return web.json_response({"stored": stored})
+
+    # Running --------------------------------------------------------------------------------
+
+    async def run(self, stop: asyncio.Event) -> None:
+        runner = web.AppRunner(self._app(), access_log=None, handle_signals=False)
+        await runner.setup()
+        address, port = self.server.address, self.server.port("replication")
+        site = web.TCPSite(runner, address, port, ssl_context=self._server_tls, reuse_address=True)
+
+        await listen(site.start, "replication", address, port)
+        log.info("replication listening on %s:%d, pid %d", address, port, os.getpid())
+        try:
+            while not stop.is_set():
+                try:
+                    await self._reconcile()
+                except Exception:
+                    log.exception("reading this server's copies from the directory failed")
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(stop.wait(), 1.0)
+        finally:
+            self._stop.set()
+            for _, task in self._replicators.values():
+                task.cancel()
+            await asyncio.gather(
+                *(t for _, t in self._replicators.values()), return_exceptions=True
+            )
+            await runner.cleanup()
+            for peer in self._peers.values():
+                await peer.aclose()
+            self._executor.submit(self._close_stores).result()
+            self._executor.shutdown()
+            self.directory.close()
+
+    def _close_stores(self) -> None:
+        for store in self._stores.values():
+            store.close()
+
+
+def serve(data: Path, server_name: str) -> None:
+    from .service import run_until_stopped, setup_logging
+
+    setup_logging("replication", server_name)
+    service = ReplicationService(data, server_name)
+    run_until_stopped(service.run)
