@@ -60,6 +60,17 @@ def wait_for_port(address: str, port: int, process: subprocess.Popen[bytes] | No
     raise RuntimeError(f"nothing listening on {address}:{port}")
 
 
+def popguard(data: Path, *args: str, stdin: str | None = None) -> subprocess.CompletedProcess[str]:
+    """The `popguard` command as an operator runs it."""
+    return subprocess.run(
+        [sys.executable, "-m", "popguard", "--data", str(data), *args],
+        input=stdin,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+
+
 def apply_settings(data: Path, server: str, service: str, **changes: object) -> None:
     """set-popsettings, then wait for `service`'s counters to show the new revision."""
     with Directory(data) as directory:
@@ -118,6 +129,7 @@ class MailboxServer(DataFolder):
     pop3_port: int = 1110
     pop3s_port: int = 1995
     lmtp_port: int = 2424
+    replication_port: int = 64327
 
     def add_mailbox(self, address: str, password: str = PASSWORD) -> str:
         with self.directory() as directory:
@@ -139,7 +151,9 @@ class MailboxServer(DataFolder):
         with open(log, "ab") as out:
             process = subprocess.Popen([*command, "--server", self.name], stdout=out, stderr=out)
         self.processes[service] = process
-        port = self.pop3_port if service == "pop3be" else self.lmtp_port
+        port = {"pop3be": self.pop3_port, "delivery": self.lmtp_port}.get(
+            service, self.replication_port
+        )
         wait_for_port(self.address, port, process)
         if service == "pop3be":
             wait_for_port(self.address, self.pop3s_port, process)
@@ -272,8 +286,9 @@ class Organization(DataFolder):
 
 
 @contextlib.contextmanager
-def running_organization(data: Path) -> Iterator[Organization]:
-    """cas1, mbx1 and mbx2 with all their services running until the block ends."""
+def running_organization(data: Path, replication: bool = False) -> Iterator[Organization]:
+    """cas1, mbx1 and mbx2 with all their services running until the block ends
+    (replication too, when asked: the passive copies then follow the active ones)."""
     frontend_address = free_loopback_address()
     mailbox: dict[str, MailboxServer] = {}
     with Directory(data) as directory:
@@ -290,6 +305,8 @@ def running_organization(data: Path) -> Iterator[Organization]:
         for server in mailbox.values():
             server.start("pop3be")
             server.start("delivery")
+            if replication:
+                server.start("replication")
         org.start_frontend()
         yield org
     finally:
@@ -299,4 +316,10 @@ def running_organization(data: Path) -> Iterator[Organization]:
 @pytest.fixture
 def organization(tmp_path: Path) -> Iterator[Organization]:
     with running_organization(tmp_path / "data") as org:
+        yield org
+
+
+@pytest.fixture
+def replicated_organization(tmp_path: Path) -> Iterator[Organization]:
+    with running_organization(tmp_path / "data", replication=True) as org:
         yield org

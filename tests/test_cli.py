@@ -9,17 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from .conftest import free_loopback_address
-
-
-def popguard(data: Path, *args: str, stdin: str | None = None) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "popguard", "--data", str(data), *args],
-        input=stdin,
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
+from .conftest import free_loopback_address, popguard
 
 
 @pytest.fixture
@@ -40,7 +30,12 @@ def test_get_server_json_has_exchange_keys(organization: Path) -> None:
     (server,) = json.loads(result.stdout)
     assert set(server) == {"Name", "Roles", "Address", "Ports"}
     assert server["Roles"] == ["mailbox"]
-    assert server["Ports"] == {"pop3be": 1110, "pop3be-tls": 1995, "lmtp": 2424}
+    assert server["Ports"] == {
+        "pop3be": 1110,
+        "pop3be-tls": 1995,
+        "lmtp": 2424,
+        "replication": 64327,
+    }
 
 
 def test_mailbox_lifecycle(organization: Path) -> None:
@@ -136,6 +131,48 @@ def test_set_popsettings_with_the_runbook_spelling(organization: Path) -> None:
             "cannot read /nonexistent",
         ),
         (("remove-mailbox", "ghost@example.test"), None, "no mailbox 'ghost@example.test'"),
+        (
+            ("get-mailboxdatabasecopystatus", "--identity", "DB01"),
+            None,
+            "a copy is named DATABASE\\SERVER",
+        ),
+        (("get-mailboxdatabasecopystatus", "--identity", "DB01\\mbx9"), None, "no copy DB01"),
+        (("get-mailboxdatabasecopystatus", "--server", "mbx9"), None, "no server named 'mbx9'"),
+        (
+            ("move-activemailboxdatabase", "DB01", "--activate-on-server", "mbx9"),
+            None,
+            "has no copy on mbx9",
+        ),
+        (
+            ("move-activemailboxdatabase", "DB99", "--activate-on-server", "mbx1"),
+            None,
+            "no database named 'DB99'",
+        ),
+        (
+            ("move-activemailboxdatabase", "DB01", "--activate-on-server", "mbx1"),
+            None,
+            "cannot mount DB01 on mbx1",
+        ),
+        (
+            (
+                "set-mailboxserver",
+                "mbx1",
+                "--database-copy-activation-disabled-and-move-now",
+                "yes",
+            ),
+            None,
+            "expected true or false",
+        ),
+        (("set-mailboxserver", "mbx1"), None, "nothing to set"),
+        (
+            ("set-mailboxserver", "mbx1", "--database-copy-auto-activation-policy", "Sometimes"),
+            None,
+            "Invalid value",
+        ),
+        (("add-mailboxdatabasecopy", "DB01", "--server", "mbx1"), None, "already has a copy"),
+        (("add-mailboxdatabasecopy", "DB01", "--server", "mbx9"), None, "no server named"),
+        (("remove-mailboxdatabasecopy", "DB01\\mbx1"), None, "is the active copy"),
+        (("remove-mailboxdatabasecopy", "DB01"), None, "a copy is named DATABASE"),
     ],
 )
 def test_bad_input_is_one_line_and_exit_1(

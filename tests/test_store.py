@@ -80,3 +80,21 @@ def test_every_change_is_in_the_change_log_in_order(tmp_path: Path) -> None:
     assert json.loads(rows[2][3]) == [1]
     assert store.last_lsn() == rows[-1][0]
     assert store.message_count() == 0
+
+
+def test_a_directory_from_before_replication_gets_its_ports_and_columns(tmp_path: Path) -> None:
+    from popguard import sqlite_util
+    from popguard.directory import MIGRATIONS
+
+    old = sqlite3.connect(tmp_path / "directory.sqlite", isolation_level=None)
+    sqlite_util.migrate(old, MIGRATIONS[:2], "test directory")
+    old.execute(
+        "INSERT INTO servers VALUES ('mbx1', '[\"mailbox\"]', '127.0.2.1', "
+        "'{\"pop3be\": 1110, \"pop3be-tls\": 1995, \"lmtp\": 2424}')"
+    )
+    old.execute("INSERT INTO servers VALUES ('cas1', '[\"frontend\"]', '127.0.1.1', '{}')")
+    old.close()
+    with Directory(tmp_path) as directory:
+        mbx1, cas1 = directory.get_server("mbx1"), directory.get_server("cas1")
+    assert mbx1.port("replication") == 64327 and "replication" not in cas1.ports
+    assert mbx1.may_activate_copies and mbx1.auto_activation_policy == "Unrestricted"

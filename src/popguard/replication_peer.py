@@ -88,6 +88,13 @@ class ReplicationPeer:
         except httpx.TimeoutException:
             raise PeerUnavailable(f"{name} did not answer in time") from None
         except httpx.RemoteProtocolError as exc:
+            if "without sending a response" in str(exc):
+                # With TLS 1.3 a server that rejects our certificate says so only by
+                # closing the connection after the handshake.
+                raise PeerRefused(
+                    f"{name} closed the connection without an answer (does it refuse "
+                    "this server's certificate?)"
+                ) from None
             raise PeerProtocolError(f"{name} broke the protocol: {exc}") from None
         except httpx.TransportError as exc:
             raise PeerUnavailable(f"{name}: {exc or type(exc).__name__}") from None

@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from cryptography import x509
+from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
@@ -122,6 +123,15 @@ def _ensure_ca(data: Path) -> tuple[x509.Certificate, ec.EllipticCurvePrivateKey
     return certificate, key
 
 
+def _issued_by(certificate: x509.Certificate, ca: x509.Certificate) -> bool:
+    """Signed by this CA's key, not merely by a CA of the same name."""
+    try:
+        certificate.verify_directly_issued_by(ca)
+    except (ValueError, TypeError, InvalidSignature):
+        return False
+    return True
+
+
 def _subject_names(certificate: x509.Certificate) -> set[str]:
     try:
         extension = certificate.extensions.get_extension_for_class(x509.SubjectAlternativeName)
@@ -148,11 +158,7 @@ def ensure_server_certificate(
         if pair.certificate.exists() and pair.key.exists():
             current = x509.load_pem_x509_certificate(pair.certificate.read_bytes())
             fresh = current.not_valid_after_utc - _now() > RENEW_BEFORE
-            if (
-                fresh
-                and _subject_names(current) == wanted
-                and current.issuer == ca_certificate.subject
-            ):
+            if fresh and _subject_names(current) == wanted and _issued_by(current, ca_certificate):
                 return pair
         folder.mkdir(parents=True, exist_ok=True)
         key = ec.generate_private_key(ec.SECP256R1())
