@@ -90,7 +90,7 @@ def test_a_directory_from_before_replication_gets_its_ports_and_columns(tmp_path
     sqlite_util.migrate(old, MIGRATIONS[:2], "test directory")
     old.execute(
         "INSERT INTO servers VALUES ('mbx1', '[\"mailbox\"]', '127.0.2.1', "
-        "'{\"pop3be\": 1110, \"pop3be-tls\": 1995, \"lmtp\": 2424}')"
+        '\'{"pop3be": 1110, "pop3be-tls": 1995, "lmtp": 2424}\')'
     )
     old.execute("INSERT INTO servers VALUES ('cas1', '[\"frontend\"]', '127.0.1.1', '{}')")
     old.close()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import poplib
 import re
 import signal
@@ -11,11 +12,11 @@ import sys
 import time
 from pathlib import Path
 
-from .conftest import free_loopback_address, pid_alive, processes_matching
+from .conftest import free_loopback_address, pid_alive, popguard, processes_matching
 
 
 def test_up_serves_the_demo_mailbox_and_stops_cleanly(tmp_path: Path) -> None:
-    frontend, mailbox = free_loopback_address(), free_loopback_address()
+    frontend, mailbox, second = (free_loopback_address() for _ in range(3))
     data = tmp_path / "data"
     process = subprocess.Popen(
         [
@@ -29,6 +30,8 @@ def test_up_serves_the_demo_mailbox_and_stops_cleanly(tmp_path: Path) -> None:
             frontend,
             "--address",
             mailbox,
+            "--second-address",
+            second,
         ],
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
@@ -44,7 +47,7 @@ def test_up_serves_the_demo_mailbox_and_stops_cleanly(tmp_path: Path) -> None:
                 break
             output += line
         assert "Press Ctrl-C to stop." in output, output
-        match = re.search(r"demo mailbox (\S+)\s+password (\S+)", output)
+        match = re.search(r"demo mailbox (\S+) \(in DB01\)\s+password (\S+)", output)
         assert match, output
         user, password = match.groups()
         assert f"curl --ssl-reqd --cacert {data.resolve()}/tls/ca.pem" in output
@@ -58,7 +61,16 @@ def test_up_serves_the_demo_mailbox_and_stops_cleanly(tmp_path: Path) -> None:
         assert b"Subject: Welcome to popguard" in lines
         client.quit()
         children = processes_matching(f"popguard --data {data} serve")
-        assert len(children) == 3, children  # pop3be, delivery, pop3
+        assert len(children) == 7, children  # pop3be, delivery, replication twice; pop3
+        # mbx2's copy of DB01 follows mbx1's: the welcome message is there too.
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            shown = popguard(data, "get-mailboxdatabasecopystatus", "--identity", "DB01\\mbx2",
+                             "--format", "json")  # fmt: skip
+            if json.loads(shown.stdout)[0]["Status"] == "Healthy":
+                break
+            time.sleep(0.5)
+        assert json.loads(shown.stdout)[0]["CopyQueueLength"] == 0, shown.stdout
         process.send_signal(signal.SIGINT)
         rest, _ = process.communicate(timeout=30)
     finally:

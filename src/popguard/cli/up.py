@@ -21,6 +21,7 @@ from ..lmtp_client import deliver
 from ..organization import (
     DEFAULT_FRONTEND_ADDRESS,
     DEFAULT_MAILBOX_ADDRESS,
+    SECOND_MAILBOX_ADDRESS,
     WELCOME_MESSAGE,
     ensure_demo_organization,
 )
@@ -56,30 +57,35 @@ def _stop(processes: dict[str, subprocess.Popen[bytes]]) -> None:
             process.wait()
 
 
+ENDPOINTS = {"pop3be": "pop3be", "delivery": "lmtp", "replication": "replication", "pop3": "pop3"}
+
+
 @click.command("up")
 @click.option(
     "--frontend-address", default=DEFAULT_FRONTEND_ADDRESS, show_default=True, help="cas1's."
 )
 @click.option("--address", default=DEFAULT_MAILBOX_ADDRESS, show_default=True, help="mbx1's.")
+@click.option("--second-address", default=SECOND_MAILBOX_ADDRESS, show_default=True, help="mbx2's.")
 @pass_app
-def up(app: AppContext, frontend_address: str, address: str) -> None:
-    """Start a front end (cas1) and a mailbox server (mbx1) with a demo mailbox."""
+def up(app: AppContext, frontend_address: str, address: str, second_address: str) -> None:
+    """Start a front end (cas1) and two mailbox servers (mbx1, mbx2) with a demo mailbox."""
     with app.directory() as directory:
-        org = ensure_demo_organization(directory, frontend_address, address)
-    cas, mbx, demo = org.frontend, org.mailbox, org.demo
+        org = ensure_demo_organization(directory, frontend_address, address, second_address)
+    cas, demo = org.frontend, org.demo
     base = [sys.executable, "-m", "popguard", "--data", str(app.data), "serve"]
     processes: dict[str, subprocess.Popen[bytes]] = {}
     # SIGTERM (from a script or a supervisor) stops everything as Ctrl-C does.
     signal.signal(signal.SIGTERM, signal.default_int_handler)
     try:
-        for server, service, endpoint in (
-            (mbx, "pop3be", "pop3be"),
-            (mbx, "delivery", "lmtp"),
-            (cas, "pop3", "pop3"),
-        ):
+        services = [
+            (mbx, service)
+            for mbx in org.mailbox_servers
+            for service in ("pop3be", "delivery", "replication")
+        ]
+        for server, service in [*services, (cas, "pop3")]:
             name = f"{server.name}/{service}"
             processes[name] = subprocess.Popen([*base, service, "--server", server.name])
-            _wait_for_port(server.address, server.port(endpoint), processes[name], name)
+            _wait_for_port(server.address, server.port(ENDPOINTS[service]), processes[name], name)
         welcome = ""
         if demo.new:
             with app.directory() as directory:
@@ -91,20 +97,28 @@ def up(app: AppContext, frontend_address: str, address: str) -> None:
         pop3, pop3s = cas.port("pop3"), cas.port("pop3-tls")
         command = f"{shlex.quote(sys.argv[0])} --data {shlex.quote(str(app.data))}"
         credentials = f"'{demo.address}:{demo.password}'"
+        mailbox_lines = "\n".join(
+            f"  mailbox server {m.name} on {m.address}: back end ports {m.port('pop3be')} and "
+            f"{m.port('pop3be-tls')}, LMTP {m.port('lmtp')}, replication {m.port('replication')}"
+            for m in org.mailbox_servers
+        )
         click.echo(
             f"""
 popguard is up
   front end {cas.name} on {cas.address}: POP3 (STLS) port {pop3}, POP3 over TLS port {pop3s}
-  mailbox server {mbx.name} on {mbx.address}: back end ports {mbx.port("pop3be")} and \
-{mbx.port("pop3be-tls")}, LMTP port {mbx.port("lmtp")}
+{mailbox_lines}
+  DB01 is active on mbx1 with a copy on mbx2; DB02 the reverse
   CA file     {ca}
-  demo mailbox {demo.address}  password {demo.password}{welcome}
+  demo mailbox {demo.address} (in DB01)  password {demo.password}{welcome}
 
 Read the demo mailbox through the front end with curl (list, then fetch message 1):
   curl --ssl-reqd --cacert {ca} -u {credentials} pop3://{cas.address}:{pop3}/
   curl --cacert {ca} -u {credentials} pop3s://{cas.address}:{pop3s}/1
 Deliver another message:
   {command} send-message --to {demo.address} --file message.eml
+See the copies, and move mbx1's databases to mbx2 (and back with false):
+  {command} get-mailboxdatabasecopystatus
+  {command} set-mailboxserver mbx1 --database-copy-activation-disabled-and-move-now true
 Press Ctrl-C to stop.""",
         )
         while True:
