@@ -68,6 +68,7 @@ class CopyReplicator:
         self.applied_lsn = 0
         self.last_inspected: float | None = None
         self._reported: tuple[object, ...] = ()
+        self._progress = (0, 0)
         self._reported_at = 0.0
         self._seeding = False
         self.pending_file = paths.database_copy_file(directory.data, database, server).with_suffix(
@@ -206,9 +207,14 @@ class CopyReplicator:
 
     def _publish(self, force: bool = False) -> None:
         """Report to the directory when something changed, or every REPORT_INTERVAL."""
-        state = (self.status, self.error, self.copy_queue_length, self.applied_lsn)
+        state = (self.status, self.error)
         now = time.time()
-        if not force and state == self._reported and now - self._reported_at < REPORT_INTERVAL:
+        # A new status or error is reported at once; progress (LSN, queue) at most
+        # once a second, so a busy copy does not write to the directory on every pull.
+        interval = (
+            REPORT_INTERVAL if (self.applied_lsn, self.copy_queue_length) == self._progress else 1.0
+        )
+        if not force and state == self._reported and now - self._reported_at < interval:
             return
         try:
             self.directory.report_copy_status(
@@ -228,6 +234,7 @@ class CopyReplicator:
             log.exception("%s: reporting copy status failed", self._name)
             return
         self._reported, self._reported_at = state, now
+        self._progress = (self.applied_lsn, self.copy_queue_length)
 
 
 def _write_durably(path: Path, content: bytes) -> None:

@@ -1,0 +1,423 @@
+"""Replication benchmark: lag under a steady delivery load, switchover time for a
+database of 10,000 messages, seeding throughput.
+
+    .venv/bin/python -m bench.replication [--messages 10000] [--rates 50,200,0]
+
+Everything is set up through the `popguard` command in a fresh data folder: mbx1
+and mbx2 (and mbx3 for seeding) on loopback addresses of their own, each running
+`serve delivery`, `serve pop3be` and `serve replication`; DB01 active on mbx1 with a
+copy on mbx2. Mail goes in over LMTP, one transaction per message, as an MTA would.
+
+1. Lag: at each delivery rate (messages/s; 0 = as fast as one LMTP connection
+   goes) for `--duration` seconds, the time from each message's 250 to the moment
+   its LSN is in mbx2's copy (read from mbx2's copy file every 5 ms), and the
+   largest copy queue length seen (in entries).
+2. Switchover: DB01 filled to `--messages` messages, then
+   `move-activemailboxdatabase DB01 --activate-on-server mbx2`, timed from outside
+   (the whole command) and as the command reports it; then the UIDL list and every
+   message on mbx2 are compared with mbx1's, and one delivery is timed from the
+   start of the move until it is acknowledged.
+3. Seeding: `add-mailboxdatabasecopy DB01 --server mbx3`, timed (command included)
+   until mbx3's copy file holds the active copy's last LSN; MB/s over the octets of
+   the messages in the copy (the log replayed is larger: it holds deleted ones too).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import datetime
+import json
+import os
+import platform
+import secrets
+import shutil
+import signal
+import smtplib
+import sqlite3
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+RESULTS = Path(__file__).parent / "results"
+USER = "bench@popguard.test"
+
+
+def popguard(data: Path, *args: str) -> str:
+    done = subprocess.run(
+        [sys.executable, "-m", "popguard", "--data", str(data), *args],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    if done.returncode != 0:
+        raise RuntimeError(f"popguard {' '.join(args)} failed: {done.stderr.strip()}")
+    return done.stdout
+
+
+def free_address() -> str:
+    import socket
+
+    for _ in range(100):
+        address = f"127.{secrets.randbelow(200) + 20}.{secrets.randbelow(254) + 1}.2"
+        try:
+            for port in (1110, 1995, 2424, 64327):
+                with socket.socket() as probe:
+                    probe.bind((address, port))
+        except OSError:
+            continue
+        return address
+    raise RuntimeError("no free loopback address")
+
+
+def wait_port(address: str, port: int, timeout: float = 30.0) -> None:
+    import socket
+
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        with contextlib.suppress(OSError), socket.create_connection((address, port), 1):
+            return
+        time.sleep(0.05)
+    raise RuntimeError(f"nothing listens on {address}:{port}")
+
+
+class Organization:
+    def __init__(self, data: Path) -> None:
+        self.data = data
+        self.addresses: dict[str, str] = {}
+        self.processes: list[subprocess.Popen[bytes]] = []
+
+    def add_server(self, name: str) -> None:
+        address = free_address()
+        popguard(self.data, "new-server", name, "--role", "mailbox", "--address", address)
+        self.addresses[name] = address
+        log = open(self.data / f"{name}.log", "ab")  # noqa: SIM115 - lives as long as the run
+        for service, port in (("delivery", 2424), ("pop3be", 1110), ("replication", 64327)):
+            self.processes.append(
+                subprocess.Popen(
+                    [
+                        sys.executable,
+                        "-m",
+                        "popguard",
+                        "--data",
+                        str(self.data),
+                        "serve",
+                        service,
+                        "--server",
+                        name,
+                    ],
+                    stdout=log,
+                    stderr=log,
+                )
+            )
+            wait_port(address, port)
+
+    def stop(self) -> None:
+        for process in self.processes:
+            process.send_signal(signal.SIGTERM)
+        for process in self.processes:
+            try:
+                process.wait(15)
+            except subprocess.TimeoutExpired:
+                process.kill()
+
+    def copy_file(self, server: str) -> Path:
+        return self.data / "servers" / server / "databases" / "DB01.sqlite"
+
+    def last_lsn(self, server: str) -> int:
+        path = self.copy_file(server)
+        if not path.exists():
+            return 0
+        db = sqlite3.connect(f"file:{path}?mode=ro", uri=True, timeout=5)
+        try:
+            return int(db.execute("SELECT COALESCE(MAX(lsn), 0) FROM change_log").fetchone()[0])
+        except sqlite3.OperationalError:
+            return 0
+        finally:
+            db.close()
+
+    def status(self, identity: str) -> dict[str, Any]:
+        shown = popguard(self.data, "get-mailboxdatabasecopystatus", "--identity", identity,
+                         "--format", "json")  # fmt: skip
+        row: dict[str, Any] = json.loads(shown)[0]
+        return row
+
+    def wait_healthy(self, identity: str, timeout: float) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            row = self.status(identity)
+            if row["Status"] == "Healthy" and row["CopyQueueLength"] == 0:
+                return
+            time.sleep(0.2)
+        raise RuntimeError(f"{identity} not Healthy after {timeout}s: {row}")
+
+
+def message(number: int, size: int) -> bytes:
+    head = f"From: load@example.test\r\nSubject: bench {number}\r\n\r\n".encode()
+    line = b"x" * 70 + b"\r\n"
+    return head + line * max(1, (size - len(head)) // len(line))
+
+
+class Lmtp:
+    """One LMTP connection to whichever server holds DB01, reopened after a failure."""
+
+    def __init__(self, org: Organization) -> None:
+        self.org = org
+        self.client: smtplib.LMTP | None = None
+
+    def deliver(self, content: bytes) -> int:
+        """The reply code (250, or 451 during a move; 0 when the connection failed)."""
+        try:
+            if self.client is None:
+                active = active_server(self.org.data)
+                self.client = smtplib.LMTP(self.org.addresses[active], 2424, timeout=30)
+                self.client.ehlo()
+            self.client.mail("load@example.test")
+            self.client.rcpt(USER)
+            code, _ = self.client.data(content)
+        except (OSError, smtplib.SMTPException) as exc:
+            code = exc.smtp_code if isinstance(exc, smtplib.SMTPResponseException) else 0
+            self.close()
+            return code
+        return int(code)
+
+    def close(self) -> None:
+        if self.client is not None:
+            with contextlib.suppress(Exception):
+                self.client.close()
+        self.client = None
+
+
+def active_server(data: Path) -> str:
+    db = sqlite3.connect(data / "directory.sqlite", timeout=10)
+    try:
+        row = db.execute(
+            "SELECT server FROM database_copies WHERE database = 'DB01' AND is_active = 1"
+        ).fetchone()
+        return str(row[0])
+    finally:
+        db.close()
+
+
+def percentile(values: list[float], fraction: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(fraction * len(ordered)))] if ordered else 0.0
+
+
+def measure_lag(org: Organization, rate: float, duration: float, size: int) -> dict[str, Any]:
+    """Deliver at `rate`/s for `duration` s; delay from each 250 to its LSN on mbx2."""
+    acked: dict[int, float] = {}  # LSN on mbx1 -> when acknowledged
+    seen: dict[int, float] = {}
+    stop = threading.Event()
+    max_queue = 0
+
+    def watch() -> None:
+        nonlocal max_queue
+        while not stop.is_set() or len(seen) < len(acked):
+            now = time.monotonic()
+            passive = org.last_lsn("mbx2")
+            for lsn in [lsn for lsn in acked if lsn not in seen and lsn <= passive]:
+                seen[lsn] = now
+            max_queue = max(max_queue, org.last_lsn("mbx1") - passive)
+            if stop.is_set() and now - stopped_at > 30:
+                return
+            time.sleep(0.005)
+
+    stopped_at = 0.0
+    watcher = threading.Thread(target=watch, daemon=True)
+    watcher.start()
+    lmtp = Lmtp(org)
+    start = time.monotonic()
+    sent = 0
+    while time.monotonic() - start < duration:
+        if rate:
+            ahead = start + sent / rate - time.monotonic()
+            if ahead > 0:
+                time.sleep(ahead)
+        if lmtp.deliver(message(sent, size)) == 250:
+            acked[org.last_lsn("mbx1")] = time.monotonic()
+        sent += 1
+    elapsed = time.monotonic() - start
+    lmtp.close()
+    stop.set()
+    stopped_at = time.monotonic()
+    watcher.join(40)
+    delays = [(seen[lsn] - acked[lsn]) * 1000 for lsn in acked if lsn in seen]
+    return {
+        "target_rate": rate,
+        "delivered_per_s": round(len(acked) / elapsed, 1),
+        "messages": len(acked),
+        "replicated": len(delays),
+        "delay_ms_p50": round(percentile(delays, 0.5), 1),
+        "delay_ms_p99": round(percentile(delays, 0.99), 1),
+        "delay_ms_max": round(max(delays, default=0.0), 1),
+        "max_copy_queue": max_queue,
+    }
+
+
+def fill(org: Organization, count: int, size: int) -> float:
+    lmtp = Lmtp(org)
+    start = time.monotonic()
+    for number in range(count):
+        if lmtp.deliver(message(number, size)) != 250:
+            raise RuntimeError(f"filling: delivery {number} refused")
+    lmtp.close()
+    return time.monotonic() - start
+
+
+def copy_content(org: Organization, server: str) -> list[tuple[int, bytes]]:
+    db = sqlite3.connect(f"file:{org.copy_file(server)}?mode=ro", uri=True)
+    try:
+        rows = db.execute(
+            "SELECT uid, wire FROM messages WHERE address = ? ORDER BY uid", (USER,)
+        ).fetchall()
+        return [(int(uid), bytes(wire)) for uid, wire in rows]
+    finally:
+        db.close()
+
+
+def measure_switchover(org: Organization) -> dict[str, Any]:
+    before = copy_content(org, "mbx1")
+    first_ack: list[float] = []
+
+    def deliver_during_move() -> None:
+        lmtp = Lmtp(org)
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            if lmtp.deliver(message(-1, 2000)) == 250:
+                first_ack.append(time.monotonic())
+                break
+            time.sleep(0.02)
+        lmtp.close()
+
+    start = time.monotonic()
+    process = subprocess.Popen(
+        [sys.executable, "-m", "popguard", "--data", str(org.data), "move-activemailboxdatabase",
+         "DB01", "--activate-on-server", "mbx2", "--format", "json"],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    # The delivery starts once the command is likely past its start-up, to land in the move.
+    time.sleep(0.25)
+    delivery = threading.Thread(target=deliver_during_move)
+    delivery.start()
+    out, err = process.communicate(timeout=120)
+    wall = time.monotonic() - start
+    delivery.join(70)
+    if process.returncode != 0:
+        raise RuntimeError(f"switchover failed: {err}")
+    reported = json.loads(out)[0]
+    after = copy_content(org, "mbx2")
+    return {
+        "messages": len(before),
+        "command_seconds": round(wall, 2),
+        "reported_seconds": reported["Seconds"],
+        "changes_at_risk": reported["ChangesAtRisk"],
+        "identical": after[: len(before)] == before,
+        "delivery_during_move_acked_after_s": round(first_ack[0] - start, 2) if first_ack else None,
+    }
+
+
+def measure_seeding(org: Organization, timeout: float) -> dict[str, Any]:
+    org.add_server("mbx3")
+    octets = sum(len(wire) for _, wire in copy_content(org, active_server(org.data)))
+    target = org.last_lsn(active_server(org.data))
+    start = time.monotonic()
+    popguard(org.data, "add-mailboxdatabasecopy", "DB01", "--server", "mbx3")
+    # Timed on the copy file itself (status reports come once a second).
+    while org.last_lsn("mbx3") < target:
+        if time.monotonic() - start > timeout:
+            raise RuntimeError(f"mbx3 not seeded after {timeout}s")
+        time.sleep(0.01)
+    seconds = time.monotonic() - start
+    org.wait_healthy("DB01\\mbx3", 60)
+    return {
+        "octets": octets,
+        "seconds": round(seconds, 2),
+        "mb_per_s": round(octets / seconds / 1e6, 1),
+        "file_mb": round(org.copy_file("mbx3").stat().st_size / 1e6, 1),
+    }
+
+
+def machine() -> dict[str, Any]:
+    model = ""
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                model = line.split(":", 1)[1].strip()
+                break
+    return {"cpus": os.cpu_count(), "cpu": model, "python": platform.python_version()}
+
+
+def commit() -> str:
+    with contextlib.suppress(Exception):
+        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
+                              text=True, check=True).stdout.strip()  # fmt: skip
+    return "unknown"
+
+
+@contextlib.contextmanager
+def organization(keep: bool) -> Iterator[Organization]:
+    folder = Path(tempfile.mkdtemp(prefix="popguard-repl-bench-"))
+    org = Organization(folder / "data")
+    try:
+        yield org
+    finally:
+        org.stop()
+        if not keep:
+            shutil.rmtree(folder, ignore_errors=True)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--messages", type=int, default=10_000, help="for the switchover")
+    parser.add_argument("--size", type=int, default=10_000, help="octets per message")
+    parser.add_argument("--rates", default="50,200,0", help="messages/s; 0 = unpaced")
+    parser.add_argument("--duration", type=float, default=10.0, help="seconds per rate")
+    parser.add_argument("--keep", action="store_true", help="keep the data folder")
+    args = parser.parse_args(argv)
+    report: dict[str, Any] = {
+        "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
+        "commit": commit(),
+        "machine": machine(),
+    }
+    with organization(args.keep) as org:
+        org.data.mkdir(parents=True)
+        org.add_server("mbx1")
+        org.add_server("mbx2")
+        popguard(org.data, "new-mailboxdatabase", "DB01", "--server", "mbx1")
+        popguard(org.data, "add-mailboxdatabasecopy", "DB01", "--server", "mbx2")
+        subprocess.run(
+            [sys.executable, "-m", "popguard", "--data", str(org.data), "new-mailbox", USER,
+             "--database", "DB01", "--password-stdin"],
+            input="bench password\n", text=True, check=True, capture_output=True,
+        )  # fmt: skip
+        org.wait_healthy("DB01\\mbx2", 60)
+        report["lag"] = []
+        for rate in (float(r) for r in args.rates.split(",")):
+            result = measure_lag(org, rate, args.duration, 4_000)
+            print(json.dumps(result), flush=True)
+            report["lag"].append(result)
+        already = len(copy_content(org, "mbx1"))
+        fill_seconds = fill(org, max(0, args.messages - already), args.size)
+        report["fill"] = {"messages": args.messages, "seconds": round(fill_seconds, 1)}
+        print(json.dumps(report["fill"]), flush=True)
+        org.wait_healthy("DB01\\mbx2", 300)
+        report["switchover"] = measure_switchover(org)
+        print(json.dumps(report["switchover"]), flush=True)
+        report["seeding"] = measure_seeding(org, 600)
+        print(json.dumps(report["seeding"]), flush=True)
+    RESULTS.mkdir(exist_ok=True)
+    stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
+    out = RESULTS / f"replication-{stamp}.json"
+    out.write_text(json.dumps(report, indent=2))
+    print(f"wrote {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
