@@ -81,6 +81,7 @@ class CopyReplicator:
     async def run(self, stop: asyncio.Event) -> None:
         while not stop.is_set():
             pause = 0.0
+            active = ""
             try:
                 active = self.directory.active_server(self.database)
                 if active.lower() == self.server.lower():
@@ -118,10 +119,19 @@ class CopyReplicator:
                 log.exception("%s: unexpected error", self._name)
                 self._set("Failed", f"internal error: {exc!r}")
                 pause = RETRY_AFTER_FAILURE
-            self._publish()
+            if self._active_now() == active:
+                self._publish()
+            # else a move changed the active copy meanwhile: what was seen is stale, and
+            # the move itself wrote both copies' statuses.
             if pause:
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(stop.wait(), pause)
+
+    def _active_now(self) -> str:
+        try:
+            return self.directory.active_server(self.database)
+        except UserError:
+            return ""
 
     @property
     def _name(self) -> str:

@@ -320,13 +320,18 @@ class Directory:
         if not claimed:
             raise UserError(f"database {database} is being moved by another command; try later")
 
-    def finish_move(self, database: str, claimant: str, server: str) -> None:
-        """Activate the copy on `server` and end the move, in one transaction."""
+    def finish_move(
+        self, database: str, claimant: str, server: str, reports: list[CopyStatusReport]
+    ) -> None:
+        """Activate the copy on `server`, record the copies' new statuses and end the
+        move, in one transaction."""
         with self._transaction() as db:
             row = db.execute("SELECT move_claim FROM databases WHERE name = ?", (database,))
             if row.fetchone()[0] != claimant:
                 raise UserError(f"the move of {database} was taken over by another command")
             self._activate(db, database, server)
+            for report in reports:
+                self._write_copy_status(db, report)
             db.execute("UPDATE databases SET move_claim = NULL WHERE name = ?", (database,))
 
     def release_move(self, database: str, claimant: str) -> None:
@@ -401,22 +406,26 @@ class Directory:
 
     def report_copy_status(self, report: CopyStatusReport) -> None:
         with self._transaction() as db:
-            exists = db.execute(
-                "SELECT 1 FROM database_copies WHERE database = ? AND server = ?",
-                (report.database, report.server),
-            ).fetchone()
-            if exists is None:  # the copy was removed meanwhile
-                return
-            db.execute(
-                "INSERT OR REPLACE INTO copy_status (database, server, status, "
-                "copy_queue_length, replay_queue_length, applied_lsn, last_inspected_log_time, "
-                "error, reported) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                (
-                    report.database, report.server, report.status, report.copy_queue_length,
-                    report.replay_queue_length, report.applied_lsn,
-                    report.last_inspected_log_time, report.error, report.reported,
-                ),
-            )  # fmt: skip
+            self._write_copy_status(db, report)
+
+    @staticmethod
+    def _write_copy_status(db: sqlite3.Connection, report: CopyStatusReport) -> None:
+        exists = db.execute(
+            "SELECT 1 FROM database_copies WHERE database = ? AND server = ?",
+            (report.database, report.server),
+        ).fetchone()
+        if exists is None:  # the copy was removed meanwhile
+            return
+        db.execute(
+            "INSERT OR REPLACE INTO copy_status (database, server, status, "
+            "copy_queue_length, replay_queue_length, applied_lsn, last_inspected_log_time, "
+            "error, reported) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            (
+                report.database, report.server, report.status, report.copy_queue_length,
+                report.replay_queue_length, report.applied_lsn,
+                report.last_inspected_log_time, report.error, report.reported,
+            ),
+        )  # fmt: skip
 
     def copy_status_reports(self) -> dict[tuple[str, str], CopyStatusReport]:
         rows = self._db.execute("SELECT * FROM copy_status").fetchall()

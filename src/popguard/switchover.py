@@ -55,6 +55,36 @@ class MoveResult:
         }
 
 
+@dataclass(frozen=True)
+class Switched:
+    """What a move did: the new active copy's head, and the old one's if it was fenced."""
+
+    source: str
+    target: str
+    mounted: LogHead
+    fenced: LogHead | None  # None: the old server did not answer (a failover)
+    at_risk: int
+
+    def status_reports(self, database: str) -> list[CopyStatusReport]:
+        """The two copies' statuses as of the move, written with the directory change,
+        so that the status shown is right at once, not after the next report."""
+        now = time.time()
+
+        def report(server: str, status: str, lsn: int, error: str | None) -> CopyStatusReport:
+            return CopyStatusReport(database, server, status, 0, 0, lsn, now, error, now)
+
+        reports = [report(self.target, "Mounted", self.mounted.lsn, None)]
+        if self.source == self.target:
+            return reports
+        if self.fenced is not None:
+            reports.append(report(self.source, "Healthy", self.fenced.lsn, None))
+        else:
+            reports.append(
+                report(self.source, "ServiceDown", 0, "its server did not answer at failover")
+            )
+        return reports
+
+
 def copy_status(
     copy: DatabaseCopy, reports: dict[tuple[str, str], CopyStatusReport], now: float
 ) -> str:
@@ -89,11 +119,12 @@ class Mover:
             servers = ", ".join(c.server for c in copies)
             raise UserError(f"database {database} has no copy on {target} (copies: {servers})")
         target = target_copy.server
-        if not self.directory.get_server(target).may_activate_copies and target != source:
+        # A Blocked auto-activation policy keeps automatic choices away, not an
+        # operator's explicit move (as in Exchange); disabled activation refuses both.
+        if self.directory.get_server(target).activation_disabled and target != source:
             raise UserError(
-                f"{target} may not activate database copies (set-mailboxserver {target} "
-                "--database-copy-activation-disabled-and-move-now false and "
-                "--database-copy-auto-activation-policy Unrestricted)"
+                f"{target} has database copy activation disabled (set-mailboxserver {target} "
+                "--database-copy-activation-disabled-and-move-now false allows it again)"
             )
         reports = self.directory.copy_status_reports()
         if target != source and not skip_lag_checks:
@@ -105,15 +136,17 @@ class Mover:
                 )
         self.directory.claim_move(database, self._claimant)
         try:
-            at_risk = await self._switch(
+            switched = await self._switch(
                 database, source, target, skip_lag_checks, catch_up, reports
             )
-            self.directory.finish_move(database, self._claimant, target)
+            self.directory.finish_move(
+                database, self._claimant, target, switched.status_reports(database)
+            )
         except BaseException:
             self.directory.release_move(database, self._claimant)
             raise
         return MoveResult(
-            database, source, target, "Succeeded", at_risk, time.monotonic() - started
+            database, source, target, "Succeeded", switched.at_risk, time.monotonic() - started
         )
 
     async def _switch(
@@ -124,16 +157,16 @@ class Mover:
         skip_lag_checks: bool,
         catch_up: float,
         reports: dict[tuple[str, str], CopyStatusReport],
-    ) -> int:
-        """Fence the source, mount the target; the number of changes at risk."""
+    ) -> Switched:
+        """Fence the source, mount the target."""
         async with self._peer(target) as target_peer:
             if target == source:  # mounting again a copy left dismounted by a failed move
-                await self._mount(target_peer, database, None, catch_up)
-                return 0
-            expected: LogHead | None = None
+                head = await self._mount(target_peer, database, None, catch_up)
+                return Switched(source, target, head, head, 0)
+            fenced: LogHead | None = None
             async with self._peer(source) as source_peer:
                 try:
-                    expected = await source_peer.dismount(database)
+                    fenced = await source_peer.dismount(database)
                 except PeerUnavailable as exc:
                     if not skip_lag_checks:
                         raise UserError(
@@ -143,15 +176,16 @@ class Mover:
                 except (PeerRefused, PeerProtocolError) as exc:
                     raise UserError(f"cannot dismount {database} on {source}: {exc}") from None
                 try:
-                    head = await self._mount(target_peer, database, expected, catch_up)
+                    head = await self._mount(target_peer, database, fenced, catch_up)
                 except UserError:
-                    if expected is not None:  # give the old copy its role back
+                    if fenced is not None:  # give the old copy its role back
                         await self._mount(source_peer, database, None, catch_up)
                     raise
-            if expected is not None:
-                return 0
+            if fenced is not None:
+                return Switched(source, target, head, fenced, 0)
             last_known = reports.get((database, source))
-            return max(0, (last_known.applied_lsn if last_known else 0) - head.lsn)
+            at_risk = max(0, (last_known.applied_lsn if last_known else 0) - head.lsn)
+            return Switched(source, target, head, None, at_risk)
 
     async def _mount(
         self, peer: ReplicationPeer, database: str, expected: LogHead | None, catch_up: float
