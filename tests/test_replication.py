@@ -4,6 +4,7 @@ failover after kill -9, and what a copy does with a bad peer."""
 from __future__ import annotations
 
 import json
+import poplib
 import re
 import signal
 import threading
@@ -283,3 +284,29 @@ def test_failover_after_kill_9_loses_no_acknowledged_message(
         else:
             assert counted[f"load-{number}"] >= 1, (number, counted)
     assert stored(org, "mbx1", "DB01", user) == stored(org, "mbx2", "DB01", user)
+
+
+def test_a_session_across_a_move_gets_a_temporary_error_and_the_retry_works(
+    replicated_organization: Organization,
+) -> None:
+    org = replicated_organization
+    user = org.add_mailbox("eve@example.test")
+    org.deliver(user, message("keep or delete"))
+    wait_for(caught_up(org, "DB01"), "DB01's copies to agree")
+    client = login(org, user)
+    client.dele(1)
+    moved = popguard(org.data, "move-activemailboxdatabase", "DB01", "--activate-on-server",
+                     "mbx2")  # fmt: skip
+    assert moved.returncode == 0, moved.stderr
+    try:
+        client.quit()
+    except poplib.error_proto as exc:
+        assert str(exc).startswith("b'-ERR [SYS/TEMP]"), exc
+    else:
+        raise AssertionError("QUIT on the fenced copy claimed success")
+    retry = login(org, user)  # routed to mbx2 now
+    assert retry.stat()[0] == 1
+    retry.dele(1)
+    assert retry.quit().startswith(b"+OK")
+    wait_for(caught_up(org, "DB01"), "the deletion to reach mbx1's copy")
+    assert stored(org, "mbx1", "DB01", user) == []
