@@ -1,0 +1,1 @@
+"""Managed availability: probes, monitors and health sets (Exchange's MSExchangeHM)."""

@@ -1,0 +1,172 @@
+"""What probes saw and where monitors stand, kept per server in one SQLite file.
+
+Probe results are kept for a bounded time (7 days by default). Monitor states
+(first alert time, ladder state) survive a restart of the health service, so an
+alert resumes where it was instead of starting over.
+"""
+
+from __future__ import annotations
+
+import sqlite3
+from contextlib import AbstractContextManager
+from dataclasses import dataclass
+from pathlib import Path
+
+from .. import sqlite_util
+
+RETENTION = 7 * 24 * 3600.0
+
+MIGRATIONS: tuple[str, ...] = (
+    """
+    CREATE TABLE probe_results (
+        id INTEGER PRIMARY KEY AUTOINCREMENT,
+        probe TEXT NOT NULL,               -- HealthSet\\ProbeName
+        resource TEXT NOT NULL,            -- TargetResource
+        started REAL NOT NULL,
+        ended REAL NOT NULL,
+        result_type TEXT NOT NULL,         -- Succeeded | Failed | TimedOut
+        sample_value REAL,                 -- latency in ms, or the value read
+        error TEXT NOT NULL,
+        exception TEXT NOT NULL,
+        execution_context TEXT NOT NULL,   -- the transcript, passwords redacted
+        failure_context TEXT NOT NULL,
+        failure_component TEXT NOT NULL,
+        failure_reason TEXT NOT NULL
+    );
+    CREATE INDEX probe_results_by_probe ON probe_results(probe, resource, started);
+    CREATE TABLE monitor_states (
+        monitor TEXT NOT NULL,             -- HealthSet\\MonitorName
+        resource TEXT NOT NULL,
+        is_alert INTEGER NOT NULL,
+        state TEXT NOT NULL,               -- Healthy | Degraded | Unhealthy | Unrecoverable
+        first_alert REAL,
+        last_transition REAL,
+        last_execution REAL,
+        last_result TEXT NOT NULL,
+        error TEXT NOT NULL,
+        PRIMARY KEY (monitor, resource)
+    );
+    """,
+)
+
+
+@dataclass(frozen=True)
+class ProbeResult:
+    probe: str
+    resource: str
+    started: float
+    ended: float
+    result_type: str
+    sample_value: float | None
+    error: str = ""
+    exception: str = ""
+    execution_context: str = ""
+    failure_context: str = ""
+    failure_component: str = ""
+    failure_reason: str = ""
+
+    @property
+    def succeeded(self) -> bool:
+        return self.result_type == "Succeeded"
+
+
+@dataclass(frozen=True)
+class MonitorState:
+    monitor: str
+    resource: str
+    is_alert: bool
+    state: str
+    first_alert: float | None
+    last_transition: float | None
+    last_execution: float | None
+    last_result: str
+    error: str
+
+
+class ResultsStore:
+    def __init__(self, path: Path) -> None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        self._db = sqlite_util.connect(path, timeout=10.0)
+        self._db.row_factory = sqlite3.Row
+        sqlite_util.migrate(self._db, MIGRATIONS, f"health results {path}")
+
+    def close(self) -> None:
+        self._db.close()
+
+    def _transaction(self) -> AbstractContextManager[sqlite3.Connection]:
+        return sqlite_util.transaction(self._db)
+
+    def add(self, result: ProbeResult) -> None:
+        with self._transaction() as db:
+            db.execute(
+                "INSERT INTO probe_results (probe, resource, started, ended, result_type, "
+                "sample_value, error, exception, execution_context, failure_context, "
+                "failure_component, failure_reason) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                (
+                    result.probe, result.resource, result.started, result.ended,
+                    result.result_type, result.sample_value, result.error, result.exception,
+                    result.execution_context, result.failure_context, result.failure_component,
+                    result.failure_reason,
+                ),
+            )  # fmt: skip
+
+    def recent(
+        self, probe: str, resource: str, count: int, since: float = 0.0
+    ) -> list[ProbeResult]:
+        """The newest `count` results (newest first), none older than `since`."""
+        rows = self._db.execute(
+            "SELECT * FROM probe_results WHERE probe = ? AND resource = ? AND started >= ? "
+            "ORDER BY started DESC, id DESC LIMIT ?",
+            (probe, resource, since, count),
+        ).fetchall()
+        return [_result(row) for row in rows]
+
+    def prune(self, before: float) -> int:
+        with self._transaction() as db:
+            return int(db.execute("DELETE FROM probe_results WHERE ended < ?", (before,)).rowcount)
+
+    def monitor_states(self) -> dict[tuple[str, str], MonitorState]:
+        rows = self._db.execute("SELECT * FROM monitor_states").fetchall()
+        return {
+            (r["monitor"], r["resource"]): MonitorState(
+                r["monitor"], r["resource"], bool(r["is_alert"]), r["state"], r["first_alert"],
+                r["last_transition"], r["last_execution"], r["last_result"], r["error"],
+            )
+            for r in rows
+        }  # fmt: skip
+
+    def save_monitor_state(self, state: MonitorState) -> None:
+        with self._transaction() as db:
+            db.execute(
+                "INSERT OR REPLACE INTO monitor_states (monitor, resource, is_alert, state, "
+                "first_alert, last_transition, last_execution, last_result, error) "
+                "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                (
+                    state.monitor, state.resource, int(state.is_alert), state.state,
+                    state.first_alert, state.last_transition, state.last_execution,
+                    state.last_result, state.error,
+                ),
+            )  # fmt: skip
+
+    def forget_monitor_state(self, monitor: str, resource: str) -> None:
+        with self._transaction() as db:
+            db.execute(
+                "DELETE FROM monitor_states WHERE monitor = ? AND resource = ?", (monitor, resource)
+            )
+
+
+def _result(row: sqlite3.Row) -> ProbeResult:
+    return ProbeResult(
+        probe=row["probe"],
+        resource=row["resource"],
+        started=row["started"],
+        ended=row["ended"],
+        result_type=row["result_type"],
+        sample_value=row["sample_value"],
+        error=row["error"],
+        exception=row["exception"],
+        execution_context=row["execution_context"],
+        failure_context=row["failure_context"],
+        failure_component=row["failure_component"],
+        failure_reason=row["failure_reason"],
+    )
