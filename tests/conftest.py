@@ -38,7 +38,7 @@ def free_loopback_address() -> str:
         )
         address = "127.{}.{}.{}".format(*octets)
         try:
-            for port in (1110, 1995, 2424, 64327):
+            for port in (1110, 1995, 2424, 64327, 8480):
                 with socket.socket() as probe:
                     probe.bind((address, port))
         except OSError:

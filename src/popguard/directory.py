@@ -94,6 +94,10 @@ MIGRATIONS: tuple[str, ...] = (
             ON DELETE CASCADE
     );
     """,
+    """
+    -- The health service's HTTP API, on every server.
+    UPDATE servers SET ports = json_set(ports, '$.health', 8480);
+    """,
 )
 
 MOVE_CLAIM_TIMEOUT = 120.0
@@ -113,8 +117,14 @@ ROLES = ("mailbox", "frontend")
 # server can use the same port numbers, as real hosts would.
 DEFAULT_PORTS: dict[str, dict[str, int]] = {
     # 64327 is the port Exchange's replication service (MSExchangeRepl) uses.
-    "mailbox": {"pop3be": 1110, "pop3be-tls": 1995, "lmtp": 2424, "replication": 64327},
-    "frontend": {"pop3": 10110, "pop3-tls": 10995},
+    "mailbox": {
+        "pop3be": 1110,
+        "pop3be-tls": 1995,
+        "lmtp": 2424,
+        "replication": 64327,
+        "health": 8480,
+    },
+    "frontend": {"pop3": 10110, "pop3-tls": 10995, "health": 8480},
 }
 
 _SERVER_NAME = re.compile(r"^[A-Za-z][A-Za-z0-9-]{0,62}$")

@@ -52,4 +52,21 @@ def serve_replication(app: AppContext, server: str) -> None:
     replication_service.serve(app.data, server)
 
 
+@serve.command("health")
+@click.option("--server", required=True, help="The server whose health to watch.")
+@click.option(
+    "--profile",
+    type=click.Choice(["default", "exchange2013"]),
+    default="default",
+    show_default=True,
+    help="exchange2013: Exchange 2013's probe intervals, timeouts and thresholds.",
+)
+@pass_app
+def serve_health(app: AppContext, server: str, profile: str) -> None:
+    """Run this server's probes and monitors, and the health API."""
+    from ..health import service
+
+    service.serve(app.data, server, profile)
+
+
 COMMANDS = [serve]

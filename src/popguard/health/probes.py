@@ -96,29 +96,30 @@ class Pop3Dialog:
     async def connect(self, target: ProbeTarget) -> StatusLine:
         self.transcript.at("connect", NETWORKING)
         self.transcript.note(f"connecting to {target.host}:{target.port} ({target.tls})")
-        implicit = target.context if target.tls == "tls" else None
         try:
             self._reader, self._writer = await asyncio.open_connection(
-                target.host, target.port, ssl=implicit, limit=MAX_STATUS_LINE * 4,
-                server_hostname=target.host if implicit else None,
-            )  # fmt: skip
-        except ssl.SSLError as exc:
-            raise ProbeFailure(TLS, "handshake", f"TLS handshake failed: {exc}") from None
+                target.host, target.port, limit=MAX_STATUS_LINE * 4
+            )
         except OSError as exc:
             reason = exc.strerror or type(exc).__name__
             raise ProbeFailure(NETWORKING, reason, f"cannot connect: {reason}") from None
+        if target.tls == "tls":
+            await self._start_tls(target)
         self.transcript.at("greeting", POP3)
         greeting = await self.status("greeting")
         if target.tls == "stls":
             await self.expect_ok("STLS", POP3)
-            self.transcript.at("TLS handshake", TLS)
-            assert self._writer is not None and target.context is not None
-            try:
-                await self._writer.start_tls(target.context, server_hostname=target.host)
-            except (ssl.SSLError, OSError) as exc:
-                raise ProbeFailure(TLS, "handshake", f"TLS handshake failed: {exc}") from None
-            self.transcript.note("TLS established")
+            await self._start_tls(target)
         return greeting
+
+    async def _start_tls(self, target: ProbeTarget) -> None:
+        self.transcript.at("TLS handshake", TLS)
+        assert self._writer is not None and target.context is not None
+        try:
+            await self._writer.start_tls(target.context, server_hostname=target.host)
+        except (ssl.SSLError, OSError) as exc:
+            raise ProbeFailure(TLS, "handshake", f"TLS handshake failed: {exc}") from None
+        self.transcript.note("TLS established")
 
     async def _line(self) -> bytes:
         assert self._reader is not None

@@ -1,0 +1,171 @@
+"""The health service's HTTP API, which the `popguard` health commands talk to.
+
+Rows come out with Exchange's property names, ready for the CLI's renderer. Every
+request but /metrics carries the organization's API token (`DATA/health/api-token`,
+mode 0600) as a bearer token.
+"""
+
+from __future__ import annotations
+
+import datetime
+import fcntl
+import hmac
+import os
+import secrets
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+from typing import Any
+
+from aiohttp import web
+
+from ..errors import UserError
+from .engine import HealthEngine
+from .results import ProbeResult
+
+
+def token_file(data: Path) -> Path:
+    return data / "health" / "api-token"
+
+
+def ensure_token(data: Path) -> str:
+    path = token_file(data)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path.parent / ".token.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if not path.exists():
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+            with os.fdopen(fd, "w") as out:
+                out.write(secrets.token_urlsafe(32) + "\n")
+    return path.read_text().strip()
+
+
+def when(timestamp: float | None) -> str:
+    if timestamp is None:
+        return ""
+    return datetime.datetime.fromtimestamp(timestamp, datetime.UTC).isoformat(timespec="seconds")
+
+
+def serverhealth_rows(engine: HealthEngine) -> list[dict[str, Any]]:
+    rows = engine.monitor_rows()
+    by_set: dict[str, list[str]] = {}
+    for row in rows:
+        by_set.setdefault(row.health_set.name, []).append(row.alert_value)
+    return [
+        {
+            "Server": engine.server.name,
+            "CurrentHealthSetState": engine.worst(by_set[row.health_set.name]),
+            "Name": row.monitor.name,
+            "TargetResource": row.state.resource if row.state else "",
+            "HealthSetName": row.health_set.name,
+            "HealthGroupName": row.health_set.health_group,
+            "AlertValue": row.alert_value,
+            "FirstAlertObservedTime": when(row.state.first_alert if row.state else None),
+            "LastTransitionTime": when(row.state.last_transition if row.state else None),
+            "LastExecutionTime": when(row.state.last_execution if row.state else None),
+            "LastExecutionResult": row.state.last_result if row.state else "",
+            "ServerComponentName": row.health_set.server_component or "None",
+            "Error": row.state.error if row.state else "",
+        }
+        for row in rows
+    ]
+
+
+def healthreport_rows(engine: HealthEngine) -> list[dict[str, Any]]:
+    rows = engine.monitor_rows()
+    report = []
+    for health_set in engine.health_sets:
+        mine = [r for r in rows if r.health_set is health_set]
+        values = [r.alert_value for r in mine]
+        transitions = [r.state.last_transition for r in mine if r.state and r.state.last_transition]
+        report.append(
+            {
+                "Server": engine.server.name,
+                "State": "Online",
+                "HealthSet": health_set.name,
+                "HealthGroup": health_set.health_group,
+                "AlertValue": engine.worst(values),
+                "LastTransitionTime": when(max(transitions, default=None)),
+                "MonitorCount": len(engine.monitors(health_set)),
+            }
+        )
+    return report
+
+
+def result_row(server: str, result: ProbeResult) -> dict[str, Any]:
+    return {
+        "Server": server,
+        "MonitorIdentity": f"{result.probe}\\{result.resource}",
+        "ExecutionStartTime": when(result.started),
+        "ExecutionEndTime": when(result.ended),
+        "ResultType": result.result_type,
+        "Error": result.error,
+        "Exception": result.exception,
+        "SampleValue": result.sample_value,
+        "ExecutionContext": result.execution_context,
+        "FailureContext": result.failure_context,
+        "FailureComponent": result.failure_component,
+        "FailureReason": result.failure_reason,
+    }
+
+
+def item_rows(engine: HealthEngine) -> list[dict[str, Any]]:
+    rows = []
+    for health_set in engine.health_sets:
+        for probe in health_set.probes:
+            if probe.role is not None and probe.role not in engine.server.roles:
+                continue
+            targets = ", ".join(t.resource for t in engine.targets(probe))
+            rows.append({"Server": engine.server.name, "HealthSetName": health_set.name,
+                         "Name": probe.name, "ItemType": "Probe",
+                         "TargetResource": targets})  # fmt: skip
+        for monitor in engine.monitors(health_set):
+            rows.append({"Server": engine.server.name, "HealthSetName": health_set.name,
+                         "Name": monitor.name, "ItemType": "Monitor",
+                         "TargetResource": monitor.probe})  # fmt: skip
+    return rows
+
+
+class HealthApi:
+    def __init__(self, engine: HealthEngine, token: str) -> None:
+        self.engine = engine
+        self._token = token
+
+    def app(self) -> web.Application:
+        app = web.Application(middlewares=[self._authorize])
+        app.add_routes(
+            [
+                web.get("/v1/serverhealth", self._serverhealth),
+                web.get("/v1/healthreport", self._healthreport),
+                web.get("/v1/items", self._items),
+                web.post("/v1/invoke", self._invoke),
+            ]
+        )
+        return app
+
+    @web.middleware
+    async def _authorize(
+        self, request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
+    ) -> web.StreamResponse:
+        given = request.headers.get("Authorization", "").removeprefix("Bearer ").strip()
+        if not hmac.compare_digest(given.encode(), self._token.encode()):
+            return web.json_response({"error": "a valid API token is required"}, status=401)
+        try:
+            return await handler(request)
+        except UserError as exc:
+            return web.json_response({"error": str(exc)}, status=400)
+
+    async def _serverhealth(self, request: web.Request) -> web.Response:
+        return web.json_response(serverhealth_rows(self.engine))
+
+    async def _healthreport(self, request: web.Request) -> web.Response:
+        return web.json_response(healthreport_rows(self.engine))
+
+    async def _items(self, request: web.Request) -> web.Response:
+        return web.json_response(item_rows(self.engine))
+
+    async def _invoke(self, request: web.Request) -> web.Response:
+        body = await request.json()
+        identity = str(body.get("identity", "")) if isinstance(body, dict) else ""
+        health_set, probe, resource = self.engine.find_probe(identity)
+        results = await self.engine.run_now(health_set, probe, resource)
+        return web.json_response([result_row(self.engine.server.name, r) for r in results])

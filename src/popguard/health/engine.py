@@ -1,0 +1,351 @@
+"""The health engine of one server: runs its probes on their schedules, keeps every
+result, evaluates the monitors that read them, and walks their ladders.
+
+Each probe definition that applies to the server has one scheduling task; each
+run resolves the probe's targets afresh (the databases active here change with
+moves) and runs them side by side, each bounded by the definition's timeout from
+outside the probe. Time comes from the injected clock only.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import traceback
+from dataclasses import dataclass
+from pathlib import Path
+
+from .. import paths, tls
+from ..directory import Directory, Server
+from ..errors import UserError
+from ..lmtp_client import deliver
+from .clock import Clock
+from .definitions import HealthSet, MonitorDefinition, ProbeDefinition
+from .health_mailboxes import ensure_health_mailboxes, read_credentials
+from .monitors import MONITOR_KINDS, SEVERITY, alert_value, ladder_state
+from .probes import PROBE_KINDS, Credential, ProbeFailure, ProbeTarget, Transcript
+from .results import RETENTION, MonitorState, ProbeResult, ResultsStore
+
+log = logging.getLogger("popguard.health")
+
+SERVICE_OF_ROLE = {"mailbox": "pop3be", "frontend": "pop3"}
+PROBE_MESSAGE = (
+    b"From: popguard health <health@monitoring.popguard.local>\r\n"
+    b"Subject: popguard probe message\r\n"
+    b"\r\n"
+    b"The customer touch point probe reads this message with RETR. Keep it.\r\n"
+)
+
+
+def results_file(data: Path, server: str) -> Path:
+    return paths.server_dir(data, server) / "health" / "results.sqlite"
+
+
+@dataclass(frozen=True)
+class MonitorRow:
+    health_set: HealthSet
+    monitor: MonitorDefinition
+    state: MonitorState | None
+    alert_value: str
+
+
+class HealthEngine:
+    def __init__(
+        self, data: Path, server_name: str, clock: Clock, health_sets: list[HealthSet]
+    ) -> None:
+        self.data = data
+        self.clock = clock
+        self.directory = Directory(data)
+        self.server: Server = self.directory.get_server(server_name)
+        self.health_sets = [s for s in health_sets if s.applies_to(self.server.roles)]
+        self.store = ResultsStore(results_file(data, self.server.name))
+        self._context = tls.client_context(data)
+        self._resources: dict[str, list[str]] = {}  # probe identity -> current targets
+        self._lock = asyncio.Lock()  # one monitor evaluation at a time
+
+    def close(self) -> None:
+        self.store.close()
+        self.directory.close()
+
+    # What runs here ------------------------------------------------------------------
+
+    def probes(self) -> list[tuple[HealthSet, ProbeDefinition]]:
+        return [
+            (health_set, probe)
+            for health_set in self.health_sets
+            for probe in health_set.probes
+            if probe.role is None or probe.role in self.server.roles
+        ]
+
+    def monitors(self, health_set: HealthSet) -> list[MonitorDefinition]:
+        """The monitors of a health set whose probe runs on this server."""
+        here = {p.name for s, p in self.probes() if s is health_set}
+        return [m for m in health_set.monitors if m.probe in here]
+
+    def find_probe(self, identity: str) -> tuple[HealthSet, ProbeDefinition, str | None]:
+        """'HealthSet\\Probe' or 'HealthSet\\Probe\\TargetResource'."""
+        parts = identity.split("\\")
+        if len(parts) not in (2, 3):
+            raise UserError(f"a probe is named HEALTHSET\\PROBE[\\RESOURCE], got {identity!r}")
+        for health_set, probe in self.probes():
+            if (health_set.name.lower(), probe.name.lower()) == (
+                parts[0].lower(),
+                parts[1].lower(),
+            ):
+                return health_set, probe, parts[2] if len(parts) == 3 else None
+        known = ", ".join(f"{s.name}\\{p.name}" for s, p in self.probes())
+        raise UserError(f"no probe {identity} on {self.server.name} (probes here: {known})")
+
+    def _databases(self) -> list[str]:
+        if "mailbox" in self.server.roles:
+            return [
+                c.database
+                for c in self.directory.database_copies()
+                if c.is_active and c.server.lower() == self.server.name.lower()
+            ]
+        return self.directory.list_databases()
+
+    def targets(self, probe: ProbeDefinition) -> list[ProbeTarget]:
+        host = self.server.address
+        port = self.server.port(probe.endpoint) if probe.endpoint else 0
+        if probe.kind == "counter":
+            files = {
+                SERVICE_OF_ROLE[role]: paths.counters_file(
+                    self.data, self.server.name, SERVICE_OF_ROLE[role]
+                )
+                for role in self.server.roles
+            }
+            return [
+                ProbeTarget(resource=service, counters_files={service: f})
+                for service, f in files.items()
+            ]
+        if not probe.per_database:
+            service = "pop3" if probe.endpoint in ("pop3", "pop3-tls") else "pop3be"
+            return [ProbeTarget(service, host, port, probe.tls, self._context)]
+        credentials = read_credentials(self.data)
+        return [
+            ProbeTarget(
+                resource=database,
+                host=host,
+                port=port,
+                tls=probe.tls,
+                context=self._context,
+                credential=credentials.get(database.lower()),
+                deliver_probe_message=self._deliver_probe_message,
+            )
+            for database in self._databases()
+        ]
+
+    async def _deliver_probe_message(self, address: str) -> str | None:
+        def send() -> str | None:
+            with Directory(self.data) as directory:
+                result = deliver(
+                    directory, address, PROBE_MESSAGE, "health@monitoring.popguard.local"
+                )
+            return None if result.code == 250 else result.reply
+
+        try:
+            return await asyncio.to_thread(send)
+        except UserError as exc:
+            return str(exc)
+
+    # Running probes ------------------------------------------------------------------------
+
+    async def run_probe(
+        self, health_set: HealthSet, probe: ProbeDefinition, target: ProbeTarget
+    ) -> ProbeResult:
+        """Run one probe instance within its timeout; never raises."""
+        identity = f"{health_set.name}\\{probe.name}"
+        transcript = Transcript()
+        started = self.clock.now()
+        watch = asyncio.get_running_loop().time()
+        kind = PROBE_KINDS[probe.kind]
+        result_type, sample = "Succeeded", None
+        error = exception = component = reason = ""
+        try:
+            async with asyncio.timeout(probe.timeout):
+                outcome = await kind(probe, target, transcript)
+            sample = outcome.sample_value
+        except TimeoutError:
+            result_type = "TimedOut"
+            component, reason = transcript.component, "timeout"
+            error = (
+                f"no answer within {probe.timeout:g}s while at step '{transcript.step}' "
+                f"({transcript.component})"
+            )
+        except ProbeFailure as failure:
+            result_type, component, reason, error = (
+                "Failed",
+                failure.component,
+                failure.reason,
+                str(failure),
+            )
+        except Exception as exc:  # a probe must never take the engine down
+            result_type, component, reason = "Failed", "Probe", type(exc).__name__
+            error, exception = f"probe crashed: {exc!r}", traceback.format_exc(limit=5)
+        ended = self.clock.now()
+        if sample is None:
+            sample = round((asyncio.get_running_loop().time() - watch) * 1000, 1)
+        if result_type != "Succeeded":
+            transcript.note(f"failed: {error}")
+        return ProbeResult(
+            probe=identity,
+            resource=target.resource,
+            started=started,
+            ended=ended,
+            result_type=result_type,
+            sample_value=sample,
+            error=error,
+            exception=exception,
+            execution_context=transcript.text(),
+            failure_context=f"{transcript.step}" if result_type != "Succeeded" else "",
+            failure_component=component,
+            failure_reason=reason,
+        )
+
+    async def run_now(
+        self, health_set: HealthSet, probe: ProbeDefinition, resource: str | None = None
+    ) -> list[ProbeResult]:
+        """Run every target of a probe once, store the results, update its monitors."""
+        targets = self.targets(probe)
+        if resource is not None:
+            targets = [t for t in targets if t.resource.lower() == resource.lower()]
+            if not targets:
+                raise UserError(f"{health_set.name}\\{probe.name} has no target {resource!r} here")
+        results = await asyncio.gather(*(self.run_probe(health_set, probe, t) for t in targets))
+        for result in results:
+            self.store.add(result)
+        identity = f"{health_set.name}\\{probe.name}"
+        if resource is None:
+            self._resources[identity] = [t.resource for t in targets]
+        await self.evaluate(health_set, probe)
+        return list(results)
+
+    async def _schedule(
+        self, health_set: HealthSet, probe: ProbeDefinition, stop: asyncio.Event
+    ) -> None:
+        while not stop.is_set():
+            began = self.clock.now()
+            try:
+                await self.run_now(health_set, probe)
+            except Exception:
+                log.exception("running %s\\%s failed", health_set.name, probe.name)
+            await self._sleep(max(0.0, probe.recurrence - (self.clock.now() - began)), stop)
+
+    async def _sleep(self, seconds: float, stop: asyncio.Event) -> None:
+        sleeper = asyncio.ensure_future(self.clock.sleep(seconds))
+        stopper = asyncio.ensure_future(stop.wait())
+        await asyncio.wait({sleeper, stopper}, return_when=asyncio.FIRST_COMPLETED)
+        for task in (sleeper, stopper):
+            task.cancel()
+
+    # Monitors ------------------------------------------------------------------------------
+
+    async def evaluate(self, health_set: HealthSet, probe: ProbeDefinition | None = None) -> None:
+        async with self._lock:
+            states = self.store.monitor_states()
+            now = self.clock.now()
+            for monitor in health_set.monitors:
+                if probe is not None and monitor.probe != probe.name:
+                    continue
+                identity = f"{health_set.name}\\{monitor.probe}"
+                resources = self._resources.get(identity)
+                if resources is None:
+                    continue  # the probe has not run yet
+                key = f"{health_set.name}\\{monitor.name}"
+                for resource in resources:
+                    self._evaluate_one(
+                        monitor, key, identity, resource, states.get((key, resource)), now
+                    )
+                for (name, resource), _ in states.items():
+                    if name == key and resource not in resources:
+                        self.store.forget_monitor_state(name, resource)
+
+    def _evaluate_one(
+        self,
+        monitor: MonitorDefinition,
+        key: str,
+        probe_identity: str,
+        resource: str,
+        previous: MonitorState | None,
+        now: float,
+    ) -> None:
+        verdict = MONITOR_KINDS[monitor.kind](monitor, self.store, probe_identity, resource, now)
+        first_alert = previous.first_alert if previous and previous.is_alert else None
+        if verdict.is_alert:
+            first_alert = now if first_alert is None else first_alert
+            state = ladder_state(monitor, first_alert, now)
+        else:
+            state, first_alert = "Healthy", None
+        changed = previous is None or previous.state != state
+        last = verdict.last
+        error = next((r.error for r in verdict.failing if r.error), "") if verdict.is_alert else ""
+        new = MonitorState(
+            monitor=key,
+            resource=resource,
+            is_alert=verdict.is_alert,
+            state=state,
+            first_alert=first_alert,
+            last_transition=now if changed else (previous.last_transition if previous else now),
+            last_execution=last.ended if last else None,
+            last_result=last.result_type if last else "",
+            error=error,
+        )
+        if new != previous:
+            if changed:
+                log.warning("%s on %s: %s -> %s %s", key, resource,
+                            previous.state if previous else "none", state, error)  # fmt: skip
+            self.store.save_monitor_state(new)
+
+    async def _walk_ladders(self, stop: asyncio.Event) -> None:
+        """Ladders move with time even between probe results."""
+        while not stop.is_set():
+            for health_set in self.health_sets:
+                try:
+                    await self.evaluate(health_set)
+                except Exception:
+                    log.exception("evaluating %s failed", health_set.name)
+            await self._sleep(1.0, stop)
+
+    async def _prune(self, stop: asyncio.Event) -> None:
+        while not stop.is_set():
+            with contextlib.suppress(Exception):
+                self.store.prune(self.clock.now() - RETENTION)
+            await self._sleep(3600.0, stop)
+
+    def monitor_rows(self) -> list[MonitorRow]:
+        states = self.store.monitor_states()
+        rows = []
+        for health_set in self.health_sets:
+            for monitor in self.monitors(health_set):
+                key = f"{health_set.name}\\{monitor.name}"
+                found: list[MonitorState | None] = [
+                    s for (name, _), s in states.items() if name == key
+                ]
+                for state in found or [None]:
+                    value = (
+                        alert_value(state.state, bool(state.last_result)) if state else "Unknown"
+                    )
+                    rows.append(MonitorRow(health_set, monitor, state, value))
+        return rows
+
+    @staticmethod
+    def worst(values: list[str]) -> str:
+        return max(values, key=lambda v: SEVERITY.get(v, 0), default="Healthy")
+
+    # Running -------------------------------------------------------------------------------
+
+    def ensure_health_mailboxes(self) -> dict[str, Credential]:
+        return ensure_health_mailboxes(self.directory)
+
+    async def run(self, stop: asyncio.Event) -> None:
+        tasks = [asyncio.create_task(self._schedule(s, p, stop)) for s, p in self.probes()]
+        tasks.append(asyncio.create_task(self._walk_ladders(stop)))
+        tasks.append(asyncio.create_task(self._prune(stop)))
+        try:
+            await stop.wait()
+        finally:
+            for task in tasks:
+                task.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)

@@ -1,0 +1,56 @@
+"""`popguard serve health --server NAME`: the health engine and its API (MSExchangeHM)."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+from pathlib import Path
+
+from aiohttp import web
+
+from ..service import listen
+from .api import HealthApi, ensure_token
+from .clock import SystemClock
+from .definitions import shipped_health_sets
+from .engine import HealthEngine
+
+log = logging.getLogger("popguard.health")
+
+
+async def run_health(data: Path, server_name: str, profile: str, stop: asyncio.Event) -> None:
+    engine = HealthEngine(data, server_name, SystemClock(), shipped_health_sets(profile))
+    try:
+        # Argon2 hashing and directory writes: off the event loop.
+        await asyncio.to_thread(_prepare_mailboxes, data, server_name)
+        api = HealthApi(engine, ensure_token(data))
+        runner = web.AppRunner(api.app(), access_log=None, handle_signals=False)
+        await runner.setup()
+        address, port = engine.server.address, engine.server.port("health")
+        site = web.TCPSite(runner, address, port, reuse_address=True)
+        await listen(site.start, "the health API", address, port)
+        log.info(
+            "health engine (profile %s) running %d probes; API on %s:%d, pid %d",
+            profile, len(engine.probes()), address, port, os.getpid(),
+        )  # fmt: skip
+        try:
+            await engine.run(stop)
+        finally:
+            await runner.cleanup()
+    finally:
+        engine.close()
+
+
+def _prepare_mailboxes(data: Path, server_name: str) -> None:
+    from ..directory import Directory
+    from .health_mailboxes import ensure_health_mailboxes
+
+    with Directory(data) as directory:
+        ensure_health_mailboxes(directory)
+
+
+def serve(data: Path, server_name: str, profile: str) -> None:
+    from ..service import run_until_stopped, setup_logging
+
+    setup_logging("health", server_name)
+    run_until_stopped(lambda stop: run_health(data, server_name, profile, stop))
