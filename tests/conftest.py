@@ -25,6 +25,7 @@ from popguard.passwords import hash_password
 from popguard.settings import LoginType, PopSettings
 
 PASSWORD = "correct horse battery staple"
+HEALTH_PORT = 8480
 START_TIMEOUT = 20.0
 
 
@@ -151,9 +152,12 @@ class MailboxServer(DataFolder):
         with open(log, "ab") as out:
             process = subprocess.Popen([*command, "--server", self.name], stdout=out, stderr=out)
         self.processes[service] = process
-        port = {"pop3be": self.pop3_port, "delivery": self.lmtp_port}.get(
-            service, self.replication_port
-        )
+        port = {
+            "pop3be": self.pop3_port,
+            "delivery": self.lmtp_port,
+            "replication": self.replication_port,
+            "health": HEALTH_PORT,
+        }[service]
         wait_for_port(self.address, port, process)
         if service == "pop3be":
             wait_for_port(self.address, self.pop3s_port, process)
@@ -273,6 +277,15 @@ class Organization(DataFolder):
         wait_for_port(self.frontend_address, self.pop3s_port, process)
         return process
 
+    def start_frontend_health(self) -> subprocess.Popen[bytes]:
+        log = self.data / "cas1-health.log"
+        command = [sys.executable, "-m", "popguard", "--data", str(self.data), "serve", "health"]
+        with open(log, "ab") as out:
+            process = subprocess.Popen([*command, "--server", "cas1"], stdout=out, stderr=out)
+        self.processes.append(process)
+        wait_for_port(self.frontend_address, HEALTH_PORT, process)
+        return process
+
     def set_frontend_settings(self, **changes: object) -> None:
         apply_settings(self.data, "cas1", "pop3", **changes)
 
@@ -286,7 +299,9 @@ class Organization(DataFolder):
 
 
 @contextlib.contextmanager
-def running_organization(data: Path, replication: bool = False) -> Iterator[Organization]:
+def running_organization(
+    data: Path, replication: bool = False, health: bool = False
+) -> Iterator[Organization]:
     """cas1, mbx1 and mbx2 with all their services running until the block ends
     (replication too, when asked: the passive copies then follow the active ones)."""
     frontend_address = free_loopback_address()
@@ -307,7 +322,11 @@ def running_organization(data: Path, replication: bool = False) -> Iterator[Orga
             server.start("delivery")
             if replication:
                 server.start("replication")
+            if health:
+                server.start("health")
         org.start_frontend()
+        if health:
+            org.start_frontend_health()
         yield org
     finally:
         org.stop_all()
@@ -322,4 +341,11 @@ def organization(tmp_path: Path) -> Iterator[Organization]:
 @pytest.fixture
 def replicated_organization(tmp_path: Path) -> Iterator[Organization]:
     with running_organization(tmp_path / "data", replication=True) as org:
+        yield org
+
+
+@pytest.fixture
+def watched_organization(tmp_path: Path) -> Iterator[Organization]:
+    """An organization whose three servers each run their health service."""
+    with running_organization(tmp_path / "data", health=True) as org:
         yield org

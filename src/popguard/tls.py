@@ -200,7 +200,10 @@ def server_context(pair: CertificatePair) -> ssl.SSLContext:
 
 
 def client_context(data: Path) -> ssl.SSLContext:
-    """Trusts the organization's CA and nothing else."""
+    """Trusts the organization's CA and nothing else (made here if it is not yet)."""
+    if not ca_certificate_file(data).exists():
+        with _locked(data):
+            _ensure_ca(data)
     context = ssl.create_default_context(cafile=str(ca_certificate_file(data)))
     context.minimum_version = ssl.TLSVersion.TLSv1_2
     return context

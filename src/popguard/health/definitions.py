@@ -128,7 +128,9 @@ def load_health_set(text: str, source: str, profile: str = DEFAULT_PROFILE) -> H
     try:
         health_set = HealthSet.model_validate(_apply_profile(raw, profile, source))
     except ValidationError as exc:
-        first = exc.errors()[0]
+        errors = exc.errors()
+        # An unknown key is the likeliest cause of the rest (a misspelt required key).
+        first = next((e for e in errors if e["type"] == "extra_forbidden"), errors[0])
         where = ".".join(str(part) for part in first["loc"])
         raise UserError(f"{source}: {where}: {first['msg']}") from None
     for probe in health_set.probes:

@@ -1,0 +1,125 @@
+"""The health services of a running organization, through the operator's commands."""
+
+from __future__ import annotations
+
+import json
+import signal
+import time
+from pathlib import Path
+from typing import Any
+
+from popguard.health.health_mailboxes import credentials_file
+
+from .conftest import Organization, popguard
+
+
+def health(org: Organization, server: str, health_set: str) -> dict[str, dict[str, Any]]:
+    shown = popguard(org.data, "get-serverhealth", server, "--health-set", health_set,
+                     "--format", "json")  # fmt: skip
+    assert shown.returncode == 0, shown.stderr
+    return {row["Name"]: row for row in json.loads(shown.stdout)}
+
+
+def wait_for_alert(
+    org: Organization, server: str, health_set: str, monitor: str, value: str, timeout: float
+) -> float:
+    """Seconds until `monitor` shows `value`."""
+    started = time.monotonic()
+    while time.monotonic() - started < timeout:
+        row = health(org, server, health_set).get(monitor)
+        if row is not None and row["AlertValue"] == value:
+            return time.monotonic() - started
+        time.sleep(0.5)
+    raise AssertionError(f"{monitor} on {server} never became {value}: {row}")
+
+
+def invoke(org: Organization, identity: str, server: str) -> dict[str, Any]:
+    shown = popguard(org.data, "invoke-monitoringprobe", identity, "--server", server,
+                     "--format", "json")  # fmt: skip
+    assert shown.returncode == 0, shown.stderr
+    result: dict[str, Any] = json.loads(shown.stdout)[0]
+    return result
+
+
+def test_a_paused_back_end_goes_degraded_then_unhealthy_and_back(
+    watched_organization: Organization,
+) -> None:
+    org = watched_organization
+    for monitor in ("PopSelfTestMonitor", "PopDeepTestMonitor"):
+        wait_for_alert(org, "mbx1", "POP.Protocol", monitor, "Healthy", 60)
+    back_end = org.mailbox["mbx1"].processes["pop3be"]
+    back_end.send_signal(signal.SIGSTOP)
+    try:
+        wait_for_alert(org, "mbx1", "POP.Protocol", "PopSelfTestMonitor", "Degraded", 60)
+        wait_for_alert(org, "mbx1", "POP.Protocol", "PopSelfTestMonitor", "Unhealthy", 60)
+        row = health(org, "mbx1", "POP.Protocol")["PopSelfTestMonitor"]
+        assert row["CurrentHealthSetState"] == "Unhealthy" and row["FirstAlertObservedTime"]
+        assert "no answer within" in row["Error"]
+        shown = popguard(org.data, "invoke-monitoringprobe", "POP.Protocol\\PopSelfTestProbe",
+                         "--server", "mbx1", "--format", "list")  # fmt: skip
+        assert "ResultType         : TimedOut" in shown.stdout, shown.stdout
+        assert "Error              : no answer within 4s" in shown.stdout
+        # The other servers' health is their own: mbx2's back end is fine.
+        assert health(org, "mbx2", "POP.Protocol")["PopSelfTestMonitor"]["AlertValue"] == "Healthy"
+    finally:
+        back_end.send_signal(signal.SIGCONT)
+    wait_for_alert(org, "mbx1", "POP.Protocol", "PopSelfTestMonitor", "Healthy", 60)
+    report = json.loads(popguard(org.data, "get-healthreport", "mbx1", "--format", "json").stdout)
+    assert {r["HealthSet"] for r in report} == {"POP", "POP.Protocol"}
+
+
+def test_failures_are_blamed_on_the_right_component(watched_organization: Organization) -> None:
+    org = watched_organization
+    # Through the front end, the customer touch point reads the probe message.
+    ctp = invoke(org, "POP\\PopCTPProbe\\DB01", "cas1")
+    assert ctp["ResultType"] == "Succeeded", ctp
+    assert "C: RETR 1" in ctp["ExecutionContext"] and "C: PASS ****" in ctp["ExecutionContext"]
+
+    # A wrong health-mailbox password is Auth, not a dead service.
+    path: Path = credentials_file(org.data)
+    saved = path.read_text()
+    stored = json.loads(saved)
+    stored["databases"]["db01"]["password"] = "not the password"
+    path.write_text(json.dumps(stored))
+    try:
+        deep = invoke(org, "POP.Protocol\\PopDeepTestProbe", "mbx1")
+        assert (deep["ResultType"], deep["FailureComponent"]) == ("Failed", "Auth"), deep
+        assert deep["FailureReason"] == "AUTH" and "-ERR [AUTH]" in deep["Error"]
+        assert "not the password" not in deep["ExecutionContext"]
+        ctp = invoke(org, "POP\\PopCTPProbe\\DB01", "cas1")
+        assert ctp["FailureComponent"] == "Auth", ctp
+    finally:
+        path.write_text(saved)
+
+    # A stopped back end: nothing listens, which is Networking.
+    org.mailbox["mbx1"].kill("pop3be")
+    deep = invoke(org, "POP.Protocol\\PopDeepTestProbe", "mbx1")
+    assert (deep["ResultType"], deep["FailureComponent"]) == ("Failed", "Networking"), deep
+    assert "cannot connect" in deep["Error"]
+    # Through the front end the same outage is the back end's, said so.
+    ctp = invoke(org, "POP\\PopCTPProbe\\DB01", "cas1")
+    assert (ctp["ResultType"], ctp["FailureComponent"]) == ("Failed", "Backend"), ctp
+    assert "[SYS/TEMP]" in ctp["Error"]
+
+
+def test_health_commands_refuse_bad_input_in_one_line(watched_organization: Organization) -> None:
+    org = watched_organization
+    cases = [
+        (("invoke-monitoringprobe", "POP\\NoSuchProbe", "--server", "mbx1"), "no probe"),
+        (("invoke-monitoringprobe", "PopCTPProbe", "--server", "cas1"), "HEALTHSET\\PROBE"),
+        (("get-serverhealth", "mbx9"), "no server named 'mbx9'"),
+        (("get-serverhealth", "mbx1", "--health-set", "IMAP"), "no health set on mbx1"),
+        (("get-monitoringitemhelp", "POP\\Nothing"), "no probe or monitor"),
+        (("get-monitoringitemidentity", "IMAP", "--server", "mbx1"), "no health set 'IMAP'"),
+    ]
+    for args, message in cases:
+        shown = popguard(org.data, *args)
+        assert shown.returncode == 1, (args, shown.stdout)
+        assert message in shown.stderr and len(shown.stderr.strip().splitlines()) == 1, shown.stderr
+    helped = popguard(org.data, "get-monitoringitemhelp", "POP\\PopCTPMonitor", "--format", "list")
+    assert "protocol-logging-enabled $true" in helped.stdout
+    items = json.loads(popguard(org.data, "get-monitoringitemidentity", "POP.Protocol",
+                                "--server", "mbx1", "--format", "json").stdout)  # fmt: skip
+    assert {(i["Name"], i["ItemType"]) for i in items} >= {
+        ("PopSelfTestProbe", "Probe"), ("PopDeepTestMonitor", "Monitor")
+    }  # fmt: skip

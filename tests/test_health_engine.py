@@ -1,0 +1,147 @@
+"""The health engine with an injected clock: ladders walked in milliseconds, state kept
+across a restart; and health-set files, which are data checked like input."""
+
+from __future__ import annotations
+
+import socket
+from pathlib import Path
+
+import pytest
+
+from popguard.directory import Directory
+from popguard.errors import UserError
+from popguard.health.clock import ManualClock
+from popguard.health.definitions import load_health_set, shipped_health_sets
+from popguard.health.engine import HealthEngine
+
+from .conftest import free_loopback_address
+
+# A probe of a port where nothing listens (refused at once), with Exchange's ladder.
+DEAD_END = """
+name = "Test.Dead"
+health_group = "ServiceComponents"
+role = "mailbox"
+
+[[probes]]
+name = "DeadProbe"
+kind = "pop3-capabilities"
+endpoint = "pop3be-tls"
+recurrence = 60
+timeout = 5
+
+[[monitors]]
+name = "DeadMonitor"
+kind = "consecutive-failures"
+probe = "DeadProbe"
+threshold = 4
+ladder = [
+    { state = "Degraded", after = 0 },
+    { state = "Unhealthy", after = 120 },
+    { state = "Unrecoverable", after = 2400 },
+]
+"""
+
+
+def mailbox_server(tmp_path: Path) -> Path:
+    data = tmp_path / "data"
+    address = free_loopback_address()
+    with Directory(data) as directory:
+        directory.new_server("mbx1", ["mailbox"], address)
+        directory.new_database("DB01", "mbx1")
+    with socket.socket() as probe:  # nothing listens there: each probe is refused
+        probe.bind((address, 1995))
+    return data
+
+
+def monitor(engine: HealthEngine) -> tuple[str, str]:
+    (row,) = engine.monitor_rows()
+    return row.alert_value, row.state.state if row.state else ""
+
+
+async def test_a_40_minute_ladder_walks_in_milliseconds_and_survives_a_restart(
+    tmp_path: Path,
+) -> None:
+    data = mailbox_server(tmp_path)
+    health_set = load_health_set(DEAD_END, "dead.toml")
+    clock = ManualClock()
+    engine = HealthEngine(data, "mbx1", clock, [health_set])
+    (_, probe) = engine.probes()[0]
+    for _ in range(3):
+        await engine.run_now(health_set, probe)
+        await clock.advance(60)
+    assert monitor(engine) == ("Healthy", "Healthy")  # three failures: not yet
+    await engine.run_now(health_set, probe)
+    assert monitor(engine) == ("Degraded", "Degraded")
+    first_alert = clock.now()
+    await clock.advance(119)
+    await engine.evaluate(health_set)
+    assert monitor(engine) == ("Degraded", "Degraded")
+    await clock.advance(1)
+    await engine.evaluate(health_set)
+    assert monitor(engine) == ("Unhealthy", "Unhealthy")
+    engine.close()
+
+    # A restarted engine resumes the same alert: same first alert, same step.
+    engine = HealthEngine(data, "mbx1", clock, [health_set])
+    await clock.advance(2400 - 120)
+    await engine.run_now(health_set, probe)
+    assert monitor(engine) == ("Unhealthy", "Unrecoverable")
+    (row,) = engine.monitor_rows()
+    assert row.state is not None and row.state.first_alert == first_alert
+    assert "cannot connect" in row.state.error
+    engine.close()
+
+
+async def test_a_result_says_which_component_failed(tmp_path: Path) -> None:
+    data = mailbox_server(tmp_path)
+    health_set = load_health_set(DEAD_END, "dead.toml")
+    engine = HealthEngine(data, "mbx1", ManualClock(), [health_set])
+    (result,) = await engine.run_now(*engine.probes()[0])
+    assert (result.result_type, result.failure_component) == ("Failed", "Networking")
+    assert result.resource == "pop3be" and "connecting to" in result.execution_context
+    engine.close()
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        (("recurrence = 60", "recurrance = 60"), "probes.0.recurrance: Extra inputs"),
+        (('kind = "pop3-capabilities"', 'kind = "smtp"'), "unknown kind 'smtp'"),
+        (('kind = "consecutive-failures"', 'kind = "sometimes"'), "unknown kind 'sometimes'"),
+        (('probe = "DeadProbe"', 'probe = "Nowhere"'), "reads unknown probe 'Nowhere'"),
+        (("timeout = 5", "timeout = 90"), "longer than recurrence"),
+        (('{ state = "Degraded", after = 0 },', ""), "must start at after = 0"),
+        (('name = "Test.Dead"', 'name = "Test.Dead'), "not valid TOML"),
+    ],
+)
+def test_a_bad_health_set_file_is_refused_naming_what_is_wrong(
+    change: tuple[str, str], message: str
+) -> None:
+    with pytest.raises(UserError, match=r"dead\.toml") as error:
+        load_health_set(DEAD_END.replace(*change, 1), "dead.toml")
+    assert message in str(error.value)
+
+
+def test_the_shipped_health_sets_and_the_exchange_2013_profile() -> None:
+    default = {s.name: s for s in shipped_health_sets()}
+    assert set(default) == {"POP", "POP.Protocol", "POP.Proxy"}
+    monitors = {m.name for s in default.values() for m in s.monitors}
+    assert monitors == {
+        "PopSelfTestMonitor", "PopDeepTestMonitor", "PopProxyTestMonitor", "PopCTPMonitor",
+        "AverageCommandProcessingTimeGt60sMonitor",
+    }  # fmt: skip
+    # Shipped defaults find a dead or hung service within 30 s: threshold x recurrence
+    # plus the timeout of the last probe plus the ladder's Unhealthy step.
+    protocol = default["POP.Protocol"]
+    self_test = protocol.probe("PopSelfTestProbe")
+    self_monitor = next(m for m in protocol.monitors if m.name == "PopSelfTestMonitor")
+    unhealthy = next(s.after for s in self_monitor.ladder if s.state == "Unhealthy")
+    assert self_monitor.threshold * self_test.recurrence + self_test.timeout + unhealthy <= 30
+    exchange = {s.name: s for s in shipped_health_sets("exchange2013")}
+    probes = {p.name: p for s in exchange.values() for p in s.probes}
+    assert (probes["PopSelfTestProbe"].recurrence, probes["PopSelfTestProbe"].timeout) == (60, 55)
+    assert probes["PopDeepTestProbe"].recurrence == 180
+    assert probes["PopCTPProbe"].recurrence == 240
+    thresholds = {m.name: m.threshold for s in exchange.values() for m in s.monitors}
+    assert thresholds["PopSelfTestMonitor"] == 4 and thresholds["PopProxyTestMonitor"] == 4
+    assert thresholds["PopDeepTestMonitor"] == 5 and thresholds["PopCTPMonitor"] == 5
