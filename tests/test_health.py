@@ -123,3 +123,40 @@ def test_health_commands_refuse_bad_input_in_one_line(watched_organization: Orga
     assert {(i["Name"], i["ItemType"]) for i in items} >= {
         ("PopSelfTestProbe", "Probe"), ("PopDeepTestMonitor", "Monitor")
     }  # fmt: skip
+
+
+def test_an_override_disables_a_monitor_at_once_until_removed(
+    watched_organization: Organization,
+) -> None:
+    org = watched_organization
+    monitor = "POP.Protocol\\PopSelfTestMonitor"
+    added = popguard(org.data, "add-servermonitoringoverride", monitor, "--server", "mbx1",
+                     "--item-type", "Monitor", "--property-name", "Enabled",
+                     "--property-value", "$false", "--duration", "1.00:00:00")  # fmt: skip
+    assert added.returncode == 0, added.stderr
+    assert health(org, "mbx1", "POP.Protocol")["PopSelfTestMonitor"]["AlertValue"] == "Disabled"
+    assert health(org, "mbx2", "POP.Protocol")["PopSelfTestMonitor"]["AlertValue"] != "Disabled"
+    listed = json.loads(popguard(org.data, "get-servermonitoringoverride", "--server", "mbx1",
+                                 "--format", "json").stdout)  # fmt: skip
+    assert [(o["Identity"], o["PropertyName"], o["PropertyValue"]) for o in listed] == [
+        (monitor, "Enabled", "false")
+    ]
+    removed = popguard(org.data, "remove-servermonitoringoverride", monitor, "--server", "mbx1",
+                       "--item-type", "Monitor", "--property-name", "Enabled")  # fmt: skip
+    assert removed.returncode == 0, removed.stderr
+    assert health(org, "mbx1", "POP.Protocol")["PopSelfTestMonitor"]["AlertValue"] != "Disabled"
+    for args, message in [
+        (("--property-name", "Colour", "--property-value", "red"), "may change Enabled"),
+        (("--property-name", "Enabled", "--property-value", "perhaps"), "true or false"),
+        (("--property-name", "Enabled", "--property-value", "false", "--duration", "1 day"),
+         "d.hh:mm:ss"),
+        (("--property-name", "Enabled", "--property-value", "false", "--duration", "61.00:00:00"),
+         "at most 60 days"),
+    ]:  # fmt: skip
+        shown = popguard(org.data, "add-globalmonitoringoverride", monitor, "--item-type",
+                         "Monitor", *args)  # fmt: skip
+        assert shown.returncode == 1 and message in shown.stderr, shown.stderr
+    unknown = popguard(org.data, "add-globalmonitoringoverride", "POP\\Nope", "--item-type",
+                       "Monitor", "--property-name", "Enabled", "--property-value",
+                       "false")  # fmt: skip
+    assert unknown.returncode == 1 and "no monitor 'POP\\Nope'" in unknown.stderr

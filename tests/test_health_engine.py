@@ -3,16 +3,21 @@ across a restart; and health-set files, which are data checked like input."""
 
 from __future__ import annotations
 
+import contextlib
 import socket
+import time
 from pathlib import Path
 
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
-from popguard.directory import Directory
+from popguard.directory import Directory, MonitoringOverride
 from popguard.errors import UserError
 from popguard.health.clock import ManualClock
 from popguard.health.definitions import load_health_set, shipped_health_sets
 from popguard.health.engine import HealthEngine
+from popguard.health.overrides import parse_duration
 
 from .conftest import free_loopback_address
 
@@ -145,3 +150,67 @@ def test_the_shipped_health_sets_and_the_exchange_2013_profile() -> None:
     thresholds = {m.name: m.threshold for s in exchange.values() for m in s.monitors}
     assert thresholds["PopSelfTestMonitor"] == 4 and thresholds["PopProxyTestMonitor"] == 4
     assert thresholds["PopDeepTestMonitor"] == 5 and thresholds["PopCTPMonitor"] == 5
+
+
+async def test_overrides_and_repairing_take_effect_at_once_and_expire(tmp_path: Path) -> None:
+    data = mailbox_server(tmp_path)
+    health_set = load_health_set(DEAD_END, "dead.toml")
+    clock = ManualClock(start=time.time())
+    engine = HealthEngine(data, "mbx1", clock, [health_set])
+    probe = engine.probes()[0][1]
+    for _ in range(4):
+        await engine.run_now(health_set, probe)
+    assert monitor(engine)[0] == "Degraded"
+    with Directory(data) as directory:
+        directory.set_monitor_repairing("mbx1", "Test.Dead\\DeadMonitor", True)
+    assert monitor(engine)[0] == "Repairing"
+    with Directory(data) as directory:
+        directory.set_monitor_repairing("mbx1", "Test.Dead\\DeadMonitor", False)
+        directory.add_monitoring_override(
+            MonitoringOverride(
+                "mbx1",
+                "Test.Dead\\DeadMonitor",
+                "Monitor",
+                "Enabled",
+                "false",
+                clock.now(),
+                clock.now() + 60,
+            )
+        )
+    assert monitor(engine)[0] == "Disabled"
+    await engine.run_now(health_set, probe)
+    assert monitor(engine) == ("Disabled", "Healthy")  # no alert while disabled
+    # A global threshold override, under the server's: the server's own wins.
+    with Directory(data) as directory:
+        directory.add_monitoring_override(
+            MonitoringOverride(
+                None,
+                "Test.Dead\\DeadMonitor",
+                "Monitor",
+                "Threshold",
+                "50",
+                clock.now(),
+                clock.now() + 3600,
+            )
+        )
+    await clock.advance(61)  # the Enabled override expires
+    await engine.run_now(health_set, probe)
+    assert monitor(engine) == ("Healthy", "Healthy")  # 6 failures < 50
+    engine.close()
+
+
+@given(st.integers(0, 59), st.integers(0, 23), st.integers(0, 59), st.integers(0, 59))
+def test_durations_parse_as_exchange_writes_them(d: int, h: int, m: int, s: int) -> None:
+    text = f"{d}.{h:02}:{m:02}:{s:02}"
+    seconds = ((d * 24 + h) * 60 + m) * 60 + s
+    if seconds == 0:
+        with pytest.raises(UserError):
+            parse_duration(text)
+    else:
+        assert parse_duration(text) == seconds
+
+
+@given(st.text(max_size=20))
+def test_any_duration_text_parses_or_is_refused_cleanly(text: str) -> None:
+    with contextlib.suppress(UserError):
+        assert 0 < parse_duration(text) <= 60 * 24 * 3600

@@ -98,6 +98,27 @@ MIGRATIONS: tuple[str, ...] = (
     -- The health service's HTTP API, on every server.
     UPDATE servers SET ports = json_set(ports, '$.health', 8480);
     """,
+    """
+    -- Monitoring overrides (Add-ServerMonitoringOverride, Add-GlobalMonitoringOverride):
+    -- server is NULL for a global one. They expire on their own.
+    CREATE TABLE monitoring_overrides (
+        id INTEGER PRIMARY KEY AUTOINCREMENT,
+        server TEXT REFERENCES servers(name) ON DELETE CASCADE,
+        identity TEXT NOT NULL COLLATE NOCASE,   -- HealthSet\\Item
+        item_type TEXT NOT NULL,                 -- Probe | Monitor
+        property_name TEXT NOT NULL,
+        property_value TEXT NOT NULL,
+        created REAL NOT NULL,
+        expires REAL NOT NULL
+    );
+    -- Set-ServerMonitor -Repairing: an operator says a monitor is being worked on.
+    CREATE TABLE monitor_repairing (
+        server TEXT NOT NULL REFERENCES servers(name) ON DELETE CASCADE,
+        identity TEXT NOT NULL COLLATE NOCASE,
+        since REAL NOT NULL,
+        PRIMARY KEY (server, identity)
+    );
+    """,
 )
 
 MOVE_CLAIM_TIMEOUT = 120.0
@@ -477,6 +498,72 @@ class Directory:
                 )
         return self.get_server(host.name)
 
+    # Monitoring overrides and repairing flags ---------------------------------------------
+
+    def add_monitoring_override(self, override: MonitoringOverride) -> int:
+        if override.server is not None:
+            self.get_server(override.server)
+        with self._transaction() as db:
+            cursor = db.execute(
+                "INSERT INTO monitoring_overrides (server, identity, item_type, property_name, "
+                "property_value, created, expires) VALUES (?, ?, ?, ?, ?, ?, ?)",
+                (
+                    override.server, override.identity, override.item_type,
+                    override.property_name, override.property_value, override.created,
+                    override.expires,
+                ),
+            )  # fmt: skip
+            return int(cursor.lastrowid or 0)
+
+    def monitoring_overrides(self, server: str | None, now: float) -> list[MonitoringOverride]:
+        """Unexpired overrides for `server` (its own and the global ones), or all with None."""
+        rows = self._db.execute(
+            "SELECT * FROM monitoring_overrides WHERE expires > ? AND "
+            "(?2 IS NULL OR server IS NULL OR server = ?2 COLLATE NOCASE) ORDER BY id",
+            (now, server),
+        ).fetchall()
+        return [
+            MonitoringOverride(
+                r["server"], r["identity"], r["item_type"], r["property_name"],
+                r["property_value"], r["created"], r["expires"], r["id"],
+            )
+            for r in rows
+        ]  # fmt: skip
+
+    def remove_monitoring_override(
+        self, server: str | None, identity: str, item_type: str, property_name: str
+    ) -> int:
+        with self._transaction() as db:
+            return int(
+                db.execute(
+                    "DELETE FROM monitoring_overrides WHERE identity = ? AND item_type = ? "
+                    "AND property_name = ? COLLATE NOCASE AND "
+                    "((?4 IS NULL AND server IS NULL) OR server = ?4 COLLATE NOCASE)",
+                    (identity, item_type, property_name, server),
+                ).rowcount
+            )
+
+    def set_monitor_repairing(self, server: str, identity: str, repairing: bool) -> None:
+        name = self.get_server(server).name
+        with self._transaction() as db:
+            if repairing:
+                db.execute(
+                    "INSERT OR REPLACE INTO monitor_repairing (server, identity, since) "
+                    "VALUES (?, ?, ?)",
+                    (name, identity, time.time()),
+                )
+            else:
+                db.execute(
+                    "DELETE FROM monitor_repairing WHERE server = ? AND identity = ?",
+                    (name, identity),
+                )
+
+    def monitors_repairing(self, server: str) -> set[str]:
+        rows = self._db.execute(
+            "SELECT identity FROM monitor_repairing WHERE server = ? COLLATE NOCASE", (server,)
+        ).fetchall()
+        return {str(r["identity"]).lower() for r in rows}
+
     # Mailboxes -----------------------------------------------------------------------
 
     def new_mailbox(self, address: str, database: str, password_hash: str) -> Mailbox:
@@ -600,6 +687,18 @@ class CopyStatusReport:
     last_inspected_log_time: float | None
     error: str | None
     reported: float
+
+
+@dataclass(frozen=True)
+class MonitoringOverride:
+    server: str | None  # None: global
+    identity: str  # HealthSet\Item
+    item_type: str  # Probe | Monitor
+    property_name: str
+    property_value: str
+    created: float
+    expires: float
+    id: int = 0
 
 
 @dataclass(frozen=True)

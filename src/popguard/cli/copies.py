@@ -20,7 +20,7 @@ from .render import format_option, render
 def _identity(value: str) -> tuple[str, str]:
     database, sep, server = value.partition("\\")
     if not sep or not database or not server:
-        raise UserError(f"a copy is named DATABASE\\SERVER, got {value!r}")
+        raise UserError(f"a copy is named DATABASE\\SERVER, got '{value}'")
     return database, server
 
 

@@ -136,7 +136,7 @@ def get_monitoringitemhelp(identity: str, output_format: str) -> None:
                          "Ladder": [f"{s.state} at {s.after:g}s" for s in monitor.ladder],
                          "Help": monitor.help.strip()}], output_format)  # fmt: skip
                 return
-    raise UserError(f"no probe or monitor {identity!r} (names look like 'POP\\PopCTPMonitor')")
+    raise UserError(f"no probe or monitor '{identity}' (names look like 'POP\\PopCTPMonitor')")
 
 
 COMMANDS = [

@@ -11,7 +11,18 @@ import click
 from .. import __version__
 from ..errors import UserError
 from ..paths import DATA_ENV, DEFAULT_DATA
-from . import components, copies, health, mailboxes, messages, popsettings, serve, servers, up
+from . import (
+    components,
+    copies,
+    health,
+    mailboxes,
+    messages,
+    overrides,
+    popsettings,
+    serve,
+    servers,
+    up,
+)
 from .context import AppContext
 
 
@@ -31,7 +42,18 @@ def cli(ctx: click.Context, data: Path) -> None:
     ctx.obj = AppContext(data=data)
 
 
-for module in (servers, copies, health, mailboxes, popsettings, components, messages, serve, up):
+for module in (
+    servers,
+    copies,
+    health,
+    overrides,
+    mailboxes,
+    popsettings,
+    components,
+    messages,
+    serve,
+    up,
+):
     for command in module.COMMANDS:
         cli.add_command(command)
 

@@ -12,18 +12,20 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import sqlite3
 import traceback
 from dataclasses import dataclass
 from pathlib import Path
 
 from .. import paths, tls
-from ..directory import Directory, Server
+from ..directory import Directory, MonitoringOverride, Server
 from ..errors import UserError
 from ..lmtp_client import deliver
 from .clock import Clock
 from .definitions import HealthSet, MonitorDefinition, ProbeDefinition
 from .health_mailboxes import ensure_health_mailboxes, read_credentials
-from .monitors import MONITOR_KINDS, SEVERITY, alert_value, ladder_state
+from .monitors import MONITOR_KINDS, SEVERITY, Verdict, alert_value, ladder_state
+from .overrides import effective_monitor, effective_probe
 from .probes import PROBE_KINDS, Credential, ProbeFailure, ProbeTarget, Transcript
 from .results import RETENTION, MonitorState, ProbeResult, ResultsStore
 
@@ -63,6 +65,22 @@ class HealthEngine:
         self._context = tls.client_context(data)
         self._resources: dict[str, list[str]] = {}  # probe identity -> current targets
         self._lock = asyncio.Lock()  # one monitor evaluation at a time
+        self._overrides: list[MonitoringOverride] = []
+        self._repairing: set[str] = set()
+        self._controls_read = -1e18
+
+    def refresh_controls(self, force: bool = False) -> None:
+        """Overrides and repairing flags from the directory, at most once a second."""
+        now = self.clock.now()
+        if not force and now - self._controls_read < 1.0:
+            return
+        try:
+            self._overrides = self.directory.monitoring_overrides(self.server.name, now)
+            self._repairing = self.directory.monitors_repairing(self.server.name)
+        except sqlite3.Error as exc:  # a busy directory: keep the last ones
+            log.warning("reading overrides failed: %s", exc)
+            return
+        self._controls_read = now
 
     def close(self) -> None:
         self.store.close()
@@ -87,7 +105,7 @@ class HealthEngine:
         """'HealthSet\\Probe' or 'HealthSet\\Probe\\TargetResource'."""
         parts = identity.split("\\")
         if len(parts) not in (2, 3):
-            raise UserError(f"a probe is named HEALTHSET\\PROBE[\\RESOURCE], got {identity!r}")
+            raise UserError(f"a probe is named HEALTHSET\\PROBE[\\RESOURCE], got '{identity}'")
         for health_set, probe in self.probes():
             if (health_set.name.lower(), probe.name.lower()) == (
                 parts[0].lower(),
@@ -225,13 +243,17 @@ class HealthEngine:
     async def _schedule(
         self, health_set: HealthSet, probe: ProbeDefinition, stop: asyncio.Event
     ) -> None:
+        identity = f"{health_set.name}\\{probe.name}"
         while not stop.is_set():
             began = self.clock.now()
-            try:
-                await self.run_now(health_set, probe)
-            except Exception:
-                log.exception("running %s\\%s failed", health_set.name, probe.name)
-            await self._sleep(max(0.0, probe.recurrence - (self.clock.now() - began)), stop)
+            self.refresh_controls()
+            effective, enabled = effective_probe(probe, identity, self._overrides)
+            if enabled:
+                try:
+                    await self.run_now(health_set, effective)
+                except Exception:
+                    log.exception("running %s failed", identity)
+            await self._sleep(max(0.0, effective.recurrence - (self.clock.now() - began)), stop)
 
     async def _sleep(self, seconds: float, stop: asyncio.Event) -> None:
         sleeper = asyncio.ensure_future(self.clock.sleep(seconds))
@@ -254,10 +276,10 @@ class HealthEngine:
                 if resources is None:
                     continue  # the probe has not run yet
                 key = f"{health_set.name}\\{monitor.name}"
+                effective, enabled = effective_monitor(monitor, key, self._overrides)
                 for resource in resources:
-                    self._evaluate_one(
-                        monitor, key, identity, resource, states.get((key, resource)), now
-                    )
+                    previous = states.get((key, resource))
+                    self._evaluate_one(effective, enabled, key, identity, resource, previous, now)
                 for (name, resource), _ in states.items():
                     if name == key and resource not in resources:
                         self.store.forget_monitor_state(name, resource)
@@ -265,6 +287,7 @@ class HealthEngine:
     def _evaluate_one(
         self,
         monitor: MonitorDefinition,
+        enabled: bool,
         key: str,
         probe_identity: str,
         resource: str,
@@ -272,6 +295,8 @@ class HealthEngine:
         now: float,
     ) -> None:
         verdict = MONITOR_KINDS[monitor.kind](monitor, self.store, probe_identity, resource, now)
+        if not enabled:  # a disabled monitor raises no alert and forgets the one it had
+            verdict = Verdict(False, verdict.has_results, verdict.last, [])
         first_alert = previous.first_alert if previous and previous.is_alert else None
         if verdict.is_alert:
             first_alert = now if first_alert is None else first_alert
@@ -301,6 +326,7 @@ class HealthEngine:
     async def _walk_ladders(self, stop: asyncio.Event) -> None:
         """Ladders move with time even between probe results."""
         while not stop.is_set():
+            self.refresh_controls()
             for health_set in self.health_sets:
                 try:
                     await self.evaluate(health_set)
@@ -315,6 +341,7 @@ class HealthEngine:
             await self._sleep(3600.0, stop)
 
     def monitor_rows(self) -> list[MonitorRow]:
+        self.refresh_controls(force=True)  # an override just added shows at once
         states = self.store.monitor_states()
         rows = []
         for health_set in self.health_sets:
@@ -323,9 +350,14 @@ class HealthEngine:
                 found: list[MonitorState | None] = [
                     s for (name, _), s in states.items() if name == key
                 ]
+                _, enabled = effective_monitor(monitor, key, self._overrides)
+                repairing = key.lower() in self._repairing
                 for state in found or [None]:
-                    value = (
-                        alert_value(state.state, bool(state.last_result)) if state else "Unknown"
+                    value = alert_value(
+                        state.state if state else "Healthy",
+                        bool(state and state.last_result),
+                        disabled=not enabled,
+                        repairing=repairing,
                     )
                     rows.append(MonitorRow(health_set, monitor, state, value))
         return rows
