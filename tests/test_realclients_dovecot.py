@@ -11,17 +11,11 @@ Needs root and the packages from scripts/install-test-deps.sh.
 from __future__ import annotations
 
 import os
-import poplib
-import shutil
 import smtplib
-import socket
 import ssl
-import subprocess
-import tempfile
 import threading
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -30,21 +24,15 @@ from aiosmtpd.controller import Controller
 from aiosmtpd.lmtp import LMTP
 
 from tests import realclients as rc
+from tests.dovecot_server import SERVER_NAME, Dovecot, free_port, private_dovecot
 
 HOST = "127.0.9.1"
 SMTP_HOST = "127.0.9.2"
 LMTP_HOST = "127.0.9.3"
-SERVER_NAME = "pop.popguard.test"  # also in the server certificate; never resolved
 USER = "alice"
 # Quoting must survive every client's config syntax; the backslash before a hex digit
 # checks that fetchmail's \\xhh escapes (used for '"' and '\\') are not greedy.
 PASSWORD = 'pa"ss w\\d0rd%'
-
-
-def free_port(host: str) -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind((host, 0))
-        return int(s.getsockname()[1])
 
 
 def message(i: int) -> bytes:
@@ -73,127 +61,15 @@ def expected(i: int) -> bytes:
 EXPECTED = [expected(i) for i in (1, 2, 3)]
 
 
-@dataclass
-class Dovecot:
-    root: Path
-    maildir: Path
-    pki: rc.TestPki
-    stls_port: int
-    implicit_port: int
-    proc: subprocess.Popen[bytes]
-    log: Path
-
-    def port(self, tls: rc.TlsMode) -> int:
-        return self.stls_port if tls == "stls" else self.implicit_port
-
-    def fill(self) -> None:
-        """Replace the mailbox with messages 1..3."""
-        for sub in ("cur", "new", "tmp"):
-            shutil.rmtree(self.maildir / sub, ignore_errors=True)
-            (self.maildir / sub).mkdir(parents=True)
-        for i in (1, 2, 3):
-            path = self.maildir / "cur" / f"{1700000000 + i}.M{i}P1.popguard-test:2,"
-            path.write_bytes(message(i))
-        subprocess.run(["chown", "-R", "nobody:nogroup", str(self.maildir)], check=True)
-
-    def stat(self) -> int:
-        """Number of messages on the server, seen through POP3 (implicit TLS)."""
-        ctx = ssl.create_default_context(cafile=str(self.pki.ca_file))
-        conn = poplib.POP3_SSL(HOST, self.implicit_port, context=ctx, timeout=10)
-        try:
-            conn.user(USER)
-            conn.pass_(PASSWORD)
-            count, _ = conn.stat()
-        finally:
-            conn.quit()
-        return count
-
-    def files(self) -> list[Path]:
-        return [p for sub in ("cur", "new") for p in (self.maildir / sub).iterdir()]
-
-
 @pytest.fixture(scope="module")
 def dovecot() -> Iterator[Dovecot]:
-    if os.geteuid() != 0:
-        pytest.fail("these tests run Dovecot and Postfix and need root")
-    # Not under tmp_path: Dovecot's login (dovenull) and mail (nobody) processes
-    # must traverse it, and unix socket paths must stay short.
-    root = Path(tempfile.mkdtemp(prefix="popguard-dovecot-"))
-    root.chmod(0o711)
-    pki = rc.make_test_pki(root / "tls", [HOST, SERVER_NAME])
-    maildir = root / "mail" / USER
-    (root / "mail").mkdir()
-    (root / "mail").chmod(0o755)
-    passwd = root / "passwd"
-    passwd.write_text(f"{USER}:{{PLAIN}}{PASSWORD}::::::\n")
-    passwd.chmod(0o644)
-    stls_port, implicit_port = free_port(HOST), free_port(HOST)
-    log = root / "dovecot.log"
-    conf = root / "dovecot.conf"
-    conf.write_text(
-        f"""\
-protocols = pop3
-listen = {HOST}
-base_dir = {root}/run
-state_dir = {root}/state
-instance_name = popguard-test-{os.getpid()}
-log_path = {log}
-ssl = required
-ssl_cert = <{pki.cert_file}
-ssl_key = <{pki.key_file}
-ssl_min_protocol = TLSv1.2
-auth_mechanisms = plain login
-first_valid_uid = 1
-mail_location = maildir:{root}/mail/%u
-passdb {{
-  driver = passwd-file
-  args = scheme=PLAIN {passwd}
-}}
-userdb {{
-  driver = static
-  args = uid=nobody gid=nogroup home={root}/mail/%u
-}}
-service pop3-login {{
-  inet_listener pop3 {{
-    address = {HOST}
-    port = {stls_port}
-  }}
-  inet_listener pop3s {{
-    address = {HOST}
-    port = {implicit_port}
-    ssl = yes
-  }}
-}}
-"""
-    )
-    proc = subprocess.Popen(["dovecot", "-F", "-c", str(conf)], stdin=subprocess.DEVNULL)
-    server = Dovecot(root, maildir, pki, stls_port, implicit_port, proc, log)
-    try:
-        deadline = time.monotonic() + 10
-        for port in (stls_port, implicit_port):
-            while True:
-                try:
-                    socket.create_connection((HOST, port), timeout=1).close()
-                    break
-                except OSError:
-                    if proc.poll() is not None or time.monotonic() > deadline:
-                        text = log.read_text() if log.exists() else ""
-                        pytest.fail(f"Dovecot did not start:\n{text}")
-                    time.sleep(0.05)
+    with private_dovecot(HOST, USER, PASSWORD) as server:
         yield server
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
-        shutil.rmtree(root, ignore_errors=True)
 
 
 @pytest.fixture
 def mailbox(dovecot: Dovecot) -> Dovecot:
-    dovecot.fill()
+    dovecot.fill([message(i) for i in (1, 2, 3)])
     return dovecot
 
 

@@ -61,7 +61,8 @@ def test_up_serves_the_demo_mailbox_and_stops_cleanly(tmp_path: Path) -> None:
         assert b"Subject: Welcome to popguard" in lines
         client.quit()
         children = processes_matching(f"popguard --data {data} serve")
-        assert len(children) == 7, children  # pop3be, delivery, replication twice; pop3
+        # pop3be, delivery, replication, health twice; pop3 and health
+        assert len(children) == 10, children
         # mbx2's copy of DB01 follows mbx1's: the welcome message is there too.
         deadline = time.monotonic() + 30
         while time.monotonic() < deadline:

@@ -57,7 +57,13 @@ def _stop(processes: dict[str, subprocess.Popen[bytes]]) -> None:
             process.wait()
 
 
-ENDPOINTS = {"pop3be": "pop3be", "delivery": "lmtp", "replication": "replication", "pop3": "pop3"}
+ENDPOINTS = {
+    "pop3be": "pop3be",
+    "delivery": "lmtp",
+    "replication": "replication",
+    "pop3": "pop3",
+    "health": "health",
+}
 
 
 @click.command("up")
@@ -80,9 +86,9 @@ def up(app: AppContext, frontend_address: str, address: str, second_address: str
         services = [
             (mbx, service)
             for mbx in org.mailbox_servers
-            for service in ("pop3be", "delivery", "replication")
+            for service in ("pop3be", "delivery", "replication", "health")
         ]
-        for server, service in [*services, (cas, "pop3")]:
+        for server, service in [*services, (cas, "pop3"), (cas, "health")]:
             name = f"{server.name}/{service}"
             processes[name] = subprocess.Popen([*base, service, "--server", server.name])
             _wait_for_port(server.address, server.port(ENDPOINTS[service]), processes[name], name)
@@ -116,6 +122,9 @@ Read the demo mailbox through the front end with curl (list, then fetch message 
   curl --cacert {ca} -u {credentials} pop3s://{cas.address}:{pop3s}/1
 Deliver another message:
   {command} send-message --to {demo.address} --file message.eml
+See the health of mbx1's POP3 service, and run a probe now:
+  {command} get-serverhealth mbx1 --health-set-like 'POP*'
+  {command} invoke-monitoringprobe 'POP\\PopCTPProbe' --server {cas.name} --format list
 See the copies, and move mbx1's databases to mbx2 (and back with false):
   {command} get-mailboxdatabasecopystatus
   {command} set-mailboxserver mbx1 --database-copy-activation-disabled-and-move-now true

@@ -44,6 +44,8 @@ class ProbeDefinition(Strict):
     # What the probe reads, for the counter kind: service -> counter name.
     counters: dict[str, str] = Field(default_factory=dict)
     retrieve: bool = False  # log in, and RETR the probe message too
+    # Also run against the POP3 servers listed in DATA/health/external.toml.
+    external: bool = False
     description: str = ""
 
     @model_validator(mode="after")

@@ -13,6 +13,7 @@ import asyncio
 import contextlib
 import logging
 import sqlite3
+import ssl
 import traceback
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,6 +24,7 @@ from ..errors import UserError
 from ..lmtp_client import deliver
 from .clock import Clock
 from .definitions import HealthSet, MonitorDefinition, ProbeDefinition
+from .external import ExternalPop3Server, load_external
 from .health_mailboxes import ensure_health_mailboxes, read_credentials
 from .monitors import MONITOR_KINDS, SEVERITY, Verdict, alert_value, ladder_state
 from .overrides import effective_monitor, effective_probe
@@ -68,6 +70,8 @@ class HealthEngine:
         self._overrides: list[MonitoringOverride] = []
         self._repairing: set[str] = set()
         self._controls_read = -1e18
+        self._external: list[ExternalPop3Server] = []
+        self._external_contexts: dict[str, ssl.SSLContext] = {}
 
     def refresh_controls(self, force: bool = False) -> None:
         """Overrides and repairing flags from the directory, at most once a second."""
@@ -80,6 +84,13 @@ class HealthEngine:
         except sqlite3.Error as exc:  # a busy directory: keep the last ones
             log.warning("reading overrides failed: %s", exc)
             return
+        try:
+            self._external = [
+                e for e in load_external(self.data)
+                if e.watched_by.lower() == self.server.name.lower()
+            ]  # fmt: skip
+        except UserError as exc:  # a broken file: say so, keep watching what was there
+            log.error("%s", exc)
         self._controls_read = now
 
     def close(self) -> None:
@@ -125,6 +136,23 @@ class HealthEngine:
         return self.directory.list_databases()
 
     def targets(self, probe: ProbeDefinition) -> list[ProbeTarget]:
+        return self._own_targets(probe) + (self._external_targets(probe) if probe.external else [])
+
+    def _external_targets(self, probe: ProbeDefinition) -> list[ProbeTarget]:
+        targets = []
+        for server in self._external:
+            key = str(server.ca_file or "")
+            context = self._external_contexts.get(key)
+            if context is None:
+                context = ssl.create_default_context(cafile=key or None)
+                self._external_contexts[key] = context
+            credential = server.credential() if probe.kind == "pop3-login" else None
+            targets.append(
+                ProbeTarget(server.name, server.host, server.port, server.tls, context, credential)
+            )
+        return targets
+
+    def _own_targets(self, probe: ProbeDefinition) -> list[ProbeTarget]:
         host = self.server.address
         port = self.server.port(probe.endpoint) if probe.endpoint else 0
         if probe.kind == "counter":
