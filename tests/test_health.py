@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import signal
+import subprocess
 import time
 from pathlib import Path
 from typing import Any
@@ -160,3 +161,24 @@ def test_an_override_disables_a_monitor_at_once_until_removed(
                        "Monitor", "--property-name", "Enabled", "--property-value",
                        "false")  # fmt: skip
     assert unknown.returncode == 1 and "no monitor 'POP\\Nope'" in unknown.stderr
+
+
+def test_metrics_for_prometheus_and_a_token_for_the_rest(
+    watched_organization: Organization,
+) -> None:
+    org = watched_organization
+    invoke(org, "POP.Protocol\\PopDeepTestProbe", "mbx1")
+    address = org.mailbox["mbx1"].address
+    metrics = subprocess.run(["curl", "-sS", f"http://{address}:8480/metrics"],
+                             capture_output=True, text=True, timeout=30)  # fmt: skip
+    assert metrics.returncode == 0, metrics.stderr
+    wanted = 'popguard_probe_success{probe="POP.Protocol\\\\PopDeepTestProbe",resource="DB01",'
+    assert wanted in metrics.stdout, metrics.stdout
+    assert "popguard_monitor_alert_value{" in metrics.stdout
+    assert "popguard_monitor_severity{" in metrics.stdout
+    refused = subprocess.run(
+        ["curl", "-sS", "-o", "/dev/null", "-w", "%{http_code}",
+         f"http://{address}:8480/v1/serverhealth"],
+        capture_output=True, text=True, timeout=30,
+    )  # fmt: skip
+    assert refused.stdout == "401"

@@ -12,14 +12,18 @@ import fcntl
 import hmac
 import os
 import secrets
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 from aiohttp import web
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
+from prometheus_client.core import GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector
 
 from ..errors import UserError
 from .engine import HealthEngine
+from .monitors import SEVERITY
 from .results import ProbeResult
 
 
@@ -125,6 +129,43 @@ def item_rows(engine: HealthEngine) -> list[dict[str, Any]]:
     return rows
 
 
+class HealthCollector(Collector):
+    """Per probe instance: success and latency of its last run; per monitor: its state."""
+
+    def __init__(self, engine: HealthEngine) -> None:
+        self.engine = engine
+
+    def collect(self) -> Iterator[Metric]:
+        server = self.engine.server.name
+        success = GaugeMetricFamily(
+            "popguard_probe_success",
+            "1 if the last run succeeded",
+            labels=["server", "probe", "resource"],
+        )
+        latency = GaugeMetricFamily(
+            "popguard_probe_sample_value", "SampleValue of the last run (latency in ms)",
+            labels=["server", "probe", "resource"],
+        )  # fmt: skip
+        for result in self.engine.store.latest():
+            labels = [server, result.probe, result.resource]
+            success.add_metric(labels, 1.0 if result.succeeded else 0.0)
+            latency.add_metric(labels, result.sample_value or 0.0)
+        state = GaugeMetricFamily(
+            "popguard_monitor_alert_value", "1 for the monitor's current AlertValue",
+            labels=["server", "monitor", "resource", "alert_value"],
+        )  # fmt: skip
+        severity = GaugeMetricFamily(
+            "popguard_monitor_severity", "0 Healthy/Disabled, 1 Unknown, 2 Repairing, 3 Degraded, "
+            "4 Unhealthy", labels=["server", "monitor", "resource"],
+        )  # fmt: skip
+        for row in self.engine.monitor_rows():
+            name = f"{row.health_set.name}\\{row.monitor.name}"
+            resource = row.state.resource if row.state else ""
+            state.add_metric([server, name, resource, row.alert_value], 1.0)
+            severity.add_metric([server, name, resource], float(SEVERITY.get(row.alert_value, 0)))
+        yield from (success, latency, state, severity)
+
+
 class HealthApi:
     def __init__(self, engine: HealthEngine, token: str) -> None:
         self.engine = engine
@@ -138,6 +179,7 @@ class HealthApi:
                 web.get("/v1/healthreport", self._healthreport),
                 web.get("/v1/items", self._items),
                 web.post("/v1/invoke", self._invoke),
+                web.get("/metrics", self._metrics),
             ]
         )
         return app
@@ -147,7 +189,10 @@ class HealthApi:
         self, request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
     ) -> web.StreamResponse:
         given = request.headers.get("Authorization", "").removeprefix("Bearer ").strip()
-        if not hmac.compare_digest(given.encode(), self._token.encode()):
+        # Prometheus scrapes without a token: /metrics tells states, never transcripts.
+        if request.path != "/metrics" and not hmac.compare_digest(
+            given.encode(), self._token.encode()
+        ):
             return web.json_response({"error": "a valid API token is required"}, status=401)
         try:
             return await handler(request)
@@ -162,6 +207,13 @@ class HealthApi:
 
     async def _items(self, request: web.Request) -> web.Response:
         return web.json_response(item_rows(self.engine))
+
+    async def _metrics(self, request: web.Request) -> web.Response:
+        registry = CollectorRegistry()
+        registry.register(HealthCollector(self.engine))
+        return web.Response(
+            body=generate_latest(registry), headers={"Content-Type": CONTENT_TYPE_LATEST}
+        )
 
     async def _invoke(self, request: web.Request) -> web.Response:
         body = await request.json()

@@ -121,6 +121,14 @@ class ResultsStore:
         ).fetchall()
         return [_result(row) for row in rows]
 
+    def latest(self) -> list[ProbeResult]:
+        """The newest result of each probe instance."""
+        rows = self._db.execute(
+            "SELECT * FROM probe_results WHERE id IN "
+            "(SELECT MAX(id) FROM probe_results GROUP BY probe, resource)"
+        ).fetchall()
+        return [_result(row) for row in rows]
+
     def prune(self, before: float) -> int:
         with self._transaction() as db:
             return int(db.execute("DELETE FROM probe_results WHERE ended < ?", (before,)).rowcount)
