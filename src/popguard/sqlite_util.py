@@ -10,13 +10,19 @@ from pathlib import Path
 from .errors import UserError
 
 
-def connect(path: Path, timeout: float, check_same_thread: bool = True) -> sqlite3.Connection:
-    """WAL (readers never block the writer) and FULL sync (durable at COMMIT)."""
+def connect(
+    path: Path, timeout: float, check_same_thread: bool = True, durable: bool = True
+) -> sqlite3.Connection:
+    """WAL (readers never block the writer) and FULL sync (durable at COMMIT).
+
+    `durable=False` (NORMAL sync) is for data whose last commits may go with a power
+    loss but not with a crash of the process: health results, not mail.
+    """
     connection = sqlite3.connect(
         path, timeout=timeout, isolation_level=None, check_same_thread=check_same_thread
     )
     connection.execute("PRAGMA journal_mode=WAL")
-    connection.execute("PRAGMA synchronous=FULL")
+    connection.execute(f"PRAGMA synchronous={'FULL' if durable else 'NORMAL'}")
     return connection
 
 

@@ -15,7 +15,8 @@ import logging
 import sqlite3
 import ssl
 import traceback
-from dataclasses import dataclass
+import zlib
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from .. import paths, tls
@@ -67,6 +68,12 @@ class HealthEngine:
         self._context = tls.client_context(data)
         self._resources: dict[str, list[str]] = {}  # probe identity -> current targets
         self._lock = asyncio.Lock()  # one monitor evaluation at a time
+        # Monitor states live here and are written through to the store, which is
+        # what a restarted engine starts from.
+        self._states = self.store.monitor_states()
+        self._monitor_by_key = {
+            f"{s.name}\\{m.name}": m for s in self.health_sets for m in s.monitors
+        }
         self._overrides: list[MonitoringOverride] = []
         self._repairing: set[str] = set()
         self._controls_read = -1e18
@@ -272,6 +279,10 @@ class HealthEngine:
         self, health_set: HealthSet, probe: ProbeDefinition, stop: asyncio.Event
     ) -> None:
         identity = f"{health_set.name}\\{probe.name}"
+        # Spread first runs over one recurrence (stable per probe and server), so that
+        # many probes do not all start in the same instant, period after period.
+        spread = zlib.crc32(f"{self.server.name}/{identity}".encode()) / 2**32
+        await self._sleep(spread * probe.recurrence, stop)
         while not stop.is_set():
             began = self.clock.now()
             self.refresh_controls()
@@ -293,8 +304,9 @@ class HealthEngine:
     # Monitors ------------------------------------------------------------------------------
 
     async def evaluate(self, health_set: HealthSet, probe: ProbeDefinition | None = None) -> None:
+        """Apply the monitors that read `probe` (all of the set's, without one) to the
+        probe's latest results, per target resource."""
         async with self._lock:
-            states = self.store.monitor_states()
             now = self.clock.now()
             for monitor in health_set.monitors:
                 if probe is not None and monitor.probe != probe.name:
@@ -306,11 +318,30 @@ class HealthEngine:
                 key = f"{health_set.name}\\{monitor.name}"
                 effective, enabled = effective_monitor(monitor, key, self._overrides)
                 for resource in resources:
-                    previous = states.get((key, resource))
+                    previous = self._states.get((key, resource))
                     self._evaluate_one(effective, enabled, key, identity, resource, previous, now)
-                for (name, resource), _ in states.items():
-                    if name == key and resource not in resources:
+                for name, resource in [k for k in self._states if k[0] == key]:
+                    if resource not in resources:  # e.g. a database moved away
                         self.store.forget_monitor_state(name, resource)
+                        del self._states[(name, resource)]
+
+    def _walk_alerting(self) -> None:
+        """Move alerting monitors up their ladders as time passes (no new result needed)."""
+        now = self.clock.now()
+        for (key, _), state in list(self._states.items()):
+            if not state.is_alert or state.first_alert is None:
+                continue
+            monitor = self._monitor_by_key.get(key)
+            if monitor is None:
+                continue
+            step = ladder_state(monitor, state.first_alert, now)
+            if step != state.state:
+                log.warning("%s on %s: %s -> %s", key, state.resource, state.state, step)
+                self._save(replace(state, state=step, last_transition=now))
+
+    def _save(self, state: MonitorState) -> None:
+        self.store.save_monitor_state(state)
+        self._states[(state.monitor, state.resource)] = state
 
     def _evaluate_one(
         self,
@@ -349,17 +380,16 @@ class HealthEngine:
             if changed:
                 log.warning("%s on %s: %s -> %s %s", key, resource,
                             previous.state if previous else "none", state, error)  # fmt: skip
-            self.store.save_monitor_state(new)
+            self._save(new)
 
     async def _walk_ladders(self, stop: asyncio.Event) -> None:
         """Ladders move with time even between probe results."""
         while not stop.is_set():
             self.refresh_controls()
-            for health_set in self.health_sets:
-                try:
-                    await self.evaluate(health_set)
-                except Exception:
-                    log.exception("evaluating %s failed", health_set.name)
+            try:
+                self._walk_alerting()
+            except Exception:
+                log.exception("walking the ladders failed")
             await self._sleep(1.0, stop)
 
     async def _prune(self, stop: asyncio.Event) -> None:
@@ -370,7 +400,7 @@ class HealthEngine:
 
     def monitor_rows(self) -> list[MonitorRow]:
         self.refresh_controls(force=True)  # an override just added shows at once
-        states = self.store.monitor_states()
+        states = self._states
         rows = []
         for health_set in self.health_sets:
             for monitor in self.monitors(health_set):

@@ -86,7 +86,7 @@ class MonitorState:
 class ResultsStore:
     def __init__(self, path: Path) -> None:
         path.parent.mkdir(parents=True, exist_ok=True)
-        self._db = sqlite_util.connect(path, timeout=10.0)
+        self._db = sqlite_util.connect(path, timeout=10.0, durable=False)
         self._db.row_factory = sqlite3.Row
         sqlite_util.migrate(self._db, MIGRATIONS, f"health results {path}")
 
