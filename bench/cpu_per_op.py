@@ -18,14 +18,18 @@ from __future__ import annotations
 
 import argparse
 import statistics
+import subprocess
 import sys
+import time
 from pathlib import Path
 
 from bench.cpu import tree_cpu
 from bench.loadgen import LoadConfig, Mode, run_load
 from bench.mail import standard_messages, user_names
-from bench.popguard_server import Popguard
+from bench.popguard_server import FRONTEND, Popguard
 from bench.preflight import check_server, prime_logins
+from popguard import paths
+from popguard.counters import PUBLISH_INTERVAL, read_counters
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -39,6 +43,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--clients", type=int, default=16)
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--only", choices=["proxy", "direct"], default=None)
+    parser.add_argument(
+        "--spy",
+        type=Path,
+        default=None,
+        help="in an extra round, py-spy (--native) both processes, raw stacks to this folder",
+    )
     parser.add_argument("--octet", type=int, default=77, help="127.0.2.N / 127.0.3.N")
     args = parser.parse_args(argv)
 
@@ -72,7 +82,7 @@ def main(argv: list[str] | None = None) -> int:
             return {"fe": tree_cpu(frontend), "be": tree_cpu(backend)}
 
         results: dict[tuple[str, str], list[tuple[float, float]]] = {}
-        for round_ in range(args.rounds):
+        for round_ in range(args.rounds + (1 if args.spy else 0)):
             for name, (host, port) in targets.items():
                 runs: tuple[tuple[Mode, int], ...] = (("logins", args.logins), ("retr", args.retrs))
                 for mode, count in runs:
@@ -88,7 +98,18 @@ def main(argv: list[str] | None = None) -> int:
                         max_ops=count,
                         loop="uvloop",
                     )
+                    spies = []
+                    if args.spy and round_ == args.rounds:
+                        args.spy.mkdir(parents=True, exist_ok=True)
+                        for process, pid in (("frontend", frontend), ("backend", backend)):
+                            out = args.spy / f"{name}-{mode}-{process}.txt"
+                            cmd = [str(REPO / ".venv" / "bin" / "py-spy"), "record", "-p"]
+                            cmd += [str(pid), "-d", "8", "-f", "raw", "-o", str(out)]
+                            cmd += ["--native", "-r", "200"]
+                            spies.append(subprocess.Popen(cmd, stdout=subprocess.DEVNULL))
                     res = run_load(cfg, probe)
+                    for spy in spies:
+                        spy.wait()
                     if res.errors:
                         print(f"  errors: {res.error_samples}", file=sys.stderr)
                     fe, be = res.probes["fe"], res.probes["be"]
@@ -98,12 +119,19 @@ def main(argv: list[str] | None = None) -> int:
                     else:
                         per = 1e3 / max(res.bytes / 1e6, 1e-9)
                         unit, rate = "ms/MB", f"{res.mb_per_s:8.1f} MB/s"
-                    results.setdefault((name, mode), []).append((fe * per, be * per))
+                    if round_ < args.rounds:  # not the profiled round
+                        results.setdefault((name, mode), []).append((fe * per, be * per))
                     print(
                         f"round {round_} {name:6} {mode:6} ops={res.ops:5} {rate}  "
                         f"front end {fe * per:8.3f} {unit}  back end {be * per:8.3f} {unit}",
                         flush=True,
                     )
+        time.sleep(2 * PUBLISH_INTERVAL)
+        published = read_counters(paths.counters_file(pg.data, FRONTEND, "pop3")) or {}
+        print(
+            f"front end: {published.get('SuccessfulLogins')} logins, "
+            f"{published.get('BackendTlsResumed', '?')} resumed TLS sessions to the back end"
+        )
         print("median over rounds:")
         for (name, measured), values in results.items():
             unit = "us/login" if measured == "logins" else "ms/MB"
