@@ -52,6 +52,7 @@ class FrontendCounters(ServiceCounters):
     def __init__(self, service: str) -> None:
         super().__init__(service)
         self.backend_failures = 0
+        self.backend_tls_resumed = 0  # back-end connections that resumed a TLS session
         self._latencies: deque[float] = deque(maxlen=self.LATENCY_SAMPLES)
 
     def backend_connected(self, elapsed_ms: float) -> None:
@@ -64,6 +65,7 @@ class FrontendCounters(ServiceCounters):
             if latencies
             else 0.0,
             "BackendFailures": self.backend_failures,
+            "BackendTlsResumed": self.backend_tls_resumed,
         }
 
 
@@ -77,7 +79,7 @@ class FrontendService(Pop3Service):
 
     def __init__(self, data: Path, server_name: str) -> None:
         super().__init__(data, server_name)
-        self._backend_tls = tls.client_context(data)
+        self._backend_tls = tls.resuming_client_context(data)
         self._per_user: dict[str, int] = {}
         self.component_state = self.directory.component_state(self.server.name, COMPONENT)
 
@@ -179,7 +181,7 @@ class FrontendService(Pop3Service):
 
     async def _connect(self, backend: Server) -> ByteStream:
         loop = asyncio.get_running_loop()
-        _, stream = await loop.create_connection(
+        transport, stream = await loop.create_connection(
             ByteStream,
             backend.address,
             backend.port("pop3be-tls"),
@@ -187,6 +189,10 @@ class FrontendService(Pop3Service):
             server_hostname=backend.address,
             ssl_handshake_timeout=TLS_HANDSHAKE_TIMEOUT,
         )
+        ssl_object = transport.get_extra_info("ssl_object")
+        self._backend_tls.handshake_done(ssl_object)
+        if ssl_object is not None and ssl_object.session_reused:
+            self.frontend_counters.backend_tls_resumed += 1
         return stream
 
     async def relay(
