@@ -81,6 +81,8 @@ class FrontendService(Pop3Service):
         super().__init__(data, server_name)
         self._backend_tls = tls.resuming_client_context(data)
         self._per_user: dict[str, int] = {}
+        self._routes: dict[str, tuple[Server, int]] = {}  # see _route
+        self._routes_version = -1
         self.component_state = self.directory.component_state(self.server.name, COMPONENT)
 
     @property
@@ -133,8 +135,7 @@ class FrontendService(Pop3Service):
         self._per_user[mailbox.address] = self._per_user.get(mailbox.address, 0) + 1
         connection.user = mailbox.address
         try:
-            backend = self.directory.get_server(self.directory.active_server(mailbox.database))
-            max_command = self.directory.pop_settings(backend.name)[0].MaxCommandSize
+            backend, max_command = self._route(mailbox.database)
         except UserError as exc:
             timer.context = str(exc)
             self._give_back(connection)
@@ -174,6 +175,25 @@ class FrontendService(Pop3Service):
             return None
         self.counters.successful_logins += 1
         return Handoff(stream, backend.name, reply.raw + leftover)
+
+    def _route(self, database: str) -> tuple[Server, int]:
+        """The server with the active copy of `database`, and its MaxCommandSize.
+
+        Remembered, but never stale: the directory's change counter moves whenever
+        another process commits to it (this service never writes to it), and
+        reading it is one statement where the lookups are four and a JSON parse.
+        So a moved copy still takes effect at the next login.
+        """
+        version = self.directory.change_counter()
+        if version != self._routes_version:
+            self._routes.clear()
+            self._routes_version = version
+        route = self._routes.get(database)
+        if route is None:
+            backend = self.directory.get_server(self.directory.active_server(database))
+            route = (backend, self.directory.pop_settings(backend.name)[0].MaxCommandSize)
+            self._routes[database] = route
+        return route
 
     def _give_back(self, connection: Connection) -> None:
         self.session_ended_for(connection.user)
