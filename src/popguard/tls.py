@@ -209,6 +209,14 @@ class ResumingClientContext(ssl.SSLContext):
     master secret. (TLS 1.3 resumption in OpenSSL still runs an ECDHE exchange,
     so it saves far less.) asyncio's and uvloop's create_connection take no
     session, but both make their SSLObject through `wrap_bio`, which adds it.
+
+    The price: a resumed connection's keys come from the master secret of the
+    full handshake, which the server's ticket carries, encrypted with a key that
+    OpenSSL keeps for the life of the server's context (the back end process).
+    Whoever reads that key from the back end's memory can decrypt recorded
+    connections resumed from tickets it made; RESUMPTION_LIFETIME bounds how
+    many connections one master secret serves. Only the front end's own leg to
+    the back ends uses this context.
     """
 
     def __init__(self, protocol: int = ssl.PROTOCOL_TLS_CLIENT) -> None:
