@@ -744,7 +744,8 @@ def markdown(report: ProxyReport, clients: list[int], command: str) -> str:
         "popguard: `serve pop3be` + `serve delivery` on mbx1 (direct: its plain pop3be port); "
         "`serve pop3` on cas1 (proxied: its pop3 port), which verifies the password "
         "(argon2id, then its 5-minute cache), connects to mbx1's pop3be-tls port (TLS, "
-        "verified against the organization's CA; a full handshake per login), logs in "
+        "verified against the organization's CA; TLS 1.2, resuming the session of the "
+        "last full handshake for up to 5 minutes), logs in "
         "there with AUTH PLAIN and relays bytes.",
         "Dovecot: every instance in the high-performance profile (pop3-login service_count "
         f"= 0, process_min_avail = {m['nproc']}; pop3 service_count = 1000). Direct: the "

@@ -182,6 +182,30 @@ def test_back_end_that_accepts_and_hangs(organization: Organization) -> None:
     wait_for_counters(organization, "cas1", "pop3", CurrentConnections=0, OpenTasks=0)
 
 
+def test_back_end_tls_sessions_are_resumed_and_survive_a_restart(
+    organization: Organization,
+) -> None:
+    user = organization.add_mailbox("olga@example.test")
+    organization.deliver(user, message("resumed"))
+    for _ in range(3):
+        client = login(organization, user)
+        assert client.stat()[0] == 1
+        client.quit()
+    # The first login verified mbx1's certificate in a full handshake; the others
+    # resumed that session.
+    wait_for_counters(organization, "cas1", "pop3", BackendTlsResumed=2, CurrentConnections=0)
+    # A restarted back end cannot read the tickets it gave out before: the next
+    # login falls back to a full handshake, and the one after resumes again.
+    mbx1 = organization.mailbox["mbx1"]
+    mbx1.kill("pop3be")
+    mbx1.start("pop3be")
+    for _ in range(2):
+        client = login(organization, user)
+        assert client.stat()[0] == 1
+        client.quit()
+    wait_for_counters(organization, "cas1", "pop3", BackendTlsResumed=3, BackendFailures=0)
+
+
 def test_routing_follows_the_directory(organization: Organization) -> None:
     user = organization.add_mailbox("frank@example.test")
     organization.deliver(user, message("on mbx1"))

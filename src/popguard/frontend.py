@@ -52,6 +52,7 @@ class FrontendCounters(ServiceCounters):
     def __init__(self, service: str) -> None:
         super().__init__(service)
         self.backend_failures = 0
+        self.backend_tls_resumed = 0  # back-end connections that resumed a TLS session
         self._latencies: deque[float] = deque(maxlen=self.LATENCY_SAMPLES)
 
     def backend_connected(self, elapsed_ms: float) -> None:
@@ -64,6 +65,7 @@ class FrontendCounters(ServiceCounters):
             if latencies
             else 0.0,
             "BackendFailures": self.backend_failures,
+            "BackendTlsResumed": self.backend_tls_resumed,
         }
 
 
@@ -77,8 +79,10 @@ class FrontendService(Pop3Service):
 
     def __init__(self, data: Path, server_name: str) -> None:
         super().__init__(data, server_name)
-        self._backend_tls = tls.client_context(data)
+        self._backend_tls = tls.resuming_client_context(data)
         self._per_user: dict[str, int] = {}
+        self._routes: dict[str, tuple[Server, int]] = {}  # see _route
+        self._routes_version = -1
         self.component_state = self.directory.component_state(self.server.name, COMPONENT)
 
     @property
@@ -131,8 +135,7 @@ class FrontendService(Pop3Service):
         self._per_user[mailbox.address] = self._per_user.get(mailbox.address, 0) + 1
         connection.user = mailbox.address
         try:
-            backend = self.directory.get_server(self.directory.active_server(mailbox.database))
-            max_command = self.directory.pop_settings(backend.name)[0].MaxCommandSize
+            backend, max_command = self._route(mailbox.database)
         except UserError as exc:
             timer.context = str(exc)
             self._give_back(connection)
@@ -173,13 +176,32 @@ class FrontendService(Pop3Service):
         self.counters.successful_logins += 1
         return Handoff(stream, backend.name, reply.raw + leftover)
 
+    def _route(self, database: str) -> tuple[Server, int]:
+        """The server with the active copy of `database`, and its MaxCommandSize.
+
+        Remembered, but never stale: the directory's change counter moves whenever
+        another process commits to it (this service never writes to it), and
+        reading it is one statement where the lookups are four and a JSON parse.
+        So a moved copy still takes effect at the next login.
+        """
+        version = self.directory.change_counter()
+        if version != self._routes_version:
+            self._routes.clear()
+            self._routes_version = version
+        route = self._routes.get(database)
+        if route is None:
+            backend = self.directory.get_server(self.directory.active_server(database))
+            route = (backend, self.directory.pop_settings(backend.name)[0].MaxCommandSize)
+            self._routes[database] = route
+        return route
+
     def _give_back(self, connection: Connection) -> None:
         self.session_ended_for(connection.user)
         connection.user = ""
 
     async def _connect(self, backend: Server) -> ByteStream:
         loop = asyncio.get_running_loop()
-        _, stream = await loop.create_connection(
+        transport, stream = await loop.create_connection(
             ByteStream,
             backend.address,
             backend.port("pop3be-tls"),
@@ -187,6 +209,10 @@ class FrontendService(Pop3Service):
             server_hostname=backend.address,
             ssl_handshake_timeout=TLS_HANDSHAKE_TIMEOUT,
         )
+        ssl_object = transport.get_extra_info("ssl_object")
+        self._backend_tls.handshake_done(ssl_object)
+        if ssl_object is not None and ssl_object.session_reused:
+            self.frontend_counters.backend_tls_resumed += 1
         return stream
 
     async def relay(

@@ -11,6 +11,7 @@ import fcntl
 import ipaddress
 import os
 import ssl
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -24,6 +25,9 @@ from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from . import paths
 
+# A session from a full handshake, in which the server's certificate was verified,
+# is resumed for at most this long; then the next connection verifies it again.
+RESUMPTION_LIFETIME = 300.0  # seconds
 CA_VALIDITY = datetime.timedelta(days=3650)
 SERVER_VALIDITY = datetime.timedelta(days=397)  # the CA/Browser Forum's ceiling
 RENEW_BEFORE = datetime.timedelta(days=30)
@@ -246,3 +250,74 @@ def peer_name(certificate: dict[str, object] | None) -> str | None:
             if key == "commonName":
                 return str(value)
     return None
+
+
+class ResumingClientContext(ssl.SSLContext):
+    """A client context that resumes, per server name, the session of the last
+    full handshake (TLS 1.2 session tickets).
+
+    A resumed TLS 1.2 handshake skips the certificate, the signature and the key
+    exchange: both sides only check a ticket and derive new keys from the saved
+    master secret. (TLS 1.3 resumption in OpenSSL still runs an ECDHE exchange,
+    so it saves far less.) asyncio's and uvloop's create_connection take no
+    session, but both make their SSLObject through `wrap_bio`, which adds it.
+
+    The price: a resumed connection's keys come from the master secret of the
+    full handshake, which the server's ticket carries, encrypted with a key that
+    OpenSSL keeps for the life of the server's context (the back end process).
+    Whoever reads that key from the back end's memory can decrypt recorded
+    connections resumed from tickets it made; RESUMPTION_LIFETIME bounds how
+    many connections one master secret serves. Only the front end's own leg to
+    the back ends uses this context.
+    """
+
+    def __init__(self, protocol: int = ssl.PROTOCOL_TLS_CLIENT) -> None:
+        super().__init__()
+        # server name -> (session, when the full handshake that verified it ended)
+        self._sessions: dict[str, tuple[ssl.SSLSession, float]] = {}
+
+    def wrap_bio(
+        self,
+        incoming: ssl.MemoryBIO,
+        outgoing: ssl.MemoryBIO,
+        server_side: bool = False,
+        server_hostname: str | bytes | None = None,
+        session: ssl.SSLSession | None = None,
+    ) -> ssl.SSLObject:
+        if session is None and not server_side and isinstance(server_hostname, str):
+            session = self._session_for(server_hostname)
+        return super().wrap_bio(incoming, outgoing, server_side, server_hostname, session)
+
+    def _session_for(self, server_hostname: str) -> ssl.SSLSession | None:
+        entry = self._sessions.get(server_hostname)
+        if entry is None:
+            return None
+        if time.monotonic() - entry[1] > RESUMPTION_LIFETIME:
+            del self._sessions[server_hostname]
+            return None
+        return entry[0]
+
+    def handshake_done(self, ssl_object: ssl.SSLObject | ssl.SSLSocket | None) -> None:
+        """Keep the session of a full handshake for the next connections.
+
+        A resumed handshake leaves the kept session as it is: reading
+        `SSLObject.session` copies it (CPython serializes and parses it, the
+        server's certificate included), which costs about what resuming saves.
+        The server does not renew a TLS 1.2 ticket it accepted, so the kept one
+        stays good until RESUMPTION_LIFETIME or until the server refuses it.
+        """
+        if ssl_object is None or ssl_object.server_side or ssl_object.session_reused:
+            return
+        name, session = ssl_object.server_hostname, ssl_object.session
+        if name is not None and session is not None:
+            self._sessions[name] = (session, time.monotonic())
+
+
+def resuming_client_context(data: Path) -> ResumingClientContext:
+    """For one organization server to another (the front end to its back ends):
+    trusts the organization's CA only, TLS 1.2 with session resumption."""
+    context = ResumingClientContext(ssl.PROTOCOL_TLS_CLIENT)
+    context.load_verify_locations(cafile=str(ca_certificate_file(data)))
+    context.minimum_version = ssl.TLSVersion.TLSv1_2
+    context.maximum_version = ssl.TLSVersion.TLSv1_2
+    return context
