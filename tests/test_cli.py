@@ -35,6 +35,7 @@ def test_get_server_json_has_exchange_keys(organization: Path) -> None:
         "pop3be-tls": 1995,
         "lmtp": 2424,
         "replication": 64327,
+        "health": 8480,
     }
 
 
