@@ -74,6 +74,14 @@ class HealthEngine:
         self._monitor_by_key = {
             f"{s.name}\\{m.name}": m for s in self.health_sets for m in s.monitors
         }
+        self._monitors_of_probe: dict[tuple[str, str], list[MonitorDefinition]] = {}
+        for health_set in self.health_sets:
+            for monitor in health_set.monitors:
+                key = (health_set.name, monitor.probe)
+                self._monitors_of_probe.setdefault(key, []).append(monitor)
+        self._resources_of: dict[str, set[str]] = {}  # monitor -> resources with a state
+        for monitor_key, resource in self._states:
+            self._resources_of.setdefault(monitor_key, set()).add(resource)
         self._overrides: list[MonitoringOverride] = []
         self._repairing: set[str] = set()
         self._controls_read = -1e18
@@ -308,9 +316,12 @@ class HealthEngine:
         probe's latest results, per target resource."""
         async with self._lock:
             now = self.clock.now()
-            for monitor in health_set.monitors:
-                if probe is not None and monitor.probe != probe.name:
-                    continue
+            monitors = (
+                health_set.monitors
+                if probe is None
+                else self._monitors_of_probe.get((health_set.name, probe.name), [])
+            )
+            for monitor in monitors:
                 identity = f"{health_set.name}\\{monitor.probe}"
                 resources = self._resources.get(identity)
                 if resources is None:
@@ -320,10 +331,11 @@ class HealthEngine:
                 for resource in resources:
                     previous = self._states.get((key, resource))
                     self._evaluate_one(effective, enabled, key, identity, resource, previous, now)
-                for name, resource in [k for k in self._states if k[0] == key]:
-                    if resource not in resources:  # e.g. a database moved away
-                        self.store.forget_monitor_state(name, resource)
-                        del self._states[(name, resource)]
+                for resource in self._resources_of.get(key, set()) - set(resources):
+                    # e.g. a database moved away: its monitor instance goes with it
+                    self.store.forget_monitor_state(key, resource)
+                    del self._states[(key, resource)]
+                    self._resources_of[key].discard(resource)
 
     def _walk_alerting(self) -> None:
         """Move alerting monitors up their ladders as time passes (no new result needed)."""
@@ -342,6 +354,7 @@ class HealthEngine:
     def _save(self, state: MonitorState) -> None:
         self.store.save_monitor_state(state)
         self._states[(state.monitor, state.resource)] = state
+        self._resources_of.setdefault(state.monitor, set()).add(state.resource)
 
     def _evaluate_one(
         self,
