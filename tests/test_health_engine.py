@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import socket
+import sqlite3
 import time
 from pathlib import Path
 
@@ -17,7 +18,9 @@ from popguard.errors import UserError
 from popguard.health.clock import ManualClock
 from popguard.health.definitions import load_health_set, shipped_health_sets
 from popguard.health.engine import HealthEngine
+from popguard.health.health_mailboxes import credentials_file, ensure_health_mailboxes
 from popguard.health.overrides import parse_duration
+from popguard.passwords import verify_password
 
 from .conftest import free_loopback_address
 
@@ -214,3 +217,35 @@ def test_durations_parse_as_exchange_writes_them(d: int, h: int, m: int, s: int)
 def test_any_duration_text_parses_or_is_refused_cleanly(text: str) -> None:
     with contextlib.suppress(UserError):
         assert 0 < parse_duration(text) <= 60 * 24 * 3600
+
+
+def test_health_mailboxes_are_made_once_and_rotated_after_a_week(tmp_path: Path) -> None:
+    data = mailbox_server(tmp_path)
+    with Directory(data) as directory:
+        first = ensure_health_mailboxes(directory, now=1_000.0)
+        mailbox = directory.get_mailbox(first["db01"].address)
+        assert verify_password(mailbox.password_hash, first["db01"].password)
+        assert ensure_health_mailboxes(directory, now=1_000.0 + 86_400) == first
+        rotated = ensure_health_mailboxes(directory, now=1_000.0 + 8 * 86_400)
+        assert rotated["db01"].password != first["db01"].password
+        mailbox = directory.get_mailbox(first["db01"].address)
+        assert verify_password(mailbox.password_hash, rotated["db01"].password)
+    assert credentials_file(data).stat().st_mode & 0o777 == 0o600
+
+
+async def test_probes_run_while_another_process_holds_the_directory_write_lock(
+    tmp_path: Path,
+) -> None:
+    data = mailbox_server(tmp_path)
+    health_set = load_health_set(DEAD_END, "dead.toml")
+    engine = HealthEngine(data, "mbx1", ManualClock(), [health_set])
+    holder = sqlite3.connect(data / "directory.sqlite", isolation_level=None)
+    holder.execute("BEGIN IMMEDIATE")  # as a long directory write in another process would
+    try:
+        (result,) = await engine.run_now(*engine.probes()[0])
+        assert result.failure_component == "Networking"  # the probe ran and was stored
+        engine.refresh_controls(force=True)
+    finally:
+        holder.execute("ROLLBACK")
+        holder.close()
+        engine.close()
