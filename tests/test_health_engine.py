@@ -16,7 +16,7 @@ from hypothesis import strategies as st
 from popguard.directory import Directory, MonitoringOverride
 from popguard.errors import UserError
 from popguard.health.clock import ManualClock
-from popguard.health.definitions import load_health_set, shipped_health_sets
+from popguard.health.definitions import load_folder, load_health_set, shipped_health_sets
 from popguard.health.engine import HealthEngine
 from popguard.health.health_mailboxes import credentials_file, ensure_health_mailboxes
 from popguard.health.overrides import parse_duration
@@ -249,3 +249,16 @@ async def test_probes_run_while_another_process_holds_the_directory_write_lock(
         holder.execute("ROLLBACK")
         holder.close()
         engine.close()
+
+
+def test_a_health_set_of_ones_own_runs_beside_the_shipped_ones(tmp_path: Path) -> None:
+    data = mailbox_server(tmp_path)
+    folder = tmp_path / "sets"
+    folder.mkdir()
+    (folder / "Test.Dead.toml").write_text(DEAD_END)
+    sets = shipped_health_sets() + load_folder(folder)
+    engine = HealthEngine(data, "mbx1", ManualClock(), sets)
+    names = {f"{s.name}\\{p.name}" for s, p in engine.probes()}
+    assert {"Test.Dead\\DeadProbe", "POP.Protocol\\PopSelfTestProbe"} <= names
+    assert "POP.Proxy\\PopProxyTestProbe" not in names  # a front end's, not a mailbox server's
+    engine.close()

@@ -166,4 +166,5 @@ def shipped_health_sets(profile: str = DEFAULT_PROFILE) -> list[HealthSet]:
 
 
 def load_folder(folder: Path, profile: str = DEFAULT_PROFILE) -> list[HealthSet]:
-    return [load_health_set(p.read_text(), p.name, profile) for p in sorted(folder.glob("*.toml"))]
+    """Every health set in a folder (none if it does not exist)."""
+    return [load_health_set(p.read_text(), str(p), profile) for p in sorted(folder.glob("*.toml"))]

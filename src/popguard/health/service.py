@@ -3,23 +3,43 @@
 from __future__ import annotations
 
 import asyncio
+import ipaddress
 import logging
 import os
 from pathlib import Path
 
 from aiohttp import web
 
+from ..errors import UserError
 from ..service import listen
 from .api import HealthApi, ensure_token
 from .clock import SystemClock
-from .definitions import shipped_health_sets
+from .definitions import load_folder, shipped_health_sets
 from .engine import HealthEngine
 
 log = logging.getLogger("popguard.health")
 
 
-async def run_health(data: Path, server_name: str, profile: str, stop: asyncio.Event) -> None:
-    engine = HealthEngine(data, server_name, SystemClock(), shipped_health_sets(profile))
+def extra_sets_folder(data: Path) -> Path:
+    """Health sets of the operator's own (for another protocol, say), beside popguard's."""
+    return data / "health" / "sets"
+
+
+async def run_health(
+    data: Path, server_name: str, profile: str, stop: asyncio.Event, allow_remote_api: bool = False
+) -> None:
+    sets = shipped_health_sets(profile) + load_folder(extra_sets_folder(data), profile)
+    names = [s.name.lower() for s in sets]
+    if len(names) != len(set(names)):
+        raise UserError(f"two health sets have the same name in {extra_sets_folder(data)}")
+    engine = HealthEngine(data, server_name, SystemClock(), sets)
+    address = engine.server.address
+    if not ipaddress.ip_address(address).is_loopback and not allow_remote_api:
+        engine.close()
+        raise UserError(
+            f"{engine.server.name}'s address {address} is not a loopback address: the health "
+            "API would be reachable from the network; pass --allow-remote-api to allow it"
+        )
     try:
         # Argon2 hashing and directory writes: off the event loop.
         await asyncio.to_thread(_prepare_mailboxes, data, server_name)
@@ -49,8 +69,8 @@ def _prepare_mailboxes(data: Path, server_name: str) -> None:
         ensure_health_mailboxes(directory)
 
 
-def serve(data: Path, server_name: str, profile: str) -> None:
+def serve(data: Path, server_name: str, profile: str, allow_remote_api: bool = False) -> None:
     from ..service import run_until_stopped, setup_logging
 
     setup_logging("health", server_name)
-    run_until_stopped(lambda stop: run_health(data, server_name, profile, stop))
+    run_until_stopped(lambda stop: run_health(data, server_name, profile, stop, allow_remote_api))
