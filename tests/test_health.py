@@ -60,6 +60,8 @@ def test_a_paused_back_end_goes_degraded_then_unhealthy_and_back(
                          "--server", "mbx1", "--format", "list")  # fmt: skip
         assert "ResultType         : TimedOut" in shown.stdout, shown.stdout
         assert "Error              : no answer within 4s" in shown.stdout
+        # A silent service is the service's failure, not TLS's, in whatever step.
+        assert "FailureComponent   : POP3" in shown.stdout
         # The other servers' health is their own: mbx2's back end is fine.
         assert health(org, "mbx2", "POP.Protocol")["PopSelfTestMonitor"]["AlertValue"] == "Healthy"
     finally:

@@ -29,7 +29,7 @@ from .external import ExternalPop3Server, load_external
 from .health_mailboxes import ensure_health_mailboxes, read_credentials
 from .monitors import MONITOR_KINDS, SEVERITY, Verdict, alert_value, ladder_state
 from .overrides import effective_monitor, effective_probe
-from .probes import PROBE_KINDS, Credential, ProbeFailure, ProbeTarget, Transcript
+from .probes import NETWORKING, PROBE_KINDS, Credential, ProbeFailure, ProbeTarget, Transcript
 from .results import RETENTION, MonitorState, ProbeResult, ResultsStore
 
 log = logging.getLogger("popguard.health")
@@ -230,11 +230,12 @@ class HealthEngine:
             sample = outcome.sample_value
         except TimeoutError:
             result_type = "TimedOut"
-            component, reason = transcript.component, "timeout"
-            error = (
-                f"no answer within {probe.timeout:g}s while at step '{transcript.step}' "
-                f"({transcript.component})"
-            )
+            # Silence is the probed service's, whatever step it fell in (a hung back
+            # end stalls a TLS handshake too); only a connection that never opened is
+            # the network's. The step is kept in the reason and the error.
+            component = NETWORKING if transcript.step == "connect" else "POP3"
+            reason = f"timeout at {transcript.step}"
+            error = f"no answer within {probe.timeout:g}s at step '{transcript.step}'"
         except ProbeFailure as failure:
             result_type, component, reason, error = (
                 "Failed",
