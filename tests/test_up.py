@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import poplib
 import re
 import signal
@@ -84,3 +85,49 @@ def test_up_serves_the_demo_mailbox_and_stops_cleanly(tmp_path: Path) -> None:
     assert "stopped" in rest
     assert "Traceback" not in output + rest
     assert not [pid for pid in children if pid_alive(pid)]
+
+
+def test_services_run_under_supervisord_and_restart_for_real(tmp_path: Path) -> None:
+    frontend, mailbox, second = (free_loopback_address() for _ in range(3))
+    data = tmp_path / "data"
+    started = popguard(data, "up", "--detach", "--frontend-address", frontend, "--address",
+                       mailbox, "--second-address", second)  # fmt: skip
+    try:
+        assert started.returncode == 0, started.stderr
+        assert "`popguard down` stops it." in started.stdout
+
+        def services(server: str) -> dict[str, dict[str, object]]:
+            shown = popguard(data, "get-service", "--server", server, "--format", "json")
+            assert shown.returncode == 0, shown.stderr
+            return {row["Name"]: row for row in json.loads(shown.stdout)}
+
+        before = services("mbx1")
+        assert set(before) == {"pop3be", "delivery", "replication", "health"}
+        assert all(row["Status"] == "Running" for row in before.values()), before
+        restarted = popguard(data, "restart-service", "pop3be", "--server", "mbx1",
+                             "--format", "json")  # fmt: skip
+        (row,) = json.loads(restarted.stdout)
+        assert row["Status"] == "Running" and row["ProcessId"] != before["pop3be"]["ProcessId"]
+        assert not pid_alive(int(str(before["pop3be"]["ProcessId"])))
+        # A crashed service is started again by the supervisor.
+        os.kill(int(row["ProcessId"]), signal.SIGKILL)
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            now = services("mbx1")["pop3be"]
+            if now["Status"] == "Running" and now["ProcessId"] != row["ProcessId"]:
+                break
+            time.sleep(0.5)
+        else:
+            raise AssertionError(f"pop3be was not started again: {now}")
+        refused = popguard(data, "restart-server", "mbx1")
+        assert refused.returncode == 1 and "holds the active copy of DB01" in refused.stderr
+        stopped = popguard(data, "stop-service", "health", "--server", "cas1", "--format", "json")
+        assert json.loads(stopped.stdout)[0]["Status"] == "Stopped"
+        wrong = popguard(data, "restart-service", "pop3be", "--server", "cas1")
+        assert wrong.returncode == 1 and "cas1 runs pop3, health; not pop3be" in wrong.stderr
+        again = popguard(data, "up", "--detach")
+        assert again.returncode == 1 and "already up" in again.stderr
+    finally:
+        down = popguard(data, "down")
+    assert down.returncode == 0, down.stderr
+    assert processes_matching(f"popguard --data {data} serve") == []

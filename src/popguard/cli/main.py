@@ -21,6 +21,7 @@ from . import (
     popsettings,
     serve,
     servers,
+    services,
     up,
 )
 from .context import AppContext
@@ -47,6 +48,7 @@ for module in (
     copies,
     health,
     overrides,
+    services,
     mailboxes,
     popsettings,
     components,

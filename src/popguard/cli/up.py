@@ -1,11 +1,15 @@
-"""`popguard up`: start an organization on this machine and keep it running.
+"""`popguard up` and `popguard down`: an organization on this machine, every service a
+real process under supervisord.
 
-Each service is its own OS process (`popguard serve ...`), so restarting one is
-a real restart. Ctrl-C (or SIGTERM) stops them all.
+One supervisord program per service and one group per logical server, so that
+`restart-service` is a real restart with a new process id and `restart-server`
+restarts every service of one server. Ctrl-C (or SIGTERM) stops it all; with
+`--detach` it keeps running until `popguard down`.
 """
 
 from __future__ import annotations
 
+import os
 import shlex
 import signal
 import socket
@@ -25,37 +29,16 @@ from ..organization import (
     WELCOME_MESSAGE,
     ensure_demo_organization,
 )
+from ..service_control import (
+    SupervisorControl,
+    services_of,
+    supervisor_config,
+    supervisor_dir,
+)
 from .context import AppContext, pass_app
 
-STARTUP_TIMEOUT = 30.0
-STOP_TIMEOUT = 10.0
-
-
-def _wait_for_port(host: str, port: int, process: subprocess.Popen[bytes], name: str) -> None:
-    deadline = time.monotonic() + STARTUP_TIMEOUT
-    while time.monotonic() < deadline:
-        if process.poll() is not None:
-            raise UserError(f"{name} exited during start-up with status {process.returncode}")
-        try:
-            with socket.create_connection((host, port), timeout=1):
-                return
-        except OSError:
-            time.sleep(0.1)
-    raise UserError(f"{name} did not listen on {host}:{port} within {STARTUP_TIMEOUT:.0f}s")
-
-
-def _stop(processes: dict[str, subprocess.Popen[bytes]]) -> None:
-    for process in processes.values():
-        if process.poll() is None:
-            process.terminate()
-    deadline = time.monotonic() + STOP_TIMEOUT
-    for process in processes.values():
-        try:
-            process.wait(max(0.1, deadline - time.monotonic()))
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
-
+STARTUP_TIMEOUT = 60.0
+STOP_TIMEOUT = 60.0
 
 ENDPOINTS = {
     "pop3be": "pop3be",
@@ -66,32 +49,99 @@ ENDPOINTS = {
 }
 
 
+def _listening(host: str, port: int) -> bool:
+    try:
+        with socket.create_connection((host, port), timeout=1):
+            return True
+    except OSError:
+        return False
+
+
+def _wait_until_up(
+    control: SupervisorControl,
+    supervisord: subprocess.Popen[bytes] | None,
+    endpoints: list[tuple[str, str, str, int]],
+) -> None:
+    """Every service Running and listening, or one line saying which is not."""
+    deadline = time.monotonic() + STARTUP_TIMEOUT
+    pending = list(endpoints)
+    while pending and time.monotonic() < deadline:
+        if supervisord is not None and supervisord.poll() not in (None, 0):
+            raise UserError(f"supervisord exited with status {supervisord.returncode}")
+        server, service, host, port = pending[0]
+        if control.alive():
+            (status,) = control.status(server, [service])
+            if status.state == "Failed":
+                raise UserError(
+                    f"{server}/{service} failed to start: {status.detail or 'see its log'}"
+                )
+            if status.state == "Running" and _listening(host, port):
+                pending.pop(0)
+                continue
+        time.sleep(0.1)
+    if pending:
+        server, service, host, port = pending[0]
+        raise UserError(
+            f"{server}/{service} did not listen on {host}:{port} in {STARTUP_TIMEOUT:.0f}s"
+        )
+
+
+def _stop_supervisord(
+    control: SupervisorControl, supervisord: subprocess.Popen[bytes] | None
+) -> None:
+    if supervisord is not None and supervisord.poll() is None:
+        supervisord.terminate()  # supervisord stops every program, then itself
+        try:
+            supervisord.wait(STOP_TIMEOUT)
+        except subprocess.TimeoutExpired:
+            supervisord.kill()
+            supervisord.wait()
+    elif control.alive():
+        control.shutdown()
+
+
 @click.command("up")
 @click.option(
     "--frontend-address", default=DEFAULT_FRONTEND_ADDRESS, show_default=True, help="cas1's."
 )
 @click.option("--address", default=DEFAULT_MAILBOX_ADDRESS, show_default=True, help="mbx1's.")
 @click.option("--second-address", default=SECOND_MAILBOX_ADDRESS, show_default=True, help="mbx2's.")
+@click.option(
+    "--detach", is_flag=True, help="Return once everything runs; `popguard down` stops it."
+)
 @pass_app
-def up(app: AppContext, frontend_address: str, address: str, second_address: str) -> None:
+def up(
+    app: AppContext, frontend_address: str, address: str, second_address: str, detach: bool
+) -> None:
     """Start a front end (cas1) and two mailbox servers (mbx1, mbx2) with a demo mailbox."""
+    data = app.data.resolve()
     with app.directory() as directory:
         org = ensure_demo_organization(directory, frontend_address, address, second_address)
     cas, demo = org.frontend, org.demo
-    base = [sys.executable, "-m", "popguard", "--data", str(app.data), "serve"]
-    processes: dict[str, subprocess.Popen[bytes]] = {}
+    control = SupervisorControl(data)
+    if control.alive():
+        raise UserError(f"popguard is already up for {data} (`popguard down` stops it)")
+    servers = {s.name: services_of(s.roles) for s in [*org.mailbox_servers, cas]}
+    folder = supervisor_dir(data)
+    (folder / "logs").mkdir(parents=True, exist_ok=True)
+    config = folder / "supervisord.conf"
+    config.write_text(supervisor_config(data, servers, daemon=detach))
+    endpoints = [
+        (s.name, service, s.address, s.port(ENDPOINTS[service]))
+        for s in [*org.mailbox_servers, cas]
+        for service in servers[s.name]
+    ]
     # SIGTERM (from a script or a supervisor) stops everything as Ctrl-C does.
     signal.signal(signal.SIGTERM, signal.default_int_handler)
+    supervisord: subprocess.Popen[bytes] | None = None
     try:
-        services = [
-            (mbx, service)
-            for mbx in org.mailbox_servers
-            for service in ("pop3be", "delivery", "replication", "health")
-        ]
-        for server, service in [*services, (cas, "pop3"), (cas, "health")]:
-            name = f"{server.name}/{service}"
-            processes[name] = subprocess.Popen([*base, service, "--server", server.name])
-            _wait_for_port(server.address, server.port(ENDPOINTS[service]), processes[name], name)
+        supervisord = subprocess.Popen(
+            [sys.executable, "-m", "supervisor.supervisord", "-c", str(config)]
+        )
+        if detach:
+            supervisord.wait(STARTUP_TIMEOUT)  # it forks into the background and returns
+            supervisord = None
+        _wait_until_up(control, supervisord, endpoints)
         welcome = ""
         if demo.new:
             with app.directory() as directory:
@@ -128,18 +178,51 @@ See the health of mbx1's POP3 service, and run a probe now:
 See the copies, and move mbx1's databases to mbx2 (and back with false):
   {command} get-mailboxdatabasecopystatus
   {command} set-mailboxserver mbx1 --database-copy-activation-disabled-and-move-now true
-Press Ctrl-C to stop.""",
+Restart a service (a real restart: see the new process id):
+  {command} restart-service pop3be --server mbx1
+{"`popguard down` stops it." if detach else "Press Ctrl-C to stop."}""",
         )
-        while True:
-            for name, process in processes.items():
-                if process.poll() is not None:
-                    raise UserError(f"{name} exited with status {process.returncode}")
+        if detach:
+            return
+        while supervisord is not None and supervisord.poll() is None:
             time.sleep(0.5)
+        raise UserError(
+            f"supervisord exited with status {supervisord.returncode if supervisord else '?'}"
+        )
     except KeyboardInterrupt:
         click.echo("\nstopping ...")
-    finally:
-        _stop(processes)
+    except BaseException:
+        _stop_supervisord(control, supervisord)
+        raise
+    _stop_supervisord(control, supervisord)
     click.echo("stopped")
 
 
-COMMANDS = [up]
+@click.command("down")
+@pass_app
+def down(app: AppContext) -> None:
+    """Stop what `popguard up --detach` started: every service, then supervisord."""
+    data = app.data.resolve()
+    control = SupervisorControl(data)
+    if not control.alive():
+        raise UserError(f"popguard is not up for {data}")
+    pid = control.pid()
+    control.shutdown()
+    # supervisord stops every service first, then exits: wait for the process itself.
+    deadline = time.monotonic() + STOP_TIMEOUT
+    while _alive(pid) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    if _alive(pid):
+        raise UserError(f"supervisord (pid {pid}) did not stop within {STOP_TIMEOUT:.0f}s")
+    click.echo("stopped")
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    return True
+
+
+COMMANDS = [up, down]

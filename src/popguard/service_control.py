@@ -1,0 +1,240 @@
+"""Starting, stopping and restarting popguard's services: one interface, two real
+implementations.
+
+`popguard up` runs every service under supervisord (from PyPI), one program per
+service and one group per logical server, controlled over XML-RPC on a Unix
+socket. Production hosts use the systemd units in `deploy/systemd/`
+(`popguard-SERVICE@SERVER.service`, all of a server's under `popguard@SERVER.target`),
+controlled with systemctl. The commands and the responders use whichever runs here.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import http.client
+import shutil
+import subprocess
+import sys
+import tempfile
+import xmlrpc.client
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Protocol
+
+from supervisor.xmlrpc import SupervisorTransport
+
+from .errors import UserError
+
+SERVICES = ("pop3be", "delivery", "replication", "pop3", "health")
+ROLE_SERVICES = {
+    "mailbox": ("pop3be", "delivery", "replication", "health"),
+    "frontend": ("pop3", "health"),
+}
+
+
+def services_of(roles: tuple[str, ...]) -> list[str]:
+    wanted = [s for role in roles for s in ROLE_SERVICES[role]]
+    return [s for s in SERVICES if s in wanted]
+
+
+@dataclass(frozen=True)
+class ServiceStatus:
+    server: str
+    service: str
+    state: str  # Running | Stopped | Starting | Failed | ...
+    pid: int | None
+    uptime_seconds: float | None
+    detail: str = ""
+
+
+class ServiceControl(Protocol):
+    name: str
+
+    def status(self, server: str, services: list[str]) -> list[ServiceStatus]: ...
+
+    def start(self, server: str, service: str) -> ServiceStatus: ...
+
+    def stop(self, server: str, service: str) -> ServiceStatus: ...
+
+    def restart(self, server: str, service: str) -> ServiceStatus: ...
+
+
+# supervisord -------------------------------------------------------------------------
+
+
+def supervisor_dir(data: Path) -> Path:
+    return data / "supervisor"
+
+
+def supervisor_socket(data: Path) -> Path:
+    """Short enough for a Unix socket path (108 octets) wherever the data folder is."""
+    digest = hashlib.sha256(str(data.resolve()).encode()).hexdigest()[:16]
+    return Path(tempfile.gettempdir()) / f"popguard-{digest}.sock"
+
+
+def program_name(server: str, service: str) -> str:
+    return f"{server}-{service}"
+
+
+def supervisor_config(data: Path, servers: dict[str, list[str]], daemon: bool = False) -> str:
+    """supervisord's configuration: one program per service, one group per server."""
+    data = data.resolve()
+    folder = supervisor_dir(data)
+    lines = [
+        "[unix_http_server]",
+        f"file={supervisor_socket(data)}",
+        "chmod=0700",
+        "",
+        "[supervisord]",
+        f"logfile={folder / 'supervisord.log'}",
+        f"pidfile={folder / 'supervisord.pid'}",
+        f"childlogdir={folder / 'logs'}",
+        f"nodaemon={'false' if daemon else 'true'}",
+        "silent=true",
+        "",
+        "[rpcinterface:supervisor]",
+        "supervisor.rpcinterface_factory = supervisor.rpcinterface:make_main_rpcinterface",
+        "",
+        "[supervisorctl]",
+        f"serverurl=unix://{supervisor_socket(data)}",
+        "",
+    ]
+    for server, services in servers.items():
+        for service in services:
+            log = data / "servers" / server / "logs" / f"{service}.log"
+            log.parent.mkdir(parents=True, exist_ok=True)
+            lines += [
+                f"[program:{program_name(server, service)}]",
+                f"command={sys.executable} -m popguard --data {data} serve {service} "
+                f"--server {server}",
+                "autostart=true",
+                # A crashed service comes back at once (as Windows restarts a failed
+                # service); a hung one is the health engine's to find.
+                "autorestart=true",
+                "startsecs=1",
+                "startretries=5",
+                "stopsignal=TERM",
+                "stopwaitsecs=15",
+                f"stdout_logfile={log}",
+                "stdout_logfile_maxbytes=10MB",
+                "stdout_logfile_backups=3",
+                "redirect_stderr=true",
+                "",
+            ]
+        programs = ",".join(program_name(server, s) for s in services)
+        lines += [f"[group:{server}]", f"programs={programs}", ""]
+    return "\n".join(lines)
+
+
+class SupervisorControl:
+    name = "supervisord"
+
+    def __init__(self, data: Path) -> None:
+        self.socket = supervisor_socket(data)
+
+    def _call(self, method: str, *args: object) -> object:
+        # A new transport per call: supervisor's keeps a broken connection after a failure.
+        transport = SupervisorTransport(None, None, f"unix://{self.socket}")
+        proxy = xmlrpc.client.ServerProxy("http://127.0.0.1", transport=transport)
+        try:
+            return getattr(proxy.supervisor, method)(*args)
+        except xmlrpc.client.Fault as fault:
+            raise UserError(f"supervisord: {fault.faultString}") from None
+        except (OSError, http.client.HTTPException) as exc:
+            raise UserError(f"supervisord does not answer on {self.socket}: {exc}") from None
+
+    def alive(self) -> bool:
+        try:
+            return self._call("getState") is not None
+        except UserError:
+            return False
+
+    def _status(self, server: str, service: str) -> ServiceStatus:
+        info = self._call("getProcessInfo", f"{server}:{program_name(server, service)}")
+        assert isinstance(info, dict)
+        name = str(info["statename"])
+        state = {"RUNNING": "Running", "STOPPED": "Stopped", "STARTING": "Starting",
+                 "BACKOFF": "Failed", "FATAL": "Failed", "EXITED": "Stopped",
+                 "STOPPING": "Stopping"}.get(name, name)  # fmt: skip
+        running = state == "Running"
+        return ServiceStatus(
+            server, service, state, int(info["pid"]) if running else None,
+            float(info["now"] - info["start"]) if running else None,
+            str(info.get("spawnerr") or ""),
+        )  # fmt: skip
+
+    def status(self, server: str, services: list[str]) -> list[ServiceStatus]:
+        return [self._status(server, service) for service in services]
+
+    def start(self, server: str, service: str) -> ServiceStatus:
+        if self._status(server, service).state != "Running":
+            self._call("startProcess", f"{server}:{program_name(server, service)}", True)
+        return self._status(server, service)
+
+    def stop(self, server: str, service: str) -> ServiceStatus:
+        if self._status(server, service).state in ("Running", "Starting", "Failed"):
+            self._call("stopProcess", f"{server}:{program_name(server, service)}", True)
+        return self._status(server, service)
+
+    def restart(self, server: str, service: str) -> ServiceStatus:
+        self.stop(server, service)
+        return self.start(server, service)
+
+    def shutdown(self) -> None:
+        self._call("shutdown")
+
+    def pid(self) -> int:
+        return int(str(self._call("getPID")))
+
+
+# systemd ------------------------------------------------------------------------------
+
+
+class SystemdControl:
+    """`popguard-SERVICE@SERVER.service` units (deploy/systemd), through systemctl."""
+
+    name = "systemd"
+
+    def _systemctl(self, *args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(["systemctl", *args], capture_output=True, text=True, timeout=60)
+
+    def _status(self, server: str, service: str) -> ServiceStatus:
+        unit = f"popguard-{service}@{server}.service"
+        shown = self._systemctl("show", unit, "--property=ActiveState,MainPID,SubState")
+        values = dict(line.split("=", 1) for line in shown.stdout.splitlines() if "=" in line)
+        active = values.get("ActiveState", "unknown")
+        state = {"active": "Running", "inactive": "Stopped", "failed": "Failed",
+                 "activating": "Starting"}.get(active, active)  # fmt: skip
+        pid = int(values.get("MainPID", "0") or 0) or None
+        return ServiceStatus(server, service, state, pid, None, values.get("SubState", ""))
+
+    def status(self, server: str, services: list[str]) -> list[ServiceStatus]:
+        return [self._status(server, service) for service in services]
+
+    def _act(self, verb: str, server: str, service: str) -> ServiceStatus:
+        done = self._systemctl(verb, f"popguard-{service}@{server}.service")
+        if done.returncode != 0:
+            raise UserError(f"systemctl {verb} failed: {done.stderr.strip()}")
+        return self._status(server, service)
+
+    def start(self, server: str, service: str) -> ServiceStatus:
+        return self._act("start", server, service)
+
+    def stop(self, server: str, service: str) -> ServiceStatus:
+        return self._act("stop", server, service)
+
+    def restart(self, server: str, service: str) -> ServiceStatus:
+        return self._act("restart", server, service)
+
+
+def control_for(data: Path) -> SupervisorControl | SystemdControl:
+    """The supervisor that runs this data folder's services."""
+    supervisor = SupervisorControl(data)
+    if supervisor.socket.exists() and supervisor.alive():
+        return supervisor
+    if Path("/run/systemd/system").is_dir() and shutil.which("systemctl"):
+        return SystemdControl()
+    raise UserError(
+        "no supervisor runs popguard's services here: start them with `popguard up`, or "
+        "install the systemd units of deploy/systemd"
+    )
