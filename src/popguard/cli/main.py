@@ -13,6 +13,7 @@ from ..errors import UserError
 from ..paths import DATA_ENV, DEFAULT_DATA
 from . import (
     components,
+    connectivity,
     copies,
     health,
     mailboxes,
@@ -45,6 +46,7 @@ def cli(ctx: click.Context, data: Path) -> None:
 
 for module in (
     servers,
+    connectivity,
     copies,
     health,
     overrides,

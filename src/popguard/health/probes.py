@@ -94,6 +94,18 @@ class Pop3Dialog:
         self._writer: asyncio.StreamWriter | None = None
 
     async def connect(self, target: ProbeTarget) -> StatusLine:
+        """TCP, TLS as the target asks (implicit, or STLS after the greeting); the greeting."""
+        await self.open(target)
+        if target.tls == "tls":
+            await self.start_tls(target)
+        greeting = await self.greeting()
+        if target.tls == "stls":
+            await self.expect_ok("STLS", POP3)
+            await self.start_tls(target)
+        return greeting
+
+    async def open(self, target: ProbeTarget) -> None:
+        """The TCP connection alone."""
         self.transcript.at("connect", NETWORKING)
         self.transcript.note(f"connecting to {target.host}:{target.port} ({target.tls})")
         try:
@@ -103,16 +115,12 @@ class Pop3Dialog:
         except OSError as exc:
             reason = exc.strerror or type(exc).__name__
             raise ProbeFailure(NETWORKING, reason, f"cannot connect: {reason}") from None
-        if target.tls == "tls":
-            await self._start_tls(target)
-        self.transcript.at("greeting", POP3)
-        greeting = await self.status("greeting")
-        if target.tls == "stls":
-            await self.expect_ok("STLS", POP3)
-            await self._start_tls(target)
-        return greeting
 
-    async def _start_tls(self, target: ProbeTarget) -> None:
+    async def greeting(self) -> StatusLine:
+        self.transcript.at("greeting", POP3)
+        return await self.status("greeting")
+
+    async def start_tls(self, target: ProbeTarget) -> None:
         self.transcript.at("TLS handshake", TLS)
         assert self._writer is not None and target.context is not None
         try:

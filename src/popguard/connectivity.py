@@ -1,0 +1,195 @@
+"""`popguard test-popconnectivity`: Exchange's Test-PopConnectivity, step by step.
+
+Connects to a front end as a client would and times each step: connect, TLS, login,
+and unless in light mode LIST, RETR and DELE of a test message it delivers first
+(through LMTP, to the mailbox it logs in to). The first step that fails says why;
+the steps after it are Skipped. Built on the health probes' POP3 dialog, so its
+transcript and failure reasons read the same.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import secrets
+import ssl
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+from .directory import Directory
+from .errors import UserError
+from .health.probes import Credential, Pop3Dialog, ProbeFailure, ProbeTarget, Transcript
+from .lmtp_client import deliver
+
+# Exchange's connection types, and the popguard TLS mode and front-end port each uses.
+CONNECTION_TYPES = {
+    "plaintext": ("plain", "pop3"),
+    "tls": ("stls", "pop3"),
+    "ssl": ("tls", "pop3-tls"),
+}
+
+
+@dataclass(frozen=True)
+class StepResult:
+    server: str
+    scenario: str
+    result: str  # Success | Failure | Skipped
+    latency_ms: float | None
+    error: str = ""
+
+    def row(self) -> dict[str, object]:
+        return {
+            "CasServer": self.server,
+            "Scenario": self.scenario,
+            "Result": self.result,
+            "Latency(MS)": self.latency_ms,
+            "Error": self.error,
+        }
+
+
+@dataclass(frozen=True)
+class ConnectivityTest:
+    data: Path
+    server: str
+    credential: Credential
+    connection_type: str = "tls"
+    port: int | None = None
+    trust_any_certificate: bool = False
+    light_mode: bool = False
+    per_connection_timeout: float = 30.0
+
+
+def _context(data: Path, trust_any: bool) -> ssl.SSLContext:
+    if trust_any:
+        context = ssl.create_default_context()
+        context.check_hostname = False
+        context.verify_mode = ssl.CERT_NONE
+        return context
+    from . import tls
+
+    return tls.client_context(data)
+
+
+async def run_test(test: ConnectivityTest) -> list[StepResult]:
+    with Directory(test.data) as directory:
+        server = directory.get_server(test.server)
+        if "frontend" not in server.roles:
+            raise UserError(f"{server.name} is not a client access server (role frontend)")
+    mode, endpoint = CONNECTION_TYPES[test.connection_type]
+    port = test.port or server.port(endpoint)
+    target = ProbeTarget(
+        resource=server.name, host=server.address, port=port, tls=mode,
+        context=_context(test.data, test.trust_any_certificate), credential=test.credential,
+    )  # fmt: skip
+    transcript = Transcript()
+    dialog = Pop3Dialog(transcript)
+    results: list[StepResult] = []
+    failed = False
+    marker = f"popguard connectivity test {secrets.token_hex(6)}"
+    found: dict[str, int] = {}
+
+    async def step(scenario: str, action: Callable[[], Awaitable[None]]) -> None:
+        nonlocal failed
+        if failed:
+            results.append(StepResult(server.name, scenario, "Skipped", None))
+            return
+        started = time.monotonic()
+        try:
+            async with asyncio.timeout(test.per_connection_timeout):
+                await action()
+        except TimeoutError:
+            error = f"no answer within {test.per_connection_timeout:g}s"
+        except ProbeFailure as failure:
+            error = f"{failure} ({failure.component})"
+        else:
+            latency = round((time.monotonic() - started) * 1000, 1)
+            results.append(StepResult(server.name, scenario, "Success", latency))
+            return
+        failed = True
+        results.append(StepResult(server.name, scenario, "Failure", None, error))
+
+    async def check_greeting() -> None:
+        greeting = await dialog.greeting()
+        if not greeting.ok:
+            code = f"[{greeting.code}] " if greeting.code else ""
+            raise ProbeFailure(
+                "POP3", greeting.code or "-ERR", f"greeting: -ERR {code}{greeting.text}"
+            )
+
+    async def connect() -> None:
+        await dialog.open(target)
+        if mode != "tls":  # with implicit TLS the greeting comes after the handshake
+            await check_greeting()
+
+    async def start_tls() -> None:
+        if mode == "stls":
+            await dialog.expect_ok("STLS", "POP3")
+        await dialog.start_tls(target)
+        if mode == "tls":
+            await check_greeting()
+
+    async def deliver_test_message() -> None:
+        def send() -> None:
+            message = (
+                f"From: popguard <postmaster@popguard.test>\r\nSubject: {marker}\r\n\r\n"
+                "Sent by test-popconnectivity; it deletes this message again.\r\n"
+            ).encode()
+            with Directory(test.data) as directory:
+                result = deliver(directory, test.credential.address, message)
+            if result.code != 250:
+                raise ProbeFailure("Delivery", str(result.code), f"LMTP: {result.reply}")
+            uid = result.reply.rsplit(" ", 1)[-1]
+            found["uid"] = int(uid) if uid.isdigit() else -1
+
+        try:
+            await asyncio.to_thread(send)
+        except UserError as exc:
+            raise ProbeFailure("Delivery", "LMTP", str(exc)) from None
+
+    async def login() -> None:
+        await dialog.expect_ok(f"USER {test.credential.address}", "Auth")
+        reply = await dialog.command(f"PASS {test.credential.password}", "Auth")
+        if not reply.ok:
+            code = f"[{reply.code}] " if reply.code else ""
+            raise ProbeFailure("Auth", reply.code or "-ERR", f"login: -ERR {code}{reply.text}")
+
+    async def list_messages() -> None:
+        await dialog.expect_ok("UIDL", "POP3")
+        for line in await dialog.multiline():
+            number, _, uid = line.decode().strip().partition(" ")
+            if uid == str(found.get("uid")):
+                found["number"] = int(number)
+        await dialog.expect_ok("LIST", "POP3")
+        await dialog.multiline()
+        if "number" not in found:
+            raise ProbeFailure("Store", "missing", "the test message is not in the mailbox")
+
+    async def retrieve() -> None:
+        await dialog.expect_ok(f"RETR {found['number']}", "Store")
+        body = b"".join(await dialog.multiline())
+        if marker.encode() not in body:
+            raise ProbeFailure("Store", "wrong message", "RETR returned another message")
+
+    async def delete() -> None:
+        await dialog.expect_ok(f"DELE {found['number']}", "Store")
+        await dialog.expect_ok("QUIT", "Store")
+
+    try:
+        if not test.light_mode:
+            await step("Deliver test message", deliver_test_message)
+        await step("Connect", connect)
+        if mode != "plain":
+            await step("TLS", start_tls)
+        await step("Login", login)
+        if not test.light_mode:
+            await step("List", list_messages)
+            await step("Retrieve", retrieve)
+            await step("Delete", delete)
+        elif not failed:
+            await dialog.expect_ok("QUIT", "POP3")
+    except ProbeFailure:
+        pass  # the QUIT of light mode: the steps already say what mattered
+    finally:
+        await dialog.close()
+    return results
