@@ -114,7 +114,8 @@ def supervisor_config(data: Path, servers: dict[str, list[str]], daemon: bool = 
                 "startsecs=1",
                 "startretries=5",
                 "stopsignal=TERM",
-                "stopwaitsecs=15",
+                # Open sessions get 5 s to finish; a hung process is killed after 8.
+                "stopwaitsecs=8",
                 f"stdout_logfile={log}",
                 "stdout_logfile_maxbytes=10MB",
                 "stdout_logfile_backups=3",

@@ -139,7 +139,17 @@ def get_monitoringitemhelp(identity: str, output_format: str) -> None:
     raise UserError(f"no probe or monitor '{identity}' (names look like 'POP\\PopCTPMonitor')")
 
 
+@click.command("get-recoveryactions")
+@click.option("--server", required=True)
+@format_option
+@pass_app
+def get_recoveryactions(app: AppContext, server: str, output_format: str) -> None:
+    """What the responders of SERVER did, or why they did not: when, on what, the result."""
+    render(_ask(app, server, "GET", "recoveryactions"), output_format)
+
+
 COMMANDS = [
+    get_recoveryactions,
     get_serverhealth,
     get_healthreport,
     invoke_monitoringprobe,

@@ -15,6 +15,7 @@ from . import (
     components,
     connectivity,
     copies,
+    faults,
     health,
     mailboxes,
     messages,
@@ -46,6 +47,7 @@ def cli(ctx: click.Context, data: Path) -> None:
 
 for module in (
     servers,
+    faults,
     connectivity,
     copies,
     health,

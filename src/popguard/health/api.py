@@ -24,7 +24,7 @@ from prometheus_client.registry import Collector
 from ..errors import UserError
 from .engine import HealthEngine
 from .monitors import SEVERITY
-from .results import ProbeResult
+from .results import ProbeResult, RecoveryAction
 
 
 def token_file(data: Path) -> Path:
@@ -112,6 +112,22 @@ def result_row(server: str, result: ProbeResult) -> dict[str, Any]:
     }
 
 
+def action_row(server: str, action: RecoveryAction) -> dict[str, Any]:
+    return {
+        "Server": server,
+        "Id": action.id,
+        "ResponderName": action.responder,
+        "MonitorName": action.monitor,
+        "TargetResource": action.resource,
+        "ActionId": action.kind,
+        "AlertStartTime": when(action.alert_started),
+        "StartTime": when(action.started),
+        "EndTime": when(action.ended),
+        "Result": action.result,
+        "Context": action.detail,
+    }
+
+
 def item_rows(engine: HealthEngine) -> list[dict[str, Any]]:
     rows = []
     for health_set in engine.health_sets:
@@ -180,6 +196,7 @@ class HealthApi:
                 web.get("/v1/items", self._items),
                 web.post("/v1/invoke", self._invoke),
                 web.get("/metrics", self._metrics),
+                web.get("/v1/recoveryactions", self._recovery_actions),
             ]
         )
         return app
@@ -207,6 +224,11 @@ class HealthApi:
 
     async def _items(self, request: web.Request) -> web.Response:
         return web.json_response(item_rows(self.engine))
+
+    async def _recovery_actions(self, request: web.Request) -> web.Response:
+        return web.json_response(
+            [action_row(self.engine.server.name, a) for a in self.engine.store.actions()]
+        )
 
     async def _metrics(self, request: web.Request) -> web.Response:
         registry = CollectorRegistry()

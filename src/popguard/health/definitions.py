@@ -82,6 +82,29 @@ class MonitorDefinition(Strict):
         return self
 
 
+class Throttle(Strict):
+    """How often a responder may act on one server (Exchange's throttle policy)."""
+
+    min_gap: float = Field(default=60.0, ge=0)  # seconds between two of its actions
+    per_hour: int = Field(default=4, ge=1)
+    per_day: int = Field(default=12, ge=1)
+
+
+class ResponderDefinition(Strict):
+    name: str
+    kind: str
+    monitor: str
+    # Fires once per alert, when the monitor's ladder reaches this state.
+    state: Literal["Degraded", "Unhealthy", "Unrecoverable"]
+    service: str | None = None  # for restart-service
+    # Only on servers with this role (default: wherever its monitor runs).
+    role: Literal["mailbox", "frontend"] | None = None
+    # Do not act when the probe's last failure lies here: a restart would not help
+    # (an Auth or back-end failure seen through a front end, say).
+    skip_components: tuple[str, ...] = ()
+    throttle: Throttle = Field(default_factory=Throttle)
+
+
 class HealthSet(Strict):
     name: str
     health_group: str
@@ -89,6 +112,7 @@ class HealthSet(Strict):
     server_component: str = ""
     probes: tuple[ProbeDefinition, ...]
     monitors: tuple[MonitorDefinition, ...]
+    responders: tuple[ResponderDefinition, ...] = ()
     profiles: dict[str, dict[str, dict[str, dict[str, Any]]]] = Field(default_factory=dict)
 
     def applies_to(self, roles: tuple[str, ...]) -> bool:
@@ -122,6 +146,7 @@ def _apply_profile(raw: dict[str, Any], profile: str, source: str) -> dict[str, 
 def load_health_set(text: str, source: str, profile: str = DEFAULT_PROFILE) -> HealthSet:
     from .monitors import MONITOR_KINDS
     from .probes import PROBE_KINDS
+    from .responders import RESPONDER_KINDS
 
     try:
         raw = tomllib.loads(text)
@@ -152,6 +177,19 @@ def load_health_set(text: str, source: str, profile: str = DEFAULT_PROFILE) -> H
             )
         if monitor.kind == "failures-in-window" and monitor.window is None:
             raise UserError(f"{source}: monitor {monitor.name}: failures-in-window needs window")
+    monitors = {m.name for m in health_set.monitors}
+    for responder in health_set.responders:
+        if responder.kind not in RESPONDER_KINDS:
+            known = ", ".join(sorted(RESPONDER_KINDS))
+            raise UserError(
+                f"{source}: responder {responder.name}: unknown kind {responder.kind!r} ({known})"
+            )
+        if responder.monitor not in monitors:
+            raise UserError(
+                f"{source}: responder {responder.name}: unknown monitor {responder.monitor!r}"
+            )
+        if responder.kind == "restart-service" and not responder.service:
+            raise UserError(f"{source}: responder {responder.name}: restart-service needs service")
     return health_set
 
 

@@ -24,16 +24,19 @@ from ..directory import Directory, MonitoringOverride, Server
 from ..errors import UserError
 from ..lmtp_client import deliver
 from .clock import Clock
-from .definitions import HealthSet, MonitorDefinition, ProbeDefinition
+from .definitions import HealthSet, MonitorDefinition, ProbeDefinition, ResponderDefinition
 from .external import ExternalPop3Server, load_external
 from .health_mailboxes import ensure_health_mailboxes, read_credentials
 from .monitors import MONITOR_KINDS, SEVERITY, Verdict, alert_value, ladder_state
 from .overrides import effective_monitor, effective_probe
 from .probes import NETWORKING, PROBE_KINDS, Credential, ProbeFailure, ProbeTarget, Transcript
-from .results import RETENTION, MonitorState, ProbeResult, ResultsStore
+from .responders import RESPONDER_KINDS, Incident
+from .responders import Outcome as ResponderOutcome
+from .results import RETENTION, MonitorState, ProbeResult, RecoveryAction, ResultsStore
 
 log = logging.getLogger("popguard.health")
 
+LADDER_ORDER = {"Healthy": 0, "Degraded": 1, "Unhealthy": 2, "Unrecoverable": 3}
 SERVICE_OF_ROLE = {"mailbox": "pop3be", "frontend": "pop3"}
 PROBE_MESSAGE = (
     b"From: popguard health <health@monitoring.popguard.local>\r\n"
@@ -71,6 +74,9 @@ class HealthEngine:
         # Monitor states live here and are written through to the store, which is
         # what a restarted engine starts from.
         self._states = self.store.monitor_states()
+        self._service_of = {
+            f"{s.name}\\{r.name}": r.service for s in self.health_sets for r in s.responders
+        }
         self._monitor_by_key = {
             f"{s.name}\\{m.name}": m for s in self.health_sets for m in s.monitors
         }
@@ -80,6 +86,18 @@ class HealthEngine:
                 key = (health_set.name, monitor.probe)
                 self._monitors_of_probe.setdefault(key, []).append(monitor)
         self._resources_of: dict[str, set[str]] = {}  # monitor -> resources with a state
+        self._responders_of: dict[str, list[tuple[HealthSet, ResponderDefinition]]] = {}
+        for health_set in self.health_sets:
+            for responder in health_set.responders:
+                if responder.role is None or responder.role in self.server.roles:
+                    monitor_key = f"{health_set.name}\\{responder.monitor}"
+                    self._responders_of.setdefault(monitor_key, []).append((health_set, responder))
+        # (responder, resource, first alert): fired once per alert, across restarts too.
+        self._fired = {
+            (a.responder, a.resource, a.alert_started)
+            for a in self.store.actions(since=self.clock.now() - 2 * 86_400)
+        }
+        self._responding: set[asyncio.Task[None]] = set()
         for monitor_key, resource in self._states:
             self._resources_of.setdefault(monitor_key, set()).add(resource)
         self._overrides: list[MonitoringOverride] = []
@@ -356,6 +374,96 @@ class HealthEngine:
         self.store.save_monitor_state(state)
         self._states[(state.monitor, state.resource)] = state
         self._resources_of.setdefault(state.monitor, set()).add(state.resource)
+        self._consider_responders(state)
+
+    # Responders ----------------------------------------------------------------------------
+
+    def _consider_responders(self, state: MonitorState) -> None:
+        """Start each responder whose ladder step this alert has reached, once per alert."""
+        if not state.is_alert or state.first_alert is None:
+            return
+        for health_set, responder in self._responders_of.get(state.monitor, []):
+            if LADDER_ORDER[state.state] < LADDER_ORDER[responder.state]:
+                continue
+            identity = f"{health_set.name}\\{responder.name}"
+            fired = (identity, state.resource, state.first_alert)
+            if fired in self._fired:
+                continue
+            self._fired.add(fired)
+            task = asyncio.create_task(self._respond(health_set, responder, state))
+            self._responding.add(task)
+            task.add_done_callback(self._responding.discard)
+
+    def _throttled(self, responder: ResponderDefinition, now: float) -> str:
+        """Why this responder may not act now on this server ('' if it may). Counted per
+        kind and service, so two monitors cannot restart one service twice as often."""
+        what = (responder.kind, responder.service)
+        past = [
+            a for a in self.store.actions(since=now - 86_400)
+            if a.result in ("Succeeded", "Failed", "InProgress")
+            and (a.kind, self._service_of.get(a.responder)) == what
+        ]  # fmt: skip
+        limit = responder.throttle
+        if past and now - past[-1].started < limit.min_gap:
+            ago = now - past[-1].started
+            return f"the last {responder.kind} was {ago:.0f}s ago (gap {limit.min_gap:g}s)"
+        if len([a for a in past if a.started >= now - 3600]) >= limit.per_hour:
+            return f"{limit.per_hour} {responder.kind} actions in the last hour already"
+        if len(past) >= limit.per_day:
+            return f"{limit.per_day} {responder.kind} actions in the last day already"
+        return ""
+
+    async def _respond(
+        self, health_set: HealthSet, responder: ResponderDefinition, state: MonitorState
+    ) -> None:
+        identity = f"{health_set.name}\\{responder.name}"
+        monitor_name = state.monitor.split("\\", 1)[1]
+        monitor = self._monitor_by_key[state.monitor]
+        incident = Incident(health_set.name, monitor_name, monitor.probe, state.resource,
+                            state.first_alert or self.clock.now(), state.error)  # fmt: skip
+        now = self.clock.now()
+
+        def record(result: str, detail: str, ended: float | None) -> int:
+            return self.store.add_action(
+                RecoveryAction(
+                    identity,
+                    state.monitor,
+                    state.resource,
+                    responder.kind,
+                    incident.first_alert,
+                    now,
+                    ended,
+                    result,
+                    detail,
+                )
+            )
+
+        latest = self.store.recent(f"{health_set.name}\\{monitor.probe}", state.resource, 1)
+        component = latest[0].failure_component if latest else ""
+        if component and component in responder.skip_components:
+            record("Skipped", f"the failure is in {component}: {responder.kind} here would not "
+                   "help; left to the responders of that part and to escalation", now)  # fmt: skip
+            return
+        if state.monitor.lower() in self._repairing:
+            record("Skipped", "an operator marked the monitor Repairing", now)
+            return
+        throttled = self._throttled(responder, now)
+        if throttled:
+            log.warning("%s throttled on %s: %s", identity, state.resource, throttled)
+            record("Throttled", throttled, now)
+            return
+        log.warning("%s: %s on %s (%s)", identity, responder.kind, state.resource, state.error)
+        action = record("InProgress", "", None)
+        try:
+            outcome = await RESPONDER_KINDS[responder.kind](self, responder, incident)
+        except Exception as exc:
+            log.exception("%s failed", identity)
+            outcome = ResponderOutcome("Failed", f"{responder.kind} crashed: {exc!r}")
+        self.store.finish_action(action, self.clock.now(), outcome.result, outcome.detail)
+        log.warning("%s: %s: %s", identity, outcome.result, outcome.detail)
+
+    def escalated(self, detail: str) -> None:
+        log.error("%s", detail)
 
     def _evaluate_one(
         self,
@@ -453,3 +561,6 @@ class HealthEngine:
             for task in tasks:
                 task.cancel()
             await asyncio.gather(*tasks, return_exceptions=True)
+            for task in list(self._responding):
+                task.cancel()
+            await asyncio.gather(*self._responding, return_exceptions=True)

@@ -47,6 +47,22 @@ MIGRATIONS: tuple[str, ...] = (
         PRIMARY KEY (monitor, resource)
     );
     """,
+    """
+    -- Every decision of a responder: what it did, or why it did not.
+    CREATE TABLE recovery_actions (
+        id INTEGER PRIMARY KEY AUTOINCREMENT,
+        responder TEXT NOT NULL,           -- HealthSet\\ResponderName
+        monitor TEXT NOT NULL,
+        resource TEXT NOT NULL,
+        kind TEXT NOT NULL,
+        alert_started REAL NOT NULL,       -- the monitor's FirstAlertObservedTime
+        started REAL NOT NULL,
+        ended REAL,
+        result TEXT NOT NULL,              -- InProgress | Succeeded | Failed | Throttled | Skipped
+        detail TEXT NOT NULL
+    );
+    CREATE INDEX recovery_actions_by_responder ON recovery_actions(responder, started);
+    """,
 )
 
 
@@ -156,11 +172,59 @@ class ResultsStore:
                 ),
             )  # fmt: skip
 
+    def add_action(self, action: RecoveryAction) -> int:
+        with self._transaction() as db:
+            cursor = db.execute(
+                "INSERT INTO recovery_actions (responder, monitor, resource, kind, alert_started, "
+                "started, ended, result, detail) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                (
+                    action.responder, action.monitor, action.resource, action.kind,
+                    action.alert_started, action.started, action.ended, action.result,
+                    action.detail,
+                ),
+            )  # fmt: skip
+            return int(cursor.lastrowid or 0)
+
+    def finish_action(self, action_id: int, ended: float, result: str, detail: str) -> None:
+        with self._transaction() as db:
+            db.execute(
+                "UPDATE recovery_actions SET ended = ?, result = ?, detail = ? WHERE id = ?",
+                (ended, result, detail, action_id),
+            )
+
+    def actions(self, since: float = 0.0, responder: str | None = None) -> list[RecoveryAction]:
+        rows = self._db.execute(
+            "SELECT * FROM recovery_actions WHERE started >= ? AND (?2 IS NULL OR responder = ?2) "
+            "ORDER BY started, id",
+            (since, responder),
+        ).fetchall()
+        return [
+            RecoveryAction(
+                r["responder"], r["monitor"], r["resource"], r["kind"], r["alert_started"],
+                r["started"], r["ended"], r["result"], r["detail"], r["id"],
+            )
+            for r in rows
+        ]  # fmt: skip
+
     def forget_monitor_state(self, monitor: str, resource: str) -> None:
         with self._transaction() as db:
             db.execute(
                 "DELETE FROM monitor_states WHERE monitor = ? AND resource = ?", (monitor, resource)
             )
+
+
+@dataclass(frozen=True)
+class RecoveryAction:
+    responder: str
+    monitor: str
+    resource: str
+    kind: str
+    alert_started: float
+    started: float
+    ended: float | None
+    result: str
+    detail: str
+    id: int = 0
 
 
 def _result(row: sqlite3.Row) -> ProbeResult:

@@ -1,0 +1,87 @@
+"""The engine repairs by itself: a hung back end under `popguard up` is found,
+restarted, and the recovery actions say so."""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from .conftest import free_loopback_address, pid_alive, popguard
+
+
+@pytest.fixture
+def detached_organization(tmp_path: Path) -> Iterator[Path]:
+    data = tmp_path / "data"
+    addresses = [free_loopback_address() for _ in range(3)]
+    started = popguard(data, "up", "--detach", "--frontend-address", addresses[0], "--address",
+                       addresses[1], "--second-address", addresses[2])  # fmt: skip
+    try:
+        assert started.returncode == 0, started.stderr
+        (data / "popguard.toml").write_text("[faults]\nenabled = true\n")
+        yield data
+    finally:
+        popguard(data, "down")
+
+
+def json_of(data: Path, *args: str) -> Any:
+    shown = popguard(data, *args, "--format", "json")
+    assert shown.returncode == 0, shown.stderr
+    return json.loads(shown.stdout)
+
+
+def wait_for(what: str, check: Any, timeout: float = 120.0) -> float:
+    started = time.monotonic()
+    while time.monotonic() - started < timeout:
+        if check():
+            return time.monotonic() - started
+        time.sleep(0.5)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+def self_test(data: Path) -> str:
+    rows = json_of(data, "get-serverhealth", "mbx1", "--health-set", "POP.Protocol")
+    return str(next(r["AlertValue"] for r in rows if r["Name"] == "PopSelfTestMonitor"))
+
+
+def test_a_hung_back_end_is_found_and_restarted_by_the_engine(detached_organization: Path) -> None:
+    data = detached_organization
+    wait_for("mbx1's self test to be Healthy", lambda: self_test(data) == "Healthy")
+    (before,) = [
+        r for r in json_of(data, "get-service", "--server", "mbx1") if r["Name"] == "pop3be"
+    ]
+    hung = popguard(
+        data, "inject-fault", "--server", "mbx1", "--service", "pop3be", "--kind", "hang"
+    )
+    assert hung.returncode == 0, hung.stderr
+
+    def restarted() -> bool:
+        actions = json_of(data, "get-recoveryactions", "--server", "mbx1")
+        return any(a["ActionId"] == "restart-service" and a["Result"] == "Succeeded"
+                   for a in actions)  # fmt: skip
+
+    detected = wait_for("the self test to go Unhealthy", lambda: self_test(data) == "Unhealthy")
+    repaired = wait_for("a restart by the engine", restarted)
+    wait_for("the self test to be Healthy again", lambda: self_test(data) == "Healthy")
+    print(f"detected after {detected:.0f}s, restarted {repaired:.0f}s later")  # for the log
+
+    (after,) = [
+        r for r in json_of(data, "get-service", "--server", "mbx1") if r["Name"] == "pop3be"
+    ]
+    assert after["Status"] == "Running" and after["ProcessId"] != before["ProcessId"]
+    assert not pid_alive(int(before["ProcessId"]))
+    actions = json_of(data, "get-recoveryactions", "--server", "mbx1")
+    done = [a for a in actions if a["Result"] == "Succeeded"]
+    assert done and "pop3be" in done[0]["Context"] and "pid" in done[0]["Context"]
+    # The other monitor saw the same outage: its restart was throttled, not repeated.
+    assert all(a["Result"] in ("Succeeded", "Throttled", "Skipped") for a in actions), actions
+    assert len([a for a in actions if a["Result"] == "Succeeded"]) == 1, actions
+    # The fault commands are refused when the configuration does not enable them.
+    (data / "popguard.toml").write_text("[faults]\nenabled = false\n")
+    refused = popguard(data, "inject-fault", "--server", "mbx1", "--service", "pop3be",
+                       "--kind", "crash")  # fmt: skip
+    assert refused.returncode == 1 and "fault injection is off" in refused.stderr
