@@ -262,3 +262,71 @@ def test_a_health_set_of_ones_own_runs_beside_the_shipped_ones(tmp_path: Path) -
     assert {"Test.Dead\\DeadProbe", "POP.Protocol\\PopSelfTestProbe"} <= names
     assert "POP.Proxy\\PopProxyTestProbe" not in names  # a front end's, not a mailbox server's
     engine.close()
+
+
+RESPONDERS = """
+[[responders]]
+name = "DeadRestart"
+kind = "restart-service"
+monitor = "DeadMonitor"
+state = "Degraded"
+service = "pop3be"
+throttle = { min_gap = 600, per_hour = 4, per_day = 12 }
+
+[[responders]]
+name = "DeadEscalate"
+kind = "escalate"
+monitor = "DeadMonitor"
+state = "Unhealthy"
+"""
+
+
+async def test_responders_act_once_per_alert_within_their_throttle(tmp_path: Path) -> None:
+    data = mailbox_server(tmp_path)
+    health_set = load_health_set(DEAD_END + RESPONDERS, "dead.toml")
+    clock = ManualClock(start=time.time())
+    engine = HealthEngine(data, "mbx1", clock, [health_set])
+    probe = engine.probes()[0][1]
+
+    async def alert_and_settle() -> None:
+        for _ in range(4):
+            await engine.run_now(health_set, probe)
+        await engine.settle()
+
+    await alert_and_settle()
+    (restart,) = engine.store.actions()
+    # No supervisor runs this test's services: the restart fails, and says why.
+    assert (restart.responder, restart.result) == ("Test.Dead\\DeadRestart", "Failed")
+    assert "no supervisor" in restart.detail
+    await alert_and_settle()
+    assert len(engine.store.actions()) == 1  # the same alert: not again
+    await clock.advance(120)
+    await engine.evaluate(health_set)
+    await engine.settle()
+    escalation = engine.store.actions()[-1]
+    assert (escalation.kind, escalation.result) == ("escalate", "Succeeded")
+    assert "ESCALATION mbx1 Test.Dead\\DeadMonitor" in escalation.detail
+    assert "DeadRestart Failed" in escalation.detail  # what was done so far
+    # A new alert (after a success) within the restart's 600 s gap is throttled.
+    engine._states.clear()
+    engine.store.forget_monitor_state("Test.Dead\\DeadMonitor", "pop3be")
+    await clock.advance(60)
+    await alert_and_settle()
+    throttled = [a for a in engine.store.actions() if a.result == "Throttled"]
+    assert throttled and "gap 600s" in throttled[0].detail
+    engine.close()
+
+
+async def test_a_responder_leaves_a_failure_that_lies_elsewhere(tmp_path: Path) -> None:
+    data = mailbox_server(tmp_path)
+    skipping = RESPONDERS.replace(
+        'service = "pop3be"', 'service = "pop3be"\nskip_components = ["Networking"]'
+    )
+    health_set = load_health_set(DEAD_END + skipping, "dead.toml")
+    engine = HealthEngine(data, "mbx1", ManualClock(start=time.time()), [health_set])
+    for _ in range(4):
+        await engine.run_now(health_set, engine.probes()[0][1])
+    await engine.settle()
+    (action,) = engine.store.actions()
+    assert action.result == "Skipped" and "the failure is in Networking" in action.detail
+    engine.close()

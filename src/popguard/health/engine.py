@@ -462,6 +462,11 @@ class HealthEngine:
         self.store.finish_action(action, self.clock.now(), outcome.result, outcome.detail)
         log.warning("%s: %s: %s", identity, outcome.result, outcome.detail)
 
+    async def settle(self) -> None:
+        """Wait for the responders under way to finish."""
+        while self._responding:
+            await asyncio.gather(*self._responding, return_exceptions=True)
+
     def escalated(self, detail: str) -> None:
         log.error("%s", detail)
 
