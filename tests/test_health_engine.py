@@ -330,3 +330,44 @@ async def test_a_responder_leaves_a_failure_that_lies_elsewhere(tmp_path: Path) 
     (action,) = engine.store.actions()
     assert action.result == "Skipped" and "the failure is in Networking" in action.detail
     engine.close()
+
+
+async def test_a_disabled_monitor_ends_its_alert_and_fires_nothing(tmp_path: Path) -> None:
+    data = mailbox_server(tmp_path)
+    health_set = load_health_set(DEAD_END + RESPONDERS, "dead.toml")
+    clock = ManualClock(start=time.time())
+    engine = HealthEngine(data, "mbx1", clock, [health_set])
+    with Directory(data) as directory:
+        # A fractional threshold is read as the next whole number of failures, never 0.
+        directory.add_monitoring_override(
+            MonitoringOverride(
+                "mbx1",
+                "Test.Dead\\DeadMonitor",
+                "Monitor",
+                "Threshold",
+                "0.5",
+                clock.now(),
+                clock.now() + 3600,
+            )
+        )
+        directory.add_monitoring_override(
+            MonitoringOverride(
+                "mbx1",
+                "Test.Dead\\DeadProbe",
+                "Probe",
+                "Enabled",
+                "false",
+                clock.now(),
+                clock.now() + 3600,
+            )
+        )
+    engine.refresh_controls(force=True)
+    await engine.evaluate(health_set)
+    assert monitor(engine)[0] in ("Unknown", "Disabled", "Healthy")
+    # Results arrive (an invoked probe runs even when disabled) but nothing fires.
+    await engine.run_now(health_set, engine.probes()[0][1])
+    await clock.advance(3000)
+    engine._walk_alerting()
+    await engine.settle()
+    assert engine.store.actions() == []
+    engine.close()

@@ -136,6 +136,14 @@ def test_the_replication_service_admits_only_mailbox_servers_of_the_organization
         with client(tls.replication_identity(org.data, "cas1", org.frontend_address)) as c:
             refused = c.get(url)
         assert refused.status_code == 403 and "not a mailbox server" in refused.text
+        # A certificate that only says "mbx2" (a POP3 one: X509CertificateName is the
+        # operator's to choose) is not a replication certificate.
+        pop3_like = tls.ensure_server_certificate(
+            org.data, "mbx2", ["mbx2"], [org.mailbox["mbx2"].address], purpose="impostor"
+        )
+        with client(pop3_like) as c:
+            refused = c.get(url)
+        assert refused.status_code == 403 and "not a replication" in refused.text
         # mbx2 is: it may read the log head.
         with client(tls.replication_identity(org.data, "mbx2", org.mailbox["mbx2"].address)) as c:
             allowed = c.get(url)

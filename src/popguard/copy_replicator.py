@@ -96,6 +96,10 @@ class CopyReplicator:
                 except (PeerUnavailable, PeerRefused, PeerProtocolError, NotMountedError) as again:
                     self._set("Resynchronizing", f"resynchronizing: {again}")
                     pause = RETRY_AFTER_FAILURE
+                except Exception as again:  # the replicator must outlive any one failure
+                    log.exception("%s: resynchronizing failed", self._name)
+                    self._set("Failed", f"resynchronizing failed: {again}")
+                    pause = RETRY_AFTER_FAILURE
             except PeerUnavailable as exc:
                 was_healthy = self.status in ("Healthy", "DisconnectedAndHealthy")
                 status = (
@@ -149,9 +153,13 @@ class CopyReplicator:
 
     async def _follow(self, active: str) -> None:
         if await self._run(self.store.role) == ACTIVE:
+            # Read the directory again *after* the role: a switchover mounts the copy
+            # first and names it in the directory next; only a copy that is mounted
+            # while another is named, with no move under way, is stale.
             if self.directory.move_in_progress(self.database):
-                # Mounted by a switchover that has not yet updated the directory.
                 raise NotMountedError(f"{self._name} is being activated")
+            if self.directory.active_server(self.database).lower() == self.server.lower():
+                raise NotMountedError(f"{self._name} is the active copy now")
             head = await self._run(self.store.fence)
             if head.lsn:  # not a brand-new, empty copy
                 log.warning(

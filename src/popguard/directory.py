@@ -121,7 +121,8 @@ MIGRATIONS: tuple[str, ...] = (
     """,
 )
 
-MOVE_CLAIM_TIMEOUT = 120.0
+# Longer than the longest move can take (catch-up at most 120 s, plus dismount and mount).
+MOVE_CLAIM_TIMEOUT = 300.0
 ACTIVATION_POLICIES = ("Unrestricted", "Blocked")
 
 COMPONENTS = ("PopProxy",)
@@ -352,14 +353,26 @@ class Directory:
             raise UserError(f"database {database} is being moved by another command; try later")
 
     def finish_move(
-        self, database: str, claimant: str, server: str, reports: list[CopyStatusReport]
+        self,
+        database: str,
+        claimant: str,
+        server: str,
+        reports: list[CopyStatusReport],
+        source: str,
     ) -> None:
         """Activate the copy on `server`, record the copies' new statuses and end the
-        move, in one transaction."""
+        move, in one transaction; only if the move is still ours and `source` still
+        the active copy."""
         with self._transaction() as db:
             row = db.execute("SELECT move_claim FROM databases WHERE name = ?", (database,))
             if row.fetchone()[0] != claimant:
                 raise UserError(f"the move of {database} was taken over by another command")
+            active = db.execute(
+                "SELECT server FROM database_copies WHERE database = ? AND is_active = 1",
+                (database,),
+            ).fetchone()
+            if active is None or active[0].lower() != source.lower():
+                raise UserError(f"{database} is no longer active on {source}; move not applied")
             self._activate(db, database, server)
             for report in reports:
                 self._write_copy_status(db, report)

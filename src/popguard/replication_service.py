@@ -82,6 +82,8 @@ class ReplicationService:
         server = self.directory.get_server(server_name)
         peer = self._peers.get(server.name)
         if peer is None or peer.server != server:
+            if peer is not None:
+                asyncio.get_running_loop().create_task(peer.aclose())
             peer = self._peers[server.name] = ReplicationPeer(server, self._client_tls)
         return peer
 
@@ -94,6 +96,12 @@ class ReplicationService:
             for c in self.directory.database_copies()
             if c.server.lower() == self.server.name.lower()
         }
+        for database, (_, task) in list(self._replicators.items()):
+            if task.done():  # it ended on an error it could not handle: start it again
+                log.error(
+                    "copy %s\\%s: replicator ended; starting it again", database, self.server.name
+                )
+                del self._replicators[database]
         for database in wanted - set(self._replicators):
             store = await self._run(self._open, database)
             replicator = CopyReplicator(
@@ -129,9 +137,14 @@ class ReplicationService:
     ) -> web.StreamResponse:
         transport = request.transport
         ssl_object = transport.get_extra_info("ssl_object") if transport else None
-        peer = tls.peer_name(ssl_object.getpeercert() if ssl_object else None)
+        certificate = ssl_object.getpeercert() if ssl_object else None
+        peer, unit = tls.peer_name(certificate), tls.peer_unit(certificate)
         if peer is None:
             return _error(401, "a client certificate of the organization is required")
+        wanted_unit = tls.ADMIN_UNIT if peer == tls.ADMIN_IDENTITY else tls.REPLICATION_UNIT
+        if unit != wanted_unit:
+            return _error(403, f"{peer}'s certificate is not a replication or admin certificate")
+        request["peer"] = peer
         if peer != tls.ADMIN_IDENTITY:
             try:
                 server = self.directory.get_server(peer)
@@ -230,6 +243,8 @@ class ReplicationService:
         origin = request.headers.get("X-Origin", "")
         if not _SERVER_NAME.match(origin):
             return _error(400, "X-Origin must name the server the messages come from")
+        if request["peer"] != tls.ADMIN_IDENTITY and origin.lower() != request["peer"].lower():
+            return _error(403, f"{request['peer']} may give back only its own messages")
         try:
             entries = change_log.decode(await request.read())
         except LogFormatError as exc:
@@ -238,7 +253,9 @@ class ReplicationService:
         for entry in entries:
             if entry.kind != "deliver" or entry.payload is None or entry.size is None:
                 return _error(400, f"entry {entry.lsn} is not a delivery")
-            key = f"{origin}:{entry.lsn}:{entry.checksum.hex()}"
+            # The chain's checksum names the entry whoever gives it back, so two old
+            # copies giving back the same lost message store it once.
+            key = f"{entry.lsn}:{entry.checksum.hex()}"
             before = await self._run(store.last_lsn)
             await self._run(
                 functools.partial(

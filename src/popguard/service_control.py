@@ -197,7 +197,10 @@ class SystemdControl:
     name = "systemd"
 
     def _systemctl(self, *args: str) -> subprocess.CompletedProcess[str]:
-        return subprocess.run(["systemctl", *args], capture_output=True, text=True, timeout=60)
+        try:
+            return subprocess.run(["systemctl", *args], capture_output=True, text=True, timeout=60)
+        except (OSError, subprocess.TimeoutExpired) as exc:
+            raise UserError(f"systemctl {' '.join(args)}: {exc}") from None
 
     def _status(self, server: str, service: str) -> ServiceStatus:
         unit = f"popguard-{service}@{server}.service"

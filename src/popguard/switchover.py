@@ -113,7 +113,33 @@ class Mover:
         started = time.monotonic()
         copies = self.directory.database_copies(database)
         database = copies[0].database
-        source = self.directory.active_server(database)
+        # Claim first, then read where the database is: a move that finished just
+        # before this one cannot leave it working from a stale source.
+        self.directory.claim_move(database, self._claimant)
+        try:
+            source = self.directory.active_server(database)
+            target, reports = self._check_target(copies, database, source, target, skip_lag_checks)
+            switched = await self._switch(
+                database, source, target, skip_lag_checks, catch_up, reports
+            )
+            self.directory.finish_move(
+                database, self._claimant, target, switched.status_reports(database), source
+            )
+        except BaseException:
+            self.directory.release_move(database, self._claimant)
+            raise
+        return MoveResult(
+            database, source, target, "Succeeded", switched.at_risk, time.monotonic() - started
+        )
+
+    def _check_target(
+        self,
+        copies: list[DatabaseCopy],
+        database: str,
+        source: str,
+        target: str,
+        skip_lag_checks: bool,
+    ) -> tuple[str, dict[tuple[str, str], CopyStatusReport]]:
         target_copy = next((c for c in copies if c.server.lower() == target.lower()), None)
         if target_copy is None:
             servers = ", ".join(c.server for c in copies)
@@ -134,20 +160,7 @@ class Mover:
                     f"the copy {database}\\{target} is {status}, not Healthy; wait for it, or "
                     "use --skip-lag-checks to activate it as it is (changes may be lost)"
                 )
-        self.directory.claim_move(database, self._claimant)
-        try:
-            switched = await self._switch(
-                database, source, target, skip_lag_checks, catch_up, reports
-            )
-            self.directory.finish_move(
-                database, self._claimant, target, switched.status_reports(database)
-            )
-        except BaseException:
-            self.directory.release_move(database, self._claimant)
-            raise
-        return MoveResult(
-            database, source, target, "Succeeded", switched.at_risk, time.monotonic() - started
-        )
+        return target, reports
 
     async def _switch(
         self,
@@ -177,8 +190,10 @@ class Mover:
                     raise UserError(f"cannot dismount {database} on {source}: {exc}") from None
                 try:
                     head = await self._mount(target_peer, database, fenced, catch_up)
-                except UserError:
-                    if fenced is not None:  # give the old copy its role back
+                except BaseException:
+                    # Whatever stopped the move (an error, Ctrl-C), the old copy gets its
+                    # role back, so the database is not left dismounted everywhere.
+                    if fenced is not None:
                         await self._mount(source_peer, database, None, catch_up)
                     raise
             if fenced is not None:

@@ -127,6 +127,16 @@ def _ensure_ca(data: Path) -> tuple[x509.Certificate, ec.EllipticCurvePrivateKey
     return certificate, key
 
 
+def _subject(name: str, unit: str) -> x509.Name:
+    """CN = the name; OU = what the certificate is for, where that matters: replication
+    and admin certificates carry theirs, so a POP3 certificate named after a server
+    (X509CertificateName is the operator's to choose) is never taken for one."""
+    attributes = [x509.NameAttribute(NameOID.COMMON_NAME, name)]
+    if unit:
+        attributes.append(x509.NameAttribute(NameOID.ORGANIZATIONAL_UNIT_NAME, unit))
+    return x509.Name(attributes)
+
+
 def _issued_by(certificate: x509.Certificate, ca: x509.Certificate) -> bool:
     """Signed by this CA's key, not merely by a CA of the same name."""
     try:
@@ -147,7 +157,12 @@ def _subject_names(certificate: x509.Certificate) -> set[str]:
 
 
 def ensure_server_certificate(
-    data: Path, name: str, dns_names: list[str], ip_addresses: list[str], purpose: str = ""
+    data: Path,
+    name: str,
+    dns_names: list[str],
+    ip_addresses: list[str],
+    purpose: str = "",
+    unit: str = "",
 ) -> CertificatePair:
     """A certificate for `name`, made or renewed when missing, expiring or wrong.
 
@@ -162,7 +177,12 @@ def ensure_server_certificate(
         if pair.certificate.exists() and pair.key.exists():
             current = x509.load_pem_x509_certificate(pair.certificate.read_bytes())
             fresh = current.not_valid_after_utc - _now() > RENEW_BEFORE
-            if fresh and _subject_names(current) == wanted and _issued_by(current, ca_certificate):
+            if (
+                fresh
+                and _subject_names(current) == wanted
+                and current.subject == _subject(name, unit)
+                and _issued_by(current, ca_certificate)
+            ):
                 return pair
         folder.mkdir(parents=True, exist_ok=True)
         key = ec.generate_private_key(ec.SECP256R1())
@@ -171,7 +191,7 @@ def ensure_server_certificate(
         alternative_names += [x509.IPAddress(ipaddress.ip_address(ip)) for ip in ip_addresses]
         certificate = (
             x509.CertificateBuilder()
-            .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, name)]))
+            .subject_name(_subject(name, unit))
             .issuer_name(ca_certificate.subject)
             .public_key(key.public_key())
             .serial_number(x509.random_serial_number())
@@ -215,18 +235,23 @@ def client_context(data: Path) -> ssl.SSLContext:
 
 # The name on the certificate an operator's commands show to replication services.
 ADMIN_IDENTITY = "popguard-admin"
+ADMIN_UNIT = "popguard admin"
+REPLICATION_UNIT = "popguard replication"
 
 
 def replication_identity(data: Path, server_name: str, address: str) -> CertificatePair:
     """What a mailbox server shows other servers, as a server and as a client."""
     return ensure_server_certificate(
-        data, server_name, [server_name.lower()], [address], purpose="replication"
-    )
+        data, server_name, [server_name.lower()], [address], purpose="replication",
+        unit=REPLICATION_UNIT,
+    )  # fmt: skip
 
 
 def admin_identity(data: Path) -> CertificatePair:
     """The operator's client certificate: readable only by whoever can read the data folder."""
-    return ensure_server_certificate(data, ADMIN_IDENTITY, [ADMIN_IDENTITY], [], purpose="client")
+    return ensure_server_certificate(
+        data, ADMIN_IDENTITY, [ADMIN_IDENTITY], [], purpose="client", unit=ADMIN_UNIT
+    )
 
 
 def mutual_server_context(data: Path, pair: CertificatePair) -> ssl.SSLContext:
@@ -245,9 +270,17 @@ def mutual_client_context(data: Path, pair: CertificatePair) -> ssl.SSLContext:
 
 def peer_name(certificate: dict[str, object] | None) -> str | None:
     """The common name of a verified peer certificate (ssl's getpeercert() form)."""
+    return _peer_field(certificate, "commonName")
+
+
+def peer_unit(certificate: dict[str, object] | None) -> str | None:
+    return _peer_field(certificate, "organizationalUnitName")
+
+
+def _peer_field(certificate: dict[str, object] | None, field: str) -> str | None:
     for rdn in (certificate or {}).get("subject", ()):  # type: ignore[attr-defined]
         for key, value in rdn:
-            if key == "commonName":
+            if key == field:
                 return str(value)
     return None
 

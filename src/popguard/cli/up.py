@@ -139,7 +139,12 @@ def up(
             [sys.executable, "-m", "supervisor.supervisord", "-c", str(config)]
         )
         if detach:
-            supervisord.wait(STARTUP_TIMEOUT)  # it forks into the background and returns
+            # It forks into the background and returns; a failure to start is its status.
+            if supervisord.wait(STARTUP_TIMEOUT) != 0:
+                raise UserError(
+                    f"supervisord could not start (status {supervisord.returncode}); "
+                    f"see {folder / 'supervisord.log'}"
+                )
             supervisord = None
         _wait_until_up(control, supervisord, endpoints)
         welcome = ""

@@ -36,10 +36,15 @@ def ensure_token(data: Path) -> str:
     path.parent.mkdir(parents=True, exist_ok=True)
     with open(path.parent / ".token.lock", "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
-        if not path.exists():
-            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        if not path.exists() or not path.read_text().strip():
+            # Whole or not at all: an empty token must never be left to match anything.
+            temporary = path.with_suffix(".tmp")
+            fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
             with os.fdopen(fd, "w") as out:
                 out.write(secrets.token_urlsafe(32) + "\n")
+                out.flush()
+                os.fsync(out.fileno())
+            os.replace(temporary, path)
     return path.read_text().strip()
 
 
@@ -207,9 +212,8 @@ class HealthApi:
     ) -> web.StreamResponse:
         given = request.headers.get("Authorization", "").removeprefix("Bearer ").strip()
         # Prometheus scrapes without a token: /metrics tells states, never transcripts.
-        if request.path != "/metrics" and not hmac.compare_digest(
-            given.encode(), self._token.encode()
-        ):
+        authorized = bool(self._token) and hmac.compare_digest(given.encode(), self._token.encode())
+        if request.path != "/metrics" and not authorized:
             return web.json_response({"error": "a valid API token is required"}, status=401)
         try:
             return await handler(request)

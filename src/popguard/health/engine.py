@@ -122,9 +122,22 @@ class HealthEngine:
                 e for e in load_external(self.data)
                 if e.watched_by.lower() == self.server.name.lower()
             ]  # fmt: skip
-        except UserError as exc:  # a broken file: say so, keep watching what was there
-            log.error("%s", exc)
+        except (UserError, OSError, ValueError) as exc:  # a broken file: keep what was there
+            log.error("reading %s failed: %s", "health/external.toml", exc)
         self._controls_read = now
+
+    def _enabled(self, monitor_key: str) -> bool:
+        """Neither the monitor nor the probe it reads is disabled by an override."""
+        monitor = self._monitor_by_key.get(monitor_key)
+        if monitor is None:
+            return True
+        health_set = monitor_key.split("\\", 1)[0]
+        if not effective_monitor(monitor, monitor_key, self._overrides)[1]:
+            return False
+        for probe_set, probe in self.probes():
+            if probe_set.name == health_set and probe.name == monitor.probe:
+                return effective_probe(probe, f"{health_set}\\{probe.name}", self._overrides)[1]
+        return True
 
     def close(self) -> None:
         self.store.close()
@@ -365,6 +378,10 @@ class HealthEngine:
             monitor = self._monitor_by_key.get(key)
             if monitor is None:
                 continue
+            if not self._enabled(key):  # disabled meanwhile: the alert ends, no step fires
+                self._save(replace(state, is_alert=False, state="Healthy", first_alert=None,
+                                   last_transition=now, error=""))  # fmt: skip
+                continue
             step = ladder_state(monitor, state.first_alert, now)
             if step != state.state:
                 log.warning("%s on %s: %s -> %s", key, state.resource, state.state, step)
@@ -380,7 +397,7 @@ class HealthEngine:
 
     def _consider_responders(self, state: MonitorState) -> None:
         """Start each responder whose ladder step this alert has reached, once per alert."""
-        if not state.is_alert or state.first_alert is None:
+        if not state.is_alert or state.first_alert is None or not self._enabled(state.monitor):
             return
         for health_set, responder in self._responders_of.get(state.monitor, []):
             if LADDER_ORDER[state.state] < LADDER_ORDER[responder.state]:
@@ -560,9 +577,16 @@ class HealthEngine:
         tasks = [asyncio.create_task(self._schedule(s, p, stop)) for s, p in self.probes()]
         tasks.append(asyncio.create_task(self._walk_ladders(stop)))
         tasks.append(asyncio.create_task(self._prune(stop)))
+        stopper = asyncio.create_task(stop.wait())
         try:
-            await stop.wait()
+            done, _ = await asyncio.wait([*tasks, stopper], return_when=asyncio.FIRST_COMPLETED)
+            dead = [t for t in done if t is not stopper]
+            if dead:
+                # Exit (the supervisor starts a fresh engine) rather than serve stale states.
+                error = dead[0].exception() if not dead[0].cancelled() else None
+                raise RuntimeError(f"a health engine task ended: {error!r}")
         finally:
+            stopper.cancel()
             for task in tasks:
                 task.cancel()
             await asyncio.gather(*tasks, return_exceptions=True)

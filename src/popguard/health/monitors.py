@@ -9,6 +9,7 @@ Unknown (no result yet).
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -36,7 +37,7 @@ def consecutive_failures(
     monitor: MonitorDefinition, store: ResultsStore, probe: str, resource: str, now: float
 ) -> Verdict:
     """Alert when the last `threshold` results all failed."""
-    needed = int(monitor.threshold)
+    needed = max(1, math.ceil(monitor.threshold))
     recent = store.recent(probe, resource, needed)
     failing = [r for r in recent if not r.succeeded]
     alert = len(recent) == needed and len(failing) == needed
