@@ -119,6 +119,9 @@ def test_health_commands_refuse_bad_input_in_one_line(watched_organization: Orga
         shown = popguard(org.data, *args)
         assert shown.returncode == 1, (args, shown.stdout)
         assert message in shown.stderr and len(shown.stderr.strip().splitlines()) == 1, shown.stderr
+    for command in ("get-alerts", "get-recoveryactions"):
+        listed = popguard(org.data, command, "--server", "cas1", "--format", "json")
+        assert listed.returncode == 0 and json.loads(listed.stdout) == [], listed.stdout
     helped = popguard(org.data, "get-monitoringitemhelp", "POP\\PopCTPMonitor", "--format", "list")
     assert "protocol-logging-enabled $true" in helped.stdout
     items = json.loads(popguard(org.data, "get-monitoringitemidentity", "POP.Protocol",

@@ -307,6 +307,8 @@ async def test_responders_act_once_per_alert_within_their_throttle(tmp_path: Pat
     assert (escalation.kind, escalation.result) == ("escalate", "Succeeded")
     assert "ESCALATION mbx1 Test.Dead\\DeadMonitor" in escalation.detail
     assert "DeadRestart Failed" in escalation.detail  # what was done so far
+    (alert,) = engine.store.alerts()
+    assert (alert.monitor, alert.failure_component) == ("DeadMonitor", "Networking")
     # A new alert (after a success) within the restart's 600 s gap is throttled.
     engine._states.clear()
     engine.store.forget_monitor_state("Test.Dead\\DeadMonitor", "pop3be")
@@ -370,4 +372,80 @@ async def test_a_disabled_monitor_ends_its_alert_and_fires_nothing(tmp_path: Pat
     engine._walk_alerting()
     await engine.settle()
     assert engine.store.actions() == []
+    engine.close()
+
+
+PROXY_SET = """
+name = "Test.Proxy"
+health_group = "ServiceComponents"
+role = "frontend"
+
+[[probes]]
+name = "ProxyProbe"
+kind = "pop3-capabilities"
+endpoint = "pop3-tls"
+recurrence = 60
+timeout = 5
+
+[[monitors]]
+name = "ProxyMonitor"
+kind = "consecutive-failures"
+probe = "ProxyProbe"
+threshold = 2
+ladder = [{ state = "Degraded", after = 0 }]
+
+[[responders]]
+name = "ProxyOffline"
+kind = "take-offline"
+monitor = "ProxyMonitor"
+state = "Degraded"
+"""
+
+
+async def test_a_failing_front_end_goes_offline_only_while_another_stays_online(
+    tmp_path: Path,
+) -> None:
+    data = tmp_path / "data"
+    with Directory(data) as directory:
+        directory.new_server("cas1", ["frontend"], free_loopback_address())
+    health_set = load_health_set(PROXY_SET, "proxy.toml")
+    clock = ManualClock(start=time.time())
+    engine = HealthEngine(data, "cas1", clock, [health_set])
+    probe = engine.probes()[0][1]
+    for _ in range(2):
+        await engine.run_now(health_set, probe)
+    await engine.settle()
+    (skipped,) = engine.store.actions()
+    assert skipped.result == "Skipped" and "0 other front end(s) online" in skipped.detail
+    with Directory(data) as directory:
+        assert directory.component_state("cas1", "PopProxy") == "Active"  # the last one stays
+        directory.new_server("cas2", ["frontend"], free_loopback_address())
+    # A new alert, with cas2 online: cas1 is taken out of service...
+    await clock.advance(120)
+    engine._states.clear()
+    engine.store.forget_monitor_state("Test.Proxy\\ProxyMonitor", "pop3")
+    for _ in range(2):
+        await engine.run_now(health_set, probe)
+    await engine.settle()
+    taken = engine.store.actions()[-1]
+    assert (taken.kind, taken.result) == ("take-offline", "Succeeded"), taken
+    with Directory(data) as directory:
+        assert directory.component_state("cas1", "PopProxy") == "Inactive"
+        # ... and back in when the monitor is Healthy again.
+        directory.add_monitoring_override(
+            MonitoringOverride(
+                None,
+                "Test.Proxy\\ProxyMonitor",
+                "Monitor",
+                "Threshold",
+                "50",
+                clock.now(),
+                clock.now() + 3600,
+            )
+        )
+    engine.refresh_controls(force=True)
+    await engine.run_now(health_set, probe)
+    with Directory(data) as directory:
+        assert directory.component_state("cas1", "PopProxy") == "Active"
+    assert engine.store.actions()[-1].kind == "bring-online"
     engine.close()

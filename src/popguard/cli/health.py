@@ -148,7 +148,17 @@ def get_recoveryactions(app: AppContext, server: str, output_format: str) -> Non
     render(_ask(app, server, "GET", "recoveryactions"), output_format)
 
 
+@click.command("get-alerts")
+@click.option("--server", required=True)
+@format_option
+@pass_app
+def get_alerts(app: AppContext, server: str, output_format: str) -> None:
+    """Escalations of SERVER: what failed, and every repair already tried."""
+    render(_ask(app, server, "GET", "alerts"), output_format)
+
+
 COMMANDS = [
+    get_alerts,
     get_recoveryactions,
     get_serverhealth,
     get_healthreport,

@@ -202,6 +202,7 @@ class HealthApi:
                 web.post("/v1/invoke", self._invoke),
                 web.get("/metrics", self._metrics),
                 web.get("/v1/recoveryactions", self._recovery_actions),
+                web.get("/v1/alerts", self._alerts),
             ]
         )
         return app
@@ -232,6 +233,25 @@ class HealthApi:
     async def _recovery_actions(self, request: web.Request) -> web.Response:
         return web.json_response(
             [action_row(self.engine.server.name, a) for a in self.engine.store.actions()]
+        )
+
+    async def _alerts(self, request: web.Request) -> web.Response:
+        server = self.engine.server.name
+        return web.json_response(
+            [
+                {
+                    "Server": server,
+                    "RaisedTime": when(a.raised),
+                    "HealthSetName": a.health_set,
+                    "MonitorName": a.monitor,
+                    "ProbeName": a.probe,
+                    "TargetResource": a.resource,
+                    "FailureComponent": a.failure_component,
+                    "Error": a.error,
+                    "Details": a.detail,
+                }
+                for a in self.engine.store.alerts()
+            ]
         )
 
     async def _metrics(self, request: web.Request) -> web.Response:

@@ -102,6 +102,8 @@ class ResponderDefinition(Strict):
     # Do not act when the probe's last failure lies here: a restart would not help
     # (an Auth or back-end failure seen through a front end, say).
     skip_components: tuple[str, ...] = ()
+    # take-offline: how many other front ends must stay online (Active) for it to act.
+    keep_online: int = Field(default=1, ge=1)
     throttle: Throttle = Field(default_factory=Throttle)
 
 

@@ -32,7 +32,7 @@ from .overrides import effective_monitor, effective_probe
 from .probes import NETWORKING, PROBE_KINDS, Credential, ProbeFailure, ProbeTarget, Transcript
 from .responders import RESPONDER_KINDS, Incident
 from .responders import Outcome as ResponderOutcome
-from .results import RETENTION, MonitorState, ProbeResult, RecoveryAction, ResultsStore
+from .results import RETENTION, Alert, MonitorState, ProbeResult, RecoveryAction, ResultsStore
 
 log = logging.getLogger("popguard.health")
 
@@ -214,7 +214,7 @@ class HealthEngine:
             ]
         if not probe.per_database:
             service = "pop3" if probe.endpoint in ("pop3", "pop3-tls") else "pop3be"
-            return [ProbeTarget(service, host, port, probe.tls, self._context)]
+            return [ProbeTarget(service, host, port, probe.tls, self._context, source=host)]
         credentials = read_credentials(self.data)
         return [
             ProbeTarget(
@@ -225,6 +225,7 @@ class HealthEngine:
                 context=self._context,
                 credential=credentials.get(database.lower()),
                 deliver_probe_message=self._deliver_probe_message,
+                source=host,
             )
             for database in self._databases()
         ]
@@ -484,8 +485,49 @@ class HealthEngine:
         while self._responding:
             await asyncio.gather(*self._responding, return_exceptions=True)
 
-    def escalated(self, detail: str) -> None:
+    def escalated(self, incident: Incident, component: str, error: str, detail: str) -> None:
         log.error("%s", detail)
+        self.store.add_alert(
+            Alert(
+                self.clock.now(),
+                incident.health_set,
+                incident.monitor,
+                incident.probe,
+                incident.resource,
+                component,
+                error,
+                detail,
+            )
+        )
+
+    def _recovered(self, previous: MonitorState) -> None:
+        """A monitor back to Healthy: undo what its responders took out of service."""
+        if previous.first_alert is None:
+            return
+        taken = [
+            a for a in self.store.actions(since=previous.first_alert)
+            if a.monitor == previous.monitor and a.resource == previous.resource
+            and a.kind == "take-offline" and a.result == "Succeeded"
+        ]  # fmt: skip
+        if not taken:
+            return
+        now = self.clock.now()
+        self.directory.set_component_state(self.server.name, "PopProxy", "Active", "HealthApi")
+        self.store.add_action(
+            RecoveryAction(
+                taken[-1].responder,
+                previous.monitor,
+                previous.resource,
+                "bring-online",
+                previous.first_alert,
+                now,
+                now,
+                "Succeeded",
+                f"{previous.monitor} is Healthy again: PopProxy on "
+                f"{self.server.name} Active (HealthApi)",
+            )
+        )
+        log.warning("%s Healthy again: PopProxy on %s Active", previous.monitor, self.server.name)
 
     def _evaluate_one(
         self,
@@ -525,6 +567,8 @@ class HealthEngine:
                 log.warning("%s on %s: %s -> %s %s", key, resource,
                             previous.state if previous else "none", state, error)  # fmt: skip
             self._save(new)
+            if previous is not None and previous.is_alert and not new.is_alert:
+                self._recovered(previous)
 
     async def _walk_ladders(self, stop: asyncio.Event) -> None:
         """Ladders move with time even between probe results."""

@@ -47,6 +47,9 @@ class ProbeTarget:
     counters_files: dict[str, Path] = field(default_factory=dict)
     # Puts the probe message into the health mailbox when it has none (CTP).
     deliver_probe_message: Callable[[str], Awaitable[str | None]] | None = None
+    # The address to connect from: a server probes itself from its own address, which
+    # a front end out of service (PopProxy Inactive) still serves.
+    source: str | None = None
 
 
 class ProbeFailure(Exception):
@@ -110,8 +113,9 @@ class Pop3Dialog:
         self.transcript.note(f"connecting to {target.host}:{target.port} ({target.tls})")
         try:
             self._reader, self._writer = await asyncio.open_connection(
-                target.host, target.port, limit=MAX_STATUS_LINE * 4
-            )
+                target.host, target.port, limit=MAX_STATUS_LINE * 4,
+                local_addr=(target.source, 0) if target.source else None,
+            )  # fmt: skip
         except OSError as exc:
             reason = exc.strerror or type(exc).__name__
             raise ProbeFailure(NETWORKING, reason, f"cannot connect: {reason}") from None

@@ -83,8 +83,34 @@ async def escalate(
         f"{incident.resource}: {result.failure_component} {result.error}. "
         f"Done so far: {history or 'nothing'}"
     )
-    engine.escalated(detail)
+    engine.escalated(incident, result.failure_component, result.error, detail)
     return Outcome("Succeeded", detail)
+
+
+async def take_offline(
+    engine: HealthEngine, responder: ResponderDefinition, incident: Incident
+) -> Outcome:
+    """Set this front end's PopProxy Inactive (requester HealthApi), so that clients go
+    to the others, but never the last front ends online: `keep_online` must remain."""
+    directory = engine.directory
+    others = [
+        s.name
+        for s in directory.list_servers()
+        if "frontend" in s.roles
+        and s.name.lower() != engine.server.name.lower()
+        and directory.component_state(s.name, "PopProxy") == "Active"
+    ]
+    if len(others) < responder.keep_online:
+        return Outcome(
+            "Skipped",
+            f"only {len(others)} other front end(s) online ({', '.join(others) or 'none'}); "
+            f"{responder.keep_online} must stay, so {engine.server.name} stays in service",
+        )
+    directory.set_component_state(engine.server.name, "PopProxy", "Inactive", "HealthApi")
+    return Outcome(
+        "Succeeded",
+        f"PopProxy on {engine.server.name} Inactive (HealthApi); online: {', '.join(others)}",
+    )
 
 
 ResponderKind = Callable[["HealthEngine", "ResponderDefinition", Incident], Awaitable[Outcome]]
@@ -92,4 +118,5 @@ ResponderKind = Callable[["HealthEngine", "ResponderDefinition", Incident], Awai
 RESPONDER_KINDS: dict[str, ResponderKind] = {
     "restart-service": restart_service,
     "escalate": escalate,
+    "take-offline": take_offline,
 }

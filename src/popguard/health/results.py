@@ -63,6 +63,20 @@ MIGRATIONS: tuple[str, ...] = (
     );
     CREATE INDEX recovery_actions_by_responder ON recovery_actions(responder, started);
     """,
+    """
+    -- Escalations: what a person is told when repairs did not help.
+    CREATE TABLE alerts (
+        id INTEGER PRIMARY KEY AUTOINCREMENT,
+        raised REAL NOT NULL,
+        health_set TEXT NOT NULL,
+        monitor TEXT NOT NULL,
+        probe TEXT NOT NULL,
+        resource TEXT NOT NULL,
+        failure_component TEXT NOT NULL,
+        error TEXT NOT NULL,
+        detail TEXT NOT NULL               -- with every recovery action already taken
+    );
+    """,
 )
 
 
@@ -206,11 +220,44 @@ class ResultsStore:
             for r in rows
         ]  # fmt: skip
 
+    def add_alert(self, alert: Alert) -> None:
+        with self._transaction() as db:
+            db.execute(
+                "INSERT INTO alerts (raised, health_set, monitor, probe, resource, "
+                "failure_component, error, detail) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                (
+                    alert.raised, alert.health_set, alert.monitor, alert.probe, alert.resource,
+                    alert.failure_component, alert.error, alert.detail,
+                ),
+            )  # fmt: skip
+
+    def alerts(self) -> list[Alert]:
+        rows = self._db.execute("SELECT * FROM alerts ORDER BY raised, id").fetchall()
+        return [
+            Alert(
+                r["raised"], r["health_set"], r["monitor"], r["probe"], r["resource"],
+                r["failure_component"], r["error"], r["detail"],
+            )
+            for r in rows
+        ]  # fmt: skip
+
     def forget_monitor_state(self, monitor: str, resource: str) -> None:
         with self._transaction() as db:
             db.execute(
                 "DELETE FROM monitor_states WHERE monitor = ? AND resource = ?", (monitor, resource)
             )
+
+
+@dataclass(frozen=True)
+class Alert:
+    raised: float
+    health_set: str
+    monitor: str
+    probe: str
+    resource: str
+    failure_component: str
+    error: str
+    detail: str
 
 
 @dataclass(frozen=True)
