@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import hashlib
 import http.client
+import os
 import shutil
 import subprocess
 import sys
@@ -67,9 +68,15 @@ def supervisor_dir(data: Path) -> Path:
 
 
 def supervisor_socket(data: Path) -> Path:
-    """Short enough for a Unix socket path (108 octets) wherever the data folder is."""
+    """Short enough for a Unix socket path (108 octets) wherever the data folder is, in
+    a folder of this user's own that no one else may write to."""
+    folder = Path(tempfile.gettempdir()) / f"popguard-{os.getuid()}"
+    folder.mkdir(mode=0o700, exist_ok=True)
+    status = folder.stat()
+    if status.st_uid != os.getuid() or status.st_mode & 0o077:
+        raise UserError(f"{folder} is not this user's private folder: remove it and try again")
     digest = hashlib.sha256(str(data.resolve()).encode()).hexdigest()[:16]
-    return Path(tempfile.gettempdir()) / f"popguard-{digest}.sock"
+    return folder / f"{digest}.sock"
 
 
 def program_name(server: str, service: str) -> str:
