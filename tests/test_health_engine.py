@@ -4,10 +4,12 @@ across a restart; and health-set files, which are data checked like input."""
 from __future__ import annotations
 
 import contextlib
+import itertools
 import socket
 import sqlite3
 import time
 from pathlib import Path
+from typing import Any
 
 import pytest
 from hypothesis import given
@@ -20,6 +22,7 @@ from popguard.health.definitions import load_folder, load_health_set, shipped_he
 from popguard.health.engine import HealthEngine
 from popguard.health.health_mailboxes import credentials_file, ensure_health_mailboxes
 from popguard.health.overrides import parse_duration
+from popguard.health.probes import PROBE_KINDS, Outcome, ProbeFailure, Transcript
 from popguard.passwords import verify_password
 
 from .conftest import free_loopback_address
@@ -448,4 +451,72 @@ async def test_a_failing_front_end_goes_offline_only_while_another_stays_online(
     with Directory(data) as directory:
         assert directory.component_state("cas1", "PopProxy") == "Active"
     assert engine.store.actions()[-1].kind == "bring-online"
+    engine.close()
+
+
+FLAPPING = """
+name = "Test.Flap"
+health_group = "ServiceComponents"
+role = "mailbox"
+
+[[probes]]
+name = "FlapProbe"
+kind = "test-flapping"
+recurrence = 5
+timeout = 4
+
+[[monitors]]
+name = "FlapMonitor"
+kind = "consecutive-failures"
+probe = "FlapProbe"
+threshold = 2
+ladder = [{ state = "Degraded", after = 0 }, { state = "Unhealthy", after = 5 }]
+
+[[responders]]
+name = "FlapRestart"
+kind = "restart-service"
+monitor = "FlapMonitor"
+state = "Unhealthy"
+service = "pop3be"
+throttle = { min_gap = 60, per_hour = 4, per_day = 12 }
+"""
+
+
+async def test_a_flapping_fault_restarts_no_more_than_the_throttle_allows(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """20 s down, 20 s up, for 10 minutes, probed every 5 s: each down spell alerts,
+    but the restarts stay within one a minute and four an hour."""
+    clock = ManualClock(start=time.time())
+    started = clock.now()
+
+    async def flapping(definition: Any, target: Any, transcript: Transcript) -> Outcome:
+        if int((clock.now() - started) // 20) % 2 == 0:
+            raise ProbeFailure("POP3", "flap", "down in this spell")
+        return Outcome()
+
+    monkeypatch.setitem(PROBE_KINDS, "test-flapping", flapping)
+    data = mailbox_server(tmp_path)
+    health_set = load_health_set(FLAPPING, "flap.toml")
+    engine = HealthEngine(data, "mbx1", clock, [health_set])
+    probe = engine.probes()[0][1]
+    alerts = 0
+    while clock.now() - started < 600:
+        await engine.run_now(health_set, probe)
+        (row,) = engine.monitor_rows()
+        alerts += (
+            row.state is not None
+            and row.state.state == "Degraded"
+            and (row.state.first_alert == clock.now())
+        )
+        await clock.advance(5)
+        engine._walk_alerting()
+        await engine.settle()
+    actions = engine.store.actions()
+    acted = [a for a in actions if a.result in ("Succeeded", "Failed")]
+    assert alerts >= 10  # every down spell was seen
+    assert 1 <= len(acted) <= 4, [(a.started - started, a.result) for a in actions]
+    gaps = [b.started - a.started for a, b in itertools.pairwise(acted)]
+    assert all(gap >= 60 for gap in gaps), gaps
+    assert any(a.result == "Throttled" for a in actions)  # and it said why it did not act
     engine.close()
