@@ -187,3 +187,41 @@ def test_metrics_for_prometheus_and_a_token_for_the_rest(
         capture_output=True, text=True, timeout=30,
     )  # fmt: skip
     assert refused.stdout == "401"
+
+
+def test_faults_that_outlast_a_restart_are_seen_for_what_they_are(
+    watched_organization: Organization,
+) -> None:
+    org = watched_organization
+    (org.data / "popguard.toml").write_text("[faults]\nenabled = true\n")
+
+    def deep() -> dict[str, Any]:
+        return invoke(org, "POP.Protocol\\PopDeepTestProbe", "mbx1")
+
+    def inject(*args: str) -> None:
+        done = popguard(org.data, "inject-fault", "--server", "mbx1", "--service", "pop3be", *args)
+        assert done.returncode == 0, done.stderr
+        time.sleep(1.5)  # the service reads its fault file every second
+
+    inject("--kind", "refuse-auth")
+    refused = deep()
+    assert (refused["ResultType"], refused["FailureReason"]) == ("Failed", "SYS/TEMP"), refused
+    assert "injected fault" in refused["Error"]
+    # The restart a responder would do does not mend it: the fault is in a file.
+    org.mailbox["mbx1"].kill("pop3be", signal.SIGTERM)
+    org.mailbox["mbx1"].start("pop3be")
+    assert deep()["ResultType"] == "Failed"
+    inject("--kind", "slow", "--seconds", "6")
+    slow = invoke(org, "POP.Protocol\\PopSelfTestProbe", "mbx1")
+    assert (slow["ResultType"], slow["FailureComponent"]) == ("TimedOut", "POP3"), slow
+    cleared = popguard(org.data, "clear-fault", "--server", "mbx1", "--service", "pop3be")
+    assert cleared.returncode == 0, cleared.stderr
+    # Sessions that were slowed down still hold the mailbox ([IN-USE]) until their
+    # last delayed reply: the probe succeeds once they are gone.
+    deadline = time.monotonic() + 30
+    while (healed := deep())["ResultType"] != "Succeeded" and time.monotonic() < deadline:
+        time.sleep(1)
+    assert healed["ResultType"] == "Succeeded", healed["Error"]
+    wrong = popguard(org.data, "inject-fault", "--server", "mbx1", "--service", "delivery",
+                     "--kind", "slow")  # fmt: skip
+    assert wrong.returncode == 1 and "fault of the POP3 services" in wrong.stderr

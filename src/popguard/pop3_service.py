@@ -29,6 +29,7 @@ from .byte_stream import TLS_HANDSHAKE_TIMEOUT, ByteStream
 from .counters import PUBLISH_INTERVAL, ServiceCounters
 from .directory import Directory, Mailbox, Server
 from .errors import UserError
+from .faults import Fault, fault_file, read_fault
 from .pop3.replies import ResponseCode, err
 from .pop3.session import (
     Authenticate,
@@ -143,6 +144,7 @@ class Pop3Service(abc.ABC):
         if self.role not in self.server.roles:
             raise UserError(f"server {self.server.name} does not have the {self.role} role")
         self.settings, self._settings_revision = self.directory.pop_settings(self.server.name)
+        self.fault: Fault | None = read_fault(fault_file(data, self.server.name, self.service))
         self._directory_version = self.directory.change_counter()
         self.counters = self.counters_type(self.service)
         self.counters.settings_revision = self._settings_revision
@@ -243,7 +245,9 @@ class Pop3Service(abc.ABC):
         )
 
     def poll_directory(self) -> None:
-        """Pick up `set-popsettings` (and other directory) changes without a restart."""
+        """Pick up `set-popsettings` (and other directory) changes without a restart,
+        and an injected fault (tests and demonstrations only)."""
+        self.fault = read_fault(fault_file(self.data, self.server.name, self.service))
         version = self.directory.change_counter()
         if version == self._directory_version:
             return
@@ -436,6 +440,8 @@ class Pop3Service(abc.ABC):
                     return "idle timeout"
                 session.receive_data(data)
             elif isinstance(event, Reply):
+                if self.fault is not None and self.fault.kind == "slow":
+                    await asyncio.sleep(self.fault.seconds)
                 stream.write(event.data)
                 timer.add_response(len(event.data))
                 if not stream.writable:
@@ -443,6 +449,11 @@ class Pop3Service(abc.ABC):
                     async with asyncio.timeout(timeout):
                         await stream.drain()
             elif isinstance(event, Authenticate):
+                if self.fault is not None and self.fault.kind == "refuse-auth":
+                    session.login_failed(
+                        "logins refused for now (injected fault)", ResponseCode.SYS_TEMP
+                    )
+                    continue
                 handoff = await self.authenticate(session, event, connection, timer)
                 if handoff is not None:
                     return handoff

@@ -1,5 +1,7 @@
-"""inject-fault and clear-fault: make a service hang or crash, for tests and
-demonstrations. Off unless DATA/popguard.toml says `[faults] enabled = true`."""
+"""inject-fault and clear-fault: make a service hang, crash, go slow or refuse logins,
+for tests and demonstrations. Off unless DATA/popguard.toml says
+`[faults] enabled = true`. Slow and refuse-auth outlast a restart (they live in a
+file the POP3 services read every second): a fault that a restart does not fix."""
 
 from __future__ import annotations
 
@@ -10,10 +12,13 @@ import tomllib
 import click
 
 from ..errors import UserError
+from ..faults import Fault, fault_file, write_fault
 from ..service_control import SERVICES, control_for
 from .context import AppContext, pass_app
 
-KINDS = ("hang", "crash")
+KINDS = ("hang", "crash", "slow", "refuse-auth")
+POP3_SERVICES = ("pop3be", "pop3")
+KINDS_IN_FILES = ("slow", "refuse-auth")
 
 
 def _faults_enabled(app: AppContext) -> None:
@@ -44,12 +49,23 @@ def _pid(app: AppContext, server: str, service: str) -> tuple[str, int]:
     "--kind",
     required=True,
     type=click.Choice(KINDS),
-    help="hang: the process stops answering (SIGSTOP); crash: it dies (SIGKILL).",
+    help="hang: the process stops answering (SIGSTOP); crash: it dies (SIGKILL); "
+    "slow: every reply waits --seconds; refuse-auth: logins get -ERR [SYS/TEMP].",
 )
+@click.option("--seconds", type=click.FloatRange(0, 600), default=5.0, show_default=True,
+              help="For slow: how long each reply waits.")  # fmt: skip
 @pass_app
-def inject_fault(app: AppContext, server: str, service: str, kind: str) -> None:
-    """Make a service hang or crash, to watch popguard find and repair it."""
+def inject_fault(app: AppContext, server: str, service: str, kind: str, seconds: float) -> None:
+    """Make a service fail, to watch popguard find and repair it."""
     _faults_enabled(app)
+    if kind in KINDS_IN_FILES:
+        if service not in POP3_SERVICES:
+            raise UserError(f"{kind} is a fault of the POP3 services (pop3be, pop3), not {service}")
+        with app.directory() as directory:
+            name = directory.get_server(server).name
+        write_fault(fault_file(app.data, name, service), Fault(kind, seconds))
+        click.echo(f"{name}/{service}: {kind} (within a second; until clear-fault)")
+        return
     name, pid = _pid(app, server, service)
     os.kill(pid, signal.SIGSTOP if kind == "hang" else signal.SIGKILL)
     click.echo(f"{name}/{service} (pid {pid}): {kind}")
@@ -60,11 +76,19 @@ def inject_fault(app: AppContext, server: str, service: str, kind: str) -> None:
 @click.option("--service", required=True, type=click.Choice(SERVICES))
 @pass_app
 def clear_fault(app: AppContext, server: str, service: str) -> None:
-    """Let a hung service run again (a crash needs no clearing: it is restarted)."""
+    """End a fault: a hung service runs again, slow and refuse-auth stop (a crash needs
+    no clearing: the supervisor starts the service again)."""
     _faults_enabled(app)
-    name, pid = _pid(app, server, service)
+    with app.directory() as directory:
+        name = directory.get_server(server).name
+    fault_file(app.data, name, service).unlink(missing_ok=True)
+    try:
+        name, pid = _pid(app, server, service)
+    except UserError:  # not under a supervisor, or not running: nothing hangs
+        click.echo(f"{name}/{service}: no fault")
+        return
     os.kill(pid, signal.SIGCONT)
-    click.echo(f"{name}/{service} (pid {pid}): running again")
+    click.echo(f"{name}/{service} (pid {pid}): no fault")
 
 
 COMMANDS = [inject_fault, clear_fault]
