@@ -77,6 +77,7 @@ class HealthEngine:
         self._service_of = {
             f"{s.name}\\{r.name}": r.service for s in self.health_sets for r in s.responders
         }
+        self._probe_by_key = {f"{s.name}\\{p.name}": p for s, p in self.probes()}
         self._monitor_by_key = {
             f"{s.name}\\{m.name}": m for s in self.health_sets for m in s.monitors
         }
@@ -134,10 +135,10 @@ class HealthEngine:
         health_set = monitor_key.split("\\", 1)[0]
         if not effective_monitor(monitor, monitor_key, self._overrides)[1]:
             return False
-        for probe_set, probe in self.probes():
-            if probe_set.name == health_set and probe.name == monitor.probe:
-                return effective_probe(probe, f"{health_set}\\{probe.name}", self._overrides)[1]
-        return True
+        probe = self._probe_by_key.get(f"{health_set}\\{monitor.probe}")
+        if probe is None:
+            return True
+        return effective_probe(probe, f"{health_set}\\{probe.name}", self._overrides)[1]
 
     def close(self) -> None:
         self.store.close()
