@@ -12,6 +12,7 @@ import click
 
 from ..directory import ACTIVATION_POLICIES, Directory, Server
 from ..errors import UserError
+from ..exchange_values import parse_boolean
 from ..switchover import Mover, MoveResult, copy_status
 from .context import AppContext, pass_app
 from .render import format_option, render
@@ -28,13 +29,6 @@ def _when(timestamp: float | None) -> str:
     if timestamp is None:
         return ""
     return datetime.datetime.fromtimestamp(timestamp, datetime.UTC).isoformat(timespec="seconds")
-
-
-def _boolean(value: str) -> bool:
-    lowered = value.lower().lstrip("$")
-    if lowered not in ("true", "false"):
-        raise UserError(f"expected true or false, got {value!r}")
-    return lowered == "true"
 
 
 def status_rows(
@@ -240,7 +234,11 @@ def set_mailbox_server(
     output_format: str,
 ) -> None:
     """Set-MailboxServer: take a server's databases away (maintenance) or allow them back."""
-    disabled = None if move_now is None else _boolean(move_now)
+    disabled = (
+        None
+        if move_now is None
+        else parse_boolean(move_now, "--database-copy-activation-disabled-and-move-now")
+    )
     if disabled is None and policy is None:
         raise UserError(
             "nothing to set: give --database-copy-activation-disabled-and-move-now "

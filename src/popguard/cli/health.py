@@ -12,7 +12,7 @@ import httpx
 
 from ..errors import UserError
 from ..health.api import token_file
-from ..health.definitions import shipped_health_sets
+from ..health.definitions import ProbeDefinition, find_item
 from .context import AppContext, pass_app
 from .render import format_option, render
 
@@ -118,25 +118,30 @@ def get_monitoringitemidentity(
 @format_option
 def get_monitoringitemhelp(identity: str, output_format: str) -> None:
     """What a probe or monitor (HEALTHSET\\NAME) does, and for a monitor the runbook's steps."""
-    set_name, _, item = identity.partition("\\")
-    for health_set in shipped_health_sets():
-        if health_set.name.lower() != set_name.lower():
-            continue
-        for probe in health_set.probes:
-            if probe.name.lower() == item.lower():
-                render([{"Identity": f"{health_set.name}\\{probe.name}", "ItemType": "Probe",
-                         "Recurrence": probe.recurrence, "Timeout": probe.timeout,
-                         "Description": probe.description}], output_format)  # fmt: skip
-                return
-        for monitor in health_set.monitors:
-            if monitor.name.lower() == item.lower():
-                render([{"Identity": f"{health_set.name}\\{monitor.name}", "ItemType": "Monitor",
-                         "Probe": monitor.probe, "Rule": monitor.kind,
-                         "Threshold": monitor.threshold,
-                         "Ladder": [f"{s.state} at {s.after:g}s" for s in monitor.ladder],
-                         "Help": monitor.help.strip()}], output_format)  # fmt: skip
-                return
-    raise UserError(f"no probe or monitor '{identity}' (names look like 'POP\\PopCTPMonitor')")
+    found = find_item(identity)
+    if found is None:
+        raise UserError(f"no probe or monitor '{identity}' (names look like 'POP\\PopCTPMonitor')")
+    health_set, item = found
+    name = f"{health_set.name}\\{item.name}"
+    if isinstance(item, ProbeDefinition):
+        render([{"Identity": name, "ItemType": "Probe", "Recurrence": item.recurrence,
+                 "Timeout": item.timeout, "Description": item.description}],
+               output_format)  # fmt: skip
+        return
+    render(
+        [
+            {
+                "Identity": name,
+                "ItemType": "Monitor",
+                "Probe": item.probe,
+                "Rule": item.kind,
+                "Threshold": item.threshold,
+                "Ladder": [f"{s.state} at {s.after:g}s" for s in item.ladder],
+                "Help": item.help.strip(),
+            }
+        ],
+        output_format,
+    )  # fmt: skip(f"no probe or monitor '{identity}' (names look like 'POP\\PopCTPMonitor')")
 
 
 @click.command("get-recoveryactions")

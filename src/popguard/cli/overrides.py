@@ -10,8 +10,9 @@ import click
 
 from ..directory import MonitoringOverride
 from ..errors import UserError
+from ..exchange_values import parse_boolean
 from ..health.api import when
-from ..health.definitions import shipped_health_sets
+from ..health.definitions import ProbeDefinition, find_item
 from ..health.overrides import canonical_property, parse_duration, parse_value
 from .context import AppContext, pass_app
 from .render import format_option, render
@@ -21,14 +22,9 @@ ITEM_TYPES = ("Probe", "Monitor")
 
 def known_item(identity: str, item_type: str) -> str:
     """The identity as the health-set files spell it; UserError if there is none such."""
-    set_name, _, name = identity.partition("\\")
-    for health_set in shipped_health_sets():
-        if health_set.name.lower() != set_name.lower():
-            continue
-        items = health_set.probes if item_type == "Probe" else health_set.monitors
-        for item in items:
-            if item.name.lower() == name.lower():
-                return f"{health_set.name}\\{item.name}"
+    found = find_item(identity)
+    if found is not None and isinstance(found[1], ProbeDefinition) == (item_type == "Probe"):
+        return f"{found[0].name}\\{found[1].name}"
     raise UserError(f"no {item_type.lower()} '{identity}' (names look like 'POP\\PopCTPMonitor')")
 
 
@@ -193,11 +189,11 @@ def remove_global_override(
 @pass_app
 def set_server_monitor(app: AppContext, server: str, identity: str, repairing: str) -> None:
     """Mark a monitor as being repaired (its AlertValue shows Repairing while it alerts)."""
-    flag = parse_value("Monitor", "Enabled", repairing)
+    flag = parse_boolean(repairing, "--repairing")
     identity = known_item(identity, "Monitor")
     with app.directory() as directory:
-        directory.set_monitor_repairing(server, identity, bool(flag))
-    click.echo(f"{identity} on {server}: repairing {str(bool(flag)).lower()}")
+        directory.set_monitor_repairing(server, identity, flag)
+    click.echo(f"{identity} on {server}: repairing {str(flag).lower()}")
 
 
 COMMANDS = [

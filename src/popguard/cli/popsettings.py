@@ -12,6 +12,7 @@ from typing import Any
 import click
 
 from ..errors import UserError
+from ..exchange_values import timespan_parts
 from ..settings import PopSettings
 from .context import AppContext, pass_app
 from .render import FORMATS, render
@@ -19,7 +20,6 @@ from .render import FORMATS, render
 # The spelling the runbook uses for ProtocolLogEnabled.
 ALIASES = {"protocol-logging-enabled": "ProtocolLogEnabled"}
 
-_TIMESPAN = re.compile(r"^(?:(\d+)\.)?(\d{1,2}):(\d{2}):(\d{2})$")
 _SIZE = re.compile(r"^(\d+)\s*(B|KB|MB|GB)?$", re.IGNORECASE)
 _SIZE_UNITS = {"B": 1, "KB": 1024, "MB": 1024**2, "GB": 1024**3}
 _TRUE = {"true", "$true", "1", "yes", "on"}
@@ -38,9 +38,9 @@ OPTION_TO_FIELD = {option_name(name): name for name in PopSettings.model_fields}
 def parse_value(field: str, raw: str) -> Any:
     """Turn command-line text into the value PopSettings validates."""
     if field.endswith("Timeout"):
-        match = _TIMESPAN.match(raw)
-        if match:  # Exchange's [d.]hh:mm:ss
-            days, hours, minutes, seconds = (int(g or 0) for g in match.groups())
+        parts = timespan_parts(raw)
+        if parts:  # Exchange's [d.]hh:mm:ss
+            days, hours, minutes, seconds = parts
             return ((days * 24 + hours) * 60 + minutes) * 60 + seconds
         return raw
     if field == "LogPerFileSizeQuota":

@@ -10,6 +10,7 @@ style: `exchange2013` reproduces Exchange 2013's.
 from __future__ import annotations
 
 import tomllib
+from collections.abc import Mapping
 from importlib import resources
 from pathlib import Path
 from typing import Any, Literal
@@ -157,22 +158,12 @@ def load_health_set(text: str, source: str, profile: str = DEFAULT_PROFILE) -> H
     try:
         health_set = HealthSet.model_validate(_apply_profile(raw, profile, source))
     except ValidationError as exc:
-        errors = exc.errors()
-        # An unknown key is the likeliest cause of the rest (a misspelt required key).
-        first = next((e for e in errors if e["type"] == "extra_forbidden"), errors[0])
-        where = ".".join(str(part) for part in first["loc"])
-        raise UserError(f"{source}: {where}: {first['msg']}") from None
+        raise UserError(validation_message(source, exc)) from None
     for probe in health_set.probes:
-        if probe.kind not in PROBE_KINDS:
-            known = ", ".join(sorted(PROBE_KINDS))
-            raise UserError(f"{source}: probe {probe.name}: unknown kind {probe.kind!r} ({known})")
+        _known_kind(source, "probe", probe.name, probe.kind, PROBE_KINDS)
     names = {p.name for p in health_set.probes}
     for monitor in health_set.monitors:
-        if monitor.kind not in MONITOR_KINDS:
-            known = ", ".join(sorted(MONITOR_KINDS))
-            raise UserError(
-                f"{source}: monitor {monitor.name}: unknown kind {monitor.kind!r} ({known})"
-            )
+        _known_kind(source, "monitor", monitor.name, monitor.kind, MONITOR_KINDS)
         if monitor.probe not in names:
             raise UserError(
                 f"{source}: monitor {monitor.name} reads unknown probe {monitor.probe!r}"
@@ -181,11 +172,7 @@ def load_health_set(text: str, source: str, profile: str = DEFAULT_PROFILE) -> H
             raise UserError(f"{source}: monitor {monitor.name}: failures-in-window needs window")
     monitors = {m.name for m in health_set.monitors}
     for responder in health_set.responders:
-        if responder.kind not in RESPONDER_KINDS:
-            known = ", ".join(sorted(RESPONDER_KINDS))
-            raise UserError(
-                f"{source}: responder {responder.name}: unknown kind {responder.kind!r} ({known})"
-            )
+        _known_kind(source, "responder", responder.name, responder.kind, RESPONDER_KINDS)
         if responder.monitor not in monitors:
             raise UserError(
                 f"{source}: responder {responder.name}: unknown monitor {responder.monitor!r}"
@@ -193,6 +180,39 @@ def load_health_set(text: str, source: str, profile: str = DEFAULT_PROFILE) -> H
         if responder.kind == "restart-service" and not responder.service:
             raise UserError(f"{source}: responder {responder.name}: restart-service needs service")
     return health_set
+
+
+def validation_message(source: str, exc: ValidationError) -> str:
+    """One line naming the bad key: an unknown key first, the likeliest cause of the
+    rest (a misspelt required key)."""
+    errors = exc.errors()
+    first = next((e for e in errors if e["type"] == "extra_forbidden"), errors[0])
+    where = ".".join(str(part) for part in first["loc"])
+    return f"{source}: {where}: {first['msg']}"
+
+
+def _known_kind(
+    source: str, what: str, name: str, kind: str, registry: Mapping[str, object]
+) -> None:
+    if kind not in registry:
+        known = ", ".join(sorted(registry))
+        raise UserError(f"{source}: {what} {name}: unknown kind {kind!r} ({known})")
+
+
+def find_item(identity: str) -> tuple[HealthSet, ProbeDefinition | MonitorDefinition] | None:
+    """The shipped probe or monitor named 'HealthSet\\Name' (any case), or None."""
+    set_name, _, name = identity.partition("\\")
+    for health_set in shipped_health_sets():
+        if health_set.name.lower() != set_name.lower():
+            continue
+        items: list[ProbeDefinition | MonitorDefinition] = [
+            *health_set.probes,
+            *health_set.monitors,
+        ]
+        for item in items:
+            if item.name.lower() == name.lower():
+                return health_set, item
+    return None
 
 
 def shipped_health_sets(profile: str = DEFAULT_PROFILE) -> list[HealthSet]:

@@ -24,7 +24,7 @@ from typing import Literal
 from pydantic import Field, ValidationError
 
 from ..errors import UserError
-from .definitions import Strict
+from .definitions import Strict, validation_message
 from .probes import Credential
 
 
@@ -68,10 +68,7 @@ def load_external(data: Path) -> list[ExternalPop3Server]:
     except tomllib.TOMLDecodeError as exc:
         raise UserError(f"{path}: not valid TOML: {exc}") from None
     except ValidationError as exc:
-        errors = exc.errors()
-        first = next((e for e in errors if e["type"] == "extra_forbidden"), errors[0])
-        where = ".".join(str(part) for part in first["loc"])
-        raise UserError(f"{path}: {where}: {first['msg']}") from None
+        raise UserError(validation_message(str(path), exc)) from None
     names = [s.name.lower() for s in config.pop3_servers]
     if len(names) != len(set(names)):
         raise UserError(f"{path}: two entries have the same name")

@@ -8,10 +8,9 @@ A server's own override wins over a global one.
 
 from __future__ import annotations
 
-import re
-
 from ..directory import MonitoringOverride
 from ..errors import UserError
+from ..exchange_values import parse_boolean, timespan_parts
 from .definitions import MonitorDefinition, ProbeDefinition
 
 # property -> how to read its value, per item type.
@@ -20,15 +19,14 @@ PROPERTIES: dict[str, dict[str, type]] = {
     "Monitor": {"Enabled": bool, "Threshold": float},
 }
 MAX_DURATION = 60 * 24 * 3600.0  # Exchange allows at most 60 days
-_DURATION = re.compile(r"^(?:(\d{1,2})\.)?(\d{1,2}):(\d{2}):(\d{2})$")
 
 
 def parse_duration(text: str) -> float:
     """Seconds in "d.hh:mm:ss" or "hh:mm:ss"; UserError for anything else."""
-    found = _DURATION.match(text.strip())
-    if found is None:
+    parts = timespan_parts(text.strip())
+    if parts is None:
         raise UserError(f"a duration is d.hh:mm:ss or hh:mm:ss, got {text!r}")
-    days, hours, minutes, seconds = (int(part or 0) for part in found.groups())
+    days, hours, minutes, seconds = parts
     if hours > 23 or minutes > 59 or seconds > 59:
         raise UserError(f"a duration is d.hh:mm:ss or hh:mm:ss, got {text!r}")
     total = float(((days * 24 + hours) * 60 + minutes) * 60 + seconds)
@@ -47,10 +45,7 @@ def parse_value(item_type: str, property_name: str, value: str) -> bool | float:
             f"a {item_type} override may change {', '.join(kinds)}; not {property_name!r}"
         )
     if wanted is bool:
-        lowered = value.strip().lower().lstrip("$")
-        if lowered not in ("true", "false"):
-            raise UserError(f"{property_name} is true or false, got {value!r}")
-        return lowered == "true"
+        return parse_boolean(value, property_name)
     try:
         number = float(value)
     except ValueError:
