@@ -7,10 +7,10 @@ from __future__ import annotations
 
 import os
 import signal
-import tomllib
 
 import click
 
+from ..config import config_file, load_config
 from ..errors import UserError
 from ..faults import Fault, fault_file, write_fault
 from ..service_control import SERVICES, control_for
@@ -22,14 +22,8 @@ KINDS_IN_FILES = ("slow", "refuse-auth")
 
 
 def _faults_enabled(app: AppContext) -> None:
-    path = app.data / "popguard.toml"
-    try:
-        config = tomllib.loads(path.read_text())
-    except FileNotFoundError:
-        config = {}
-    except tomllib.TOMLDecodeError as exc:
-        raise UserError(f"{path}: not valid TOML: {exc}") from None
-    if config.get("faults", {}).get("enabled") is not True:
+    if not load_config(app.data).faults.enabled:
+        path = config_file(app.data)
         raise UserError(f"fault injection is off: set `[faults] enabled = true` in {path}")
 
 
