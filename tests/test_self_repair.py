@@ -4,12 +4,15 @@ restarted, and the recovery actions say so."""
 from __future__ import annotations
 
 import json
+import poplib
 import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
+
+from popguard import tls
 
 from .conftest import free_loopback_address, pid_alive, popguard
 
@@ -85,3 +88,35 @@ def test_a_hung_back_end_is_found_and_restarted_by_the_engine(detached_organizat
     refused = popguard(data, "inject-fault", "--server", "mbx1", "--service", "pop3be",
                        "--kind", "crash")  # fmt: skip
     assert refused.returncode == 1 and "fault injection is off" in refused.stderr
+
+
+def test_mail_is_served_and_delivered_with_every_health_service_stopped(
+    detached_organization: Path,
+) -> None:
+    """Managed availability watches the mail service; it is never in its path."""
+    data = detached_organization
+    for server in ("cas1", "mbx1", "mbx2"):
+        stopped = popguard(data, "stop-service", "health", "--server", server)
+        assert stopped.returncode == 0, stopped.stderr
+    for server in ("cas1", "mbx1", "mbx2"):
+        (health,) = [
+            r for r in json_of(data, "get-service", "--server", server) if r["Name"] == "health"
+        ]
+        assert health["Status"] != "Running"
+    address, password = (data / "demo-mailbox.txt").read_text().split()
+    message = data / "message.eml"
+    message.write_bytes(b"Subject: while health sleeps\r\n\r\nstill delivered\r\n")
+    sent = popguard(data, "send-message", "--to", address, "--file", str(message))
+    assert sent.returncode == 0, sent.stderr
+    cas1 = json_of(data, "get-server", "cas1")[0]
+    client = poplib.POP3_SSL(cas1["Address"], int(cas1["Ports"]["pop3-tls"]),
+                             context=tls.client_context(data), timeout=10)  # fmt: skip
+    try:
+        client.user(address)
+        client.pass_(password)
+        count, _ = client.stat()
+        assert count >= 2  # the welcome message and this one
+        _, lines, _ = client.retr(count)
+        assert b"still delivered" in lines
+    finally:
+        client.quit()

@@ -119,6 +119,19 @@ MIGRATIONS: tuple[str, ...] = (
         PRIMARY KEY (server, identity)
     );
     """,
+    """
+    -- Repairs the health engines made, shared by every server so that a group throttle
+    -- (at most N a day across the servers of a role; enough others in service) holds.
+    CREATE TABLE repairs (
+        id INTEGER PRIMARY KEY AUTOINCREMENT,
+        server TEXT NOT NULL REFERENCES servers(name) ON DELETE CASCADE,
+        role TEXT NOT NULL,
+        kind TEXT NOT NULL,
+        service TEXT NOT NULL,
+        started REAL NOT NULL
+    );
+    CREATE INDEX repairs_by_kind ON repairs(kind, role, started);
+    """,
 )
 
 # Longer than the longest move can take (catch-up at most 120 s, plus dismount and mount).
@@ -576,6 +589,24 @@ class Directory:
             "SELECT identity FROM monitor_repairing WHERE server = ? COLLATE NOCASE", (server,)
         ).fetchall()
         return {str(r["identity"]).lower() for r in rows}
+
+    # Repairs (group throttles) ------------------------------------------------------------
+
+    def record_repair(self, server: str, role: str, kind: str, service: str, at: float) -> None:
+        with self._transaction() as db:
+            db.execute(
+                "INSERT INTO repairs (server, role, kind, service, started) VALUES (?, ?, ?, ?, ?)",
+                (self.get_server(server).name, role, kind, service, at),
+            )
+
+    def repairs_since(self, role: str, since: float) -> list[tuple[str, str, str, float]]:
+        """(server, kind, service, started) of the repairs on servers of `role`, oldest first."""
+        rows = self._db.execute(
+            "SELECT server, kind, service, started FROM repairs WHERE role = ? AND started >= ? "
+            "ORDER BY started",
+            (role, since),
+        ).fetchall()
+        return [(r["server"], r["kind"], r["service"], float(r["started"])) for r in rows]
 
     # Mailboxes -----------------------------------------------------------------------
 

@@ -249,6 +249,10 @@ class HealthApi:
                     "FailureComponent": a.failure_component,
                     "Error": a.error,
                     "Details": a.detail,
+                    "FirstAlertObservedTime": when(a.alert_started),
+                    "NotifiedTime": when(a.notified),
+                    "Notification": a.notification,
+                    "ResolvedTime": when(a.resolved),
                 }
                 for a in self.engine.store.alerts()
             ]

@@ -89,14 +89,21 @@ class Throttle(Strict):
     min_gap: float = Field(default=60.0, ge=0)  # seconds between two of its actions
     per_hour: int = Field(default=4, ge=1)
     per_day: int = Field(default=12, ge=1)
+    # Across every server of the same role (counted in the directory, which they share):
+    # at most this many in a day, and at least this many *other* servers of the role
+    # must be in service (none of their own repairs in the last REPAIR_SETTLE seconds).
+    group_per_day: int | None = Field(default=None, ge=1)
+    min_in_service: int = Field(default=0, ge=0)
 
 
 class ResponderDefinition(Strict):
     name: str
     kind: str
     monitor: str
-    # Fires once per alert, when the monitor's ladder reaches this state.
+    # Fires once per alert, when the monitor's ladder reaches this state and the alert
+    # has lasted `after` seconds: the runbook's steps in order, each given its time.
     state: Literal["Degraded", "Unhealthy", "Unrecoverable"]
+    after: float = Field(default=0.0, ge=0)
     service: str | None = None  # for restart-service
     # Only on servers with this role (default: wherever its monitor runs).
     role: Literal["mailbox", "frontend"] | None = None
@@ -135,7 +142,7 @@ def _apply_profile(raw: dict[str, Any], profile: str, source: str) -> dict[str, 
         return raw
     changes = profiles[profile]
     result = dict(raw)
-    for section in ("probes", "monitors"):
+    for section in ("probes", "monitors", "responders"):
         items = [dict(item) for item in raw.get(section, [])]
         for name, overrides in changes.get(section, {}).items():
             matches = [item for item in items if item.get("name") == name]

@@ -16,15 +16,20 @@ import sqlite3
 import ssl
 import traceback
 import zlib
+from collections.abc import Coroutine
 from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import Any
 
 from .. import paths, tls
+from ..config import Escalation, load_config
 from ..directory import Directory, MonitoringOverride, Server
 from ..errors import UserError
 from ..lmtp_client import deliver
+from ..service_control import control_for, services_of
 from .clock import Clock
 from .definitions import HealthSet, MonitorDefinition, ProbeDefinition, ResponderDefinition
+from .escalation import FIRING, RESOLVED, AlertReport, send
 from .external import ExternalPop3Server, load_external
 from .health_mailboxes import ensure_health_mailboxes, read_credentials
 from .monitors import MONITOR_KINDS, SEVERITY, Verdict, alert_value, ladder_state
@@ -32,10 +37,23 @@ from .overrides import effective_monitor, effective_probe
 from .probes import NETWORKING, PROBE_KINDS, Credential, ProbeFailure, ProbeTarget, Transcript
 from .responders import RESPONDER_KINDS, Incident
 from .responders import Outcome as ResponderOutcome
-from .results import RETENTION, Alert, MonitorState, ProbeResult, RecoveryAction, ResultsStore
+from .results import (
+    RETENTION,
+    Alert,
+    MonitorState,
+    ProbeResult,
+    RecoveryAction,
+    ResultsStore,
+    results_file,
+)
 
 log = logging.getLogger("popguard.health")
 
+# Repairs counted across the servers of a role (restarting or emptying a server).
+GROUP_COUNTED = ("restart-server", "move-databases-away")
+REPAIR_SETTLE = 900.0  # a server repaired this recently is not counted as in service
+REPEAT_CHECK = 10.0  # seconds between two looks for alerts to send again
+MOVE_BACK = ResponderDefinition(name="MoveBack", kind="move-back", monitor="", state="Degraded")
 LADDER_ORDER = {"Healthy": 0, "Degraded": 1, "Unhealthy": 2, "Unrecoverable": 3}
 SERVICE_OF_ROLE = {"mailbox": "pop3be", "frontend": "pop3"}
 PROBE_MESSAGE = (
@@ -44,10 +62,6 @@ PROBE_MESSAGE = (
     b"\r\n"
     b"The customer touch point probe reads this message with RETR. Keep it.\r\n"
 )
-
-
-def results_file(data: Path, server: str) -> Path:
-    return paths.server_dir(data, server) / "health" / "results.sqlite"
 
 
 @dataclass(frozen=True)
@@ -99,6 +113,8 @@ class HealthEngine:
             for a in self.store.actions(since=self.clock.now() - 2 * 86_400)
         }
         self._responding: set[asyncio.Task[None]] = set()
+        self._finish_interrupted()
+        self._repeats_checked = -1e18
         for monitor_key, resource in self._states:
             self._resources_of.setdefault(monitor_key, set()).add(resource)
         self._overrides: list[MonitoringOverride] = []
@@ -106,6 +122,16 @@ class HealthEngine:
         self._controls_read = -1e18
         self._external: list[ExternalPop3Server] = []
         self._external_contexts: dict[str, ssl.SSLContext] = {}
+
+    def _finish_interrupted(self) -> None:
+        """Actions a stopped health service left InProgress (a restart-server stops it on
+        purpose) end now, so that the history and the throttles are right."""
+        now = self.clock.now()
+        for action in self.store.actions(since=now - 86_400):
+            if action.result == "InProgress":
+                self.store.finish_action(
+                    action.id, now, "Failed", "interrupted: the health service stopped meanwhile"
+                )
 
     def refresh_controls(self, force: bool = False) -> None:
         """Overrides and repairing flags from the directory, at most once a second."""
@@ -366,7 +392,11 @@ class HealthEngine:
                     previous = self._states.get((key, resource))
                     self._evaluate_one(effective, enabled, key, identity, resource, previous, now)
                 for resource in self._resources_of.get(key, set()) - set(resources):
-                    # e.g. a database moved away: its monitor instance goes with it
+                    # A database moved away: its monitor instance goes with it, unless
+                    # this alert's own repair moved it, whose ladder goes on.
+                    gone = self._states[(key, resource)]
+                    if gone.is_alert and self._moved_away_since(gone.first_alert):
+                        continue
                     self.store.forget_monitor_state(key, resource)
                     del self._states[(key, resource)]
                     self._resources_of[key].discard(resource)
@@ -388,6 +418,8 @@ class HealthEngine:
             if step != state.state:
                 log.warning("%s on %s: %s -> %s", key, state.resource, state.state, step)
                 self._save(replace(state, state=step, last_transition=now))
+            else:  # a responder whose `after` has come, within the same step
+                self._consider_responders(state)
 
     def _save(self, state: MonitorState) -> None:
         self.store.save_monitor_state(state)
@@ -404,6 +436,8 @@ class HealthEngine:
         for health_set, responder in self._responders_of.get(state.monitor, []):
             if LADDER_ORDER[state.state] < LADDER_ORDER[responder.state]:
                 continue
+            if self.clock.now() - state.first_alert < responder.after:
+                continue
             identity = f"{health_set.name}\\{responder.name}"
             fired = (identity, state.resource, state.first_alert)
             if fired in self._fired:
@@ -412,6 +446,20 @@ class HealthEngine:
             task = asyncio.create_task(self._respond(health_set, responder, state))
             self._responding.add(task)
             task.add_done_callback(self._responding.discard)
+
+    def _handed_to(self, resource: str) -> str:
+        """Who repairs a failure that lies beyond this server: for a database seen
+        through a front end, the mailbox server holding its active copy."""
+        try:
+            holder = self.directory.active_server(resource)
+        except (UserError, sqlite3.Error):
+            return "left to the responders of that part and to escalation"
+        if holder.lower() == self.server.name.lower():
+            return "left to the responders of that part and to escalation"
+        return (
+            f"{resource} is active on {holder}: left to {holder}'s POP.Protocol responders "
+            "and to escalation"
+        )
 
     def _throttled(self, responder: ResponderDefinition, now: float) -> str:
         """Why this responder may not act now on this server ('' if it may). Counted per
@@ -430,7 +478,42 @@ class HealthEngine:
             return f"{limit.per_hour} {responder.kind} actions in the last hour already"
         if len(past) >= limit.per_day:
             return f"{limit.per_day} {responder.kind} actions in the last day already"
+        return self._group_throttled(responder, now)
+
+    def _group_throttled(self, responder: ResponderDefinition, now: float) -> str:
+        limit = responder.throttle
+        if limit.group_per_day is None and not limit.min_in_service:
+            return ""
+        role = self._role_of(responder)
+        try:
+            repairs = self.directory.repairs_since(role, now - 86_400)
+        except sqlite3.Error as exc:  # cannot count: do not act blind
+            return f"the group's repairs cannot be read: {exc}"
+        service = responder.service or ""
+        same = [r for r in repairs if (r[1], r[2]) == (responder.kind, service)]
+        if limit.group_per_day is not None and len(same) >= limit.group_per_day:
+            return (
+                f"{len(same)} {responder.kind} actions on {role} servers in the last day "
+                f"already (group limit {limit.group_per_day})"
+            )
+        if limit.min_in_service:
+            others = {
+                s.name for s in self.directory.list_servers()
+                if role in s.roles and s.name.lower() != self.server.name.lower()
+            }  # fmt: skip
+            busy = {r[0] for r in repairs if r[3] >= now - REPAIR_SETTLE}
+            in_service = sorted(others - busy)
+            if len(in_service) < limit.min_in_service:
+                return (
+                    f"only {len(in_service)} other {role} server(s) in service "
+                    f"({', '.join(in_service) or 'none'}); {limit.min_in_service} must be"
+                )
         return ""
+
+    def _role_of(self, responder: ResponderDefinition) -> str:
+        if responder.role is not None:
+            return responder.role
+        return "mailbox" if "mailbox" in self.server.roles else "frontend"
 
     async def _respond(
         self, health_set: HealthSet, responder: ResponderDefinition, state: MonitorState
@@ -461,7 +544,7 @@ class HealthEngine:
         component = latest[0].failure_component if latest else ""
         if component and component in responder.skip_components:
             record("Skipped", f"the failure is in {component}: {responder.kind} here would not "
-                   "help; left to the responders of that part and to escalation", now)  # fmt: skip
+                   f"help; {self._handed_to(state.resource)}", now)  # fmt: skip
             return
         if state.monitor.lower() in self._repairing:
             record("Skipped", "an operator marked the monitor Repairing", now)
@@ -473,6 +556,13 @@ class HealthEngine:
             return
         log.warning("%s: %s on %s (%s)", identity, responder.kind, state.resource, state.error)
         action = record("InProgress", "", None)
+        if responder.kind in GROUP_COUNTED:
+            try:
+                role = self._role_of(responder)
+                service = responder.service or ""
+                self.directory.record_repair(self.server.name, role, responder.kind, service, now)
+            except sqlite3.Error as exc:
+                log.warning("recording the repair in the directory failed: %s", exc)
         try:
             outcome = await RESPONDER_KINDS[responder.kind](self, responder, incident)
         except Exception as exc:
@@ -486,25 +576,175 @@ class HealthEngine:
         while self._responding:
             await asyncio.gather(*self._responding, return_exceptions=True)
 
-    def escalated(self, incident: Incident, component: str, error: str, detail: str) -> None:
+    async def escalated(self, incident: Incident, component: str, error: str, detail: str) -> str:
+        """Store the alert and send it (unless the same problem was sent within the
+        repeat interval); returns what the sending did."""
         log.error("%s", detail)
-        self.store.add_alert(
-            Alert(
-                self.clock.now(),
-                incident.health_set,
-                incident.monitor,
-                incident.probe,
-                incident.resource,
-                component,
-                error,
-                detail,
-            )
+        now = self.clock.now()
+        alert = Alert(
+            now, incident.health_set, incident.monitor, incident.probe, incident.resource,
+            component, error, detail, incident.first_alert,
+        )  # fmt: skip
+        earlier = [a for a in self.store.alerts() if a.key == alert.key and a.notified]
+        alert_id = self.store.add_alert(alert)
+        escalation = self._escalation()
+        if escalation is None:
+            return self._note(alert_id, None, "not sent: popguard.toml cannot be read")
+        last = max((a.notified or 0.0 for a in earlier), default=None)
+        if last is not None and now - last < escalation.repeat_interval:
+            return self._note(
+                alert_id, None,
+                f"not sent again: the same problem was sent {now - last:.0f}s ago "
+                f"(repeat_interval {escalation.repeat_interval:g}s)",
+            )  # fmt: skip
+        return await self._send(replace(alert, id=alert_id), FIRING, escalation)
+
+    def _note(self, alert_id: int, at: float | None, notification: str) -> str:
+        self.store.mark_notified(alert_id, at, notification)
+        return notification
+
+    def _escalation(self) -> Escalation | None:
+        try:
+            return load_config(self.data).escalation
+        except UserError as exc:
+            log.error("%s", exc)
+            return None
+
+    async def _send(self, alert: Alert, status: str, escalation: Escalation) -> str:
+        report = self._report(alert, status)
+        delivered, notification = await send(report, escalation)
+        if status == RESOLVED:
+            notification = f"{alert.notification}; resolved: {notification}"
+        log.warning("alert %s %s: %s", report.identity, status, notification)
+        return self._note(alert.id, self.clock.now() if delivered else None, notification)
+
+    def _report(self, alert: Alert, status: str) -> AlertReport:
+        started = alert.alert_started or alert.raised
+        probe = f"{alert.health_set}\\{alert.probe}"
+        monitor = self._monitor_by_key.get(f"{alert.health_set}\\{alert.monitor}")
+        return AlertReport(
+            status=status,
+            server=self.server.name,
+            health_set=alert.health_set,
+            monitor=alert.monitor,
+            probe=alert.probe,
+            resource=alert.resource,
+            failure_component=alert.failure_component,
+            error=alert.error,
+            started=started,
+            raised=alert.raised,
+            resolved=alert.resolved,
+            results=tuple(self.store.recent(probe, alert.resource, 5)),
+            actions=tuple(self.store.actions(since=started)),
+            runbook=monitor.help if monitor else "",
         )
 
+    def _repeat_notifications(self) -> None:
+        """Alertmanager's repeat_interval for an alert still open: send it again; an
+        alert whose monitor is Healthy again (or gone) is resolved."""
+        now = self.clock.now()
+        if now - self._repeats_checked < REPEAT_CHECK:
+            return
+        self._repeats_checked = now
+        open_alerts = [a for a in self.store.alerts() if a.resolved is None]
+        if not open_alerts:
+            return
+        escalation = self._escalation()
+        for alert in open_alerts:
+            state = self._states.get((f"{alert.health_set}\\{alert.monitor}", alert.resource))
+            if state is None or not state.is_alert or state.first_alert != alert.alert_started:
+                self._resolve(alert, escalation)
+            elif (
+                escalation is not None
+                and alert.notified is not None
+                and now - alert.notified >= escalation.repeat_interval
+            ):
+                self._spawn(self._send(alert, FIRING, escalation))
+
+    def _resolve(self, alert: Alert, escalation: Escalation | None) -> None:
+        now = self.clock.now()
+        self.store.mark_resolved(alert.id, now)
+        if escalation is not None and escalation.send_resolved and alert.notified is not None:
+            self._spawn(self._send(replace(alert, resolved=now), RESOLVED, escalation))
+
+    def _spawn(self, work: Coroutine[Any, Any, object]) -> None:
+        async def run() -> None:
+            try:
+                await work
+            except Exception:
+                log.exception("a background repair or notification failed")
+
+        task = asyncio.create_task(run())
+        self._responding.add(task)
+        task.add_done_callback(self._responding.discard)
+
+    # What the responders ask -----------------------------------------------------------------
+
+    async def recheck(self, incident: Incident) -> ProbeResult | None:
+        """Run the incident's probe once more against its resource (stored, monitors
+        updated); None when that resource is not a target here now."""
+        health_set, probe, _ = self.find_probe(f"{incident.health_set}\\{incident.probe}")
+        if not any(t.resource.lower() == incident.resource.lower() for t in self.targets(probe)):
+            return None
+        (result,) = await self.run_now(health_set, probe, incident.resource)
+        return result
+
+    def latest_result(self, incident: Incident) -> ProbeResult | None:
+        found = self.store.recent(f"{incident.health_set}\\{incident.probe}", incident.resource, 1)
+        return found[0] if found else None
+
+    def _moved_away_since(self, since: float | None) -> bool:
+        """A responder moved this server's databases away since then, and none moved
+        them back yet."""
+        if since is None:
+            return False
+        moved = False
+        for action in self.store.actions(since=since):
+            # Failed too: some databases may have moved before one could not.
+            if action.result in ("Succeeded", "Failed") and action.kind == "move-databases-away":
+                moved = True
+            elif action.result == "Succeeded" and action.kind == "move-back":
+                moved = False
+        return moved
+
+    def moved_away(self, incident: Incident) -> bool:
+        return self._moved_away_since(incident.first_alert)
+
+    async def server_problems(self) -> list[str]:
+        """Why this server is not healthy now: services not running, or its own probes
+        (not per database, not the watched external servers) failing when run now."""
+        problems: list[str] = []
+        try:
+            control = control_for(self.data)
+            statuses = await asyncio.to_thread(
+                control.status, self.server.name, services_of(self.server.roles)
+            )
+            problems += [f"{s.service} is {s.state}" for s in statuses if s.state != "Running"]
+        except UserError as exc:
+            problems.append(str(exc))
+        for health_set, probe in self.probes():
+            if probe.kind == "counter" or probe.per_database:
+                continue
+            for target in self._own_targets(probe):
+                result = await self.run_probe(health_set, probe, target)
+                self.store.add(result)
+                if not result.succeeded:
+                    problems.append(f"{result.probe} {result.failure_component}: {result.error}")
+        return problems
+
     def _recovered(self, previous: MonitorState) -> None:
-        """A monitor back to Healthy: undo what its responders took out of service."""
+        """A monitor back to Healthy: undo what its responders took out of service (a
+        front end offline, databases moved away) and resolve its alerts."""
         if previous.first_alert is None:
             return
+        health_set, monitor = previous.monitor.split("\\", 1)
+        for alert in self.store.alerts():
+            if (alert.health_set, alert.monitor, alert.resource) == (
+                health_set, monitor, previous.resource
+            ) and alert.resolved is None:  # fmt: skip
+                self._resolve(alert, self._escalation())
+        if "mailbox" in self.server.roles and self._moved_away_since(previous.first_alert):
+            self._spawn(self._move_back_after(previous))
         taken = [
             a for a in self.store.actions(since=previous.first_alert)
             if a.monitor == previous.monitor and a.resource == previous.resource
@@ -529,6 +769,26 @@ class HealthEngine:
             )
         )
         log.warning("%s Healthy again: PopProxy on %s Active", previous.monitor, self.server.name)
+
+    async def _move_back_after(self, previous: MonitorState) -> None:
+        """The runbook's last repair step, taken as soon as the monitor is Healthy."""
+        assert previous.first_alert is not None
+        health_set, monitor = previous.monitor.split("\\", 1)
+        definition = self._monitor_by_key[previous.monitor]
+        incident = Incident(health_set, monitor, definition.probe, previous.resource,
+                            previous.first_alert, "")  # fmt: skip
+        started = self.clock.now()
+        action = self.store.add_action(
+            RecoveryAction(f"{previous.monitor}Recovered", previous.monitor, previous.resource,
+                           "move-back", previous.first_alert, started, None, "InProgress", "")
+        )  # fmt: skip
+        try:
+            outcome = await RESPONDER_KINDS["move-back"](self, MOVE_BACK, incident)
+        except Exception as exc:
+            log.exception("moving back failed")
+            outcome = ResponderOutcome("Failed", f"move-back crashed: {exc!r}")
+        self.store.finish_action(action, self.clock.now(), outcome.result, outcome.detail)
+        log.warning("%s Healthy again: %s: %s", previous.monitor, outcome.result, outcome.detail)
 
     def _evaluate_one(
         self,
@@ -571,12 +831,18 @@ class HealthEngine:
             if previous is not None and previous.is_alert and not new.is_alert:
                 self._recovered(previous)
 
+    def walk(self) -> None:
+        """What passing time does: ladders step up, responders whose time came start,
+        open alerts are sent again or resolved."""
+        self.refresh_controls()
+        self._walk_alerting()
+        self._repeat_notifications()
+
     async def _walk_ladders(self, stop: asyncio.Event) -> None:
         """Ladders move with time even between probe results."""
         while not stop.is_set():
-            self.refresh_controls()
             try:
-                self._walk_alerting()
+                self.walk()
             except Exception:
                 log.exception("walking the ladders failed")
             await self._sleep(1.0, stop)

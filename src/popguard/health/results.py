@@ -12,7 +12,7 @@ from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from pathlib import Path
 
-from .. import sqlite_util
+from .. import paths, sqlite_util
 
 RETENTION = 7 * 24 * 3600.0
 
@@ -77,7 +77,18 @@ MIGRATIONS: tuple[str, ...] = (
         detail TEXT NOT NULL               -- with every recovery action already taken
     );
     """,
+    """
+    -- Where each alert was sent (e-mail, webhook), when, and when its monitor recovered.
+    ALTER TABLE alerts ADD COLUMN alert_started REAL;
+    ALTER TABLE alerts ADD COLUMN notified REAL;
+    ALTER TABLE alerts ADD COLUMN notification TEXT NOT NULL DEFAULT '';
+    ALTER TABLE alerts ADD COLUMN resolved REAL;
+    """,
 )
+
+
+def results_file(data: Path, server: str) -> Path:
+    return paths.server_dir(data, server) / "health" / "results.sqlite"
 
 
 @dataclass(frozen=True)
@@ -220,26 +231,40 @@ class ResultsStore:
             for r in rows
         ]  # fmt: skip
 
-    def add_alert(self, alert: Alert) -> None:
+    def add_alert(self, alert: Alert) -> int:
         with self._transaction() as db:
-            db.execute(
+            cursor = db.execute(
                 "INSERT INTO alerts (raised, health_set, monitor, probe, resource, "
-                "failure_component, error, detail) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                "failure_component, error, detail, alert_started) "
+                "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
                 (
                     alert.raised, alert.health_set, alert.monitor, alert.probe, alert.resource,
-                    alert.failure_component, alert.error, alert.detail,
+                    alert.failure_component, alert.error, alert.detail, alert.alert_started,
                 ),
             )  # fmt: skip
+            return int(cursor.lastrowid or 0)
 
     def alerts(self) -> list[Alert]:
         rows = self._db.execute("SELECT * FROM alerts ORDER BY raised, id").fetchall()
         return [
             Alert(
                 r["raised"], r["health_set"], r["monitor"], r["probe"], r["resource"],
-                r["failure_component"], r["error"], r["detail"],
+                r["failure_component"], r["error"], r["detail"], r["alert_started"],
+                r["notified"], r["notification"], r["resolved"], r["id"],
             )
             for r in rows
         ]  # fmt: skip
+
+    def mark_notified(self, alert_id: int, at: float | None, notification: str) -> None:
+        with self._transaction() as db:
+            db.execute(
+                "UPDATE alerts SET notified = COALESCE(?, notified), notification = ? WHERE id = ?",
+                (at, notification, alert_id),
+            )
+
+    def mark_resolved(self, alert_id: int, at: float) -> None:
+        with self._transaction() as db:
+            db.execute("UPDATE alerts SET resolved = ? WHERE id = ?", (at, alert_id))
 
     def forget_monitor_state(self, monitor: str, resource: str) -> None:
         with self._transaction() as db:
@@ -258,6 +283,16 @@ class Alert:
     failure_component: str
     error: str
     detail: str
+    alert_started: float | None = None  # the monitor's first alert: which alert this is
+    notified: float | None = None  # last sent by e-mail or webhook
+    notification: str = ""  # what the sending did ("e-mail to ...: sent; webhook: 200")
+    resolved: float | None = None  # when its monitor was Healthy again
+    id: int = 0
+
+    @property
+    def key(self) -> tuple[str, str, str]:
+        """One problem: Alertmanager's repeat_interval counts per key."""
+        return (self.health_set, self.monitor, self.resource)
 
 
 @dataclass(frozen=True)

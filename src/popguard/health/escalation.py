@@ -1,0 +1,212 @@
+"""Telling a person: an alert as an e-mail (SMTP) and as an Alertmanager webhook.
+
+One `AlertReport` holds what the runbook asks an escalation to carry: the server,
+health set, monitor, probe, failure component and reason, the last probe results,
+every recovery action already taken, and the steps left to a person. Both channels
+are rendered from it, so they always say the same thing. Sending never raises: what
+happened on each channel is returned as text and stored with the alert.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import datetime
+import hashlib
+import smtplib
+import ssl
+from dataclasses import dataclass
+from email.message import EmailMessage
+from email.utils import format_datetime, make_msgid
+from typing import Any
+
+import httpx
+
+from ..config import EmailEscalation, Escalation, WebhookEscalation
+from .results import ProbeResult, RecoveryAction
+
+FIRING, RESOLVED = "firing", "resolved"
+# Alertmanager's "no end yet".
+ZERO_TIME = "0001-01-01T00:00:00Z"
+
+
+@dataclass(frozen=True)
+class AlertReport:
+    status: str  # firing | resolved
+    server: str
+    health_set: str
+    monitor: str
+    probe: str
+    resource: str
+    failure_component: str
+    error: str
+    started: float  # the monitor's first alert
+    raised: float  # when it was escalated
+    resolved: float | None
+    results: tuple[ProbeResult, ...]  # the newest first
+    actions: tuple[RecoveryAction, ...]  # every action on the server since the alert began
+    runbook: str  # the monitor's help: the steps a person takes
+
+    @property
+    def identity(self) -> str:
+        return f"{self.server} {self.health_set}\\{self.monitor} on {self.resource}"
+
+    @property
+    def fingerprint(self) -> str:
+        key = f"{self.server}/{self.health_set}/{self.monitor}/{self.resource}"
+        return hashlib.sha256(key.encode()).hexdigest()[:16]
+
+
+def _time(moment: float | None) -> str:
+    if moment is None:
+        return ZERO_TIME
+    stamp = datetime.datetime.fromtimestamp(moment, datetime.UTC)
+    return stamp.isoformat(timespec="seconds").replace("+00:00", "Z")
+
+
+def history_lines(report: AlertReport) -> list[str]:
+    lines = []
+    for action in report.actions:
+        ended = _time(action.ended) if action.ended is not None else "(under way)"
+        lines.append(
+            f"{_time(action.started)} .. {ended}  {action.responder} [{action.kind}] on "
+            f"{action.resource}: {action.result}. {action.detail}"
+        )
+    return lines or ["none"]
+
+
+def result_lines(report: AlertReport) -> list[str]:
+    return [
+        f"{_time(r.started)}  {r.result_type}"
+        + (f"  {r.failure_component}: {r.error}" if not r.succeeded else "")
+        for r in report.results
+    ] or ["none"]
+
+
+def email_text(report: AlertReport) -> str:
+    resolved = (
+        f"Resolved:  {_time(report.resolved)} (the monitor is Healthy again)\n"
+        if report.status == RESOLVED
+        else ""
+    )
+    return (
+        f"popguard could not repair this by itself.\n\n"
+        f"Server:            {report.server}\n"
+        f"Health set:        {report.health_set}\n"
+        f"Monitor:           {report.monitor}\n"
+        f"Probe:             {report.probe}\n"
+        f"Target resource:   {report.resource}\n"
+        f"Failure component: {report.failure_component or 'unknown'}\n"
+        f"Error:             {report.error or 'none recorded'}\n"
+        f"First alert:       {_time(report.started)}\n"
+        f"Escalated:         {_time(report.raised)}\n"
+        f"{resolved}"
+        f"\nLast probe results (newest first):\n  " + "\n  ".join(result_lines(report)) + "\n"
+        "\nRecovery actions already taken:\n  " + "\n  ".join(history_lines(report)) + "\n"
+        f"\nWhat is left to a person (the runbook's steps for {report.monitor}):\n"
+        f"{report.runbook.strip() or 'no steps recorded'}\n"
+    )
+
+
+def email_message(report: AlertReport, config: EmailEscalation) -> EmailMessage:
+    message = EmailMessage()
+    prefix = "[popguard RESOLVED]" if report.status == RESOLVED else "[popguard ALERT]"
+    # Short enough for one header line (78 octets): the health set is in the body.
+    message["Subject"] = (
+        f"{prefix} {report.server} {report.monitor} on {report.resource}: "
+        f"{report.failure_component or 'failure'}"
+    )
+    message["From"] = config.sender
+    message["To"] = ", ".join(config.to)
+    message["Date"] = format_datetime(datetime.datetime.now(datetime.UTC))
+    message["Message-ID"] = make_msgid(domain="popguard.local")
+    message["X-Popguard-Fingerprint"] = report.fingerprint
+    message.set_content(email_text(report))
+    return message
+
+
+def webhook_payload(report: AlertReport, config: WebhookEscalation) -> dict[str, Any]:
+    """The JSON that Alertmanager's webhook receiver sends (version 4), so that a
+    receiver written for Alertmanager reads popguard's alerts unchanged."""
+    labels = {
+        "alertname": report.monitor,
+        "server": report.server,
+        "health_set": report.health_set,
+        "probe": report.probe,
+        "resource": report.resource,
+        "failure_component": report.failure_component,
+        "severity": "critical",
+    }
+    annotations = {
+        "summary": f"{report.identity}: {report.failure_component or 'failure'}",
+        "description": report.error,
+        "recovery_actions": "\n".join(history_lines(report)),
+        "last_results": "\n".join(result_lines(report)),
+        "runbook": report.runbook.strip(),
+    }
+    alert = {
+        "status": report.status,
+        "labels": labels,
+        "annotations": annotations,
+        "startsAt": _time(report.started),
+        "endsAt": _time(report.resolved) if report.status == RESOLVED else ZERO_TIME,
+        "generatorURL": "",
+        "fingerprint": report.fingerprint,
+    }
+    group = {"alertname": report.monitor, "server": report.server}
+    return {
+        "version": "4",
+        "groupKey": "{}:{" + ",".join(f'{k}="{v}"' for k, v in group.items()) + "}",
+        "truncatedAlerts": 0,
+        "status": report.status,
+        "receiver": config.receiver,
+        "groupLabels": group,
+        "commonLabels": labels,
+        "commonAnnotations": annotations,
+        "externalURL": "",
+        "alerts": [alert],
+    }
+
+
+def _send_email(report: AlertReport, config: EmailEscalation) -> str:
+    message = email_message(report, config)
+    try:
+        with smtplib.SMTP(config.smtp_host, config.smtp_port, timeout=config.timeout) as smtp:
+            if config.starttls:
+                smtp.starttls(context=ssl.create_default_context())
+            if config.username and config.password_file:
+                password = config.password_file.read_text().strip()
+                smtp.login(config.username, password)
+            refused = smtp.send_message(message)
+    except (OSError, smtplib.SMTPException) as exc:
+        return f"e-mail to {', '.join(config.to)} failed: {exc}"
+    if refused:
+        return f"e-mail refused for {', '.join(refused)}"
+    return f"e-mail to {', '.join(config.to)} sent"
+
+
+async def _post_webhook(report: AlertReport, config: WebhookEscalation) -> str:
+    try:
+        async with httpx.AsyncClient(timeout=config.timeout) as client:
+            response = await client.post(config.url, json=webhook_payload(report, config))
+    except httpx.HTTPError as exc:
+        return f"webhook {config.url} failed: {exc!r}"
+    if response.is_success:
+        return f"webhook {config.url}: {response.status_code}"
+    return f"webhook {config.url} failed: HTTP {response.status_code}"
+
+
+async def send(report: AlertReport, escalation: Escalation) -> tuple[bool, str]:
+    """Send on every configured channel: (any channel took it, what each one did)."""
+    outcomes: list[str] = []
+    delivered = False
+    if escalation.email is not None:
+        outcome = await asyncio.to_thread(_send_email, report, escalation.email)
+        delivered |= outcome.endswith(" sent")
+        outcomes.append(outcome)
+    if escalation.webhook is not None:
+        outcome = await _post_webhook(report, escalation.webhook)
+        delivered |= "failed" not in outcome
+        outcomes.append(outcome)
+    if not outcomes:
+        return False, "not sent: no [escalation] channel in popguard.toml"
+    return delivered, "; ".join(outcomes)

@@ -1,0 +1,184 @@
+"""The runbook's whole ladder, taken by the engine on its own under `popguard up`: a
+fault that a restart cannot fix (mbx1's back end refuses every login) makes the
+engine restart pop3be, move mbx1's databases to mbx2 (clients keep reading their
+mail through cas1), restart mbx1, move the databases back, and at last send an
+alert, by e-mail to a real SMTP server and to an Alertmanager-style webhook, that
+holds the whole history. Clearing the fault resolves the alert."""
+
+from __future__ import annotations
+
+import json
+import poplib
+import threading
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from email import message_from_bytes, policy
+from email.message import Message
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from typing import Any
+
+import pytest
+from aiosmtpd.controller import Controller
+
+from popguard import tls
+
+from .conftest import free_loopback_address, popguard
+from .test_self_repair import json_of, wait_for
+
+
+@dataclass
+class Sink:
+    """What the SMTP server and the webhook received."""
+
+    mails: list[Message] = field(default_factory=list)
+    hooks: list[dict[str, Any]] = field(default_factory=list)
+
+    async def handle_DATA(self, server: object, session: object, envelope: Any) -> str:
+        self.mails.append(message_from_bytes(envelope.content, policy=policy.default))
+        return "250 OK"
+
+
+@pytest.fixture
+def sink() -> Iterator[tuple[Sink, str, int, str]]:
+    found = Sink()
+    host = free_loopback_address()
+    smtp = Controller(found, hostname=host, port=2525)
+    smtp.start()
+
+    class Hook(BaseHTTPRequestHandler):
+        def do_POST(self) -> None:
+            body = self.rfile.read(int(self.headers["Content-Length"]))
+            found.hooks.append(json.loads(body))
+            self.send_response(200)
+            self.end_headers()
+
+        def log_message(self, *args: object) -> None:
+            pass
+
+    web = ThreadingHTTPServer((host, 9093), Hook)
+    thread = threading.Thread(target=web.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield found, host, 2525, f"http://{host}:9093/alerts"
+    finally:
+        web.shutdown()
+        smtp.stop()
+
+
+@pytest.fixture
+def organization(tmp_path: Path, sink: tuple[Sink, str, int, str]) -> Iterator[Path]:
+    _, host, port, url = sink
+    data = tmp_path / "data"
+    data.mkdir()
+    (data / "popguard.toml").write_text(
+        f"""
+[faults]
+enabled = true
+
+[escalation]
+repeat_interval = 3600
+
+[escalation.email]
+smtp_host = "{host}"
+smtp_port = {port}
+from = "popguard@monitoring.test"
+to = ["oncall@example.test"]
+
+[escalation.webhook]
+url = "{url}"
+"""
+    )
+    addresses = [free_loopback_address() for _ in range(3)]
+    started = popguard(data, "up", "--detach", "--frontend-address", addresses[0], "--address",
+                       addresses[1], "--second-address", addresses[2])  # fmt: skip
+    try:
+        assert started.returncode == 0, started.stderr
+        yield data
+    finally:
+        popguard(data, "down")
+
+
+def deep_test(data: Path) -> str:
+    rows = json_of(data, "get-serverhealth", "mbx1", "--health-set", "POP.Protocol")
+    found = [r["AlertValue"] for r in rows if r["Name"] == "PopDeepTestMonitor"]
+    return str(found[0]) if found else ""
+
+
+def active_server(data: Path, database: str) -> str:
+    rows = json_of(data, "get-mailboxdatabasecopystatus")
+    return next(str(r["ActiveDatabaseCopy"]) for r in rows if r["Name"].startswith(database))
+
+
+def read_demo_mailbox(data: Path) -> bool:
+    """Log in to the demo mailbox (in DB01) through cas1 and read message 1."""
+    address, password = (data / "demo-mailbox.txt").read_text().split()
+    cas1 = json_of(data, "get-server", "cas1")[0]
+    context = tls.client_context(data)
+    try:
+        client = poplib.POP3_SSL(
+            cas1["Address"], int(cas1["Ports"]["pop3-tls"]), context=context, timeout=10
+        )
+        try:
+            client.user(address)
+            client.pass_(password)
+            client.retr(1)
+        finally:
+            client.quit()
+    except (OSError, poplib.error_proto):
+        return False
+    return True
+
+
+@pytest.mark.timeout(720)
+def test_a_fault_a_restart_cannot_fix_runs_the_whole_ladder(
+    organization: Path, sink: tuple[Sink, str, int, str]
+) -> None:
+    data, (found, *_) = organization, sink
+    wait_for("DB01's deep test on mbx1", lambda: deep_test(data) == "Healthy", 180)
+    assert active_server(data, "DB01") == "mbx1"
+    assert read_demo_mailbox(data)
+    refused = popguard(data, "inject-fault", "--server", "mbx1", "--service", "pop3be",
+                       "--kind", "refuse-auth")  # fmt: skip
+    assert refused.returncode == 0, refused.stderr
+    injected = time.monotonic()
+
+    # While DB01 is on mbx2, the demo mailbox is read through cas1 as before.
+    wait_for("DB01 to move to mbx2", lambda: active_server(data, "DB01") == "mbx2", 180)
+    assert read_demo_mailbox(data)
+    wait_for("the alert e-mail", lambda: bool(found.mails), 420)
+    took = time.monotonic() - injected
+    print(f"alert e-mail {took:.0f}s after the fault")  # for the log
+
+    actions = json_of(data, "get-recoveryactions", "--server", "mbx1")
+    done = [(a["ActionId"], a["Result"]) for a in actions if a["Result"] == "Succeeded"]
+    steps = [kind for kind, _ in done]
+    ladder = ["restart-service", "move-databases-away", "restart-server", "move-back", "escalate"]
+    assert [s for s in steps if s in ladder] == ladder, actions
+    assert active_server(data, "DB01") == "mbx1"  # moved back
+    # The server really restarted: every service of mbx1 is younger than the fault.
+    for service in json_of(data, "get-service", "--server", "mbx1"):
+        assert service["Status"] == "Running", service
+
+    (mail,) = found.mails
+    assert mail["Subject"] == "[popguard ALERT] mbx1 PopDeepTestMonitor on DB01: Store"
+    payload = mail.get_payload(decode=True)
+    assert isinstance(payload, bytes)
+    body = payload.decode()
+    for kind in ladder[:-1]:
+        assert f"[{kind}] on DB01: Succeeded" in body, body
+    assert "Failure component: Store" in body and "SYS/TEMP" in body
+    assert "What is left to a person" in body and "restart-server" in body
+    (hook,) = [h for h in found.hooks if h["status"] == "firing"]
+    assert hook["version"] == "4" and hook["alerts"][0]["labels"]["server"] == "mbx1"
+    assert "move-databases-away" in hook["alerts"][0]["annotations"]["recovery_actions"]
+    alerts = json_of(data, "get-alerts", "--server", "mbx1")
+    assert len(alerts) == 1 and "e-mail to oncall@example.test sent" in alerts[0]["Notification"]
+
+    # Clearing the fault: the monitor is Healthy again and the alert resolved, once.
+    cleared = popguard(data, "clear-fault", "--server", "mbx1", "--service", "pop3be")
+    assert cleared.returncode == 0, cleared.stderr
+    wait_for("the resolved e-mail", lambda: len(found.mails) == 2, 120)
+    assert found.mails[1]["Subject"].startswith("[popguard RESOLVED]")
+    assert [h["status"] for h in found.hooks] == ["firing", "resolved"]

@@ -1,0 +1,435 @@
+"""The repair ladder's safety rules and the escalation channels, with an injected
+clock: steps fire in order of their times and resume after a restart of the health
+service; a server holding an active copy is never restarted; a database is never
+left without an active copy; group throttles count every server of the role; an
+alert is sent by e-mail and webhook, not again within the repeat interval, again
+after it, and resolved when its monitor is Healthy."""
+
+from __future__ import annotations
+
+import json
+import socket
+import threading
+import time
+from collections.abc import Iterator
+from email import message_from_bytes, policy
+from email.message import Message
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from typing import Any
+
+import pytest
+from aiosmtpd.controller import Controller
+from hypothesis import given
+from hypothesis import strategies as st
+
+from popguard.directory import Directory
+from popguard.health.clock import ManualClock
+from popguard.health.definitions import load_health_set
+from popguard.health.engine import HealthEngine
+from popguard.health.escalation import RESOLVED, AlertReport, email_text, webhook_payload
+from popguard.health.probes import PROBE_KINDS, Outcome, ProbeFailure, Transcript
+from popguard.health.results import ProbeResult, RecoveryAction
+from popguard.passwords import hash_password
+
+from .conftest import Organization, free_loopback_address
+
+SWITCHED = """
+name = "Test.Ladder"
+health_group = "ServiceComponents"
+role = "mailbox"
+
+[[probes]]
+name = "SwitchProbe"
+kind = "test-switch"
+recurrence = 10
+timeout = 5
+
+[[monitors]]
+name = "SwitchMonitor"
+kind = "consecutive-failures"
+probe = "SwitchProbe"
+threshold = 1
+ladder = [
+    { state = "Degraded", after = 0 },
+    { state = "Unhealthy", after = 10 },
+    { state = "Unrecoverable", after = 300 },
+]
+help = "1. Look at it.\\n2. Escalate."
+"""
+
+LADDER = """
+[[responders]]
+name = "Away"
+kind = "move-databases-away"
+monitor = "SwitchMonitor"
+state = "Unhealthy"
+after = 30
+
+[[responders]]
+name = "Reboot"
+kind = "restart-server"
+monitor = "SwitchMonitor"
+state = "Unhealthy"
+after = 60
+
+[[responders]]
+name = "Back"
+kind = "move-back"
+monitor = "SwitchMonitor"
+state = "Unhealthy"
+after = 90
+
+[[responders]]
+name = "Escalate"
+kind = "escalate"
+monitor = "SwitchMonitor"
+state = "Unrecoverable"
+"""
+
+
+class Switch:
+    """The probe's outcome, set by the test."""
+
+    failing = True
+
+    async def probe(self, definition: Any, target: Any, transcript: Transcript) -> Outcome:
+        if self.failing:
+            raise ProbeFailure("POP3", "-ERR", "login: -ERR [SYS/TEMP] refused on purpose")
+        return Outcome()
+
+
+@pytest.fixture
+def switch(monkeypatch: pytest.MonkeyPatch) -> Switch:
+    found = Switch()
+    monkeypatch.setitem(PROBE_KINDS, "test-switch", found.probe)
+    return found
+
+
+def two_mailbox_servers(tmp_path: Path, active_on: str = "mbx1") -> Path:
+    """mbx1 and mbx2 in the directory (no processes), DB01 active on `active_on` with a
+    copy on the other."""
+    data = tmp_path / "data"
+    with Directory(data) as directory:
+        directory.new_server("mbx1", ["mailbox"], free_loopback_address())
+        directory.new_server("mbx2", ["mailbox"], free_loopback_address())
+        directory.new_database("DB01", active_on)
+        directory.add_database_copy("DB01", "mbx2" if active_on == "mbx1" else "mbx1", 2)
+    return data
+
+
+async def step(engine: HealthEngine, clock: ManualClock, seconds: float) -> None:
+    await clock.advance(seconds)
+    engine.walk()
+    await engine.settle()
+
+
+def actions(engine: HealthEngine) -> list[tuple[str, str, str]]:
+    return [(a.responder.split("\\")[1], a.result, a.detail) for a in engine.store.actions()]
+
+
+async def test_steps_fire_in_order_never_unsafely_and_resume_after_a_restart(
+    tmp_path: Path, switch: Switch
+) -> None:
+    data = two_mailbox_servers(tmp_path)
+    health_set = load_health_set(SWITCHED + LADDER, "ladder.toml")
+    clock = ManualClock(start=time.time())
+    engine = HealthEngine(data, "mbx1", clock, [health_set])
+    probe = engine.probes()[0][1]
+    await engine.run_now(health_set, probe)  # the first failure: the alert begins
+    await step(engine, clock, 29)
+    assert actions(engine) == []  # Unhealthy at 10 s, but the first step waits for 30 s
+    await step(engine, clock, 1)
+    ((name, result, detail),) = actions(engine)
+    # mbx2's copy has never reported Healthy: DB01 stays active here, not orphaned.
+    assert (name, result) == ("Away", "Failed") and "nothing moved" in detail
+    with Directory(data) as directory:
+        assert directory.active_server("DB01") == "mbx1"
+        assert not directory.get_server("mbx1").activation_disabled
+    engine.close()
+
+    # The health service restarts mid-ladder: the same alert goes on, nothing repeats.
+    engine = HealthEngine(data, "mbx1", clock, [health_set])
+    await step(engine, clock, 20)
+    assert len(actions(engine)) == 1
+    await step(engine, clock, 10)
+    name, result, detail = actions(engine)[1]
+    assert (name, result) == ("Reboot", "Skipped")
+    assert "holds the active copy of DB01: a server is never restarted" in detail
+    await step(engine, clock, 30)
+    name, result, detail = actions(engine)[2]
+    # Some moves may have happened (the Failed move): move-back looks at the server,
+    # which no supervisor runs here, so it is not called healthy.
+    assert (name, result) == ("Back", "Skipped") and "is not healthy yet" in detail
+    assert len({a.alert_started for a in engine.store.actions()}) == 1
+    engine.close()
+
+
+async def test_a_step_whose_probe_now_succeeds_does_nothing(tmp_path: Path, switch: Switch) -> None:
+    data = two_mailbox_servers(tmp_path, active_on="mbx2")  # nothing active on mbx1
+    health_set = load_health_set(SWITCHED + LADDER, "ladder.toml")
+    clock = ManualClock(start=time.time())
+    engine = HealthEngine(data, "mbx1", clock, [health_set])
+    await engine.run_now(health_set, engine.probes()[0][1])
+    await step(engine, clock, 30)
+    switch.failing = False  # it mends before the next step re-checks
+    await step(engine, clock, 30)
+    assert actions(engine)[0][:2] == ("Away", "Skipped")  # it holds no active copy
+    # The re-run succeeded: no restart, the monitor is Healthy, the alert over.
+    name, result, detail = actions(engine)[1]
+    assert (name, result) == ("Reboot", "Skipped") and "succeeded when run again" in detail
+    assert [r.alert_value for r in engine.monitor_rows()] == ["Healthy"]
+    await step(engine, clock, 600)
+    assert len(actions(engine)) == 2
+    engine.close()
+
+
+GROUP = """
+[[responders]]
+name = "Reboot"
+kind = "restart-server"
+monitor = "SwitchMonitor"
+state = "Unhealthy"
+throttle = { min_gap = 0, per_hour = 10, per_day = 10, group_per_day = 2, min_in_service = 1 }
+"""
+
+
+async def test_group_throttles_count_every_server_of_the_role(
+    tmp_path: Path, switch: Switch
+) -> None:
+    data = two_mailbox_servers(tmp_path, active_on="mbx2")
+    health_set = load_health_set(SWITCHED + GROUP, "group.toml")
+    clock = ManualClock(start=time.time())
+    with Directory(data) as directory:  # mbx2 was just restarted by its own engine
+        directory.record_repair("mbx2", "mailbox", "restart-server", "", clock.now() - 60)
+    engine = HealthEngine(data, "mbx1", clock, [health_set])
+    await engine.run_now(health_set, engine.probes()[0][1])
+    await step(engine, clock, 10)
+    ((_, result, detail),) = actions(engine)
+    assert result == "Throttled" and "only 0 other mailbox server(s) in service" in detail
+    engine.close()
+
+    data = two_mailbox_servers(tmp_path / "second", active_on="mbx2")
+    clock = ManualClock(start=time.time())
+    with Directory(data) as directory:  # two in the last day, both long settled
+        for hours in (20, 10):
+            directory.record_repair(
+                "mbx2", "mailbox", "restart-server", "", clock.now() - hours * 3600
+            )
+    engine = HealthEngine(data, "mbx1", clock, [health_set])
+    await engine.run_now(health_set, engine.probes()[0][1])
+    await step(engine, clock, 10)
+    ((_, result, detail),) = actions(engine)
+    assert result == "Throttled" and "(group limit 2)" in detail
+    engine.close()
+
+
+ESCALATE_ONLY = """
+[[responders]]
+name = "Escalate"
+kind = "escalate"
+monitor = "SwitchMonitor"
+state = "Unhealthy"
+"""
+
+
+class Received:
+    def __init__(self) -> None:
+        self.mails: list[Message] = []
+        self.hooks: list[dict[str, Any]] = []
+
+    async def handle_DATA(self, server: object, session: object, envelope: Any) -> str:
+        self.mails.append(message_from_bytes(envelope.content, policy=policy.default))
+        return "250 OK"
+
+
+@pytest.fixture
+def receivers() -> Iterator[tuple[Received, str]]:
+    received = Received()
+    host = free_loopback_address()
+    smtp = Controller(received, hostname=host, port=2525)
+    smtp.start()
+
+    class Hook(BaseHTTPRequestHandler):
+        def do_POST(self) -> None:
+            received.hooks.append(json.loads(self.rfile.read(int(self.headers["Content-Length"]))))
+            self.send_response(204)
+            self.end_headers()
+
+        def log_message(self, *args: object) -> None:
+            pass
+
+    web = ThreadingHTTPServer((host, 9093), Hook)
+    threading.Thread(target=web.serve_forever, daemon=True).start()
+    try:
+        yield received, host
+    finally:
+        web.shutdown()
+        smtp.stop()
+
+
+def escalation_config(data: Path, host: str, smtp_port: int = 2525) -> None:
+    (data / "popguard.toml").write_text(
+        f"[escalation]\nrepeat_interval = 600\n"
+        f'[escalation.email]\nsmtp_host = "{host}"\nsmtp_port = {smtp_port}\n'
+        f'to = ["oncall@example.test"]\n'
+        f'[escalation.webhook]\nurl = "http://{host}:9093/hook"\n'
+    )
+
+
+async def test_an_alert_is_sent_repeated_no_sooner_than_configured_and_resolved(
+    tmp_path: Path, switch: Switch, receivers: tuple[Received, str]
+) -> None:
+    received, host = receivers
+    data = two_mailbox_servers(tmp_path, active_on="mbx2")
+    escalation_config(data, host)
+    health_set = load_health_set(SWITCHED + ESCALATE_ONLY, "escalate.toml")
+    clock = ManualClock(start=time.time())
+    engine = HealthEngine(data, "mbx1", clock, [health_set])
+    probe = engine.probes()[0][1]
+    await engine.run_now(health_set, probe)
+    await step(engine, clock, 10)
+    (mail,) = received.mails
+    assert mail["Subject"].startswith("[popguard ALERT] mbx1 SwitchMonitor on pop3be")
+    payload = mail.get_payload(decode=True)
+    assert isinstance(payload, bytes)
+    body = payload.decode()
+    assert "refused on purpose" in body and "1. Look at it." in body
+    (hook,) = received.hooks
+    assert (
+        hook["status"] == "firing" and hook["alerts"][0]["labels"]["alertname"] == "SwitchMonitor"
+    )
+    (alert,) = engine.store.alerts()
+    assert (
+        "e-mail to oncall@example.test sent" in alert.notification and "204" in alert.notification
+    )
+
+    await step(engine, clock, 300)  # within the repeat interval: not again
+    assert len(received.mails) == 1
+    await step(engine, clock, 300)  # 600 s after: sent again, as Alertmanager does
+    assert len(received.mails) == 2
+
+    switch.failing = False
+    await engine.run_now(health_set, probe)
+    await engine.settle()
+    assert received.mails[-1]["Subject"].startswith("[popguard RESOLVED]")
+    assert received.hooks[-1]["status"] == "resolved"
+    (alert,) = engine.store.alerts()
+    assert alert.resolved == clock.now()
+
+    # A new alert for the same problem within the interval is stored, not sent again.
+    switch.failing = True
+    await engine.run_now(health_set, probe)
+    await step(engine, clock, 10)
+    assert len(received.mails) == 3 and len(engine.store.alerts()) == 2
+    assert "not sent again" in engine.store.alerts()[-1].notification
+    engine.close()
+
+
+async def test_an_unreachable_mail_server_is_recorded_not_raised(
+    tmp_path: Path, switch: Switch
+) -> None:
+    data = two_mailbox_servers(tmp_path, active_on="mbx2")
+    host = free_loopback_address()
+    with socket.socket() as closed:  # a port where nothing listens
+        closed.bind((host, 0))
+        port = closed.getsockname()[1]
+    (data / "popguard.toml").write_text(
+        f'[escalation.email]\nsmtp_host = "{host}"\nsmtp_port = {port}\nto = ["a@example.test"]\n'
+    )
+    health_set = load_health_set(SWITCHED + ESCALATE_ONLY, "escalate.toml")
+    clock = ManualClock(start=time.time())
+    engine = HealthEngine(data, "mbx1", clock, [health_set])
+    await engine.run_now(health_set, engine.probes()[0][1])
+    await step(engine, clock, 10)
+    (alert,) = engine.store.alerts()
+    assert "e-mail to a@example.test failed" in alert.notification and alert.notified is None
+    engine.close()
+
+
+@given(
+    st.text(max_size=40),
+    st.text(max_size=200),
+    st.sampled_from(["Succeeded", "Failed", "Skipped", "Throttled"]),
+    st.booleans(),
+)
+def test_any_alert_renders_as_an_email_and_an_alertmanager_payload(
+    resource: str, error: str, result: str, resolved: bool
+) -> None:
+    report = AlertReport(
+        status=RESOLVED if resolved else "firing",
+        server="mbx1", health_set="POP.Protocol", monitor="PopDeepTestMonitor",
+        probe="PopDeepTestProbe", resource=resource, failure_component="Store", error=error,
+        started=1e9, raised=1e9 + 60, resolved=1e9 + 120 if resolved else None,
+        results=(ProbeResult("POP.Protocol\\PopDeepTestProbe", resource, 1e9, 1e9 + 1,
+                             "Failed", 1.0, error=error),),
+        actions=(RecoveryAction("POP.Protocol\\X", "POP.Protocol\\PopDeepTestMonitor", resource,
+                                "restart-service", 1e9, 1e9 + 5, 1e9 + 6, result, error),),
+        runbook="1. Restart.",
+    )  # fmt: skip
+    text = email_text(report)
+    assert "restart-service" in text and "1. Restart." in text
+    payload = json.loads(json.dumps(webhook_payload(report, _WEBHOOK)))
+    (alert,) = payload["alerts"]
+    assert alert["labels"]["resource"] == resource and alert["status"] == report.status
+    assert (alert["endsAt"] == "0001-01-01T00:00:00Z") != resolved
+
+
+def _webhook() -> Any:
+    from popguard.config import WebhookEscalation
+
+    return WebhookEscalation(url="http://127.0.0.1:9/")
+
+
+_WEBHOOK = _webhook()
+
+
+DIAGNOSED = """
+name = "Test.CTP"
+health_group = "CustomerTouchPoints"
+role = "frontend"
+
+[[probes]]
+name = "LoginProbe"
+kind = "pop3-login"
+endpoint = "pop3"
+tls = "stls"
+per_database = true
+recurrence = 30
+timeout = 10
+
+[[monitors]]
+name = "LoginMonitor"
+kind = "consecutive-failures"
+probe = "LoginProbe"
+threshold = 1
+ladder = [{ state = "Degraded", after = 0 }]
+
+[[responders]]
+name = "Diagnose"
+kind = "protocol-logging"
+monitor = "LoginMonitor"
+state = "Degraded"
+service = "pop3"
+"""
+
+
+async def test_protocol_logging_keeps_the_failing_sessions_lines_then_goes_off(
+    organization: Organization,
+) -> None:
+    health_set = load_health_set(DIAGNOSED, "ctp.toml")
+    engine = HealthEngine(organization.data, "cas1", ManualClock(start=time.time()), [health_set])
+    credentials = engine.ensure_health_mailboxes()
+    with Directory(organization.data) as directory:  # DB01's health mailbox is refused
+        directory.set_password_hash(credentials["db01"].address, hash_password("not it"))
+    await engine.run_now(health_set, engine.probes()[0][1])
+    await engine.settle()
+    (action,) = engine.store.actions()
+    assert (action.kind, action.result) == ("protocol-logging", "Succeeded"), action.detail
+    assert "on for this probe, off again" in action.detail and "Auth" in action.detail
+    lines = action.detail.split("\n")[1:]
+    assert any(",PASS,****," in line for line in lines), lines  # the password never shows
+    assert any(credentials["db01"].address in line for line in lines), lines
+    with Directory(organization.data) as directory:
+        assert directory.pop_settings("cas1")[0].ProtocolLogEnabled is False
+    engine.close()
