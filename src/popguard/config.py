@@ -121,7 +121,7 @@ def parse_config(text: str, source: str) -> Config:
     except ValidationError as exc:
         first = exc.errors()[0]
         where = ".".join(str(part) for part in first["loc"]) or "file"
-        raise UserError(f"{source}: {where}: {first['msg']}") from None
+        raise UserError(f"{source}: {_one_line(where)}: {_one_line(first['msg'])}") from None
     check_topology(config, source)
     return config
 
@@ -134,7 +134,7 @@ def check_topology(config: Config, source: str) -> None:
     """
 
     def refuse(where: str, why: str) -> UserError:
-        return UserError(f"{source}: {where}: {why}")
+        return UserError(f"{source}: {where}: {_one_line(why)}")
 
     try:
         normalize_address(config.demo.address)
@@ -186,6 +186,11 @@ def check_topology(config: Config, source: str) -> None:
             seen.add(holder.lower())
     if config.demo.database is not None and config.demo.database.lower() not in databases:
         raise refuse("demo.database", f"{config.demo.database} is not a database of this file")
+
+
+def _one_line(text: str) -> str:
+    """An error is one line: a name from the file with a newline in it is shown escaped."""
+    return "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)
 
 
 def load_config(data: Path) -> Config:
