@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ipaddress
 import json
 import os
 import poplib
@@ -12,6 +13,15 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from popguard.config import install_config, parse_config
+from popguard.directory import Directory
+from popguard.errors import UserError
+from popguard.organization import Organization, default_topology, ensure_topology
 
 from .conftest import free_loopback_address, pid_alive, popguard, processes_matching
 
@@ -131,3 +141,370 @@ def test_services_run_under_supervisord_and_restart_for_real(tmp_path: Path) -> 
         down = popguard(data, "down")
     assert down.returncode == 0, down.stderr
     assert processes_matching(f"popguard --data {data} serve") == []
+
+
+# Other topologies: DATA/popguard.toml's [[servers]], [[databases]] and [demo] ----------
+
+
+def _topology_toml(servers: list[tuple[str, list[str], str]], databases: dict[str, list[str]],
+                   demo_database: str | None = None) -> str:  # fmt: skip
+    lines = []
+    for name, roles, address in servers:
+        lines += ["[[servers]]", f"name = {json.dumps(name)}", f"roles = {json.dumps(roles)}",
+                  f"address = {json.dumps(address)}", ""]  # fmt: skip
+    for name, copies in databases.items():
+        lines += [
+            "[[databases]]",
+            f"name = {json.dumps(name)}",
+            f"copies = {json.dumps(copies)}",
+            "",
+        ]
+    if demo_database is not None:
+        lines += ["[demo]", f"database = {json.dumps(demo_database)}", ""]
+    return "\n".join(lines)
+
+
+def _distinct_free_addresses(count: int) -> list[str]:
+    addresses: list[str] = []
+    while len(addresses) < count:
+        address = free_loopback_address()
+        if address not in addresses:
+            addresses.append(address)
+    return addresses
+
+
+def test_up_starts_the_topology_of_a_config_file(tmp_path: Path) -> None:
+    # Names unlike the default ones, so the summary cannot name cas1 or mbx1 by habit.
+    fe_a, fe_b, store1, store2, store3 = _distinct_free_addresses(5)
+    servers = [
+        ("fe-a", ["frontend"], fe_a),
+        ("fe-b", ["frontend"], fe_b),
+        ("store1", ["mailbox"], store1),
+        ("store2", ["mailbox"], store2),
+        ("store3", ["mailbox"], store3),
+    ]
+    databases = {"SALES": ["store1", "store2"], "STAFF": ["store3", "store1", "store2"]}
+    text = _topology_toml(servers, databases, demo_database="STAFF")
+    config = tmp_path / "organization.toml"
+    config.write_text(text)
+    data = tmp_path / "data"
+    started = popguard(data, "up", "--detach", "--config", str(config))
+    try:
+        assert started.returncode == 0, started.stderr
+        output = started.stdout
+        assert (data / "popguard.toml").read_text() == text
+        for name, roles, address in servers:
+            kind = "front end" if roles == ["frontend"] else "mailbox server"
+            assert f"  {kind} {name} on {address}: " in output, output
+        assert "database SALES active on store1 with passive copies on store2" in output
+        assert "database STAFF active on store3 with passive copies on store1, store2" in output
+        assert "--server fe-a" in output and "--server store1" in output
+        assert f"pop3s://{fe_a}:10995/1" in output
+        assert "cas1" not in output and "mbx1" not in output, output
+        for name, roles, _ in servers:
+            shown = popguard(data, "get-service", "--server", name, "--format", "json")
+            assert shown.returncode == 0, shown.stderr
+            rows = {row["Name"]: row["Status"] for row in json.loads(shown.stdout)}
+            expected = (
+                {"pop3", "health"} if roles == ["frontend"]
+                else {"pop3be", "delivery", "replication", "health"}
+            )  # fmt: skip
+            assert rows == dict.fromkeys(expected, "Running"), (name, rows)
+        match = re.search(r"demo mailbox (\S+) \(in STAFF\)\s+password (\S+)", output)
+        assert match, output
+        user, password = match.groups()
+        # Through the second front end: it finds STAFF's active copy on store3 as well.
+        context = ssl.create_default_context(cafile=str(data / "tls" / "ca.pem"))
+        client = poplib.POP3_SSL(fe_b, 10995, context=context, timeout=10)
+        client.user(user)
+        client.pass_(password)
+        _, lines, _ = client.retr(1)
+        assert b"Subject: Welcome to popguard" in lines
+        assert b"This message was delivered through LMTP into mailbox database STAFF." in lines
+        client.quit()
+    finally:
+        down = popguard(data, "down")
+    assert down.returncode == 0, down.stderr
+    assert processes_matching(f"popguard --data {data} serve") == []
+
+
+TWO_SERVERS = """
+[[servers]]
+name = "cas1"
+roles = ["frontend"]
+address = "127.0.1.1"
+
+[[servers]]
+name = "mbx1"
+roles = ["mailbox"]
+address = "127.0.2.1"
+"""
+ONE_DATABASE = '\n[[databases]]\nname = "DB01"\ncopies = ["mbx1"]\n'
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        ("[[servers]]\nname = 'cas1'\nroles = ['frontend']\naddress = '127.0.1.1'\n"
+         + ONE_DATABASE, "servers: no mailbox server"),
+        ("[[servers]]\nname = 'mbx1'\nroles = ['mailbox']\naddress = '127.0.2.1'\n"
+         + ONE_DATABASE, "servers: no front end"),
+        (TWO_SERVERS + "[[servers]]\nname = 'MBX1'\nroles = ['mailbox']\naddress = '127.0.3.1'\n"
+         + ONE_DATABASE, "servers.2.name: server MBX1 is named twice"),
+        (TWO_SERVERS.replace("127.0.2.1", "127.0.1.1") + ONE_DATABASE,
+         "servers.1.address: mbx1's address 127.0.1.1 is also cas1's"),
+        (TWO_SERVERS.replace("127.0.2.1", "127.0.2.300") + ONE_DATABASE,
+         "servers.1.address: not an IP address: '127.0.2.300'"),
+        (TWO_SERVERS.replace("127.0.2.1", "mbx1.example.test") + ONE_DATABASE,
+         "not an IP address: 'mbx1.example.test'"),
+        (TWO_SERVERS.replace('"mailbox"', '"archive"') + ONE_DATABASE, "servers.1.roles.0"),
+        (TWO_SERVERS, "databases: no [[databases]]: the demo mailbox needs one"),
+        (TWO_SERVERS + ONE_DATABASE.replace('["mbx1"]', '["mbx9"]'),
+         "databases.0.copies: mbx9 is not a server of this file"),
+        (TWO_SERVERS + ONE_DATABASE.replace('["mbx1"]', '["cas1"]'),
+         "databases.0.copies: cas1 is not a mailbox server"),
+        (TWO_SERVERS + ONE_DATABASE.replace('["mbx1"]', '["mbx1", "MBX1"]'),
+         "databases.0.copies: DB01 has two copies on MBX1"),
+        (TWO_SERVERS + ONE_DATABASE.replace('["mbx1"]', "[]"), "databases.0.copies"),
+        (TWO_SERVERS + ONE_DATABASE + ONE_DATABASE.replace("DB01", "db01"),
+         "databases.1.name: database db01 is named twice"),
+        (TWO_SERVERS + ONE_DATABASE + "[demo]\ndatabase = 'DB02'\n",
+         "demo.database: DB02 is not a database of this file"),
+        (TWO_SERVERS + ONE_DATABASE + "[demo]\naddress = 'demo'\n",
+         "demo.address: not a valid mailbox address"),
+        (ONE_DATABASE, "databases: [[databases]] need the [[servers]]"),
+        (TWO_SERVERS + ONE_DATABASE + "[[servers]]\nname = 'x'\n",
+         "servers.2.roles: Field required"),
+        (TWO_SERVERS.replace("roles", "port = 1\nroles") + ONE_DATABASE,
+         "servers.0.port: Extra inputs are not permitted"),
+        ("[[servers]\n", "not valid TOML"),
+    ],
+)  # fmt: skip
+def test_a_topology_that_cannot_run_is_one_line_naming_the_key(text: str, message: str) -> None:
+    with pytest.raises(UserError) as error:
+        parse_config(text, "org.toml")
+    assert str(error.value).startswith("org.toml: "), error.value
+    assert message in str(error.value)
+    assert "\n" not in str(error.value)
+
+
+def test_a_topology_may_mix_roles_and_spell_names_in_any_case() -> None:
+    text = (
+        TWO_SERVERS.replace('["mailbox"]', '["mailbox", "frontend"]').replace("127.0.2.1", "::1")
+        + ONE_DATABASE.replace('["mbx1"]', '["MBX1"]')
+        + "[demo]\ndatabase = 'db01'\n"
+    )
+    config = parse_config(text, "org.toml")
+    assert [s.name for s in config.servers] == ["cas1", "mbx1"]
+
+
+def _make(data: Path, text: str) -> Organization:
+    with Directory(data) as directory:
+        return ensure_topology(directory, parse_config(text, "org.toml"), "org.toml")
+
+
+def test_a_directory_grows_but_does_not_change_a_server(tmp_path: Path) -> None:
+    data = tmp_path / "data"
+    first = _make(data, TWO_SERVERS + ONE_DATABASE)
+    assert [s.name for s in first.frontends] == ["cas1"]
+    assert first.demo.new and first.demo.database == "DB01"
+    # A later run adds a server, a database and a copy; what exists stays.
+    grown = TWO_SERVERS + (
+        "[[servers]]\nname = 'mbx2'\nroles = ['mailbox']\naddress = '127.0.3.1'\n"
+        + ONE_DATABASE.replace('["mbx1"]', '["mbx2", "mbx1"]')
+        + '[[databases]]\nname = "DB02"\ncopies = ["mbx2", "mbx1"]\n'
+    )
+    second = _make(data, grown)
+    assert [s.name for s in second.mailbox_servers] == ["mbx1", "mbx2"]
+    assert not second.demo.new and second.demo.password == first.demo.password
+    db01 = [(c.server, c.activation_preference, c.is_active) for c in second.databases["DB01"]]
+    assert db01 == [("mbx1", 1, True), ("mbx2", 2, False)]
+    db02 = [(c.server, c.is_active) for c in second.databases["DB02"]]
+    assert db02 == [("mbx2", True), ("mbx1", False)]
+    moved = grown.replace("127.0.3.1", "127.0.3.9")
+    with pytest.raises(UserError, match=r"org.toml: server mbx2 has address 127.0.3.9, but the "
+                       r"directory of .* has mbx2 at 127.0.3.1"):  # fmt: skip
+        _make(data, moved)
+    other_roles = grown.replace("['mailbox']", "['mailbox', 'frontend']")
+    with pytest.raises(UserError, match=r"server mbx2 has roles frontend, mailbox, but the "
+                       r"directory of .* has mbx2 with roles mailbox"):  # fmt: skip
+        _make(data, other_roles)
+    with Directory(data) as directory:
+        directory.new_server("mbx7", ["mailbox"], "127.0.7.1")
+        assert sorted(s.name for s in directory.list_servers()) == ["cas1", "mbx1", "mbx2", "mbx7"]
+    squatter = grown + "[[servers]]\nname = 'mbx8'\nroles = ['mailbox']\naddress = '127.0.7.1'\n"
+    with pytest.raises(UserError, match=r"server mbx8's address 127\.0\.7\.1 is mbx7's"):
+        _make(data, squatter)
+    with Directory(data) as directory:
+        assert sorted(s.name for s in directory.list_servers()) == ["cas1", "mbx1", "mbx2", "mbx7"]
+
+
+def test_the_default_organization_keeps_the_addresses_a_folder_has(tmp_path: Path) -> None:
+    data = tmp_path / "data"
+    with Directory(data) as directory:
+        made = ensure_topology(
+            directory, default_topology(directory, "127.0.9.1", "127.0.9.2", "127.0.9.3"), "d"
+        )
+        assert [s.address for s in made.servers] == ["127.0.9.1", "127.0.9.2", "127.0.9.3"]
+        again = default_topology(directory)
+        assert [s.address for s in again.servers] == ["127.0.9.1", "127.0.9.2", "127.0.9.3"]
+        with pytest.raises(UserError, match=r"server mbx1 has address 127\.0\.2\.1"):
+            ensure_topology(directory, default_topology(directory, None, "127.0.2.1"), "d")
+
+
+def test_install_config_keeps_a_different_file_unless_told(tmp_path: Path) -> None:
+    data = tmp_path / "data"
+    first = TWO_SERVERS + ONE_DATABASE
+    assert install_config(data, first, "a.toml") == data / "popguard.toml"
+    assert install_config(data, first, "a.toml").read_text() == first  # the same: nothing to do
+    with pytest.raises(UserError, match=r"popguard.toml already exists and differs from b.toml "
+                       r"\(--replace-config replaces it\)"):  # fmt: skip
+        install_config(data, first + "\n[faults]\nenabled = true\n", "b.toml")
+    assert (data / "popguard.toml").read_text() == first
+    install_config(data, "[faults]\nenabled = true\n", "b.toml", replace=True)
+    assert (data / "popguard.toml").read_text() == "[faults]\nenabled = true\n"
+    assert [p.name for p in data.iterdir()] == ["popguard.toml"]
+
+
+def test_up_refuses_a_bad_or_conflicting_config_before_starting_anything(tmp_path: Path) -> None:
+    data = tmp_path / "data"
+    bad = tmp_path / "bad.toml"
+    bad.write_text(TWO_SERVERS)
+    refused = popguard(data, "up", "--detach", "--config", str(bad))
+    assert refused.returncode == 1
+    assert (
+        refused.stderr
+        == f"popguard: {bad}: databases: no [[databases]]: the demo mailbox needs one\n"
+    )
+    assert not data.exists()
+    data.mkdir()
+    (data / "popguard.toml").write_text("[faults]\nenabled = true\n")
+    good = tmp_path / "good.toml"
+    good.write_text(TWO_SERVERS + ONE_DATABASE)
+    refused = popguard(data, "up", "--detach", "--config", str(good))
+    assert refused.returncode == 1
+    assert refused.stderr == (
+        f"popguard: {data / 'popguard.toml'} already exists and differs from {good} "
+        "(--replace-config replaces it)\n"
+    )
+    (data / "popguard.toml").write_text(TWO_SERVERS + ONE_DATABASE)
+    refused = popguard(data, "up", "--detach", "--address", "127.0.2.9")
+    assert refused.returncode == 1
+    assert refused.stderr == (
+        f"popguard: --address is for the default organization; {data / 'popguard.toml'} lists "
+        "its [[servers]] with their addresses\n"
+    )
+    refused = popguard(data, "up", "--replace-config")
+    assert refused.stderr == "popguard: --replace-config needs --config FILE\n"
+    assert processes_matching(f"popguard --data {data} serve") == []
+
+
+# Random TOML-ish text: the parser says what is wrong in one line, or gives a topology
+# that keeps every rule above; it never raises anything else.
+
+NAMES = st.sampled_from(["cas1", "CAS1", "mbx1", "mbx2", "Mbx2", "DB01", "db01", "DB02", "x",
+                         "", "1bad", "a b", "ä", "a\nb", "mbx1\t"])  # fmt: skip
+ADDRESSES = st.sampled_from(["127.0.1.1", "127.0.2.1", "127.0.2.01", "::1", "0:0::1", "fe80::1%1",
+                             "300.0.0.1", "", "localhost", "127.0.2.1 "])  # fmt: skip
+ROLES = st.lists(st.sampled_from(["frontend", "mailbox", "Mailbox", "archive"]), max_size=3)
+SCALARS = st.one_of(NAMES, ADDRESSES, st.integers(-2, 70000), st.booleans(), st.text(max_size=12))
+VALUES = st.one_of(SCALARS, st.lists(SCALARS, max_size=3), ROLES, st.lists(NAMES, max_size=4))
+KEYS = st.sampled_from(["name", "roles", "address", "copies", "database", "enabled", "to",
+                        "url", "from", "smtp_port", "repeat_interval", "bogus", '"a.b"',
+                        '"a\\nb"', "a\nb"])  # fmt: skip
+HEADERS = st.sampled_from(["[[servers]]", "[[databases]]", "[demo]", "[faults]", "[escalation]",
+                           "[escalation.email]", "[escalation.webhook]", "[servers]", "[[demo]]",
+                           "[other]", "[[servers]"])  # fmt: skip
+
+
+def _toml_value(value: object) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, list):
+        return "[" + ", ".join(_toml_value(v) for v in value) + "]"
+    if isinstance(value, int):
+        return str(value)
+    return json.dumps(value)
+
+
+ENTRY = st.tuples(KEYS, VALUES).map(lambda kv: f"{kv[0]} = {_toml_value(kv[1])}")
+SERVER = st.tuples(NAMES, ROLES, ADDRESSES).map(
+    lambda s: (
+        f"[[servers]]\nname = {json.dumps(s[0])}\nroles = {json.dumps(s[1])}\n"
+        f"address = {json.dumps(s[2])}"
+    )
+)
+DATABASE = st.tuples(NAMES, st.lists(NAMES, max_size=3)).map(
+    lambda d: f"[[databases]]\nname = {json.dumps(d[0])}\ncopies = {json.dumps(d[1])}"
+)
+DEMO = st.tuples(st.sampled_from(["demo@popguard.test", "nope", "a@b.test"]), NAMES).map(
+    lambda d: f"[demo]\naddress = {json.dumps(d[0])}\ndatabase = {json.dumps(d[1])}"
+)
+SERVER_POOL = {
+    "cas1": (["frontend"], "127.0.1.1"),
+    "cas2": (["frontend"], "127.0.1.2"),
+    "both": (["frontend", "mailbox"], "127.0.4.1"),
+    "mbx1": (["mailbox"], "127.0.2.1"),
+    "mbx2": (["mailbox"], "::1"),
+}
+MISTAKES = st.sampled_from([
+    "", "[[servers]]\nname = 'MBX1'\nroles = ['mailbox']\naddress = '127.0.9.9'",
+    "[[servers]]\nname = 'mbx9'\nroles = ['mailbox']\naddress = '127.0.2.1'",
+    "[[servers]]\nname = 'mbx9'\nroles = ['mailbox']\naddress = '127.0.2.300'",
+    "[[databases]]\nname = 'DB09'\ncopies = ['cas1']",
+    "[[databases]]\nname = 'db01'\ncopies = ['mbx1']",
+    "[[databases]]\nname = 'DB09'\ncopies = ['mbx1', 'MBX1']",
+    "[demo]\ndatabase = 'DB77'", "[demo]\naddress = 'nobody'", "[faults]\nenabled = 'yes'",
+])  # fmt: skip
+
+
+@st.composite
+def likely_topologies(draw: st.DrawFn) -> str:
+    """A valid topology, now and then with one mistake added."""
+    frontends = draw(st.lists(st.sampled_from(["cas1", "cas2", "both"]), min_size=1, unique=True))
+    mailbox = [*(["both"] if "both" in frontends else []), "mbx1", "mbx2"]
+    mailbox = draw(st.lists(st.sampled_from(mailbox), min_size=1, unique=True))
+    lines = []
+    for name in dict.fromkeys([*frontends, *mailbox]):
+        roles, address = SERVER_POOL[name]
+        spelled = name.upper() if draw(st.booleans()) else name
+        lines.append(f"[[servers]]\nname = {json.dumps(spelled)}\nroles = {json.dumps(roles)}"
+                     f"\naddress = {json.dumps(address)}")  # fmt: skip
+    for number in range(1, draw(st.integers(1, 3)) + 1):
+        copies = draw(st.lists(st.sampled_from(mailbox), min_size=1, unique=True))
+        lines.append(f"[[databases]]\nname = 'DB0{number}'\ncopies = {json.dumps(copies)}")
+    lines.append(draw(MISTAKES))
+    return "\n".join(lines)
+
+
+DOCUMENTS = st.one_of(
+    likely_topologies(),
+    st.lists(st.one_of(SERVER, DATABASE, DEMO), max_size=7).map("\n".join),
+    st.lists(st.one_of(SERVER, DATABASE, DEMO, HEADERS, ENTRY), max_size=12).map("\n".join),
+    st.lists(st.one_of(HEADERS, ENTRY, st.text(max_size=30)), max_size=10).map("\n".join),
+    st.text(max_size=200),
+)
+
+
+@settings(max_examples=400, deadline=None)
+@given(DOCUMENTS)
+def test_the_config_parser_gives_a_topology_or_one_line(text: str) -> None:
+    try:
+        config = parse_config(text, "org.toml")
+    except UserError as error:
+        assert str(error).startswith("org.toml: ") and "\n" not in str(error), str(error)
+        return
+    if not config.servers:
+        assert not config.databases
+        return
+    names = {s.name.lower(): s for s in config.servers}
+    assert len(names) == len(config.servers)
+    assert len({ipaddress.ip_address(s.address) for s in config.servers}) == len(config.servers)
+    assert any("frontend" in s.roles for s in config.servers)
+    assert config.databases
+    for database in config.databases:
+        copies = [c.lower() for c in database.copies]
+        assert len(set(copies)) == len(copies)
+        assert all("mailbox" in names[c].roles for c in copies)
+    databases = {d.name.lower() for d in config.databases}
+    assert (config.demo.database or config.databases[0].name).lower() in databases

@@ -8,20 +8,27 @@ Every section is optional and the defaults need no file at all:
   something: e-mail over SMTP and an Alertmanager-compatible JSON webhook, and how
   often one problem may be sent again.
 - `[[servers]]`, `[[databases]]`, `[demo]`: the topology `popguard up` starts;
-  without them, the organization of DESIGN.md section 3 (cas1, mbx1, mbx2, DB01,
+  without servers, the organization of DESIGN.md section 3 (cas1, mbx1, mbx2, DB01,
   DB02).
 
-An unknown key or a bad value is refused with one line naming it and the file.
+An unknown key or a bad value is refused with one line naming it and the file, and
+so is a topology that cannot run: no front end or no mailbox server, a name or an
+address used twice, a copy on a server that is not a mailbox server of the file,
+a demo mailbox in a database the file does not have.
 """
 
 from __future__ import annotations
 
+import ipaddress
+import os
+import tempfile
 import tomllib
 from pathlib import Path
 from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
+from .directory import normalize_address
 from .errors import UserError
 
 CONFIG_FILE = "popguard.toml"
@@ -110,11 +117,80 @@ def parse_config(text: str, source: str) -> Config:
     except tomllib.TOMLDecodeError as exc:
         raise UserError(f"{source}: not valid TOML: {exc}") from None
     try:
-        return Config.model_validate(raw)
+        config = Config.model_validate(raw)
     except ValidationError as exc:
         first = exc.errors()[0]
         where = ".".join(str(part) for part in first["loc"]) or "file"
-        raise UserError(f"{source}: {where}: {first['msg']}") from None
+        raise UserError(f"{source}: {_one_line(where)}: {_one_line(first['msg'])}") from None
+    check_topology(config, source)
+    return config
+
+
+def check_topology(config: Config, source: str) -> None:
+    """A topology `popguard up` can start, or one line naming the key that is wrong.
+
+    Names are compared case-insensitively, as the directory compares them; addresses
+    as IP addresses, so two spellings of one address are one address.
+    """
+
+    def refuse(where: str, why: str) -> UserError:
+        return UserError(f"{source}: {where}: {_one_line(why)}")
+
+    try:
+        normalize_address(config.demo.address)
+    except UserError as exc:
+        raise refuse("demo.address", str(exc)) from None
+    if not config.servers:
+        if config.databases:
+            raise refuse(
+                "databases", "[[databases]] need the [[servers]] that hold them in the same file"
+            )
+        return  # the default organization
+    roles: dict[str, tuple[str, ...]] = {}
+    addresses: dict[ipaddress.IPv4Address | ipaddress.IPv6Address, str] = {}
+    for index, server in enumerate(config.servers):
+        if server.name.lower() in roles:
+            raise refuse(f"servers.{index}.name", f"server {server.name} is named twice")
+        roles[server.name.lower()] = server.roles
+        try:
+            address = ipaddress.ip_address(server.address)
+        except ValueError:
+            raise refuse(
+                f"servers.{index}.address", f"not an IP address: {server.address!r}"
+            ) from None
+        if address in addresses:
+            raise refuse(
+                f"servers.{index}.address",
+                f"{server.name}'s address {server.address} is also {addresses[address]}'s",
+            )
+        addresses[address] = server.name
+    for role, what in (("frontend", "front end"), ("mailbox", "mailbox server")):
+        if not any(role in server_roles for server_roles in roles.values()):
+            raise refuse("servers", f"no {what}: no server has the {role} role")
+    if not config.databases:
+        raise refuse("databases", "no [[databases]]: the demo mailbox needs one")
+    databases: set[str] = set()
+    for index, database in enumerate(config.databases):
+        if database.name.lower() in databases:
+            raise refuse(f"databases.{index}.name", f"database {database.name} is named twice")
+        databases.add(database.name.lower())
+        seen: set[str] = set()
+        for holder in database.copies:
+            where = f"databases.{index}.copies"
+            if holder.lower() not in roles:
+                raise refuse(where, f"{holder} is not a server of this file")
+            if "mailbox" not in roles[holder.lower()]:
+                raise refuse(where, f"{holder} is not a mailbox server")
+            if holder.lower() in seen:
+                raise refuse(where, f"{database.name} has two copies on {holder}")
+            seen.add(holder.lower())
+    if config.demo.database is not None and config.demo.database.lower() not in databases:
+        raise refuse("demo.database", f"{config.demo.database} is not a database of this file")
+
+
+def _one_line(text: str) -> str:
+    """An error is one line: a name from the file with a newline in it is shown escaped."""
+    return "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)
 
 
 def load_config(data: Path) -> Config:
@@ -127,3 +203,35 @@ def load_config(data: Path) -> Config:
     except OSError as exc:
         raise UserError(f"{path}: {exc.strerror}") from None
     return parse_config(text, str(path))
+
+
+def install_config(data: Path, text: str, source: str, replace: bool = False) -> Path:
+    """Make `text` DATA/popguard.toml, whole or not at all (services read it any time).
+
+    An existing file with other content is kept unless `replace`: it may hold
+    settings (faults, escalation) the new file would drop without a word.
+    """
+    path = config_file(data)
+    try:
+        current: str | None = path.read_text()
+    except FileNotFoundError:
+        current = None
+    except OSError as exc:
+        raise UserError(f"{path}: {exc.strerror}") from None
+    if current == text:
+        return path
+    if current is not None and not replace:
+        raise UserError(
+            f"{path} already exists and differs from {source} (--replace-config replaces it)"
+        )
+    data.mkdir(parents=True, exist_ok=True)
+    fd, temporary = tempfile.mkstemp(dir=data, prefix=".popguard.toml.")
+    try:
+        with os.fdopen(fd, "w") as out:
+            out.write(text)
+        os.chmod(temporary, 0o644)
+        os.replace(temporary, path)
+    except BaseException:
+        Path(temporary).unlink(missing_ok=True)
+        raise
+    return path

@@ -1,21 +1,28 @@
-"""Making a new organization's directory: what `popguard up` starts from.
+"""Making an organization's directory from a topology: what `popguard up` starts from.
 
-A front end (cas1) and two mailbox servers (mbx1, mbx2) as in DESIGN.md: DB01
-active on mbx1 with a passive copy on mbx2, DB02 the reverse, and a demo mailbox
-in DB01. Each piece is made when missing, so a data folder made by an older
-popguard (cas1 and mbx1 only) grows the rest.
+The topology is the `[[servers]]`, `[[databases]]` and `[demo]` of DATA/popguard.toml
+(see config.py) or, when it lists no servers, the organization of DESIGN.md: a front
+end (cas1) and two mailbox servers (mbx1, mbx2), DB01 active on mbx1 with a passive
+copy on mbx2, DB02 the reverse, and a demo mailbox in DB01.
+
+Each piece is made when missing, so a data folder made by an older run grows what
+the topology adds (servers, databases, copies). Nothing that exists is changed: a
+server the directory knows with another address or other roles is refused, not
+moved; a database keeps its copies and where it is active.
 """
 
 from __future__ import annotations
 
+import ipaddress
 import os
 from dataclasses import dataclass
 from pathlib import Path
 
-from .directory import Directory, Server
+from .config import Config, DatabaseEntry, Demo, ServerEntry, check_topology
+from .directory import DatabaseCopy, Directory, Server, normalize_address
+from .errors import UserError
 from .passwords import generate_password, hash_password
 
-DEMO_ADDRESS = "demo@popguard.test"
 DEFAULT_FRONTEND_SERVER = "cas1"
 DEFAULT_FRONTEND_ADDRESS = "127.0.1.1"
 DEFAULT_MAILBOX_SERVER = "mbx1"
@@ -24,11 +31,13 @@ SECOND_MAILBOX_SERVER = "mbx2"
 SECOND_MAILBOX_ADDRESS = "127.0.3.1"
 DEFAULT_DATABASE = "DB01"
 SECOND_DATABASE = "DB02"
+DEFAULT_TOPOLOGY_SOURCE = "the default organization"
 
 
 @dataclass(frozen=True)
 class DemoMailbox:
     address: str
+    database: str
     password: str
     new: bool  # made by this call: it gets a welcome message
 
@@ -38,65 +47,194 @@ def _demo_file(data: Path) -> Path:
 
 
 @dataclass(frozen=True)
-class DemoOrganization:
-    frontend: Server
-    mailbox_servers: list[Server]
+class Organization:
+    servers: list[Server]  # the topology's, in its order
+    databases: dict[str, list[DatabaseCopy]]  # each database's copies, by preference
     demo: DemoMailbox
 
+    @property
+    def frontends(self) -> list[Server]:
+        return [s for s in self.servers if "frontend" in s.roles]
 
-def _server(directory: Directory, name: str, role: str, address: str) -> Server:
-    known = {s.name.lower(): s for s in directory.list_servers()}
-    if name.lower() in known:
-        return known[name.lower()]
-    return directory.new_server(name, [role], address)
-
-
-def _database(directory: Directory, name: str, active: str, passive: str) -> None:
-    if name.lower() not in (d.lower() for d in directory.list_databases()):
-        directory.new_database(name, active)
-    copies = {c.server.lower() for c in directory.database_copies(name)}
-    if passive.lower() not in copies:
-        directory.add_database_copy(name, passive, len(copies) + 1)
+    @property
+    def mailbox_servers(self) -> list[Server]:
+        return [s for s in self.servers if "mailbox" in s.roles]
 
 
-def ensure_demo_organization(
+def check_default_demo(demo: Demo, source: str) -> None:
+    """The default organization's demo mailbox can only be in one of its databases."""
+    if demo.database is not None and demo.database.lower() not in (
+        DEFAULT_DATABASE.lower(),
+        SECOND_DATABASE.lower(),
+    ):
+        raise UserError(
+            f"{source}: demo.database: without [[servers]] the organization is the default "
+            f"one, with {DEFAULT_DATABASE} and {SECOND_DATABASE}, not {demo.database}"
+        )
+
+
+def default_topology(
     directory: Directory,
-    frontend_address: str = DEFAULT_FRONTEND_ADDRESS,
-    mailbox_address: str = DEFAULT_MAILBOX_ADDRESS,
-    second_address: str = SECOND_MAILBOX_ADDRESS,
-) -> DemoOrganization:
-    """cas1, mbx1 and mbx2 with DB01 and DB02 and a demo mailbox; made once, reused later.
+    frontend_address: str | None = None,
+    mailbox_address: str | None = None,
+    second_address: str | None = None,
+    demo: Demo | None = None,
+) -> Config:
+    """cas1, mbx1 and mbx2 with DB01 and DB02, as a topology.
+
+    An address not given is the one the directory already has for that server, or
+    the default: a folder made with other addresses keeps them.
+    """
+    demo = demo or Demo()
+    known = {s.name.lower(): s.address for s in directory.list_servers()}
+
+    def address(name: str, given: str | None, default: str) -> str:
+        return given or known.get(name.lower(), default)
+
+    check_default_demo(demo, DEFAULT_TOPOLOGY_SOURCE)
+    topology = Config(
+        servers=(
+            ServerEntry(
+                name=DEFAULT_FRONTEND_SERVER,
+                roles=("frontend",),
+                address=address(
+                    DEFAULT_FRONTEND_SERVER, frontend_address, DEFAULT_FRONTEND_ADDRESS
+                ),
+            ),
+            ServerEntry(
+                name=DEFAULT_MAILBOX_SERVER,
+                roles=("mailbox",),
+                address=address(DEFAULT_MAILBOX_SERVER, mailbox_address, DEFAULT_MAILBOX_ADDRESS),
+            ),
+            ServerEntry(
+                name=SECOND_MAILBOX_SERVER,
+                roles=("mailbox",),
+                address=address(SECOND_MAILBOX_SERVER, second_address, SECOND_MAILBOX_ADDRESS),
+            ),
+        ),
+        databases=(
+            DatabaseEntry(
+                name=DEFAULT_DATABASE, copies=(DEFAULT_MAILBOX_SERVER, SECOND_MAILBOX_SERVER)
+            ),
+            DatabaseEntry(
+                name=SECOND_DATABASE, copies=(SECOND_MAILBOX_SERVER, DEFAULT_MAILBOX_SERVER)
+            ),
+        ),
+        demo=demo,
+    )
+    check_topology(topology, DEFAULT_TOPOLOGY_SOURCE)
+    return topology
+
+
+def check_against_directory(directory: Directory, topology: Config, source: str) -> None:
+    """Refuse a topology that would change a server the directory already has.
+
+    A server is made once with its address and roles (its certificate, its copies
+    and the services of its roles hang on them); a topology that names it with
+    others is a mistake to report, not a change to make quietly.
+    """
+    known = directory.list_servers()
+    by_name = {s.name.lower(): s for s in known}
+    by_address = {_ip(s.address): s for s in known}
+    for entry in topology.servers:
+        existing = by_name.get(entry.name.lower())
+        if existing is not None:
+            if _ip(existing.address) != _ip(entry.address):
+                raise UserError(
+                    f"{source}: server {entry.name} has address {entry.address}, but the "
+                    f"directory of {directory.data} has {existing.name} at {existing.address} "
+                    "(a server's address is not changed; use another name or data folder)"
+                )
+            if set(existing.roles) != set(entry.roles):
+                raise UserError(
+                    f"{source}: server {entry.name} has roles {', '.join(sorted(set(entry.roles)))}"
+                    f", but the directory of {directory.data} has {existing.name} with roles "
+                    f"{', '.join(existing.roles)} (a server's roles are not changed; use another "
+                    "name or data folder)"
+                )
+        other = by_address.get(_ip(entry.address))
+        if other is not None and other.name.lower() != entry.name.lower():
+            raise UserError(
+                f"{source}: server {entry.name}'s address {entry.address} is {other.name}'s "
+                f"in the directory of {directory.data}"
+            )
+
+
+def ensure_topology(directory: Directory, topology: Config, source: str) -> Organization:
+    """The topology's servers, databases, copies and demo mailbox; made once, reused later.
 
     The demo mailbox's password is kept in a 0600 file so `up` can show it again:
     a convenience for the demo mailbox only; real mailboxes keep only a hash.
     """
-    data = directory.data
-    frontend = _server(directory, DEFAULT_FRONTEND_SERVER, "frontend", frontend_address)
-    mbx1 = _server(directory, DEFAULT_MAILBOX_SERVER, "mailbox", mailbox_address)
-    mbx2 = _server(directory, SECOND_MAILBOX_SERVER, "mailbox", second_address)
-    _database(directory, DEFAULT_DATABASE, mbx1.name, mbx2.name)
-    _database(directory, SECOND_DATABASE, mbx2.name, mbx1.name)
-    demo_file = _demo_file(data)
-    new = directory.find_mailbox(DEMO_ADDRESS) is None
-    if new or not demo_file.exists():
+    check_topology(topology, source)
+    check_against_directory(directory, topology, source)
+    known = {s.name.lower() for s in directory.list_servers()}
+    servers = []
+    for entry in topology.servers:
+        if entry.name.lower() not in known:
+            directory.new_server(entry.name, sorted(set(entry.roles)), entry.address)
+        servers.append(directory.get_server(entry.name))
+    name_of = {s.name.lower(): s.name for s in servers}
+    for database in topology.databases:
+        _ensure_database(directory, database.name, [name_of[c.lower()] for c in database.copies])
+    # The directory's spelling of each name, which may differ from the file's in case.
+    spelled = {d.lower(): d for d in directory.list_databases()}
+    demo_database = spelled[(topology.demo.database or topology.databases[0].name).lower()]
+    demo = _ensure_demo_mailbox(directory, topology.demo.address, demo_database)
+    databases = {
+        spelled[d.name.lower()]: directory.database_copies(spelled[d.name.lower()])
+        for d in topology.databases
+    }
+    return Organization(servers, databases, demo)
+
+
+def _ensure_database(directory: Directory, name: str, copies: list[str]) -> None:
+    """`name` with a copy on each of `copies`; a new database is active on the first."""
+    if name.lower() not in (d.lower() for d in directory.list_databases()):
+        directory.new_database(name, copies[0])
+    existing = directory.database_copies(name)
+    have = {c.server.lower() for c in existing}
+    preference = max((c.activation_preference for c in existing), default=0)
+    for server in copies:
+        if server.lower() not in have:
+            preference += 1
+            directory.add_database_copy(name, server, preference)
+
+
+def _ensure_demo_mailbox(directory: Directory, address: str, database: str) -> DemoMailbox:
+    address = normalize_address(address)
+    demo_file = _demo_file(directory.data)
+    stored = demo_file.read_text().splitlines() if demo_file.exists() else []
+    mailbox = directory.find_mailbox(address)
+    new = mailbox is None
+    if mailbox is None or stored[:1] != [address] or len(stored) < 2:
         password = generate_password()
-        if directory.find_mailbox(DEMO_ADDRESS) is None:
-            directory.new_mailbox(DEMO_ADDRESS, DEFAULT_DATABASE, hash_password(password))
+        if mailbox is None:
+            mailbox = directory.new_mailbox(address, database, hash_password(password))
         else:
-            directory.set_password_hash(DEMO_ADDRESS, hash_password(password))
+            directory.set_password_hash(address, hash_password(password))
         fd = os.open(demo_file, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
         with os.fdopen(fd, "w") as out:
-            out.write(f"{DEMO_ADDRESS}\n{password}\n")
-    lines = demo_file.read_text().splitlines()
-    return DemoOrganization(frontend, [mbx1, mbx2], DemoMailbox(lines[0], lines[1], new))
+            out.write(f"{address}\n{password}\n")
+        stored = [address, password]
+    # An existing demo mailbox stays in its database: it is shown where it is.
+    return DemoMailbox(address, mailbox.database, stored[1], new)
 
 
-WELCOME_MESSAGE = (
-    b"From: popguard <postmaster@popguard.test>\r\n"
-    b"To: <demo@popguard.test>\r\n"
-    b"Subject: Welcome to popguard\r\n"
-    b"Message-ID: <welcome@popguard.test>\r\n"
-    b"\r\n"
-    b"This message was delivered through LMTP into mailbox database DB01.\r\n"
-    b"Read it with any POP3 client; delete it and it is gone for good.\r\n"
-)
+def _ip(address: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address | str:
+    try:
+        return ipaddress.ip_address(address)
+    except ValueError:
+        return address
+
+
+def welcome_message(demo: DemoMailbox) -> bytes:
+    return (
+        "From: popguard <postmaster@popguard.test>\r\n"
+        f"To: <{demo.address}>\r\n"
+        "Subject: Welcome to popguard\r\n"
+        "Message-ID: <welcome@popguard.test>\r\n"
+        "\r\n"
+        f"This message was delivered through LMTP into mailbox database {demo.database}.\r\n"
+        "Read it with any POP3 client; delete it and it is gone for good.\r\n"
+    ).encode()

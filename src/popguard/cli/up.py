@@ -5,10 +5,14 @@ One supervisord program per service and one group per logical server, so that
 `restart-service` is a real restart with a new process id and `restart-server`
 restarts every service of one server. Ctrl-C (or SIGTERM) stops it all; with
 `--detach` it keeps running until `popguard down`.
+
+The organization is the topology of DATA/popguard.toml (`--config FILE` installs
+one there first), or the default one (cas1, mbx1, mbx2) when it lists no servers.
 """
 
 from __future__ import annotations
 
+import ipaddress
 import os
 import shlex
 import signal
@@ -16,18 +20,26 @@ import socket
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import click
 
 from .. import tls
+from ..config import Config, config_file, install_config, load_config, parse_config
+from ..directory import Server
 from ..errors import UserError
 from ..lmtp_client import deliver
 from ..organization import (
     DEFAULT_FRONTEND_ADDRESS,
     DEFAULT_MAILBOX_ADDRESS,
+    DEFAULT_TOPOLOGY_SOURCE,
     SECOND_MAILBOX_ADDRESS,
-    WELCOME_MESSAGE,
-    ensure_demo_organization,
+    Organization,
+    check_against_directory,
+    check_default_demo,
+    default_topology,
+    ensure_topology,
+    welcome_message,
 )
 from ..service_control import (
     SupervisorControl,
@@ -100,35 +112,200 @@ def _stop_supervisord(
         control.shutdown()
 
 
+def _read_config(path: Path) -> tuple[str, Config]:
+    try:
+        text = path.read_text()
+    except OSError as exc:
+        raise UserError(f"{path}: {exc.strerror}") from None
+    except UnicodeDecodeError:
+        raise UserError(f"{path}: not UTF-8 text") from None
+    return text, parse_config(text, str(path))
+
+
+def _host(address: str) -> str:
+    """`address` as the host part of a URL: an IPv6 address in brackets."""
+    return f"[{address}]" if ipaddress.ip_address(address).version == 6 else address
+
+
+def _server_line(server: Server) -> str:
+    parts = []
+    if "frontend" in server.roles:
+        parts.append(
+            f"POP3 (STLS) port {server.port('pop3')}, POP3 over TLS port {server.port('pop3-tls')}"
+        )
+    if "mailbox" in server.roles:
+        parts.append(
+            f"back end ports {server.port('pop3be')} and {server.port('pop3be-tls')}, "
+            f"LMTP {server.port('lmtp')}, replication {server.port('replication')}"
+        )
+    parts.append(f"health {server.port('health')}")
+    kind = " and ".join(
+        what
+        for role, what in (("frontend", "front end"), ("mailbox", "mailbox server"))
+        if role in server.roles
+    )
+    return f"  {kind} {server.name} on {server.address}: {', '.join(parts)}"
+
+
+def _database_lines(org: Organization) -> list[str]:
+    lines = []
+    for name, copies in org.databases.items():
+        active = [c.server for c in copies if c.is_active]
+        passive = [c.server for c in copies if not c.is_active]
+        where = f"active on {active[0]}" if active else "no active copy"
+        rest = f" with passive copies on {', '.join(passive)}" if passive else " (no other copy)"
+        lines.append(f"  database {name} {where}{rest}")
+    return lines
+
+
+def _summary(
+    app: AppContext, org: Organization, others: list[str], welcome: str, detach: bool
+) -> str:
+    """What runs where, and commands that name real servers of this organization."""
+    cas, mbx, demo = org.frontends[0], org.mailbox_servers[0], org.demo
+    ca = tls.ca_certificate_file(app.data).resolve()
+    pop3, pop3s = cas.port("pop3"), cas.port("pop3-tls")
+    host = _host(cas.address)
+    command = f"{shlex.quote(sys.argv[0])} --data {shlex.quote(str(app.data))}"
+    credentials = f"'{demo.address}:{demo.password}'"
+    lines = ["", "popguard is up"]
+    lines += [_server_line(server) for server in org.servers]
+    lines += _database_lines(org)
+    if others:
+        lines.append(f"  not started (in the directory, not in the topology): {', '.join(others)}")
+    lines += [
+        f"  CA file     {ca}",
+        f"  demo mailbox {demo.address} (in {demo.database})  password {demo.password}{welcome}",
+        "",
+    ]
+    if len(org.frontends) > 1:
+        names = ", ".join(s.name for s in org.frontends)
+        lines.append(
+            f"Read the demo mailbox through front end {cas.name} (any of {names} serves it) "
+            "with curl (list, then fetch message 1):"
+        )
+    else:
+        lines.append(
+            f"Read the demo mailbox through front end {cas.name} with curl "
+            "(list, then fetch message 1):"
+        )
+    lines += [
+        f"  curl --ssl-reqd --cacert {ca} -u {credentials} pop3://{host}:{pop3}/",
+        f"  curl --cacert {ca} -u {credentials} pop3s://{host}:{pop3s}/1",
+        "Deliver another message:",
+        f"  {command} send-message --to {demo.address} --file message.eml",
+        f"See the health of {mbx.name}'s POP3 service, and run a probe now:",
+        f"  {command} get-serverhealth {mbx.name} --health-set-like 'POP*'",
+        f"  {command} invoke-monitoringprobe 'POP\\PopCTPProbe' --server {cas.name} --format list",
+    ]
+    if len(org.mailbox_servers) > 1:
+        lines += [
+            f"See the copies, and move the databases active on {mbx.name} to their other "
+            "copies (and back with false):",
+            f"  {command} get-mailboxdatabasecopystatus",
+            f"  {command} set-mailboxserver {mbx.name} "
+            "--database-copy-activation-disabled-and-move-now true",
+        ]
+    else:
+        lines += ["See the copies:", f"  {command} get-mailboxdatabasecopystatus"]
+    lines += [
+        "Restart a service (a real restart: see the new process id):",
+        f"  {command} restart-service pop3be --server {mbx.name}",
+        "`popguard down` stops it." if detach else "Press Ctrl-C to stop.",
+    ]
+    return "\n".join(lines)
+
+
 @click.command("up")
 @click.option(
-    "--frontend-address", default=DEFAULT_FRONTEND_ADDRESS, show_default=True, help="cas1's."
+    "--config",
+    "config_path",
+    type=click.Path(exists=True, dir_okay=False, path_type=Path),
+    help="A topology (and settings) file: checked, then installed as DATA/popguard.toml.",
 )
-@click.option("--address", default=DEFAULT_MAILBOX_ADDRESS, show_default=True, help="mbx1's.")
-@click.option("--second-address", default=SECOND_MAILBOX_ADDRESS, show_default=True, help="mbx2's.")
+@click.option(
+    "--replace-config",
+    is_flag=True,
+    help="Replace a DATA/popguard.toml whose content differs from --config's.",
+)
+@click.option(
+    "--frontend-address",
+    help=f"cas1's [default: {DEFAULT_FRONTEND_ADDRESS}] (default organization only).",
+)
+@click.option(
+    "--address", help=f"mbx1's [default: {DEFAULT_MAILBOX_ADDRESS}] (default organization only)."
+)
+@click.option(
+    "--second-address",
+    help=f"mbx2's [default: {SECOND_MAILBOX_ADDRESS}] (default organization only).",
+)
 @click.option(
     "--detach", is_flag=True, help="Return once everything runs; `popguard down` stops it."
 )
 @pass_app
 def up(
-    app: AppContext, frontend_address: str, address: str, second_address: str, detach: bool
+    app: AppContext,
+    config_path: Path | None,
+    replace_config: bool,
+    frontend_address: str | None,
+    address: str | None,
+    second_address: str | None,
+    detach: bool,
 ) -> None:
-    """Start a front end (cas1) and two mailbox servers (mbx1, mbx2) with a demo mailbox."""
+    """Start the organization of DATA/popguard.toml, or by default a front end (cas1) and
+    two mailbox servers (mbx1, mbx2); with a demo mailbox."""
     data = app.data.resolve()
-    with app.directory() as directory:
-        org = ensure_demo_organization(directory, frontend_address, address, second_address)
-    cas, demo = org.frontend, org.demo
     control = SupervisorControl(data)
     if control.alive():
         raise UserError(f"popguard is already up for {data} (`popguard down` stops it)")
-    servers = {s.name: services_of(s.roles) for s in [*org.mailbox_servers, cas]}
+    if replace_config and config_path is None:
+        raise UserError("--replace-config needs --config FILE")
+    if config_path is not None:
+        text, config = _read_config(config_path)
+        source = str(config_path)
+    else:
+        config, source = load_config(app.data), str(config_file(app.data))
+    given = [
+        option
+        for option, value in (
+            ("--frontend-address", frontend_address),
+            ("--address", address),
+            ("--second-address", second_address),
+        )
+        if value is not None
+    ]
+    if config.servers and given:
+        raise UserError(
+            f"{given[0]} is for the default organization; {source} lists its [[servers]] "
+            "with their addresses"
+        )
+    if not config.servers:
+        check_default_demo(config.demo, source)
+    with app.directory() as directory:
+        if config.servers:
+            topology = config
+        else:
+            topology = default_topology(
+                directory, frontend_address, address, second_address, config.demo
+            )
+            source = DEFAULT_TOPOLOGY_SOURCE
+        # Everything is checked before anything is written.
+        check_against_directory(directory, topology, source)
+        if config_path is not None:
+            install_config(app.data, text, str(config_path), replace=replace_config)
+        org = ensure_topology(directory, topology, source)
+        topology_names = {s.name.lower() for s in org.servers}
+        others = [s.name for s in directory.list_servers() if s.name.lower() not in topology_names]
+    # Mailbox servers first: the front ends' first logins find their back ends up.
+    running = [*org.mailbox_servers, *(s for s in org.frontends if "mailbox" not in s.roles)]
+    servers = {s.name: services_of(s.roles) for s in running}
     folder = supervisor_dir(data)
     (folder / "logs").mkdir(parents=True, exist_ok=True)
-    config = folder / "supervisord.conf"
-    config.write_text(supervisor_config(data, servers, daemon=detach))
+    supervisor_file = folder / "supervisord.conf"
+    supervisor_file.write_text(supervisor_config(data, servers, daemon=detach))
     endpoints = [
         (s.name, service, s.address, s.port(ENDPOINTS[service]))
-        for s in [*org.mailbox_servers, cas]
+        for s in running
         for service in servers[s.name]
     ]
     # SIGTERM (from a script or a supervisor) stops everything as Ctrl-C does.
@@ -136,7 +313,7 @@ def up(
     supervisord: subprocess.Popen[bytes] | None = None
     try:
         supervisord = subprocess.Popen(
-            [sys.executable, "-m", "supervisor.supervisord", "-c", str(config)]
+            [sys.executable, "-m", "supervisor.supervisord", "-c", str(supervisor_file)]
         )
         if detach:
             # It forks into the background and returns; a failure to start is its status.
@@ -148,45 +325,16 @@ def up(
             supervisord = None
         _wait_until_up(control, supervisord, endpoints)
         welcome = ""
-        if demo.new:
+        if org.demo.new:
             with app.directory() as directory:
                 result = deliver(
-                    directory, demo.address, WELCOME_MESSAGE, "postmaster@popguard.test"
+                    directory,
+                    org.demo.address,
+                    welcome_message(org.demo),
+                    "postmaster@popguard.test",
                 )
             welcome = f"\n  welcome message: {result.reply}"
-        ca = tls.ca_certificate_file(app.data).resolve()
-        pop3, pop3s = cas.port("pop3"), cas.port("pop3-tls")
-        command = f"{shlex.quote(sys.argv[0])} --data {shlex.quote(str(app.data))}"
-        credentials = f"'{demo.address}:{demo.password}'"
-        mailbox_lines = "\n".join(
-            f"  mailbox server {m.name} on {m.address}: back end ports {m.port('pop3be')} and "
-            f"{m.port('pop3be-tls')}, LMTP {m.port('lmtp')}, replication {m.port('replication')}"
-            for m in org.mailbox_servers
-        )
-        click.echo(
-            f"""
-popguard is up
-  front end {cas.name} on {cas.address}: POP3 (STLS) port {pop3}, POP3 over TLS port {pop3s}
-{mailbox_lines}
-  DB01 is active on mbx1 with a copy on mbx2; DB02 the reverse
-  CA file     {ca}
-  demo mailbox {demo.address} (in DB01)  password {demo.password}{welcome}
-
-Read the demo mailbox through the front end with curl (list, then fetch message 1):
-  curl --ssl-reqd --cacert {ca} -u {credentials} pop3://{cas.address}:{pop3}/
-  curl --cacert {ca} -u {credentials} pop3s://{cas.address}:{pop3s}/1
-Deliver another message:
-  {command} send-message --to {demo.address} --file message.eml
-See the health of mbx1's POP3 service, and run a probe now:
-  {command} get-serverhealth mbx1 --health-set-like 'POP*'
-  {command} invoke-monitoringprobe 'POP\\PopCTPProbe' --server {cas.name} --format list
-See the copies, and move mbx1's databases to mbx2 (and back with false):
-  {command} get-mailboxdatabasecopystatus
-  {command} set-mailboxserver mbx1 --database-copy-activation-disabled-and-move-now true
-Restart a service (a real restart: see the new process id):
-  {command} restart-service pop3be --server mbx1
-{"`popguard down` stops it." if detach else "Press Ctrl-C to stop."}""",
-        )
+        click.echo(_summary(app, org, others, welcome, detach))
         if detach:
             return
         while supervisord is not None and supervisord.poll() is None:
