@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import secrets
 import signal
@@ -14,6 +15,7 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -349,3 +351,32 @@ def watched_organization(tmp_path: Path) -> Iterator[Organization]:
     """An organization whose three servers each run their health service."""
     with running_organization(tmp_path / "data", health=True) as org:
         yield org
+
+
+@pytest.fixture
+def detached_organization(tmp_path: Path) -> Iterator[Path]:
+    data = tmp_path / "data"
+    addresses = [free_loopback_address() for _ in range(3)]
+    started = popguard(data, "up", "--detach", "--frontend-address", addresses[0], "--address",
+                       addresses[1], "--second-address", addresses[2])  # fmt: skip
+    try:
+        assert started.returncode == 0, started.stderr
+        (data / "popguard.toml").write_text("[faults]\nenabled = true\n")
+        yield data
+    finally:
+        popguard(data, "down")
+
+
+def json_of(data: Path, *args: str) -> Any:
+    shown = popguard(data, *args, "--format", "json")
+    assert shown.returncode == 0, shown.stderr
+    return json.loads(shown.stdout)
+
+
+def wait_for(what: str, check: Any, timeout: float = 120.0) -> float:
+    started = time.monotonic()
+    while time.monotonic() - started < timeout:
+        if check():
+            return time.monotonic() - started
+        time.sleep(0.5)
+    raise AssertionError(f"timed out waiting for {what}")

@@ -24,8 +24,7 @@ from aiosmtpd.controller import Controller
 
 from popguard import tls
 
-from .conftest import free_loopback_address, popguard
-from .test_self_repair import json_of, wait_for
+from .conftest import free_loopback_address, json_of, popguard, wait_for
 
 
 @dataclass

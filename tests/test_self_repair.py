@@ -3,47 +3,12 @@ restarted, and the recovery actions say so."""
 
 from __future__ import annotations
 
-import json
 import poplib
-import time
-from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
-
-import pytest
 
 from popguard import tls
 
-from .conftest import free_loopback_address, pid_alive, popguard
-
-
-@pytest.fixture
-def detached_organization(tmp_path: Path) -> Iterator[Path]:
-    data = tmp_path / "data"
-    addresses = [free_loopback_address() for _ in range(3)]
-    started = popguard(data, "up", "--detach", "--frontend-address", addresses[0], "--address",
-                       addresses[1], "--second-address", addresses[2])  # fmt: skip
-    try:
-        assert started.returncode == 0, started.stderr
-        (data / "popguard.toml").write_text("[faults]\nenabled = true\n")
-        yield data
-    finally:
-        popguard(data, "down")
-
-
-def json_of(data: Path, *args: str) -> Any:
-    shown = popguard(data, *args, "--format", "json")
-    assert shown.returncode == 0, shown.stderr
-    return json.loads(shown.stdout)
-
-
-def wait_for(what: str, check: Any, timeout: float = 120.0) -> float:
-    started = time.monotonic()
-    while time.monotonic() - started < timeout:
-        if check():
-            return time.monotonic() - started
-        time.sleep(0.5)
-    raise AssertionError(f"timed out waiting for {what}")
+from .conftest import json_of, pid_alive, popguard, wait_for
 
 
 def self_test(data: Path) -> str:

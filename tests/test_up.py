@@ -508,3 +508,35 @@ def test_the_config_parser_gives_a_topology_or_one_line(text: str) -> None:
         assert all("mailbox" in names[c].roles for c in copies)
     databases = {d.name.lower() for d in config.databases}
     assert (config.demo.database or config.databases[0].name).lower() in databases
+
+
+def test_every_command_up_prints_works(tmp_path: Path) -> None:
+    """As a new user would: run `popguard up` (the installed command), then each command
+    it prints, as printed, in a shell."""
+    addresses = [free_loopback_address() for _ in range(3)]
+    data = tmp_path / "data"
+    installed = str(Path(sys.executable).parent / "popguard")
+    started = subprocess.run(
+        [installed, "--data", str(data), "up", "--detach", "--frontend-address", addresses[0],
+         "--address", addresses[1], "--second-address", addresses[2]],
+        capture_output=True, text=True, timeout=180,
+    )  # fmt: skip
+    try:
+        assert started.returncode == 0, started.stderr
+        commands = [
+            line.strip()
+            for line in started.stdout.splitlines()
+            if line.startswith("  ") and line.strip().split(" ", 1)[0] in ("curl", installed)
+        ]
+        assert len(commands) >= 9, started.stdout
+        (tmp_path / "message.eml").write_bytes(b"Subject: hello\r\n\r\nfrom the README\r\n")
+        for command in commands:
+            ran = subprocess.run(
+                ["bash", "-c", command], cwd=tmp_path, capture_output=True, text=True, timeout=120
+            )
+            assert ran.returncode == 0, (command, ran.stdout, ran.stderr)
+            assert "Traceback" not in ran.stderr
+            if "pop3s://" in command:
+                assert "Welcome to popguard" in ran.stdout
+    finally:
+        subprocess.run([installed, "--data", str(data), "down"], capture_output=True, timeout=120)

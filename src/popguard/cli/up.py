@@ -209,8 +209,11 @@ def _summary(
     else:
         lines += ["See the copies:", f"  {command} get-mailboxdatabasecopystatus"]
     lines += [
-        "Restart a service (a real restart: see the new process id):",
+        "Restart a service (a real restart: see the new process id), and see what the",
+        "health engine repaired by itself, and the alerts it sent:",
         f"  {command} restart-service pop3be --server {mbx.name}",
+        f"  {command} get-recoveryactions --server {mbx.name}",
+        f"  {command} get-alerts --server {mbx.name}",
         "`popguard down` stops it." if detach else "Press Ctrl-C to stop.",
     ]
     return "\n".join(lines)
