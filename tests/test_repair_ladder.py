@@ -151,12 +151,23 @@ def test_a_fault_a_restart_cannot_fix_runs_the_whole_ladder(
     print(f"alert e-mail {took:.0f}s after the fault")  # for the log
 
     actions = json_of(data, "get-recoveryactions", "--server", "mbx1")
-    done = [(a["ActionId"], a["Result"]) for a in actions if a["Result"] == "Succeeded"]
-    steps = [kind for kind, _ in done]
-    ladder = ["restart-service", "move-databases-away", "restart-server", "move-back", "escalate"]
+    steps = [
+        (a["ActionId"], a["Result"]) for a in actions if a["Result"] in ("Succeeded", "Failed")
+    ]
+    ladder = [
+        ("restart-service", "Succeeded"),
+        ("move-databases-away", "Succeeded"),
+        ("restart-server", "Succeeded"),
+        # mbx1 looked healthy (every service up, its self test fine): DB01 went back,
+        # failed its deep test there at once, and went to mbx2 again to wait.
+        ("move-back", "Failed"),
+        ("escalate", "Succeeded"),
+    ]
     assert [s for s in steps if s in ladder] == ladder, actions
-    assert active_server(data, "DB01") == "mbx1"  # moved back
-    # The server really restarted: every service of mbx1 is younger than the fault.
+    back = next(a for a in actions if a["ActionId"] == "move-back")
+    assert "sent away again (DB01 -> mbx2)" in back["Context"], back
+    assert active_server(data, "DB01") == "mbx2"
+    assert read_demo_mailbox(data)  # mail is still served through cas1
     for service in json_of(data, "get-service", "--server", "mbx1"):
         assert service["Status"] == "Running", service
 
@@ -165,8 +176,8 @@ def test_a_fault_a_restart_cannot_fix_runs_the_whole_ladder(
     payload = mail.get_payload(decode=True)
     assert isinstance(payload, bytes)
     body = payload.decode()
-    for kind in ladder[:-1]:
-        assert f"[{kind}] on DB01: Succeeded" in body, body
+    for kind, result in ladder[:-1]:
+        assert f"[{kind}] on DB01: {result}" in body, body
     assert "Failure component: Store" in body and "SYS/TEMP" in body
     assert "What is left to a person" in body and "restart-server" in body
     (hook,) = [h for h in found.hooks if h["status"] == "firing"]
@@ -175,9 +186,14 @@ def test_a_fault_a_restart_cannot_fix_runs_the_whole_ladder(
     alerts = json_of(data, "get-alerts", "--server", "mbx1")
     assert len(alerts) == 1 and "e-mail to oncall@example.test sent" in alerts[0]["Notification"]
 
-    # Clearing the fault: the monitor is Healthy again and the alert resolved, once.
+    # A person mends mbx1 and takes the runbook's last step: DB01 comes back, its
+    # monitor is Healthy, and the alert is resolved, once, on both channels.
     cleared = popguard(data, "clear-fault", "--server", "mbx1", "--service", "pop3be")
     assert cleared.returncode == 0, cleared.stderr
+    moved = popguard(data, "set-mailboxserver", "mbx1",
+                     "--database-copy-activation-disabled-and-move-now", "$false")  # fmt: skip
+    assert moved.returncode == 0, moved.stderr
+    assert active_server(data, "DB01") == "mbx1"
     wait_for("the resolved e-mail", lambda: len(found.mails) == 2, 120)
     assert found.mails[1]["Subject"].startswith("[popguard RESOLVED]")
     assert [h["status"] for h in found.hooks] == ["firing", "resolved"]

@@ -158,9 +158,8 @@ async def test_steps_fire_in_order_never_unsafely_and_resume_after_a_restart(
     assert "holds the active copy of DB01: a server is never restarted" in detail
     await step(engine, clock, 30)
     name, result, detail = actions(engine)[2]
-    # Some moves may have happened (the Failed move): move-back looks at the server,
-    # which no supervisor runs here, so it is not called healthy.
-    assert (name, result) == ("Back", "Skipped") and "is not healthy yet" in detail
+    # Nothing moved, so nothing is owed back.
+    assert (name, result) == ("Back", "Skipped") and "no database is owed back" in detail
     assert len({a.alert_started for a in engine.store.actions()}) == 1
     engine.close()
 
@@ -322,7 +321,11 @@ async def test_an_alert_is_sent_repeated_no_sooner_than_configured_and_resolved(
     await engine.run_now(health_set, probe)
     await step(engine, clock, 10)
     assert len(received.mails) == 3 and len(engine.store.alerts()) == 2
-    assert "not sent again" in engine.store.alerts()[-1].notification
+    assert "not sent yet" in engine.store.alerts()[-1].notification
+    await step(engine, clock, 300)  # still open once the interval has passed: sent
+    assert len(received.mails) == 3
+    await step(engine, clock, 300)
+    assert len(received.mails) == 4 and received.mails[-1]["Subject"].startswith("[popguard ALERT]")
     engine.close()
 
 
@@ -344,6 +347,12 @@ async def test_an_unreachable_mail_server_is_recorded_not_raised(
     await step(engine, clock, 10)
     (alert,) = engine.store.alerts()
     assert "e-mail to a@example.test failed" in alert.notification and alert.notified is None
+    first_try = alert.attempted
+    await step(engine, clock, 30)  # not yet: a failed send waits a minute
+    assert engine.store.alerts()[0].attempted == first_try
+    await step(engine, clock, 30)  # then it is tried again, as long as the alert lasts
+    (alert,) = engine.store.alerts()
+    assert first_try is not None and alert.attempted == first_try + 60
     engine.close()
 
 
@@ -371,7 +380,7 @@ def test_any_alert_renders_as_an_email_and_an_alertmanager_payload(
     assert "restart-service" in text and "1. Restart." in text
     payload = json.loads(json.dumps(webhook_payload(report, _WEBHOOK)))
     (alert,) = payload["alerts"]
-    assert alert["labels"]["resource"] == resource and alert["status"] == report.status
+    assert alert["labels"].get("resource", "") == resource and alert["status"] == report.status
     assert (alert["endsAt"] == "0001-01-01T00:00:00Z") != resolved
 
 
@@ -432,4 +441,28 @@ async def test_protocol_logging_keeps_the_failing_sessions_lines_then_goes_off(
     assert any(credentials["db01"].address in line for line in lines), lines
     with Directory(organization.data) as directory:
         assert directory.pop_settings("cas1")[0].ProtocolLogEnabled is False
+    engine.close()
+
+
+async def test_owed_databases_wait_for_a_healthy_server_or_an_operator(
+    tmp_path: Path, switch: Switch
+) -> None:
+    data = two_mailbox_servers(tmp_path, active_on="mbx2")
+    health_set = load_health_set(SWITCHED + LADDER, "ladder.toml")
+    clock = ManualClock(start=time.time())
+    engine = HealthEngine(data, "mbx1", clock, [health_set])
+    engine.store.owe("DB01", "mbx2", clock.now())
+    engine.directory.set_mailbox_server("mbx1", activation_disabled=True)
+    # No supervisor runs this test's services: mbx1 is not healthy, nothing moves,
+    # and the periodic look records nothing (it would every 30 s).
+    await step(engine, clock, 31)
+    assert engine.store.actions() == [] and engine.store.owed() == {"DB01": 0.0}
+    with Directory(data) as directory:
+        assert directory.active_server("DB01") == "mbx2"
+    # An operator allows activation again: the matter is theirs, nothing is owed.
+    engine.directory.set_mailbox_server("mbx1", activation_disabled=False)
+    await step(engine, clock, 31)
+    (action,) = engine.store.actions()
+    assert action.kind == "move-back" and "an operator allowed activation" in action.detail
+    assert engine.store.owed() == {}
     engine.close()

@@ -26,7 +26,14 @@ import tomllib
 from pathlib import Path
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 from .directory import normalize_address
 from .errors import UserError
@@ -64,9 +71,25 @@ class EmailEscalation(Section):
     @classmethod
     def _addresses(cls, value: tuple[str, ...]) -> tuple[str, ...]:
         for address in value:
-            if "@" not in address or any(c.isspace() for c in address):
-                raise ValueError(f"not an e-mail address: {address!r}")
+            _address(address)
         return value
+
+    @field_validator("sender")
+    @classmethod
+    def _sender(cls, value: str) -> str:
+        return _address(value)
+
+    @model_validator(mode="after")
+    def _no_password_in_clear(self) -> EmailEscalation:
+        if self.username is not None and not self.starttls:
+            raise ValueError("SMTP AUTH (username) needs starttls = true: no password in clear")
+        return self
+
+
+def _address(value: str) -> str:
+    if "@" not in value or any(c.isspace() or not c.isprintable() for c in value):
+        raise ValueError(f"not an e-mail address: {value!r}")
+    return value
 
 
 class WebhookEscalation(Section):
@@ -82,7 +105,7 @@ class Escalation(Section):
     webhook: WebhookEscalation | None = None
     # Alertmanager's repeat_interval: one problem (server, monitor, resource) is sent
     # again no sooner than this, in seconds.
-    repeat_interval: float = Field(default=3600.0, ge=0)
+    repeat_interval: float = Field(default=3600.0, gt=0)
     send_resolved: bool = True
 
 
@@ -119,9 +142,7 @@ def parse_config(text: str, source: str) -> Config:
     try:
         config = Config.model_validate(raw)
     except ValidationError as exc:
-        first = exc.errors()[0]
-        where = ".".join(str(part) for part in first["loc"]) or "file"
-        raise UserError(f"{source}: {_one_line(where)}: {_one_line(first['msg'])}") from None
+        raise UserError(f"{source}: {_first_error(exc)}") from None
     check_topology(config, source)
     return config
 
@@ -188,9 +209,34 @@ def check_topology(config: Config, source: str) -> None:
         raise refuse("demo.database", f"{config.demo.database} is not a database of this file")
 
 
+def _first_error(exc: ValidationError) -> str:
+    """'key.path: what is wrong', on one line."""
+    first = exc.errors()[0]
+    where = ".".join(str(part) for part in first["loc"]) or "file"
+    return f"{_one_line(where)}: {_one_line(first['msg'])}"
+
+
 def _one_line(text: str) -> str:
     """An error is one line: a name from the file with a newline in it is shown escaped."""
     return "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)
+
+
+def load_escalation(data: Path) -> Escalation:
+    """The [escalation] section alone: a mistake elsewhere in the file (a topology
+    typo, say) must not silence alerts."""
+    path = config_file(data)
+    try:
+        raw = tomllib.loads(path.read_text())
+    except FileNotFoundError:
+        return Escalation()
+    except OSError as exc:
+        raise UserError(f"{path}: {exc.strerror}") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise UserError(f"{path}: not valid TOML: {exc}") from None
+    try:
+        return Escalation.model_validate(raw.get("escalation", {}))
+    except ValidationError as exc:
+        raise UserError(f"{path}: escalation.{_first_error(exc)}") from None
 
 
 def load_config(data: Path) -> Config:

@@ -130,7 +130,7 @@ MIGRATIONS: tuple[str, ...] = (
         service TEXT NOT NULL,
         started REAL NOT NULL
     );
-    CREATE INDEX repairs_by_kind ON repairs(kind, role, started);
+    CREATE INDEX repairs_by_role ON repairs(role, started);
     """,
 )
 
@@ -598,6 +598,10 @@ class Directory:
                 "INSERT INTO repairs (server, role, kind, service, started) VALUES (?, ?, ?, ?, ?)",
                 (self.get_server(server).name, role, kind, service, at),
             )
+
+    def prune_repairs(self, server: str, before: float) -> None:
+        with self._transaction() as db:
+            db.execute("DELETE FROM repairs WHERE server = ? AND started < ?", (server, before))
 
     def repairs_since(self, role: str, since: float) -> list[tuple[str, str, str, float]]:
         """(server, kind, service, started) of the repairs on servers of `role`, oldest first."""

@@ -239,7 +239,7 @@ class Mover:
             if not (copy.is_active and copy.server.lower() == server.lower()):
                 continue
             target, why = self.best_copy_elsewhere(copy.database, server)
-            results.append(await self._try_move(copy.database, copy.server, target, why))
+            results.append(await self.try_move(copy.database, copy.server, target, why))
         return results
 
     async def move_preferred_back(self, server: str) -> list[MoveResult]:
@@ -251,10 +251,10 @@ class Mover:
             if preferred.server.lower() != server.lower() or preferred.is_active:
                 continue
             source = self.directory.active_server(database)
-            results.append(await self._try_move(database, source, preferred.server, ""))
+            results.append(await self.try_move(database, source, preferred.server, ""))
         return results
 
-    async def _try_move(
+    async def try_move(
         self, database: str, source: str, target: str | None, why: str
     ) -> MoveResult:
         if target is None:

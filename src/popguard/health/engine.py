@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import sqlite3
 import ssl
@@ -22,20 +23,19 @@ from pathlib import Path
 from typing import Any
 
 from .. import paths, tls
-from ..config import Escalation, load_config
 from ..directory import Directory, MonitoringOverride, Server
 from ..errors import UserError
 from ..lmtp_client import deliver
 from ..service_control import control_for, services_of
 from .clock import Clock
 from .definitions import HealthSet, MonitorDefinition, ProbeDefinition, ResponderDefinition
-from .escalation import FIRING, RESOLVED, AlertReport, send
 from .external import ExternalPop3Server, load_external
 from .health_mailboxes import ensure_health_mailboxes, read_credentials
-from .monitors import MONITOR_KINDS, SEVERITY, Verdict, alert_value, ladder_state
+from .monitors import MONITOR_KINDS, SEVERITY, Verdict, alert_value, ladder_state, still_fails
+from .notifier import Notifier
 from .overrides import effective_monitor, effective_probe
 from .probes import NETWORKING, PROBE_KINDS, Credential, ProbeFailure, ProbeTarget, Transcript
-from .responders import RESPONDER_KINDS, Incident
+from .responders import RESPONDER_KINDS, Incident, Recheck, return_databases
 from .responders import Outcome as ResponderOutcome
 from .results import (
     RETENTION,
@@ -52,8 +52,7 @@ log = logging.getLogger("popguard.health")
 # Repairs counted across the servers of a role (restarting or emptying a server).
 GROUP_COUNTED = ("restart-server", "move-databases-away")
 REPAIR_SETTLE = 900.0  # a server repaired this recently is not counted as in service
-REPEAT_CHECK = 10.0  # seconds between two looks for alerts to send again
-MOVE_BACK = ResponderDefinition(name="MoveBack", kind="move-back", monitor="", state="Degraded")
+OWED_CHECK = 30.0  # seconds between two looks at databases owed back to this server
 LADDER_ORDER = {"Healthy": 0, "Degraded": 1, "Unhealthy": 2, "Unrecoverable": 3}
 SERVICE_OF_ROLE = {"mailbox": "pop3be", "frontend": "pop3"}
 PROBE_MESSAGE = (
@@ -107,14 +106,24 @@ class HealthEngine:
                 if responder.role is None or responder.role in self.server.roles:
                     monitor_key = f"{health_set.name}\\{responder.monitor}"
                     self._responders_of.setdefault(monitor_key, []).append((health_set, responder))
-        # (responder, resource, first alert): fired once per alert, across restarts too.
+        for steps in self._responders_of.values():  # the ladder's order
+            steps.sort(key=lambda step: (LADDER_ORDER[step[1].state], step[1].after))
+        # (responder, resource, first alert): fired once per alert, across restarts too,
+        # however long ago the alert began.
+        open_alerts = {s.first_alert for s in self._states.values() if s.is_alert}
         self._fired = {
             (a.responder, a.resource, a.alert_started)
-            for a in self.store.actions(since=self.clock.now() - 2 * 86_400)
+            for a in self.store.actions(since=min(filter(None, open_alerts), default=0.0))
+            if a.alert_started in open_alerts
         }
         self._responding: set[asyncio.Task[None]] = set()
+        self._busy: set[tuple[str, str]] = set()  # (monitor, resource) with a step under way
+        self._moving_back = False
+        # Moves of this server's databases, by any monitor's step, one at a time.
+        self.moves_lock = asyncio.Lock()
+        self._owed_checked = -1e18
         self._finish_interrupted()
-        self._repeats_checked = -1e18
+        self.notifier = Notifier(data, self.server.name, self.store, clock, self._runbook_of)
         for monitor_key, resource in self._states:
             self._resources_of.setdefault(monitor_key, set()).add(resource)
         self._overrides: list[MonitoringOverride] = []
@@ -122,6 +131,10 @@ class HealthEngine:
         self._controls_read = -1e18
         self._external: list[ExternalPop3Server] = []
         self._external_contexts: dict[str, ssl.SSLContext] = {}
+
+    def _runbook_of(self, monitor_key: str) -> str:
+        monitor = self._monitor_by_key.get(monitor_key)
+        return monitor.help if monitor else ""
 
     def _finish_interrupted(self) -> None:
         """Actions a stopped health service left InProgress (a restart-server stops it on
@@ -395,7 +408,7 @@ class HealthEngine:
                     # A database moved away: its monitor instance goes with it, unless
                     # this alert's own repair moved it, whose ladder goes on.
                     gone = self._states[(key, resource)]
-                    if gone.is_alert and self._moved_away_since(gone.first_alert):
+                    if gone.is_alert and resource.lower() in self._owed_here():
                         continue
                     self.store.forget_monitor_state(key, resource)
                     del self._states[(key, resource)]
@@ -413,6 +426,7 @@ class HealthEngine:
             if not self._enabled(key):  # disabled meanwhile: the alert ends, no step fires
                 self._save(replace(state, is_alert=False, state="Healthy", first_alert=None,
                                    last_transition=now, error=""))  # fmt: skip
+                self._recovered(state)
                 continue
             step = ladder_state(monitor, state.first_alert, now)
             if step != state.state:
@@ -442,10 +456,21 @@ class HealthEngine:
             fired = (identity, state.resource, state.first_alert)
             if fired in self._fired:
                 continue
+            # One step at a time, in the ladder's order: the next waits for this one
+            # (a move of several databases may outlast the gap to the next step).
+            busy = (state.monitor, state.resource)
+            if busy in self._busy:
+                return
             self._fired.add(fired)
+            self._busy.add(busy)
             task = asyncio.create_task(self._respond(health_set, responder, state))
             self._responding.add(task)
             task.add_done_callback(self._responding.discard)
+            task.add_done_callback(functools.partial(self._step_done, busy))
+            return
+
+    def _step_done(self, busy: tuple[str, str], task: asyncio.Task[None]) -> None:
+        self._busy.discard(busy)
 
     def _handed_to(self, resource: str) -> str:
         """Who repairs a failure that lies beyond this server: for a database seen
@@ -461,14 +486,22 @@ class HealthEngine:
             "and to escalation"
         )
 
-    def _throttled(self, responder: ResponderDefinition, now: float) -> str:
-        """Why this responder may not act now on this server ('' if it may). Counted per
-        kind and service, so two monitors cannot restart one service twice as often."""
-        what = (responder.kind, responder.service)
+    def _throttled(self, responder: ResponderDefinition, state: MonitorState, now: float) -> str:
+        """Why this responder may not act now on this server ('' if it may). A repair is
+        counted per kind and service, so two monitors cannot restart one service twice
+        as often; an escalation per problem, so one does not silence another."""
+
+        def same(a: RecoveryAction) -> bool:
+            if responder.kind == "escalate":
+                return (a.kind, a.monitor, a.resource) == ("escalate", state.monitor,
+                                                             state.resource)  # fmt: skip
+            return (a.kind, self._service_of.get(a.responder)) == (
+                responder.kind, responder.service
+            )  # fmt: skip
+
         past = [
             a for a in self.store.actions(since=now - 86_400)
-            if a.result in ("Succeeded", "Failed", "InProgress")
-            and (a.kind, self._service_of.get(a.responder)) == what
+            if a.result in ("Succeeded", "Failed", "InProgress") and same(a)
         ]  # fmt: skip
         limit = responder.throttle
         if past and now - past[-1].started < limit.min_gap:
@@ -487,6 +520,7 @@ class HealthEngine:
         role = self._role_of(responder)
         try:
             repairs = self.directory.repairs_since(role, now - 86_400)
+            servers = self.directory.list_servers()
         except sqlite3.Error as exc:  # cannot count: do not act blind
             return f"the group's repairs cannot be read: {exc}"
         service = responder.service or ""
@@ -498,8 +532,9 @@ class HealthEngine:
             )
         if limit.min_in_service:
             others = {
-                s.name for s in self.directory.list_servers()
+                s.name for s in servers
                 if role in s.roles and s.name.lower() != self.server.name.lower()
+                and not (role == "mailbox" and s.activation_disabled)
             }  # fmt: skip
             busy = {r[0] for r in repairs if r[3] >= now - REPAIR_SETTLE}
             in_service = sorted(others - busy)
@@ -516,6 +551,14 @@ class HealthEngine:
         return "mailbox" if "mailbox" in self.server.roles else "frontend"
 
     async def _respond(
+        self, health_set: HealthSet, responder: ResponderDefinition, state: MonitorState
+    ) -> None:
+        try:
+            await self._respond_once(health_set, responder, state)
+        except Exception:  # a step must never take the engine down; it is logged
+            log.exception("%s\\%s on %s failed", health_set.name, responder.name, state.resource)
+
+    async def _respond_once(
         self, health_set: HealthSet, responder: ResponderDefinition, state: MonitorState
     ) -> None:
         identity = f"{health_set.name}\\{responder.name}"
@@ -540,29 +583,17 @@ class HealthEngine:
                 )
             )
 
-        latest = self.store.recent(f"{health_set.name}\\{monitor.probe}", state.resource, 1)
-        component = latest[0].failure_component if latest else ""
-        if component and component in responder.skip_components:
-            record("Skipped", f"the failure is in {component}: {responder.kind} here would not "
-                   f"help; {self._handed_to(state.resource)}", now)  # fmt: skip
+        why_not = self._not_here(health_set, responder, monitor, state)
+        if why_not:
+            record("Skipped", why_not, now)
             return
-        if state.monitor.lower() in self._repairing:
-            record("Skipped", "an operator marked the monitor Repairing", now)
-            return
-        throttled = self._throttled(responder, now)
+        throttled = self._throttled(responder, state, now)
         if throttled:
             log.warning("%s throttled on %s: %s", identity, state.resource, throttled)
             record("Throttled", throttled, now)
             return
         log.warning("%s: %s on %s (%s)", identity, responder.kind, state.resource, state.error)
         action = record("InProgress", "", None)
-        if responder.kind in GROUP_COUNTED:
-            try:
-                role = self._role_of(responder)
-                service = responder.service or ""
-                self.directory.record_repair(self.server.name, role, responder.kind, service, now)
-            except sqlite3.Error as exc:
-                log.warning("recording the repair in the directory failed: %s", exc)
         try:
             outcome = await RESPONDER_KINDS[responder.kind](self, responder, incident)
         except Exception as exc:
@@ -570,149 +601,95 @@ class HealthEngine:
             outcome = ResponderOutcome("Failed", f"{responder.kind} crashed: {exc!r}")
         self.store.finish_action(action, self.clock.now(), outcome.result, outcome.detail)
         log.warning("%s: %s: %s", identity, outcome.result, outcome.detail)
+        if responder.kind in GROUP_COUNTED and outcome.result in ("Succeeded", "Failed"):
+            try:
+                role = self._role_of(responder)
+                service = responder.service or ""
+                self.directory.record_repair(self.server.name, role, responder.kind, service, now)
+            except sqlite3.Error as exc:
+                log.warning("recording the repair in the directory failed: %s", exc)
+
+    def _not_here(
+        self,
+        health_set: HealthSet,
+        responder: ResponderDefinition,
+        monitor: MonitorDefinition,
+        state: MonitorState,
+    ) -> str:
+        """Why this step would not help here ('' if it may): the failure lies elsewhere,
+        an operator is on it, or (on a front end) other databases work through it."""
+        probe_identity = f"{health_set.name}\\{monitor.probe}"
+        latest = self.store.recent(probe_identity, state.resource, 1)
+        component = latest[0].failure_component if latest else ""
+        if component and component in responder.skip_components:
+            return (
+                f"the failure is in {component}: {responder.kind} here would not help; "
+                f"{self._handed_to(state.resource)}"
+            )
+        if state.monitor.lower() in self._repairing:
+            return "an operator marked the monitor Repairing"
+        probe = self._probe_by_key.get(probe_identity)
+        if (
+            "frontend" in self.server.roles
+            and probe is not None
+            and probe.per_database
+            and responder.kind in ("restart-service", "restart-server")
+        ):
+            working = sorted(
+                resource
+                for resource in self._resources.get(probe_identity, [])
+                if resource != state.resource
+                and (found := self.store.recent(probe_identity, resource, 1))
+                and found[0].succeeded
+            )
+            if working:
+                return (
+                    f"{', '.join(working)} work(s) through {self.server.name}: the front end is "
+                    f"fine; {self._handed_to(state.resource)}"
+                )
+        return ""
 
     async def settle(self) -> None:
-        """Wait for the responders under way to finish."""
+        """Wait for the responders and the sends under way to finish."""
         while self._responding:
             await asyncio.gather(*self._responding, return_exceptions=True)
+        await self.notifier.settle()
 
-    async def escalated(self, incident: Incident, component: str, error: str, detail: str) -> str:
-        """Store the alert and send it (unless the same problem was sent within the
-        repeat interval); returns what the sending did."""
+    def escalated(self, incident: Incident, component: str, error: str, detail: str) -> str:
+        """Store the alert and hand it to the notifier; says what became of it."""
         log.error("%s", detail)
-        now = self.clock.now()
         alert = Alert(
-            now, incident.health_set, incident.monitor, incident.probe, incident.resource,
-            component, error, detail, incident.first_alert,
+            self.clock.now(), incident.health_set, incident.monitor, incident.probe,
+            incident.resource, component, error, detail, incident.first_alert,
         )  # fmt: skip
-        earlier = [a for a in self.store.alerts() if a.key == alert.key and a.notified]
-        alert_id = self.store.add_alert(alert)
-        escalation = self._escalation()
-        if escalation is None:
-            return self._note(alert_id, None, "not sent: popguard.toml cannot be read")
-        last = max((a.notified or 0.0 for a in earlier), default=None)
-        if last is not None and now - last < escalation.repeat_interval:
-            return self._note(
-                alert_id, None,
-                f"not sent again: the same problem was sent {now - last:.0f}s ago "
-                f"(repeat_interval {escalation.repeat_interval:g}s)",
-            )  # fmt: skip
-        return await self._send(replace(alert, id=alert_id), FIRING, escalation)
-
-    def _note(self, alert_id: int, at: float | None, notification: str) -> str:
-        self.store.mark_notified(alert_id, at, notification)
-        return notification
-
-    def _escalation(self) -> Escalation | None:
-        try:
-            return load_config(self.data).escalation
-        except UserError as exc:
-            log.error("%s", exc)
-            return None
-
-    async def _send(self, alert: Alert, status: str, escalation: Escalation) -> str:
-        report = self._report(alert, status)
-        delivered, notification = await send(report, escalation)
-        if status == RESOLVED:
-            notification = f"{alert.notification}; resolved: {notification}"
-        log.warning("alert %s %s: %s", report.identity, status, notification)
-        return self._note(alert.id, self.clock.now() if delivered else None, notification)
-
-    def _report(self, alert: Alert, status: str) -> AlertReport:
-        started = alert.alert_started or alert.raised
-        probe = f"{alert.health_set}\\{alert.probe}"
-        monitor = self._monitor_by_key.get(f"{alert.health_set}\\{alert.monitor}")
-        return AlertReport(
-            status=status,
-            server=self.server.name,
-            health_set=alert.health_set,
-            monitor=alert.monitor,
-            probe=alert.probe,
-            resource=alert.resource,
-            failure_component=alert.failure_component,
-            error=alert.error,
-            started=started,
-            raised=alert.raised,
-            resolved=alert.resolved,
-            results=tuple(self.store.recent(probe, alert.resource, 5)),
-            actions=tuple(self.store.actions(since=started)),
-            runbook=monitor.help if monitor else "",
-        )
-
-    def _repeat_notifications(self) -> None:
-        """Alertmanager's repeat_interval for an alert still open: send it again; an
-        alert whose monitor is Healthy again (or gone) is resolved."""
-        now = self.clock.now()
-        if now - self._repeats_checked < REPEAT_CHECK:
-            return
-        self._repeats_checked = now
-        open_alerts = [a for a in self.store.alerts() if a.resolved is None]
-        if not open_alerts:
-            return
-        escalation = self._escalation()
-        for alert in open_alerts:
-            state = self._states.get((f"{alert.health_set}\\{alert.monitor}", alert.resource))
-            if state is None or not state.is_alert or state.first_alert != alert.alert_started:
-                self._resolve(alert, escalation)
-            elif (
-                escalation is not None
-                and alert.notified is not None
-                and now - alert.notified >= escalation.repeat_interval
-            ):
-                self._spawn(self._send(alert, FIRING, escalation))
-
-    def _resolve(self, alert: Alert, escalation: Escalation | None) -> None:
-        now = self.clock.now()
-        self.store.mark_resolved(alert.id, now)
-        if escalation is not None and escalation.send_resolved and alert.notified is not None:
-            self._spawn(self._send(replace(alert, resolved=now), RESOLVED, escalation))
-
-    def _spawn(self, work: Coroutine[Any, Any, object]) -> None:
-        async def run() -> None:
-            try:
-                await work
-            except Exception:
-                log.exception("a background repair or notification failed")
-
-        task = asyncio.create_task(run())
-        self._responding.add(task)
-        task.add_done_callback(self._responding.discard)
+        return self.notifier.raised(alert)
 
     # What the responders ask -----------------------------------------------------------------
 
-    async def recheck(self, incident: Incident) -> ProbeResult | None:
+    async def check_again(self, incident: Incident) -> Recheck:
         """Run the incident's probe once more against its resource (stored, monitors
-        updated); None when that resource is not a target here now."""
+        updated) and judge it by the monitor's rule (a counter read fine but still above
+        its threshold still fails). Without a target here now (a database moved away),
+        nothing runs."""
         health_set, probe, _ = self.find_probe(f"{incident.health_set}\\{incident.probe}")
         if not any(t.resource.lower() == incident.resource.lower() for t in self.targets(probe)):
-            return None
+            return Recheck(None, None)
         (result,) = await self.run_now(health_set, probe, incident.resource)
-        return result
+        monitor = self._monitor_by_key[f"{incident.health_set}\\{incident.monitor}"]
+        return Recheck(result, still_fails(monitor, result))
 
     def latest_result(self, incident: Incident) -> ProbeResult | None:
         found = self.store.recent(f"{incident.health_set}\\{incident.probe}", incident.resource, 1)
         return found[0] if found else None
 
-    def _moved_away_since(self, since: float | None) -> bool:
-        """A responder moved this server's databases away since then, and none moved
-        them back yet."""
-        if since is None:
-            return False
-        moved = False
-        for action in self.store.actions(since=since):
-            # Failed too: some databases may have moved before one could not.
-            if action.result in ("Succeeded", "Failed") and action.kind == "move-databases-away":
-                moved = True
-            elif action.result == "Succeeded" and action.kind == "move-back":
-                moved = False
-        return moved
+    def _owed_here(self) -> set[str]:
+        return {database.lower() for database in self.store.owed()}
 
-    def moved_away(self, incident: Incident) -> bool:
-        return self._moved_away_since(incident.first_alert)
-
-    async def server_problems(self) -> list[str]:
-        """Why this server is not healthy now: services not running, or its own probes
-        (not per database, not the watched external servers) failing when run now."""
+    async def server_problems(self, ladder_step: bool = True) -> list[str]:
+        """Why this server is not healthy now: a service not running, a monitor alerting
+        about something still here, or one of its own probes (not per database, not the
+        watched external servers) failing when run now. Outside a ladder's own step, a
+        ladder still climbing for a database moved away counts too: it owns the move."""
         problems: list[str] = []
         try:
             control = control_for(self.data)
@@ -722,6 +699,16 @@ class HealthEngine:
             problems += [f"{s.service} is {s.state}" for s in statuses if s.state != "Running"]
         except UserError as exc:
             problems.append(str(exc))
+        owed = self._owed_here()
+        problems += [
+            f"{state.monitor} on {state.resource} is {state.state}"
+            for state in self._states.values()
+            if state.is_alert
+            and (
+                state.resource.lower() not in owed
+                or (not ladder_step and state.state != "Unrecoverable")
+            )
+        ]
         for health_set, probe in self.probes():
             if probe.kind == "counter" or probe.per_database:
                 continue
@@ -732,19 +719,72 @@ class HealthEngine:
                     problems.append(f"{result.probe} {result.failure_component}: {result.error}")
         return problems
 
+    async def databases_fail_here(self, databases: list[str]) -> list[str]:
+        """Run every per-database probe of this server for these databases now: what
+        fails (a database moved back onto a server that cannot serve it)."""
+        failures = []
+        for health_set, probe in self.probes():
+            if not probe.per_database:
+                continue
+            for target in self._own_targets(probe):
+                if target.resource.lower() in {d.lower() for d in databases}:
+                    result = await self.run_probe(health_set, probe, target)
+                    self.store.add(result)
+                    if not result.succeeded:
+                        failures.append(
+                            f"{target.resource}: {result.probe} {result.failure_component} "
+                            f"{result.error}"
+                        )
+        return failures
+
+    def _settle_debts(self) -> None:
+        """Databases a responder moved away go back once this server is healthy: checked
+        every OWED_CHECK seconds, one move back at a time, not before a failed try's hold
+        ends. An operator who allowed activation again took the matter over."""
+        now = self.clock.now()
+        if self._moving_back or now - self._owed_checked < OWED_CHECK:
+            return
+        self._owed_checked = now
+        owed = self.store.owed()
+        if not owed or all(until > now for until in owed.values()):
+            return
+        self._moving_back = True
+        self._spawn(self._move_back_owed())
+
+    async def _move_back_owed(self) -> None:
+        try:
+            outcome = await return_databases(self, ladder_step=False)
+        finally:
+            self._moving_back = False
+        # Moves of this server's databases, by any monitor's step, one at a time.
+        self.moves_lock = asyncio.Lock()
+        if outcome is None:
+            return
+        now = self.clock.now()
+        self.store.add_action(
+            RecoveryAction("popguard\\MoveBackWhenHealthy", "", "", "move-back", now, now, now,
+                           outcome.result, outcome.detail)
+        )  # fmt: skip
+        log.warning("moving back: %s: %s", outcome.result, outcome.detail)
+
+    def _spawn(self, work: Coroutine[Any, Any, None]) -> None:
+        async def run() -> None:
+            try:
+                await work
+            except Exception:  # logged; the engine goes on
+                log.exception("a background repair failed")
+
+        task = asyncio.create_task(run())
+        self._responding.add(task)
+        task.add_done_callback(self._responding.discard)
+
     def _recovered(self, previous: MonitorState) -> None:
-        """A monitor back to Healthy: undo what its responders took out of service (a
-        front end offline, databases moved away) and resolve its alerts."""
+        """A monitor back to Healthy: its alerts are resolved, and a front end its
+        responders took out of service comes back (databases come back through
+        _settle_debts, once the whole server is healthy)."""
         if previous.first_alert is None:
             return
-        health_set, monitor = previous.monitor.split("\\", 1)
-        for alert in self.store.alerts():
-            if (alert.health_set, alert.monitor, alert.resource) == (
-                health_set, monitor, previous.resource
-            ) and alert.resolved is None:  # fmt: skip
-                self._resolve(alert, self._escalation())
-        if "mailbox" in self.server.roles and self._moved_away_since(previous.first_alert):
-            self._spawn(self._move_back_after(previous))
+        self.notifier.resolved(previous.monitor, previous.resource)
         taken = [
             a for a in self.store.actions(since=previous.first_alert)
             if a.monitor == previous.monitor and a.resource == previous.resource
@@ -769,26 +809,6 @@ class HealthEngine:
             )
         )
         log.warning("%s Healthy again: PopProxy on %s Active", previous.monitor, self.server.name)
-
-    async def _move_back_after(self, previous: MonitorState) -> None:
-        """The runbook's last repair step, taken as soon as the monitor is Healthy."""
-        assert previous.first_alert is not None
-        health_set, monitor = previous.monitor.split("\\", 1)
-        definition = self._monitor_by_key[previous.monitor]
-        incident = Incident(health_set, monitor, definition.probe, previous.resource,
-                            previous.first_alert, "")  # fmt: skip
-        started = self.clock.now()
-        action = self.store.add_action(
-            RecoveryAction(f"{previous.monitor}Recovered", previous.monitor, previous.resource,
-                           "move-back", previous.first_alert, started, None, "InProgress", "")
-        )  # fmt: skip
-        try:
-            outcome = await RESPONDER_KINDS["move-back"](self, MOVE_BACK, incident)
-        except Exception as exc:
-            log.exception("moving back failed")
-            outcome = ResponderOutcome("Failed", f"move-back crashed: {exc!r}")
-        self.store.finish_action(action, self.clock.now(), outcome.result, outcome.detail)
-        log.warning("%s Healthy again: %s: %s", previous.monitor, outcome.result, outcome.detail)
 
     def _evaluate_one(
         self,
@@ -836,7 +856,9 @@ class HealthEngine:
         open alerts are sent again or resolved."""
         self.refresh_controls()
         self._walk_alerting()
-        self._repeat_notifications()
+        self.notifier.check(self._states)
+        if "mailbox" in self.server.roles:
+            self._settle_debts()
 
     async def _walk_ladders(self, stop: asyncio.Event) -> None:
         """Ladders move with time even between probe results."""
@@ -851,6 +873,8 @@ class HealthEngine:
         while not stop.is_set():
             with contextlib.suppress(Exception):
                 self.store.prune(self.clock.now() - RETENTION)
+            with contextlib.suppress(Exception):  # group throttles look one day back
+                self.directory.prune_repairs(self.server.name, self.clock.now() - 2 * 86_400)
             await self._sleep(3600.0, stop)
 
     def monitor_rows(self) -> list[MonitorRow]:
@@ -903,4 +927,5 @@ class HealthEngine:
             await asyncio.gather(*tasks, return_exceptions=True)
             for task in list(self._responding):
                 task.cancel()
+            self.notifier.cancel()
             await asyncio.gather(*self._responding, return_exceptions=True)

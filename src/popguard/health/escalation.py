@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import datetime
 import hashlib
+import json
 import smtplib
 import ssl
 from dataclasses import dataclass
@@ -127,7 +128,7 @@ def email_message(report: AlertReport, config: EmailEscalation) -> EmailMessage:
 def webhook_payload(report: AlertReport, config: WebhookEscalation) -> dict[str, Any]:
     """The JSON that Alertmanager's webhook receiver sends (version 4), so that a
     receiver written for Alertmanager reads popguard's alerts unchanged."""
-    labels = {
+    every_label = {
         "alertname": report.monitor,
         "server": report.server,
         "health_set": report.health_set,
@@ -136,6 +137,7 @@ def webhook_payload(report: AlertReport, config: WebhookEscalation) -> dict[str,
         "failure_component": report.failure_component,
         "severity": "critical",
     }
+    labels = {name: value for name, value in every_label.items() if value}  # as Alertmanager
     annotations = {
         "summary": f"{report.identity}: {report.failure_component or 'failure'}",
         "description": report.error,
@@ -152,10 +154,12 @@ def webhook_payload(report: AlertReport, config: WebhookEscalation) -> dict[str,
         "generatorURL": "",
         "fingerprint": report.fingerprint,
     }
-    group = {"alertname": report.monitor, "server": report.server}
+    # One alert per group (each problem is its own group), so that a receiver keying
+    # on groupKey resolves exactly this one.
+    group = {k: labels[k] for k in ("alertname", "server", "resource") if k in labels}
     return {
         "version": "4",
-        "groupKey": "{}:{" + ",".join(f'{k}="{v}"' for k, v in group.items()) + "}",
+        "groupKey": "{}:{" + ", ".join(f"{k}={json.dumps(v)}" for k, v in group.items()) + "}",
         "truncatedAlerts": 0,
         "status": report.status,
         "receiver": config.receiver,
@@ -167,9 +171,9 @@ def webhook_payload(report: AlertReport, config: WebhookEscalation) -> dict[str,
     }
 
 
-def _send_email(report: AlertReport, config: EmailEscalation) -> str:
-    message = email_message(report, config)
+def _send_email(report: AlertReport, config: EmailEscalation) -> tuple[bool, str]:
     try:
+        message = email_message(report, config)
         with smtplib.SMTP(config.smtp_host, config.smtp_port, timeout=config.timeout) as smtp:
             if config.starttls:
                 smtp.starttls(context=ssl.create_default_context())
@@ -177,22 +181,30 @@ def _send_email(report: AlertReport, config: EmailEscalation) -> str:
                 password = config.password_file.read_text().strip()
                 smtp.login(config.username, password)
             refused = smtp.send_message(message)
-    except (OSError, smtplib.SMTPException) as exc:
-        return f"e-mail to {', '.join(config.to)} failed: {exc}"
+    except (OSError, ValueError, smtplib.SMTPException) as exc:
+        return False, f"e-mail to {', '.join(config.to)} failed: {exc}"
     if refused:
-        return f"e-mail refused for {', '.join(refused)}"
-    return f"e-mail to {', '.join(config.to)} sent"
+        return True, f"e-mail refused for {', '.join(refused)}"
+    return True, f"e-mail to {', '.join(config.to)} sent"
 
 
-async def _post_webhook(report: AlertReport, config: WebhookEscalation) -> str:
+def shown_url(url: str) -> str:
+    """A webhook URL as logs and e-mails show it: chat webhooks carry their secret in
+    the path and query, so only the scheme and host are shown."""
+    parsed = httpx.URL(url)
+    return f"{parsed.scheme}://{parsed.netloc.decode()}/..."
+
+
+async def _post_webhook(report: AlertReport, config: WebhookEscalation) -> tuple[bool, str]:
+    where = shown_url(config.url)
     try:
         async with httpx.AsyncClient(timeout=config.timeout) as client:
             response = await client.post(config.url, json=webhook_payload(report, config))
     except httpx.HTTPError as exc:
-        return f"webhook {config.url} failed: {exc!r}"
+        return False, f"webhook {where} failed: {type(exc).__name__}"
     if response.is_success:
-        return f"webhook {config.url}: {response.status_code}"
-    return f"webhook {config.url} failed: HTTP {response.status_code}"
+        return True, f"webhook {where}: {response.status_code}"
+    return False, f"webhook {where} failed: HTTP {response.status_code}"
 
 
 async def send(report: AlertReport, escalation: Escalation) -> tuple[bool, str]:
@@ -200,12 +212,12 @@ async def send(report: AlertReport, escalation: Escalation) -> tuple[bool, str]:
     outcomes: list[str] = []
     delivered = False
     if escalation.email is not None:
-        outcome = await asyncio.to_thread(_send_email, report, escalation.email)
-        delivered |= outcome.endswith(" sent")
+        sent, outcome = await asyncio.to_thread(_send_email, report, escalation.email)
+        delivered |= sent
         outcomes.append(outcome)
     if escalation.webhook is not None:
-        outcome = await _post_webhook(report, escalation.webhook)
-        delivered |= "failed" not in outcome
+        sent, outcome = await _post_webhook(report, escalation.webhook)
+        delivered |= sent
         outcomes.append(outcome)
     if not outcomes:
         return False, "not sent: no [escalation] channel in popguard.toml"

@@ -69,6 +69,16 @@ def sample_above(
     return Verdict(alert, bool(recent), recent[0] if recent else None, above)
 
 
+def still_fails(monitor: MonitorDefinition, result: ProbeResult) -> bool:
+    """Whether one fresh result, run to check that a problem still exists, shows it: a
+    failure, or for a sample monitor a reading above the threshold."""
+    if not result.succeeded:
+        return True
+    if monitor.kind == "sample-above":
+        return result.sample_value is not None and result.sample_value > monitor.threshold
+    return False
+
+
 MONITOR_KINDS: dict[str, Rule] = {
     "consecutive-failures": consecutive_failures,
     "failures-in-window": failures_in_window,

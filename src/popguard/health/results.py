@@ -83,6 +83,15 @@ MIGRATIONS: tuple[str, ...] = (
     ALTER TABLE alerts ADD COLUMN notified REAL;
     ALTER TABLE alerts ADD COLUMN notification TEXT NOT NULL DEFAULT '';
     ALTER TABLE alerts ADD COLUMN resolved REAL;
+    ALTER TABLE alerts ADD COLUMN attempted REAL;
+    -- Databases a responder moved off this server, owed back once it is healthy;
+    -- hold_until: a move back that failed its check waits before it is tried again.
+    CREATE TABLE owed_databases (
+        database TEXT PRIMARY KEY COLLATE NOCASE,
+        moved_to TEXT NOT NULL,
+        moved_at REAL NOT NULL,
+        hold_until REAL NOT NULL DEFAULT 0
+    );
     """,
 )
 
@@ -171,7 +180,9 @@ class ResultsStore:
         return [_result(row) for row in rows]
 
     def prune(self, before: float) -> int:
+        """Results, and resolved alerts, older than `before`."""
         with self._transaction() as db:
+            db.execute("DELETE FROM alerts WHERE resolved < ?", (before,))
             return int(db.execute("DELETE FROM probe_results WHERE ended < ?", (before,)).rowcount)
 
     def monitor_states(self) -> dict[tuple[str, str], MonitorState]:
@@ -244,23 +255,54 @@ class ResultsStore:
             )  # fmt: skip
             return int(cursor.lastrowid or 0)
 
-    def alerts(self) -> list[Alert]:
-        rows = self._db.execute("SELECT * FROM alerts ORDER BY raised, id").fetchall()
+    def alerts(self, open_only: bool = False) -> list[Alert]:
+        rows = self._db.execute(
+            "SELECT * FROM alerts WHERE NOT ? OR resolved IS NULL ORDER BY raised, id",
+            (open_only,),
+        ).fetchall()
         return [
             Alert(
                 r["raised"], r["health_set"], r["monitor"], r["probe"], r["resource"],
                 r["failure_component"], r["error"], r["detail"], r["alert_started"],
-                r["notified"], r["notification"], r["resolved"], r["id"],
+                r["notified"], r["notification"], r["resolved"], r["attempted"], r["id"],
             )
             for r in rows
         ]  # fmt: skip
 
-    def mark_notified(self, alert_id: int, at: float | None, notification: str) -> None:
+    def mark_notified(
+        self, alert_id: int, sent: float | None, notification: str, attempted: float | None = None
+    ) -> None:
+        """What a send did; `sent` when a firing message reached a channel."""
         with self._transaction() as db:
             db.execute(
-                "UPDATE alerts SET notified = COALESCE(?, notified), notification = ? WHERE id = ?",
-                (at, notification, alert_id),
+                "UPDATE alerts SET notified = COALESCE(?, notified), notification = ?, "
+                "attempted = COALESCE(?, attempted) WHERE id = ?",
+                (sent, notification, attempted, alert_id),
             )
+
+    def owe(self, database: str, moved_to: str, at: float) -> None:
+        with self._transaction() as db:
+            db.execute(
+                "INSERT OR REPLACE INTO owed_databases (database, moved_to, moved_at, hold_until) "
+                "VALUES (?, ?, ?, 0)",
+                (database, moved_to, at),
+            )
+
+    def owed(self) -> dict[str, float]:
+        """Databases owed back to this server -> until when a new try waits."""
+        rows = self._db.execute("SELECT database, hold_until FROM owed_databases").fetchall()
+        return {str(r["database"]): float(r["hold_until"]) for r in rows}
+
+    def hold(self, database: str, until: float) -> None:
+        with self._transaction() as db:
+            db.execute(
+                "UPDATE owed_databases SET hold_until = ? WHERE database = ?", (until, database)
+            )
+
+    def paid(self, database: str | None = None) -> None:
+        """A database is back (or, without one, an operator took the matter over)."""
+        with self._transaction() as db:
+            db.execute("DELETE FROM owed_databases WHERE ?1 IS NULL OR database = ?1", (database,))
 
     def mark_resolved(self, alert_id: int, at: float) -> None:
         with self._transaction() as db:
@@ -287,6 +329,7 @@ class Alert:
     notified: float | None = None  # last sent by e-mail or webhook
     notification: str = ""  # what the sending did ("e-mail to ...: sent; webhook: 200")
     resolved: float | None = None  # when its monitor was Healthy again
+    attempted: float | None = None  # last try to send it, delivered or not
     id: int = 0
 
     @property

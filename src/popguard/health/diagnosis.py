@@ -1,0 +1,89 @@
+"""Protocol logging for one failing probe run: the runbook's diagnosis step for PopCTP.
+
+Logging is turned on for the server (the services apply settings within a second),
+the probe runs again, the lines its session wrote are kept in the recovery action,
+and logging is turned off again if it was off. Only what the log files gained
+during the run is read, off the event loop.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import csv
+import io
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from .. import paths
+from .incidents import Incident, Outcome
+
+if TYPE_CHECKING:
+    from .definitions import ResponderDefinition
+    from .engine import HealthEngine
+
+SETTINGS_APPLIED = 2.5  # seconds: the services read their settings every second
+MAX_LINES = 40
+
+
+def log_sizes(folder: Path) -> dict[Path, int]:
+    sizes = {}
+    for path in folder.glob("*.LOG"):
+        try:
+            sizes[path] = path.stat().st_size
+        except OSError:
+            continue
+    return sizes
+
+
+def lines_since(folder: Path, before: dict[Path, int], client_host: str) -> list[str]:
+    """The lines added since `before` (file -> size) by sessions from `client_host` (a
+    probe connects from its server's own address)."""
+    lines = []
+    for path in sorted(folder.glob("*.LOG")):
+        try:
+            with open(path, encoding="utf-8", errors="replace", newline="") as handle:
+                handle.seek(before.get(path, 0))
+                added = handle.read()
+        except OSError:
+            continue
+        for row in csv.reader(io.StringIO(added)):
+            if not row or row[0].startswith("#") or len(row) < 5:
+                continue
+            if row[4].rsplit(":", 1)[0].strip("[]") == client_host:
+                lines.append(",".join(row))
+    return lines
+
+
+async def protocol_logging(
+    engine: HealthEngine, responder: ResponderDefinition, incident: Incident
+) -> Outcome:
+    name = engine.server.name
+    directory = engine.directory
+    settings, _ = directory.pop_settings(name)
+    was_on = settings.ProtocolLogEnabled
+    folder = (
+        Path(settings.LogFileLocation)
+        if settings.LogFileLocation
+        else paths.default_protocol_log_dir(engine.data, name, responder.service or "pop3")
+    )
+    if not was_on:
+        directory.set_pop_settings(name, settings.with_changes({"ProtocolLogEnabled": True}))
+    try:
+        await asyncio.sleep(SETTINGS_APPLIED)
+        before = await asyncio.to_thread(log_sizes, folder)
+        again = await engine.check_again(incident)
+        await asyncio.sleep(0.2)  # each line is flushed as written; a margin all the same
+        lines = await asyncio.to_thread(lines_since, folder, before, engine.server.address)
+    finally:
+        if not was_on:
+            current, _ = directory.pop_settings(name)
+            directory.set_pop_settings(name, current.with_changes({"ProtocolLogEnabled": False}))
+    result = again.result
+    ran = "not run (its target is not here)" if result is None else result.result_type
+    error = f": {result.failure_component} {result.error}" if result and result.error else ""
+    logging_note = "left on (it was on)" if was_on else "on for this probe, off again"
+    detail = (
+        f"protocol logging {logging_note}; probe {ran}{error}; {len(lines)} log line(s) of "
+        f"its session in {folder}:\n" + "\n".join(lines[-MAX_LINES:])
+    )
+    return Outcome("Succeeded" if lines else "Failed", detail)
