@@ -131,6 +131,14 @@ def test_services_run_under_supervisord_and_restart_for_real(tmp_path: Path) -> 
             raise AssertionError(f"pop3be was not started again: {now}")
         refused = popguard(data, "restart-server", "mbx1")
         assert refused.returncode == 1 and "holds the active copy of DB01" in refused.stderr
+        # Rebooting the host is off unless the configuration allows it, and even then
+        # only under systemd (a supervisord of `up` has no host to reboot).
+        no_reboot = popguard(data, "restart-server", "cas1", "--reboot-host")
+        assert no_reboot.returncode == 1 and "allow_reboot = true" in no_reboot.stderr
+        (data / "popguard.toml").write_text("[host]\nallow_reboot = true\n")
+        no_reboot = popguard(data, "restart-server", "cas1", "--reboot-host")
+        assert no_reboot.returncode == 1 and "only where systemd runs" in no_reboot.stderr
+        (data / "popguard.toml").unlink()
         stopped = popguard(data, "stop-service", "health", "--server", "cas1", "--format", "json")
         assert json.loads(stopped.stdout)[0]["Status"] == "Stopped"
         wrong = popguard(data, "restart-service", "pop3be", "--server", "cas1")

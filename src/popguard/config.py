@@ -53,6 +53,12 @@ class Faults(Section):
     enabled: bool = False
 
 
+class Host(Section):
+    # `restart-server --reboot-host` reboots the machine (under systemd) only when this
+    # is true: a host runs more than one logical server.
+    allow_reboot: bool = False
+
+
 class EmailEscalation(Section):
     """Alerts as e-mail, one message per alert with its whole history."""
 
@@ -128,6 +134,7 @@ class Demo(Section):
 
 class Config(Section):
     faults: Faults = Faults()
+    host: Host = Host()
     escalation: Escalation = Escalation()
     servers: tuple[ServerEntry, ...] = ()
     databases: tuple[DatabaseEntry, ...] = ()

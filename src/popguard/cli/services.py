@@ -3,12 +3,21 @@
 from __future__ import annotations
 
 import datetime
+import subprocess
 from typing import Any
 
 import click
 
+from ..config import config_file, load_config
 from ..errors import UserError
-from ..service_control import SERVICES, ServiceStatus, control_for, services_of
+from ..service_control import (
+    SERVICES,
+    ServiceStatus,
+    SupervisorControl,
+    SystemdControl,
+    control_for,
+    services_of,
+)
 from .context import AppContext, pass_app
 from .render import format_option, render
 
@@ -72,9 +81,16 @@ def get_service(app: AppContext, server: str, output_format: str) -> None:
 @click.command("restart-server")
 @click.argument("server")
 @click.option("--force", is_flag=True, help="Even while it holds active database copies.")
+@click.option(
+    "--reboot-host",
+    is_flag=True,
+    help="Reboot the machine instead (systemd only, and only with [host] allow_reboot = true).",
+)
 @format_option
 @pass_app
-def restart_server(app: AppContext, server: str, force: bool, output_format: str) -> None:
+def restart_server(
+    app: AppContext, server: str, force: bool, reboot_host: bool, output_format: str
+) -> None:
     """Restart every service of a logical server, once it holds no active copy."""
     with app.directory() as directory:
         host = directory.get_server(server)
@@ -90,11 +106,28 @@ def restart_server(app: AppContext, server: str, force: bool, output_format: str
             "true), or --force"
         )
     control = control_for(app.data)
+    if reboot_host:
+        _reboot(app, control)
+        return
     services = services_of(host.roles)
     for service in services:
         control.stop(host.name, service)
     statuses = [control.start(host.name, service) for service in services]
     render([status_row(s, control.name) for s in statuses], output_format)
+
+
+def _reboot(app: AppContext, control: SupervisorControl | SystemdControl) -> None:
+    if not load_config(app.data).host.allow_reboot:
+        raise UserError(
+            f"rebooting the host is off: set `[host] allow_reboot = true` in "
+            f"{config_file(app.data)} (every logical server on this machine goes down with it)"
+        )
+    if not isinstance(control, SystemdControl):
+        raise UserError("the host is rebooted only where systemd runs popguard's services")
+    done = subprocess.run(["systemctl", "reboot"], capture_output=True, text=True, timeout=60)
+    if done.returncode != 0:
+        raise UserError(f"systemctl reboot failed: {done.stderr.strip()}")
+    click.echo("rebooting the host")
 
 
 COMMANDS = [start_service, stop_service, restart_service, get_service, restart_server]
