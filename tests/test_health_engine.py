@@ -309,8 +309,8 @@ async def test_responders_act_once_per_alert_within_their_throttle(tmp_path: Pat
     escalation = engine.store.actions()[-1]
     assert (escalation.kind, escalation.result) == ("escalate", "Succeeded")
     assert "ESCALATION mbx1 Test.Dead\\DeadMonitor" in escalation.detail
-    assert "DeadRestart Failed" in escalation.detail  # what was done so far
     (alert,) = engine.store.alerts()
+    assert "DeadRestart Failed" in alert.detail  # what was done so far
     assert (alert.monitor, alert.failure_component) == ("DeadMonitor", "Networking")
     # A new alert (after a success) within the restart's 600 s gap is throttled.
     engine._states.clear()

@@ -68,13 +68,14 @@ async def escalate(
         for a in engine.store.actions(since=incident.first_alert)
         if a.resource == incident.resource and a.result != "InProgress"
     )
-    detail = (
+    summary = (
         f"ESCALATION {engine.server.name} {incident.health_set}\\{incident.monitor} on "
-        f"{incident.resource}: {component} {error} (probe {checked}). "
-        f"Done so far: {history or 'nothing'}"
+        f"{incident.resource}: {component} {error} (probe {checked})"
     )
+    # The alert keeps the history; this action, one of that history, does not repeat it.
+    detail = f"{summary}. Done so far: {history or 'nothing'}"
     notification = engine.escalated(incident, component, error, detail)
-    return Outcome("Succeeded", f"{detail}; {notification}")
+    return Outcome("Succeeded", f"{summary}; alert {notification}")
 
 
 async def take_offline(
