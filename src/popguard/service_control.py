@@ -17,6 +17,7 @@ import shutil
 import subprocess
 import sys
 import tempfile
+import time
 import xmlrpc.client
 from dataclasses import dataclass
 from pathlib import Path
@@ -31,6 +32,8 @@ ROLE_SERVICES = {
     "mailbox": ("pop3be", "delivery", "replication", "health"),
     "frontend": ("pop3", "health"),
 }
+
+KILL_RESTART_TIMEOUT = 15.0  # seconds for supervisord to start a killed process again
 
 
 def services_of(roles: tuple[str, ...]) -> list[str]:
@@ -58,6 +61,8 @@ class ServiceControl(Protocol):
     def stop(self, server: str, service: str) -> ServiceStatus: ...
 
     def restart(self, server: str, service: str) -> ServiceStatus: ...
+
+    def kill(self, server: str, service: str) -> ServiceStatus: ...
 
 
 # supervisord -------------------------------------------------------------------------
@@ -188,6 +193,22 @@ class SupervisorControl:
         self.stop(server, service)
         return self.start(server, service)
 
+    def kill(self, server: str, service: str) -> ServiceStatus:
+        """A hung process is killed at once (a graceful stop would only wait out
+        stopwaitsecs: its sessions are lost anyway) and started again."""
+        before = self._status(server, service)
+        if before.state == "Running":
+            self._call("signalProcess", f"{server}:{program_name(server, service)}", "KILL")
+        deadline = time.monotonic() + KILL_RESTART_TIMEOUT
+        while time.monotonic() < deadline:  # supervisord's autorestart, within its tick
+            now = self._status(server, service)
+            if now.state == "Running" and now.pid != before.pid:
+                return now
+            if now.state in ("Stopped", "Failed"):
+                break
+            time.sleep(0.2)
+        return self.start(server, service)
+
     def shutdown(self) -> None:
         self._call("shutdown")
 
@@ -235,6 +256,11 @@ class SystemdControl:
         return self._act("stop", server, service)
 
     def restart(self, server: str, service: str) -> ServiceStatus:
+        return self._act("restart", server, service)
+
+    def kill(self, server: str, service: str) -> ServiceStatus:
+        unit = f"popguard-{service}@{server}.service"
+        self._systemctl("kill", "--signal=SIGKILL", unit)
         return self._act("restart", server, service)
 
 

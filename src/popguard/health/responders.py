@@ -17,6 +17,8 @@ from .diagnosis import protocol_logging
 from .incidents import Incident, Outcome, Recheck
 from .server_repairs import move_back, move_databases_away, restart_server, return_databases
 
+RESTARTED_SETTLE = 1.0  # seconds for a new process to listen before its probe runs again
+
 if TYPE_CHECKING:
     from .definitions import ResponderDefinition
     from .engine import HealthEngine
@@ -25,26 +27,42 @@ if TYPE_CHECKING:
 async def restart_service(
     engine: HealthEngine, responder: ResponderDefinition, incident: Incident
 ) -> Outcome:
-    """Restart one service of this server (a new process; a hung one is killed)."""
+    """Restart one service of this server: a new process. One that stopped answering
+    (its probe timed out) is killed at once, not stopped gracefully: its sessions are
+    lost anyway, and a hung process would only wait out the grace. Then the probe runs
+    again at once, so that the monitor sees the repair without waiting for its turn."""
     service = responder.service or ""
+    latest = engine.latest_result(incident)
+    hung = latest is not None and latest.result_type == "TimedOut"
 
     def restart() -> Outcome:
         control = control_for(engine.data)
         (before,) = control.status(engine.server.name, [service])
-        after = control.restart(engine.server.name, service)
+        if hung:
+            after = control.kill(engine.server.name, service)
+        else:
+            after = control.restart(engine.server.name, service)
         if after.state != "Running":
             return Outcome(
                 "Failed", f"{service} is {after.state} after the restart: {after.detail}"
             )
+        how = "killed (it did not answer) and started" if hung else "restarted"
         return Outcome(
             "Succeeded",
-            f"restarted {service} through {control.name}: pid {before.pid} -> {after.pid}",
+            f"{how} {service} through {control.name}: pid {before.pid} -> {after.pid}",
         )
 
     try:
-        return await asyncio.to_thread(restart)
+        outcome = await asyncio.to_thread(restart)
     except UserError as exc:
         return Outcome("Failed", str(exc))
+    if outcome.result == "Succeeded":
+        await asyncio.sleep(RESTARTED_SETTLE)
+        again = await engine.check_again(incident)
+        if again.fails is not None:
+            seen = "still fails" if again.fails else "succeeds"
+            outcome = Outcome(outcome.result, f"{outcome.detail}; the probe run again {seen}")
+    return outcome
 
 
 async def escalate(
