@@ -26,6 +26,7 @@ from hypothesis import strategies as st
 from popguard.directory import Directory
 from popguard.health.clock import ManualClock
 from popguard.health.definitions import load_health_set
+from popguard.health.diagnosis import marker_file
 from popguard.health.engine import HealthEngine
 from popguard.health.escalation import RESOLVED, AlertReport, email_text, webhook_payload
 from popguard.health.probes import PROBE_KINDS, Outcome, ProbeFailure, Transcript
@@ -441,6 +442,18 @@ async def test_protocol_logging_keeps_the_failing_sessions_lines_then_goes_off(
     assert any(credentials["db01"].address in line for line in lines), lines
     with Directory(organization.data) as directory:
         assert directory.pop_settings("cas1")[0].ProtocolLogEnabled is False
+    engine.close()
+
+    # A health service stopped in the middle of the diagnosis: the next one turns
+    # protocol logging off again.
+    with Directory(organization.data) as directory:
+        settings, _ = directory.pop_settings("cas1")
+        directory.set_pop_settings("cas1", settings.with_changes({"ProtocolLogEnabled": True}))
+    marker_file(organization.data, "cas1").touch()
+    engine = HealthEngine(organization.data, "cas1", ManualClock(start=time.time()), [health_set])
+    with Directory(organization.data) as directory:
+        assert directory.pop_settings("cas1")[0].ProtocolLogEnabled is False
+    assert not marker_file(organization.data, "cas1").exists()
     engine.close()
 
 

@@ -16,10 +16,31 @@ from typing import TYPE_CHECKING
 
 from .. import paths
 from .incidents import Incident, Outcome
+from .results import results_file
 
 if TYPE_CHECKING:
     from .definitions import ResponderDefinition
     from .engine import HealthEngine
+
+
+def marker_file(data: Path, server: str) -> Path:
+    """Present while protocol logging is on for a diagnosis: a health service that
+    stops meanwhile turns it off when it starts again."""
+    return results_file(data, server).parent / "protocol-logging-on"
+
+
+def undo_interrupted(engine: HealthEngine) -> bool:
+    """Turn off protocol logging a stopped diagnosis left on; whether there was one."""
+    marker = marker_file(engine.data, engine.server.name)
+    if not marker.exists():
+        return False
+    settings, _ = engine.directory.pop_settings(engine.server.name)
+    engine.directory.set_pop_settings(
+        engine.server.name, settings.with_changes({"ProtocolLogEnabled": False})
+    )
+    marker.unlink(missing_ok=True)
+    return True
+
 
 SETTINGS_APPLIED = 2.5  # seconds: the services read their settings every second
 MAX_LINES = 40
@@ -66,7 +87,9 @@ async def protocol_logging(
         if settings.LogFileLocation
         else paths.default_protocol_log_dir(engine.data, name, responder.service or "pop3")
     )
+    marker = marker_file(engine.data, name)
     if not was_on:
+        marker.touch()
         directory.set_pop_settings(name, settings.with_changes({"ProtocolLogEnabled": True}))
     try:
         await asyncio.sleep(SETTINGS_APPLIED)
@@ -78,6 +101,7 @@ async def protocol_logging(
         if not was_on:
             current, _ = directory.pop_settings(name)
             directory.set_pop_settings(name, current.with_changes({"ProtocolLogEnabled": False}))
+            marker.unlink(missing_ok=True)
     result = again.result
     ran = "not run (its target is not here)" if result is None else result.result_type
     error = f": {result.failure_component} {result.error}" if result and result.error else ""

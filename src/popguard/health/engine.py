@@ -29,6 +29,7 @@ from ..lmtp_client import deliver
 from ..service_control import control_for, services_of
 from .clock import Clock
 from .definitions import HealthSet, MonitorDefinition, ProbeDefinition, ResponderDefinition
+from .diagnosis import undo_interrupted
 from .external import ExternalPop3Server, load_external
 from .health_mailboxes import ensure_health_mailboxes, read_credentials
 from .monitors import MONITOR_KINDS, SEVERITY, Verdict, alert_value, ladder_state, still_fails
@@ -140,11 +141,16 @@ class HealthEngine:
         """Actions a stopped health service left InProgress (a restart-server stops it on
         purpose) end now, so that the history and the throttles are right."""
         now = self.clock.now()
+        undone = ""
+        with contextlib.suppress(UserError, sqlite3.Error, OSError):
+            if undo_interrupted(self):
+                undone = "; protocol logging it had turned on is off again"
         for action in self.store.actions(since=now - 86_400):
             if action.result == "InProgress":
                 self.store.finish_action(
-                    action.id, now, "Failed", "interrupted: the health service stopped meanwhile"
-                )
+                    action.id, now, "Failed",
+                    f"interrupted: the health service stopped meanwhile{undone}",
+                )  # fmt: skip
 
     def refresh_controls(self, force: bool = False) -> None:
         """Overrides and repairing flags from the directory, at most once a second."""
