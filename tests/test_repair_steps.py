@@ -25,12 +25,13 @@ from hypothesis import strategies as st
 
 from popguard.directory import Directory
 from popguard.health.clock import ManualClock
-from popguard.health.definitions import load_health_set
+from popguard.health.definitions import LadderStep, MonitorDefinition, load_health_set
 from popguard.health.diagnosis import marker_file
 from popguard.health.engine import HealthEngine
 from popguard.health.escalation import RESOLVED, AlertReport, email_text, webhook_payload
+from popguard.health.monitors import starts_in_window
 from popguard.health.probes import PROBE_KINDS, Outcome, ProbeFailure, Transcript
-from popguard.health.results import ProbeResult, RecoveryAction
+from popguard.health.results import ProbeResult, RecoveryAction, ResultsStore
 from popguard.passwords import hash_password
 
 from .conftest import Organization, free_loopback_address
@@ -479,3 +480,20 @@ async def test_owed_databases_wait_for_a_healthy_server_or_an_operator(
     assert action.kind == "move-back" and "an operator allowed activation" in action.detail
     assert engine.store.owed() == {}
     engine.close()
+
+
+def test_a_process_start_is_a_fall_in_uptime_beyond_clock_slack(tmp_path: Path) -> None:
+
+    store = ResultsStore(tmp_path / "results.sqlite")
+    monitor = MonitorDefinition(
+        name="M", kind="starts-in-window", probe="P", threshold=2, window=600,
+        ladder=(LadderStep(state="Degraded", after=0),),
+    )  # fmt: skip
+    # (time, uptime): steady, then 2 s of jitter (no start), then two starts.
+    for at, uptime in [(0, 100), (5, 105), (10, 108), (15, 115), (20, 3), (25, 8), (30, 1)]:
+        store.add(ProbeResult("S\\P", "pop3be", 1000 + at, 1000 + at, "Succeeded", uptime))
+    verdict = starts_in_window(monitor, store, "S\\P", "pop3be", 1030)
+    assert verdict.is_alert and [r.started for r in verdict.failing] == [1020, 1030]
+    # Ten minutes on, the starts have left the window: the alert ends by itself.
+    assert not starts_in_window(monitor, store, "S\\P", "pop3be", 1030 + 600).is_alert
+    store.close()

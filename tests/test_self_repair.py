@@ -4,6 +4,7 @@ restarted, and the recovery actions say so."""
 from __future__ import annotations
 
 import poplib
+import time
 from pathlib import Path
 
 from popguard import tls
@@ -85,3 +86,41 @@ def test_mail_is_served_and_delivered_with_every_health_service_stopped(
         assert b"still delivered" in lines
     finally:
         client.quit()
+
+
+def test_a_crash_loop_the_supervisor_hides_is_escalated(detached_organization: Path) -> None:
+    """supervisord starts a killed back end again within seconds, so no probe sees it
+    down; three starts in ten minutes are a crash loop all the same."""
+    data = detached_organization
+
+    def restarts() -> str:
+        rows = json_of(data, "get-serverhealth", "mbx1", "--health-set", "POP.Protocol")
+        found = [r for r in rows if r["Name"] == "PopProcessRestartsMonitor"
+                 and r["TargetResource"] == "pop3be"]  # fmt: skip
+        return str(found[0]["AlertValue"]) if found else ""
+
+    wait_for("the process monitor's first readings", lambda: restarts() == "Healthy", 60)
+    for _ in range(3):
+        (before,) = [s for s in json_of(data, "get-service", "--server", "mbx1")
+                     if s["Name"] == "pop3be"]  # fmt: skip
+        crashed = popguard(data, "inject-fault", "--server", "mbx1", "--service", "pop3be",
+                           "--kind", "crash")  # fmt: skip
+        assert crashed.returncode == 0, crashed.stderr
+
+        def started_again(old: object = before["ProcessId"]) -> bool:
+            (now,) = [s for s in json_of(data, "get-service", "--server", "mbx1")
+                      if s["Name"] == "pop3be"]  # fmt: skip
+            return bool(now["Status"] == "Running" and now["ProcessId"] != old)
+
+        wait_for("supervisord to start pop3be again", started_again, 30)
+        time.sleep(6)  # one probe reading of the new process
+    wait_for("the crash loop to be seen", lambda: restarts() not in ("Healthy", ""), 60)
+
+    def escalated() -> bool:
+        alerts = json_of(data, "get-alerts", "--server", "mbx1")
+        return any(a["MonitorName"] == "PopProcessRestartsMonitor" for a in alerts)
+
+    wait_for("the escalation", escalated, 120)
+    actions = json_of(data, "get-recoveryactions", "--server", "mbx1")
+    # No restart was tried: a restart does not mend a crash loop.
+    assert not [a for a in actions if a["ActionId"] == "restart-service"], actions

@@ -232,13 +232,18 @@ class SystemdControl:
 
     def _status(self, server: str, service: str) -> ServiceStatus:
         unit = f"popguard-{service}@{server}.service"
-        shown = self._systemctl("show", unit, "--property=ActiveState,MainPID,SubState")
+        shown = self._systemctl(
+            "show", unit, "--property=ActiveState,MainPID,SubState,ActiveEnterTimestampMonotonic"
+        )
         values = dict(line.split("=", 1) for line in shown.stdout.splitlines() if "=" in line)
         active = values.get("ActiveState", "unknown")
         state = {"active": "Running", "inactive": "Stopped", "failed": "Failed",
                  "activating": "Starting"}.get(active, active)  # fmt: skip
         pid = int(values.get("MainPID", "0") or 0) or None
-        return ServiceStatus(server, service, state, pid, None, values.get("SubState", ""))
+        # systemd's monotonic clock is CLOCK_MONOTONIC, as Python's time.monotonic().
+        entered = int(values.get("ActiveEnterTimestampMonotonic", "0") or 0)
+        uptime = time.monotonic() - entered / 1e6 if state == "Running" and entered else None
+        return ServiceStatus(server, service, state, pid, uptime, values.get("SubState", ""))
 
     def status(self, server: str, services: list[str]) -> list[ServiceStatus]:
         return [self._status(server, service) for service in services]

@@ -44,6 +44,8 @@ class ProbeDefinition(Strict):
     timeout: float = Field(gt=0)
     # What the probe reads, for the counter kind: service -> counter name.
     counters: dict[str, str] = Field(default_factory=dict)
+    # What the probe watches, for the process-starts kind: services of this server.
+    services: tuple[str, ...] = ()
     retrieve: bool = False  # log in, and RETR the probe message too
     # Also run against the POP3 servers listed in DATA/health/external.toml.
     external: bool = False

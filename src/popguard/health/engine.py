@@ -35,7 +35,15 @@ from .health_mailboxes import ensure_health_mailboxes, read_credentials
 from .monitors import MONITOR_KINDS, SEVERITY, Verdict, alert_value, ladder_state, still_fails
 from .notifier import Notifier
 from .overrides import effective_monitor, effective_probe
-from .probes import NETWORKING, PROBE_KINDS, Credential, ProbeFailure, ProbeTarget, Transcript
+from .probes import (
+    NETWORKING,
+    PROBE_KINDS,
+    Credential,
+    ProbeFailure,
+    ProbeTarget,
+    ProcessState,
+    Transcript,
+)
 from .responders import RESPONDER_KINDS, Incident, Recheck, return_databases
 from .responders import Outcome as ResponderOutcome
 from .results import (
@@ -247,6 +255,15 @@ class HealthEngine:
     def _own_targets(self, probe: ProbeDefinition) -> list[ProbeTarget]:
         host = self.server.address
         port = self.server.port(probe.endpoint) if probe.endpoint else 0
+        if probe.kind == "process-starts":
+            here = services_of(self.server.roles)
+            return [
+                ProbeTarget(
+                    resource=service, read_process=functools.partial(self._process, service)
+                )
+                for service in probe.services
+                if service in here
+            ]
         if probe.kind == "counter":
             files = {
                 SERVICE_OF_ROLE[role]: paths.counters_file(
@@ -275,6 +292,16 @@ class HealthEngine:
             )
             for database in self._databases()
         ]
+
+    async def _process(self, service: str) -> ProcessState:
+        def read() -> ProcessState:
+            (status,) = control_for(self.data).status(self.server.name, [service])
+            return ProcessState(status.state, status.pid, status.uptime_seconds, status.detail)
+
+        try:
+            return await asyncio.to_thread(read)
+        except UserError as exc:  # no supervisor runs this server's services
+            return ProcessState("Unknown", None, None, str(exc))
 
     async def _deliver_probe_message(self, address: str) -> str | None:
         def send() -> str | None:
@@ -682,7 +709,7 @@ class HealthEngine:
             return Recheck(None, None)
         (result,) = await self.run_now(health_set, probe, incident.resource)
         monitor = self._monitor_by_key[f"{incident.health_set}\\{incident.monitor}"]
-        return Recheck(result, still_fails(monitor, result))
+        return Recheck(result, still_fails(monitor, result, self.store, self.clock.now()))
 
     def latest_result(self, incident: Incident) -> ProbeResult | None:
         found = self.store.recent(f"{incident.health_set}\\{incident.probe}", incident.resource, 1)

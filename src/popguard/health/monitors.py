@@ -9,6 +9,7 @@ Unknown (no result yet).
 
 from __future__ import annotations
 
+import itertools
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -69,9 +70,37 @@ def sample_above(
     return Verdict(alert, bool(recent), recent[0] if recent else None, above)
 
 
-def still_fails(monitor: MonitorDefinition, result: ProbeResult) -> bool:
+RESTART_TOLERANCE = 3.0  # seconds of clock and polling slack before an uptime drop counts
+
+
+def starts_in_window(
+    monitor: MonitorDefinition, store: ResultsStore, probe: str, resource: str, now: float
+) -> Verdict:
+    """Alert when the process started again (its uptime fell) at least `threshold` times
+    in the last `window` seconds: a crash loop the supervisor hides by restarting it."""
+    assert monitor.window is not None
+    recent = store.recent(probe, resource, 10_000, since=now - monitor.window)
+    readings = [
+        (r, r.sample_value) for r in reversed(recent) if r.succeeded and r.sample_value is not None
+    ]
+    starts = [
+        later
+        for (earlier, was_up), (later, is_up) in itertools.pairwise(readings)
+        # Up less long than it was before plus the time between: it started again.
+        if is_up + RESTART_TOLERANCE < was_up + (later.started - earlier.started)
+    ]
+    alert = len(starts) >= monitor.threshold
+    return Verdict(alert, bool(recent), recent[0] if recent else None, starts)
+
+
+def still_fails(
+    monitor: MonitorDefinition, result: ProbeResult, store: ResultsStore, now: float
+) -> bool:
     """Whether one fresh result, run to check that a problem still exists, shows it: a
-    failure, or for a sample monitor a reading above the threshold."""
+    failure, or for a sample monitor a reading above the threshold. One reading says
+    nothing of a crash loop: that rule is asked again over its window."""
+    if monitor.kind == "starts-in-window":
+        return starts_in_window(monitor, store, result.probe, result.resource, now).is_alert
     if not result.succeeded:
         return True
     if monitor.kind == "sample-above":
@@ -83,6 +112,7 @@ MONITOR_KINDS: dict[str, Rule] = {
     "consecutive-failures": consecutive_failures,
     "failures-in-window": failures_in_window,
     "sample-above": sample_above,
+    "starts-in-window": starts_in_window,
 }
 
 

@@ -22,8 +22,8 @@ from ..pop3.session import redact
 from .definitions import ProbeDefinition
 
 # Failure components, from the outside in.
-NETWORKING, TLS, POP3, AUTH, STORE, BACKEND, DELIVERY, COUNTERS = (
-    "Networking", "TLS", "POP3", "Auth", "Store", "Backend", "Delivery", "Counters",
+NETWORKING, TLS, POP3, AUTH, STORE, BACKEND, DELIVERY, COUNTERS, PROCESS = (
+    "Networking", "TLS", "POP3", "Auth", "Store", "Backend", "Delivery", "Counters", "Process",
 )  # fmt: skip
 MAX_MULTILINE = 64 * 1024 * 1024
 
@@ -50,6 +50,16 @@ class ProbeTarget:
     # The address to connect from: a server probes itself from its own address, which
     # a front end out of service (PopProxy Inactive) still serves.
     source: str | None = None
+    # For process-starts: the service's state, process id and uptime from its supervisor.
+    read_process: Callable[[], Awaitable[ProcessState]] | None = None
+
+
+@dataclass(frozen=True)
+class ProcessState:
+    state: str  # Running | Stopped | Starting | Failed | ...
+    pid: int | None
+    uptime: float | None
+    detail: str = ""
 
 
 class ProbeFailure(Exception):
@@ -294,10 +304,27 @@ async def counter_probe(
     raise ProbeFailure(COUNTERS, "missing", "no counters published on this server")
 
 
+async def process_starts_probe(
+    definition: ProbeDefinition, target: ProbeTarget, transcript: Transcript
+) -> Outcome:
+    """Read a service's state from its supervisor: its uptime is the sample, so that a
+    monitor sees the process start again (a crash the supervisor mended at once)."""
+    transcript.at("reading the supervisor", PROCESS)
+    assert target.read_process is not None
+    process = await target.read_process()
+    transcript.note(f"{target.resource}: {process.state}, pid {process.pid}, up {process.uptime}s")
+    if process.state != "Running" or process.uptime is None:
+        raise ProbeFailure(
+            PROCESS, process.state, f"{target.resource} is {process.state} {process.detail}".strip()
+        )
+    return Outcome(sample_value=process.uptime)
+
+
 ProbeKind = Callable[[ProbeDefinition, ProbeTarget, Transcript], Awaitable[Outcome]]
 
 PROBE_KINDS: dict[str, ProbeKind] = {
     "pop3-capabilities": capabilities_probe,
     "pop3-login": login_probe,
     "counter": counter_probe,
+    "process-starts": process_starts_probe,
 }
