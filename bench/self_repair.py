@@ -30,8 +30,10 @@ and measures, from the moment the command returned (the signal is sent just befo
   restart, or a stop and kill ordered by a restart).
 
 Between two cases the script waits until every monitor of every server is Healthy,
-the case's probe last succeeded, and the throttle of the responder that restarts
-the case's service would let it act (min_gap since its last restart, per_hour and
+no probe result failed within the longest monitor window (60 s: PopCTPMonitor counts
+failures in a window, and is Healthy again while older failures still count), the
+case's probe last succeeded, and the throttle of the responder that restarts the
+case's service would let it act (min_gap since its last restart, per_hour and
 per_day from the health-set files). One organization serves every case rather than
 a fresh one per case: throttles and monitor states live in the results stores, so
 `down` and `up` on the same data folder would not make the cases any more
@@ -306,10 +308,37 @@ def wait_for_throttle(org: UpOrganization, case: Case) -> float:
     return wait
 
 
+def longest_window() -> float:
+    """The longest window of a failures-in-window monitor: a monitor can be Healthy
+    (its newest result succeeded) while older failures still count in its window."""
+    return max((m.window or 0.0 for s in shipped_health_sets() for m in s.monitors), default=0.0)
+
+
+def failures_within(org: UpOrganization, seconds: float) -> int:
+    """Failed probe results on any server that ended in the last `seconds`."""
+    since, failed = time.time() - seconds, 0
+    for server in org.addresses:
+        with contextlib.closing(org.results_store(server)) as db:
+            (count,) = db.execute(
+                "SELECT COUNT(*) FROM probe_results WHERE ended >= ? AND result_type != ?",
+                (since, "Succeeded"),
+            ).fetchone()
+        failed += int(count)
+    return failed
+
+
 def settle(org: UpOrganization, case: Case, probe: str) -> float:
-    """Everything Healthy, the case's probe last succeeded, the throttle open."""
+    """Everything Healthy, no failure left in any monitor's window (so that one case's
+    failures do not count towards the next one's alerts), the case's probe last
+    succeeded, the throttle open."""
     started = time.monotonic()
+    window = longest_window()
     org.wait_all_healthy(SETTLE_TIMEOUT)
+    wait_until(
+        f"no failed probe result in the last {window:.0f}s",
+        lambda: failures_within(org, window) == 0,
+        SETTLE_TIMEOUT,
+    )
     wait_until(
         f"{probe} on {case.server} to have succeeded last",
         lambda: (latest_scheduled(org, case, probe) or (0.0, ""))[1] == "Succeeded",
