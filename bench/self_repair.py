@@ -34,7 +34,9 @@ no probe result failed within the longest monitor window (60 s: PopCTPMonitor co
 failures in a window, and is Healthy again while older failures still count), the
 case's probe last succeeded, and the throttle of the responder that restarts the
 case's service would let it act (min_gap since its last restart, per_hour and
-per_day from the health-set files). One organization serves every case rather than
+per_day from the health-set files); then a random delay of up to one probe
+recurrence, so that the faults fall at random points of the probe's schedule (the
+waits end in step with it). One organization serves every case rather than
 a fresh one per case: throttles and monitor states live in the results stores, so
 `down` and `up` on the same data folder would not make the cases any more
 independent, and a fresh data folder per case would measure a just-started
@@ -57,6 +59,7 @@ import contextlib
 import datetime
 import json
 import poplib
+import random
 import re
 import ssl
 import statistics
@@ -81,6 +84,7 @@ from bench.up_organization import (
 from popguard.health.definitions import (
     HealthSet,
     MonitorDefinition,
+    ProbeDefinition,
     ResponderDefinition,
     shipped_health_sets,
 )
@@ -131,6 +135,11 @@ def restarter_of(sets: list[HealthSet], case: Case) -> ResponderDefinition:
     health_set, monitor = monitor_of(sets, case)
     return next(r for r in health_set.responders
                 if r.monitor == monitor.name and r.kind == "restart-service")  # fmt: skip
+
+
+def shipped_probe(case: Case, name: str) -> ProbeDefinition:
+    health_set, _ = monitor_of(shipped_health_sets(), case)
+    return health_set.probe(name)
 
 
 def path_seconds(profile: str, case: Case) -> dict[str, float]:
@@ -266,6 +275,7 @@ class Trial:
     pid_before: int | None = None
     pid_after: int | None = None
     waited_before_s: float = 0.0
+    phase_delay_s: float = 0.0
     actions: list[dict[str, Any]] = field(default_factory=list)
     supervisor: list[dict[str, Any]] = field(default_factory=list)
     others_not_healthy: list[str] = field(default_factory=list)
@@ -353,6 +363,12 @@ def run_case(org: UpOrganization, case: Case, round_number: int, timeout: float)
     trial = Trial(case.name, round_number)
     _, monitor = monitor_of(shipped_health_sets(), case)
     trial.waited_before_s = round(settle(org, case, monitor.probe), 1)
+    # The waits above end in step with the probe's schedule (they poll its results),
+    # so every run would hit the same point of it: a random delay of up to one
+    # recurrence samples the phase, as a real fault would.
+    recurrence = shipped_probe(case, monitor.probe).recurrence
+    trial.phase_delay_s = round(random.uniform(0.0, recurrence), 2)
+    time.sleep(trial.phase_delay_s)
     actions_before = max((int(a["Id"]) for a in org.recovery_actions(case.server)), default=0)
     log = org.supervisor_log()
     log_offset = log.stat().st_size
