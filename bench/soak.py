@@ -18,8 +18,9 @@ then for `--minutes`, at fixed rates:
   own LMTP client (src/popguard/lmtp_client.py, as `send-message` uses it, without a
   Python start-up per message), on the server holding the active copy of DB01.
 
-Every session and delivery has a 10 s socket timeout and the loops stop at the end
-of the soak, so counts and time are bounded. Every 2 s the health API of each
+POP3 sessions have a 10 s socket timeout, deliveries the LMTP client's 30 s, and the
+loops stop at the end of the soak (or at once on Ctrl-C or SIGTERM), so counts and
+time are bounded. Every 2 s the health API of each
 server is read and every monitor seen not Healthy is recorded. At the end: sessions
 and deliveries ok/failed with latency percentiles, `get-alerts` and
 `get-recoveryactions` of every server, the monitors ever seen not Healthy, and the
@@ -75,14 +76,20 @@ class Tally:
     late: int = 0  # started after its slot (the one before took longer than a slot)
     latencies_ms: list[float] = field(default_factory=list)
     errors: Counter[str] = field(default_factory=Counter)
+    # (latency ms, operation number, seconds into the soak) of every success: which
+    # ones were slow, and when
+    timeline: list[tuple[float, int, float]] = field(default_factory=list)
+    began: float = field(default_factory=time.monotonic)
 
-    def record(self, started: float, error: str) -> None:
+    def record(self, started: float, error: str, n: int) -> None:
         if error:
             self.failed += 1
             self.errors[error[:120]] += 1
         else:
             self.ok += 1
-            self.latencies_ms.append((time.monotonic() - started) * 1000)
+            latency = (time.monotonic() - started) * 1000
+            self.latencies_ms.append(latency)
+            self.timeline.append((round(latency, 1), n, round(started - self.began, 1)))
 
     def report(self) -> dict[str, Any]:
         def ms(fraction: float) -> float | None:
@@ -95,27 +102,32 @@ class Tally:
             "late": self.late,
             "latency_ms": {"p50": ms(0.5), "p90": ms(0.9), "p99": ms(0.99), "max": ms(1.0)},
             "errors": dict(self.errors.most_common(10)),
+            "slowest": [
+                {"ms": ms_, "n": n, "at_s": at}
+                for ms_, n, at in sorted(self.timeline, reverse=True)[:5]
+            ],
         }
 
 
-def paced(rate: float, until: float, tally: Tally, operation: Any) -> None:
-    """Run operation(n) at `rate` per second until `until` (monotonic), one at a time."""
+def paced(rate: float, until: float, stop: threading.Event, tally: Tally, operation: Any) -> None:
+    """Run operation(n) at `rate` per second until `until` (monotonic) or `stop`, one
+    at a time."""
     began = time.monotonic()
     for n in range(int(rate * (until - began)) + 1):
         slot = began + n / rate
         now = time.monotonic()
-        if slot >= until or now >= until:
+        if slot >= until or now >= until or stop.is_set():
             return
         if now > slot + 1 / rate:
             tally.late += 1
-        else:
-            time.sleep(max(0.0, slot - now))
+        elif stop.wait(max(0.0, slot - now)):
+            return
         started = time.monotonic()
         try:
             error = operation(n)
         except Exception as exc:  # every failure is counted, none ends the soak
             error = f"{type(exc).__name__}: {exc}"
-        tally.record(started, error)
+        tally.record(started, error, n)
 
 
 def pop3_session(org: UpOrganization, context: ssl.SSLContext, keep: int, n: int) -> str:
@@ -226,7 +238,9 @@ def failed_probes(org: UpOrganization, since: float) -> dict[str, Any]:
     return found
 
 
-def lmtp_load(org: UpOrganization, rate: float, until: float, tally: Tally) -> None:
+def lmtp_load(
+    org: UpOrganization, rate: float, until: float, stop: threading.Event, tally: Tally
+) -> None:
     """Deliveries to the demo mailbox at `rate` per second, in this thread (the
     directory's SQLite connection belongs to the thread that opened it)."""
     recipient, _ = org.demo
@@ -239,7 +253,7 @@ def lmtp_load(org: UpOrganization, rate: float, until: float, tally: Tally) -> N
                 return str(exc)
             return "" if result.code == 250 else f"{result.code} {result.reply}"
 
-        paced(rate, until, tally, delivery)
+        paced(rate, until, stop, tally, delivery)
 
 
 def run_soak(org: UpOrganization, args: argparse.Namespace) -> dict[str, Any]:
@@ -247,24 +261,30 @@ def run_soak(org: UpOrganization, args: argparse.Namespace) -> dict[str, Any]:
     sessions, deliveries = Tally(), Tally()
     started, started_wall = time.monotonic(), time.time()
     until = started + args.minutes * 60
+    stop = threading.Event()  # set when the soak ends early (Ctrl-C, SIGTERM, an error)
     pop3 = threading.Thread(
         target=paced,
-        args=(args.pop3_rate, until, sessions,
+        args=(args.pop3_rate, until, stop, sessions,
               lambda n: pop3_session(org, context, args.keep_messages, n)),
     )  # fmt: skip
-    lmtp = threading.Thread(target=lmtp_load, args=(org, args.lmtp_rate, until, deliveries))
+    lmtp = threading.Thread(target=lmtp_load, args=(org, args.lmtp_rate, until, stop, deliveries))
     with HealthWatch(org, started) as watch:
         pop3.start()
         lmtp.start()
         next_report = started + 60
-        while pop3.is_alive() or lmtp.is_alive():
-            time.sleep(1.0)
-            if time.monotonic() >= next_report:
-                next_report += 60
-                print(f"  {(time.monotonic() - started) / 60:.0f} min: sessions {sessions.ok} "
-                      f"ok {sessions.failed} failed, deliveries {deliveries.ok} ok "
-                      f"{deliveries.failed} failed, monitors seen not Healthy: {len(watch.seen)}",
-                      flush=True)  # fmt: skip
+        try:
+            while pop3.is_alive() or lmtp.is_alive():
+                time.sleep(1.0)
+                if time.monotonic() >= next_report:
+                    next_report += 60
+                    print(f"  {(time.monotonic() - started) / 60:.0f} min: sessions "
+                          f"{sessions.ok} ok {sessions.failed} failed, deliveries "
+                          f"{deliveries.ok} ok {deliveries.failed} failed, monitors seen not "
+                          f"Healthy: {len(watch.seen)}", flush=True)  # fmt: skip
+        finally:
+            stop.set()  # a session or delivery under way ends within its 10 s timeout
+            pop3.join(SESSION_TIMEOUT * 4)
+            lmtp.join(SESSION_TIMEOUT * 4)
     seconds = time.monotonic() - started
     alerts = {s: org.cli_json("get-alerts", "--server", s) for s in SERVERS}
     actions = {s: org.cli_json("get-recoveryactions", "--server", s) for s in SERVERS}
@@ -355,7 +375,8 @@ def main(argv: list[str] | None = None) -> int:
     stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
     out = RESULTS / f"soak-{stamp}.json"
     out.write_text(json.dumps(report, indent=2))
-    print(json.dumps({k: result[k] for k in ("monitors_ever_not_healthy", "failed_probe_results",
+    print(json.dumps({k: result[k] for k in ("sessions", "deliveries",
+                                             "monitors_ever_not_healthy", "failed_probe_results",
                                              "alert_rows", "recovery_action_rows")},
                      indent=2))  # fmt: skip
     print()
