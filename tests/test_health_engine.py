@@ -139,7 +139,8 @@ def test_the_shipped_health_sets_and_the_exchange_2013_profile() -> None:
     monitors = {m.name for s in default.values() for m in s.monitors}
     assert monitors == {
         "PopSelfTestMonitor", "PopDeepTestMonitor", "PopProxyTestMonitor", "PopCTPMonitor",
-        "AverageCommandProcessingTimeGt60sMonitor",
+        "AverageCommandProcessingTimeGt60sMonitor", "PopProcessRestartsMonitor",
+        "PopProxyRestartsMonitor",
     }  # fmt: skip
     # Shipped defaults find a dead or hung service within 30 s: threshold x recurrence
     # plus the timeout of the last probe plus the ladder's Unhealthy step.

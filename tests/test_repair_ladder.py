@@ -196,4 +196,5 @@ def test_a_fault_a_restart_cannot_fix_runs_the_whole_ladder(
     assert active_server(data, "DB01") == "mbx1"
     wait_for("the resolved e-mail", lambda: len(found.mails) == 2, 120)
     assert found.mails[1]["Subject"].startswith("[popguard RESOLVED]")
+    wait_for("the resolved webhook", lambda: len(found.hooks) == 2, 30)  # sent after the mail
     assert [h["status"] for h in found.hooks] == ["firing", "resolved"]
