@@ -496,4 +496,9 @@ def test_a_process_start_is_a_fall_in_uptime_beyond_clock_slack(tmp_path: Path) 
     assert verdict.is_alert and [r.started for r in verdict.failing] == [1020, 1030]
     # Ten minutes on, the starts have left the window: the alert ends by itself.
     assert not starts_in_window(monitor, store, "S\\P", "pop3be", 1030 + 600).is_alert
+    # A start right after popguard's own restart is not a crash.
+    store.add_action(RecoveryAction("S\\R", "S\\M", "pop3be", "restart-service", 1000, 1019,
+                                    1021, "Succeeded", "restarted pop3be"))  # fmt: skip
+    verdict = starts_in_window(monitor, store, "S\\P", "pop3be", 1030)
+    assert not verdict.is_alert and [r.started for r in verdict.failing] == [1030]
     store.close()

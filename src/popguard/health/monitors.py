@@ -83,11 +83,19 @@ def starts_in_window(
     readings = [
         (r, r.sample_value) for r in reversed(recent) if r.succeeded and r.sample_value is not None
     ]
+    # popguard's own restarts (a responder's, recorded) are known and throttled: a
+    # start right after one is not a crash.
+    restarted = [
+        a.started for a in store.actions(since=now - monitor.window - 60)
+        if a.kind in ("restart-service", "restart-server")
+        and a.result in ("Succeeded", "Failed", "InProgress")
+    ]  # fmt: skip
     starts = [
         later
         for (earlier, was_up), (later, is_up) in itertools.pairwise(readings)
         # Up less long than it was before plus the time between: it started again.
         if is_up + RESTART_TOLERANCE < was_up + (later.started - earlier.started)
+        and not any(earlier.started - RESTART_TOLERANCE <= at <= later.started for at in restarted)
     ]
     alert = len(starts) >= monitor.threshold
     return Verdict(alert, bool(recent), recent[0] if recent else None, starts)
