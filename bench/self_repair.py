@@ -321,17 +321,40 @@ def wait_for_throttle(org: UpOrganization, case: Case) -> float:
 def longest_window() -> float:
     """The longest window of a failures-in-window monitor: a monitor can be Healthy
     (its newest result succeeded) while older failures still count in its window."""
-    return max((m.window or 0.0 for s in shipped_health_sets() for m in s.monitors), default=0.0)
+    return max(
+        (
+            m.window or 0.0
+            for s in shipped_health_sets()
+            for m in s.monitors
+            if m.kind == "failures-in-window"
+        ),
+        default=0.0,
+    )
+
+
+def process_probes() -> list[str]:
+    """The crash-loop monitors' probes: a crash case fails one reading of them, which
+    counts towards no other monitor, so it is no reason to wait."""
+    return [
+        f"{s.name}\\{p.name}"
+        for s in shipped_health_sets()
+        for p in s.probes
+        if p.kind == "process-starts"
+    ]
 
 
 def failures_within(org: UpOrganization, seconds: float) -> int:
-    """Failed probe results on any server that ended in the last `seconds`."""
+    """Failed probe results on any server that ended in the last `seconds` (but the
+    crash-loop monitors' own readings)."""
     since, failed = time.time() - seconds, 0
+    ignored = process_probes()
+    marks = ", ".join("?" for _ in ignored) or "''"
     for server in org.addresses:
         with contextlib.closing(org.results_store(server)) as db:
             (count,) = db.execute(
-                "SELECT COUNT(*) FROM probe_results WHERE ended >= ? AND result_type != ?",
-                (since, "Succeeded"),
+                "SELECT COUNT(*) FROM probe_results WHERE ended >= ? AND result_type != ? "
+                f"AND probe NOT IN ({marks})",
+                (since, "Succeeded", *ignored),
             ).fetchone()
         failed += int(count)
     return failed
