@@ -219,8 +219,8 @@ async def _return_databases(engine: HealthEngine, ladder_step: bool) -> Outcome 
             notes.append(f"{database} not moved back: {result.error}")
     failing = await engine.databases_fail_here(back)
     sent_away = []
-    for failure in failing:
-        database = failure.split(":", 1)[0]
+    # One database may fail more than one probe: each goes away once.
+    for database in dict.fromkeys(f.split(":", 1)[0] for f in failing):
         target, why = mover.best_copy_elsewhere(database, name)
         if target is None:
             notes.append(f"{database} fails here but has no healthy copy elsewhere: {why}")
