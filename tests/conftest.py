@@ -11,13 +11,19 @@ import socket
 import ssl
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
+from email import message_from_bytes
+from email import policy as email_policy
+from email.message import Message
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
 import pytest
+from aiosmtpd.controller import Controller
 
 from popguard import paths, tls
 from popguard.counters import read_counters
@@ -380,3 +386,47 @@ def wait_for(what: str, check: Any, timeout: float = 120.0) -> float:
             return time.monotonic() - started
         time.sleep(0.5)
     raise AssertionError(f"timed out waiting for {what}")
+
+
+@dataclass
+class AlertSinks:
+    """A real SMTP server (aiosmtpd) and an HTTP webhook receiver on a loopback address
+    of their own: what popguard's escalations reached."""
+
+    host: str
+    mails: list[Message] = field(default_factory=list)
+    hooks: list[dict[str, Any]] = field(default_factory=list)
+    smtp_port: int = 2525
+    webhook_port: int = 9093
+
+    @property
+    def webhook_url(self) -> str:
+        return f"http://{self.host}:{self.webhook_port}/alerts"
+
+    async def handle_DATA(self, server: object, session: object, envelope: Any) -> str:
+        self.mails.append(message_from_bytes(envelope.content, policy=email_policy.default))
+        return "250 OK"
+
+
+@pytest.fixture
+def alert_sinks() -> Iterator[AlertSinks]:
+    sinks = AlertSinks(free_loopback_address())
+    smtp = Controller(sinks, hostname=sinks.host, port=sinks.smtp_port)
+    smtp.start()
+
+    class Hook(BaseHTTPRequestHandler):
+        def do_POST(self) -> None:
+            sinks.hooks.append(json.loads(self.rfile.read(int(self.headers["Content-Length"]))))
+            self.send_response(204)
+            self.end_headers()
+
+        def log_message(self, *args: object) -> None:
+            pass
+
+    web = ThreadingHTTPServer((sinks.host, sinks.webhook_port), Hook)
+    threading.Thread(target=web.serve_forever, daemon=True).start()
+    try:
+        yield sinks
+    finally:
+        web.shutdown()
+        smtp.stop()

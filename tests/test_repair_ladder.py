@@ -7,68 +7,21 @@ holds the whole history. Clearing the fault resolves the alert."""
 
 from __future__ import annotations
 
-import json
 import poplib
-import threading
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass, field
-from email import message_from_bytes, policy
-from email.message import Message
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
-from typing import Any
 
 import pytest
-from aiosmtpd.controller import Controller
 
 from popguard import tls
 
-from .conftest import free_loopback_address, json_of, popguard, wait_for
-
-
-@dataclass
-class Sink:
-    """What the SMTP server and the webhook received."""
-
-    mails: list[Message] = field(default_factory=list)
-    hooks: list[dict[str, Any]] = field(default_factory=list)
-
-    async def handle_DATA(self, server: object, session: object, envelope: Any) -> str:
-        self.mails.append(message_from_bytes(envelope.content, policy=policy.default))
-        return "250 OK"
+from .conftest import AlertSinks, free_loopback_address, json_of, popguard, wait_for
 
 
 @pytest.fixture
-def sink() -> Iterator[tuple[Sink, str, int, str]]:
-    found = Sink()
-    host = free_loopback_address()
-    smtp = Controller(found, hostname=host, port=2525)
-    smtp.start()
-
-    class Hook(BaseHTTPRequestHandler):
-        def do_POST(self) -> None:
-            body = self.rfile.read(int(self.headers["Content-Length"]))
-            found.hooks.append(json.loads(body))
-            self.send_response(200)
-            self.end_headers()
-
-        def log_message(self, *args: object) -> None:
-            pass
-
-    web = ThreadingHTTPServer((host, 9093), Hook)
-    thread = threading.Thread(target=web.serve_forever, daemon=True)
-    thread.start()
-    try:
-        yield found, host, 2525, f"http://{host}:9093/alerts"
-    finally:
-        web.shutdown()
-        smtp.stop()
-
-
-@pytest.fixture
-def organization(tmp_path: Path, sink: tuple[Sink, str, int, str]) -> Iterator[Path]:
-    _, host, port, url = sink
+def organization(tmp_path: Path, alert_sinks: AlertSinks) -> Iterator[Path]:
+    host, port, url = alert_sinks.host, alert_sinks.smtp_port, alert_sinks.webhook_url
     data = tmp_path / "data"
     data.mkdir()
     (data / "popguard.toml").write_text(
@@ -132,9 +85,9 @@ def read_demo_mailbox(data: Path) -> bool:
 
 @pytest.mark.timeout(720)
 def test_a_fault_a_restart_cannot_fix_runs_the_whole_ladder(
-    organization: Path, sink: tuple[Sink, str, int, str]
+    organization: Path, alert_sinks: AlertSinks
 ) -> None:
-    data, (found, *_) = organization, sink
+    data, found = organization, alert_sinks
     wait_for("DB01's deep test on mbx1", lambda: deep_test(data) == "Healthy", 180)
     assert active_server(data, "DB01") == "mbx1"
     assert read_demo_mailbox(data)

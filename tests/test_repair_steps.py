@@ -9,17 +9,11 @@ from __future__ import annotations
 
 import json
 import socket
-import threading
 import time
-from collections.abc import Iterator
-from email import message_from_bytes, policy
-from email.message import Message
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
 import pytest
-from aiosmtpd.controller import Controller
 from hypothesis import given
 from hypothesis import strategies as st
 
@@ -34,7 +28,7 @@ from popguard.health.probes import PROBE_KINDS, Outcome, ProbeFailure, Transcrip
 from popguard.health.results import ProbeResult, RecoveryAction, ResultsStore
 from popguard.passwords import hash_password
 
-from .conftest import Organization, free_loopback_address
+from .conftest import AlertSinks, Organization, free_loopback_address
 
 SWITCHED = """
 name = "Test.Ladder"
@@ -234,56 +228,21 @@ state = "Unhealthy"
 """
 
 
-class Received:
-    def __init__(self) -> None:
-        self.mails: list[Message] = []
-        self.hooks: list[dict[str, Any]] = []
-
-    async def handle_DATA(self, server: object, session: object, envelope: Any) -> str:
-        self.mails.append(message_from_bytes(envelope.content, policy=policy.default))
-        return "250 OK"
-
-
-@pytest.fixture
-def receivers() -> Iterator[tuple[Received, str]]:
-    received = Received()
-    host = free_loopback_address()
-    smtp = Controller(received, hostname=host, port=2525)
-    smtp.start()
-
-    class Hook(BaseHTTPRequestHandler):
-        def do_POST(self) -> None:
-            received.hooks.append(json.loads(self.rfile.read(int(self.headers["Content-Length"]))))
-            self.send_response(204)
-            self.end_headers()
-
-        def log_message(self, *args: object) -> None:
-            pass
-
-    web = ThreadingHTTPServer((host, 9093), Hook)
-    threading.Thread(target=web.serve_forever, daemon=True).start()
-    try:
-        yield received, host
-    finally:
-        web.shutdown()
-        smtp.stop()
-
-
-def escalation_config(data: Path, host: str, smtp_port: int = 2525) -> None:
+def escalation_config(data: Path, sinks: AlertSinks) -> None:
     (data / "popguard.toml").write_text(
         f"[escalation]\nrepeat_interval = 600\n"
-        f'[escalation.email]\nsmtp_host = "{host}"\nsmtp_port = {smtp_port}\n'
+        f'[escalation.email]\nsmtp_host = "{sinks.host}"\nsmtp_port = {sinks.smtp_port}\n'
         f'to = ["oncall@example.test"]\n'
-        f'[escalation.webhook]\nurl = "http://{host}:9093/hook"\n'
+        f'[escalation.webhook]\nurl = "{sinks.webhook_url}"\n'
     )
 
 
 async def test_an_alert_is_sent_repeated_no_sooner_than_configured_and_resolved(
-    tmp_path: Path, switch: Switch, receivers: tuple[Received, str]
+    tmp_path: Path, switch: Switch, alert_sinks: AlertSinks
 ) -> None:
-    received, host = receivers
+    received = alert_sinks
     data = two_mailbox_servers(tmp_path, active_on="mbx2")
-    escalation_config(data, host)
+    escalation_config(data, alert_sinks)
     health_set = load_health_set(SWITCHED + ESCALATE_ONLY, "escalate.toml")
     clock = ManualClock(start=time.time())
     engine = HealthEngine(data, "mbx1", clock, [health_set])

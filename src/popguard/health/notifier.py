@@ -132,11 +132,11 @@ class Notifier:
         if now - self._checked < CHECK_EVERY:
             return
         self._checked = now
-        open_alerts = self.store.alerts(open_only=True)
+        every = self.store.alerts()
+        open_alerts = [a for a in every if a.resolved is None]
         if not open_alerts:
             return
         escalation = self.escalation()
-        every = self.store.alerts()
         for alert in open_alerts:
             state = states.get((f"{alert.health_set}\\{alert.monitor}", alert.resource))
             if state is None or not state.is_alert or state.first_alert != alert.alert_started:

@@ -180,7 +180,6 @@ async def return_databases(engine: HealthEngine, ladder_step: bool) -> Outcome |
 
 
 async def _return_databases(engine: HealthEngine, ladder_step: bool) -> Outcome | None:
-    record_skips = ladder_step
     name = engine.server.name
     now = engine.clock.now()
     owed = engine.store.owed()
@@ -189,7 +188,7 @@ async def _return_databases(engine: HealthEngine, ladder_step: bool) -> Outcome 
         engine.store.paid(database)
         del owed[database]
     if not owed:
-        return _skipped("no database is owed back to this server", record_skips)
+        return _skipped("no database is owed back to this server", ladder_step)
     if not engine.directory.get_server(name).activation_disabled:
         engine.store.paid()  # an operator allowed activation again: theirs now
         return Outcome(
@@ -199,13 +198,13 @@ async def _return_databases(engine: HealthEngine, ladder_step: bool) -> Outcome 
         )
     ready = [d for d, until in owed.items() if until <= now]
     if not ready:
-        return _skipped("every owed database waits after a failed try", record_skips)
+        return _skipped("every owed database waits after a failed try", ladder_step)
     problems = await engine.server_problems(ladder_step)
     if problems:
         return _skipped(
             f"{name} is not healthy yet ({'; '.join(problems)}): the databases stay on "
             "their other copies",
-            record_skips,
+            ladder_step,
         )
     mover = Mover(engine.data, engine.directory)
     engine.directory.set_mailbox_server(name, activation_disabled=False)
