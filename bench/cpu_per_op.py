@@ -29,7 +29,7 @@ from bench.mail import standard_messages, user_names
 from bench.popguard_server import FRONTEND, Popguard
 from bench.preflight import check_server, prime_logins
 from popguard import paths
-from popguard.counters import PUBLISH_INTERVAL, read_counters
+from popguard.services.counters import PUBLISH_INTERVAL, read_counters
 
 REPO = Path(__file__).resolve().parent.parent
 

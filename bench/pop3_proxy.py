@@ -311,7 +311,7 @@ class Primer:
     def __init__(
         self, targets: dict[str, Target], args: argparse.Namespace, users: tuple[str, ...]
     ) -> None:
-        from popguard.passwords import AUTH_CACHE_TTL
+        from popguard.directory.passwords import AUTH_CACHE_TTL
 
         self.ttl = float(AUTH_CACHE_TTL)
         self.targets = targets

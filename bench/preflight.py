@@ -112,7 +112,7 @@ def cold_login_cost(samples: int = 5) -> float:
     """Milliseconds of one argon2id verification with popguard's parameters."""
     import time
 
-    from popguard.passwords import hash_password, verify_password
+    from popguard.directory.passwords import hash_password, verify_password
 
     stored = hash_password("benchmark password")
     started = time.perf_counter()

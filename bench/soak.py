@@ -56,9 +56,9 @@ from bench.up_organization import (
     percentile,
     running_organization,
 )
-from popguard.directory import Directory
+from popguard.directory.directory import Directory
 from popguard.errors import UserError
-from popguard.lmtp_client import deliver
+from popguard.services.lmtp_client import deliver
 
 RESULTS = Path(__file__).parent / "results"
 SESSION_TIMEOUT = 10.0  # seconds per socket operation of a POP3 session

@@ -25,12 +25,14 @@ from typing import Any
 import pytest
 from aiosmtpd.controller import Controller
 
-from popguard import paths, tls
-from popguard.counters import read_counters
-from popguard.directory import Directory
-from popguard.lmtp_client import deliver
-from popguard.passwords import hash_password
-from popguard.settings import LoginType, PopSettings
+from popguard import paths
+from popguard.directory.directory import Directory
+from popguard.directory.passwords import hash_password
+from popguard.directory.settings import PopSettings
+from popguard.net import tls
+from popguard.pop3.session import LoginType
+from popguard.services.counters import read_counters
+from popguard.services.lmtp_client import deliver
 
 PASSWORD = "correct horse battery staple"
 HEALTH_PORT = 8480

@@ -206,7 +206,7 @@ def make_test_pki(
     iPAddress entry when it is an IP address, and always a dNSName entry with the
     literal string: the latter is what fetchmail's name check needs for IP hosts.
     """
-    from popguard import tls
+    from popguard.net import tls
 
     ip_hosts = []
     for host in hosts:

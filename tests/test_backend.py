@@ -12,8 +12,8 @@ from pathlib import Path
 import pytest
 
 from popguard import paths
-from popguard.counters import read_counters
-from popguard.settings import LoginType
+from popguard.pop3.session import LoginType
+from popguard.services.counters import read_counters
 
 from .conftest import PASSWORD, MailboxServer, message
 
@@ -113,7 +113,7 @@ def test_wrong_password_and_unknown_user_get_auth_code(mailbox_server: MailboxSe
 
 
 def test_password_change_takes_effect_at_once(mailbox_server: MailboxServer) -> None:
-    from popguard.passwords import hash_password
+    from popguard.directory.passwords import hash_password
 
     user = mailbox_server.add_mailbox("dave@example.test")
     login(mailbox_server, user).quit()  # now in the authentication cache

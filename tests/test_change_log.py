@@ -11,9 +11,9 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from popguard import change_log
-from popguard.change_log import GENESIS, LogEntry, LogFormatError, entry_checksum
-from popguard.mailstore import LogIntegrityError, MailboxDatabase, NotMountedError
+from popguard.store import change_log
+from popguard.store.change_log import GENESIS, LogEntry, LogFormatError, entry_checksum
+from popguard.store.mailbox_database import LogIntegrityError, MailboxDatabase, NotMountedError
 
 
 def chain(

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from popguard import paths
-from popguard.counters import read_counters
+from popguard.services.counters import read_counters
 
 from .conftest import PASSWORD, Organization, message
 
@@ -226,7 +226,7 @@ def test_routing_follows_the_directory(organization: Organization) -> None:
 def test_pop_proxy_inactive_refuses_outside_clients_but_not_local_probes(
     organization: Organization,
 ) -> None:
-    from popguard.directory import Directory
+    from popguard.directory.directory import Directory
 
     user = organization.add_mailbox("grace@example.test")
     with Directory(organization.data) as directory:
@@ -346,7 +346,7 @@ def test_a_second_front_end_serves_the_same_organization(organization: Organizat
     import subprocess
     import sys
 
-    from popguard.directory import Directory
+    from popguard.directory.directory import Directory
 
     from .conftest import free_loopback_address, wait_for_port
 
@@ -396,7 +396,7 @@ def test_garbage_flood_at_the_front_end(organization: Organization) -> None:
 
 
 def _plaintext_front_end(organization: Organization) -> None:
-    from popguard.settings import LoginType
+    from popguard.pop3.session import LoginType
 
     organization.set_frontend_settings(LoginType=LoginType.PLAIN_TEXT_LOGIN)
 
@@ -442,7 +442,7 @@ def test_slow_but_steady_download_outlives_the_idle_timeout(organization: Organi
 
 
 def test_long_password_through_the_front_end(organization: Organization) -> None:
-    from popguard.passwords import hash_password
+    from popguard.directory.passwords import hash_password
 
     long_password = "p" * 420
     with organization.directory() as directory:

@@ -15,7 +15,8 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from popguard.directory import Directory, MonitoringOverride
+from popguard.directory.directory import Directory, MonitoringOverride
+from popguard.directory.passwords import verify_password
 from popguard.errors import UserError
 from popguard.health.clock import ManualClock
 from popguard.health.definitions import load_folder, load_health_set, shipped_health_sets
@@ -23,7 +24,6 @@ from popguard.health.engine import HealthEngine
 from popguard.health.health_mailboxes import credentials_file, ensure_health_mailboxes
 from popguard.health.overrides import parse_duration
 from popguard.health.probes import PROBE_KINDS, Outcome, ProbeFailure, Transcript
-from popguard.passwords import verify_password
 
 from .conftest import free_loopback_address
 

@@ -5,10 +5,11 @@ from __future__ import annotations
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from popguard.message_format import normalize, stuff, to_wire, top, unstuff
+from popguard.pop3.message_format import normalize, stuff, to_wire, top, unstuff
 from popguard.pop3.session import (
     Authenticate,
     Close,
+    LoginType,
     MaildropEntry,
     NeedData,
     Reply,
@@ -18,7 +19,6 @@ from popguard.pop3.session import (
     StartTls,
     Update,
 )
-from popguard.settings import LoginType
 
 KEYWORDS = [
     b"USER", b"PASS", b"STAT", b"LIST", b"RETR", b"DELE", b"NOOP", b"RSET", b"QUIT",

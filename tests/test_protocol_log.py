@@ -8,8 +8,8 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from popguard.cli.popsettings import OPTION_TO_FIELD, option_name, parse_value
-from popguard.protocol_log import FIELDS, ProtocolLog, ProtocolLogConfig, ProtocolLogRecord
-from popguard.settings import PopSettings, RollOver
+from popguard.directory.settings import PopSettings, RollOver
+from popguard.services.protocol_log import FIELDS, ProtocolLog, ProtocolLogConfig, ProtocolLogRecord
 
 
 def record(command: str, parameters: str, sequence: int = 1) -> ProtocolLogRecord:

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from popguard import tls
+from popguard.net import tls
 
 from .conftest import AlertSinks, free_loopback_address, json_of, popguard, wait_for
 

@@ -17,7 +17,8 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from popguard.directory import Directory
+from popguard.directory.directory import Directory
+from popguard.directory.passwords import hash_password
 from popguard.health.clock import ManualClock
 from popguard.health.definitions import LadderStep, MonitorDefinition, load_health_set
 from popguard.health.diagnosis import marker_file
@@ -26,7 +27,6 @@ from popguard.health.escalation import RESOLVED, AlertReport, email_text, webhoo
 from popguard.health.monitors import starts_in_window
 from popguard.health.probes import PROBE_KINDS, Outcome, ProbeFailure, Transcript
 from popguard.health.results import ProbeResult, RecoveryAction, ResultsStore
-from popguard.passwords import hash_password
 
 from .conftest import AlertSinks, Organization, free_loopback_address
 
@@ -346,7 +346,7 @@ def test_any_alert_renders_as_an_email_and_an_alertmanager_payload(
 
 
 def _webhook() -> Any:
-    from popguard.config import WebhookEscalation
+    from popguard.directory.config import WebhookEscalation
 
     return WebhookEscalation(url="http://127.0.0.1:9/")
 

@@ -15,10 +15,10 @@ from pathlib import Path
 
 from popguard import paths
 from popguard.cli.copies import status_rows
-from popguard.directory import Directory
+from popguard.directory.directory import Directory
 from popguard.errors import UserError
-from popguard.lmtp_client import deliver
-from popguard.mailstore import MailboxDatabase
+from popguard.services.lmtp_client import deliver
+from popguard.store.mailbox_database import MailboxDatabase
 
 from .conftest import Organization, message, popguard
 from .test_frontend import login

@@ -18,10 +18,11 @@ from pathlib import Path
 import httpx
 import pytest
 
-from popguard import change_log, tls
-from popguard.change_log import GENESIS, LogEntry, entry_checksum
 from popguard.cli.copies import status_rows
-from popguard.directory import Directory
+from popguard.directory.directory import Directory
+from popguard.net import tls
+from popguard.store import change_log
+from popguard.store.change_log import GENESIS, LogEntry, entry_checksum
 
 from .conftest import MailboxServer, free_loopback_address, running_organization
 from .test_replication import wait_for

@@ -7,7 +7,7 @@ import poplib
 import time
 from pathlib import Path
 
-from popguard import tls
+from popguard.net import tls
 
 from .conftest import json_of, pid_alive, popguard, wait_for
 

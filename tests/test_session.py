@@ -11,6 +11,7 @@ from popguard.pop3.session import (
     Authenticate,
     Close,
     Event,
+    LoginType,
     MaildropEntry,
     NeedData,
     Reply,
@@ -20,7 +21,6 @@ from popguard.pop3.session import (
     StartTls,
     Update,
 )
-from popguard.settings import LoginType
 
 MESSAGES = {
     7: b"Subject: one\r\n\r\nfirst line\r\n..dotted\r\nthird\r\n",

@@ -8,10 +8,10 @@ from pathlib import Path
 
 import pytest
 
-from popguard.directory import SCHEMA_VERSION, Directory
+from popguard.directory.directory import SCHEMA_VERSION, Directory
 from popguard.errors import UserError
-from popguard.mailstore import MailboxDatabase
-from popguard.message_format import unstuff
+from popguard.pop3.message_format import unstuff
+from popguard.store.mailbox_database import MailboxDatabase
 
 
 def test_new_directory_is_at_the_current_schema_version(tmp_path: Path) -> None:
@@ -84,7 +84,7 @@ def test_every_change_is_in_the_change_log_in_order(tmp_path: Path) -> None:
 
 def test_a_directory_from_before_replication_gets_its_ports_and_columns(tmp_path: Path) -> None:
     from popguard import sqlite_util
-    from popguard.directory import MIGRATIONS
+    from popguard.directory.directory import MIGRATIONS
 
     old = sqlite3.connect(tmp_path / "directory.sqlite", isolation_level=None)
     sqlite_util.migrate(old, MIGRATIONS[:2], "test directory")

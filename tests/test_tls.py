@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from popguard import tls
+from popguard.net import tls
 
 NAME = "127.0.0.1"
 

@@ -18,10 +18,10 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from popguard.config import install_config, parse_config
-from popguard.directory import Directory
+from popguard.directory.config import install_config, parse_config
+from popguard.directory.directory import Directory
+from popguard.directory.organization import Organization, default_topology, ensure_topology
 from popguard.errors import UserError
-from popguard.organization import Organization, default_topology, ensure_topology
 
 from .conftest import free_loopback_address, pid_alive, popguard, processes_matching
 

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import click
 
-from ..directory import COMPONENT_STATES, COMPONENTS, REQUESTERS
-from .context import AppContext, pass_app
-from .render import format_option, render
+from popguard.cli.context import AppContext, pass_app
+from popguard.cli.render import format_option, render
+from popguard.directory.directory import COMPONENT_STATES, COMPONENTS, REQUESTERS
 
 
 @click.command("set-servercomponentstate")

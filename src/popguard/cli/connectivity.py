@@ -7,13 +7,13 @@ import sys
 
 import click
 
-from ..connectivity import CONNECTION_TYPES, ConnectivityTest, run_test
-from ..errors import UserError
-from ..health.health_mailboxes import read_credentials
-from ..health.probes import Credential
-from .context import AppContext, pass_app
-from .mailboxes import read_password_from_stdin
-from .render import format_option, render
+from popguard.cli.context import AppContext, pass_app
+from popguard.cli.mailboxes import read_password_from_stdin
+from popguard.cli.render import format_option, render
+from popguard.errors import UserError
+from popguard.health.connectivity import CONNECTION_TYPES, ConnectivityTest, run_test
+from popguard.health.health_mailboxes import read_credentials
+from popguard.health.probes import Credential
 
 
 @click.command("test-popconnectivity")

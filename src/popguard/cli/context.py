@@ -7,7 +7,7 @@ from pathlib import Path
 
 import click
 
-from ..directory import Directory
+from popguard.directory.directory import Directory
 
 
 @dataclass

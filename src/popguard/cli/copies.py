@@ -10,12 +10,12 @@ from typing import Any
 
 import click
 
-from ..directory import ACTIVATION_POLICIES, Directory, Server
-from ..errors import UserError
-from ..exchange_values import parse_boolean
-from ..switchover import Mover, MoveResult, copy_status
-from .context import AppContext, pass_app
-from .render import format_option, render
+from popguard.cli.context import AppContext, pass_app
+from popguard.cli.render import format_option, render
+from popguard.directory.directory import ACTIVATION_POLICIES, Directory, Server
+from popguard.directory.exchange_values import parse_boolean
+from popguard.errors import UserError
+from popguard.replication.switchover import Mover, MoveResult, copy_status
 
 
 def _identity(value: str) -> tuple[str, str]:

@@ -10,11 +10,11 @@ import signal
 
 import click
 
-from ..config import config_file, load_config
-from ..errors import UserError
-from ..faults import Fault, fault_file, write_fault
-from ..service_control import SERVICES, control_for
-from .context import AppContext, pass_app
+from popguard.cli.context import AppContext, pass_app
+from popguard.control.faults import Fault, fault_file, write_fault
+from popguard.control.service_control import SERVICES, control_for
+from popguard.directory.config import config_file, load_config
+from popguard.errors import UserError
 
 KINDS = ("hang", "crash", "slow", "refuse-auth")
 POP3_SERVICES = ("pop3be", "pop3")

@@ -10,11 +10,11 @@ from typing import Any
 import click
 import httpx
 
-from ..errors import UserError
-from ..health.api import token_file
-from ..health.definitions import ProbeDefinition, find_item
-from .context import AppContext, pass_app
-from .render import format_option, render
+from popguard.cli.context import AppContext, pass_app
+from popguard.cli.render import format_option, render
+from popguard.errors import UserError
+from popguard.health.api import token_file
+from popguard.health.definitions import ProbeDefinition, find_item
 
 API_TIMEOUT = 10.0
 INVOKE_TIMEOUT = 120.0

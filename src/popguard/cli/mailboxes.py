@@ -10,13 +10,13 @@ from typing import Any
 
 import click
 
-from .. import paths
-from ..directory import Mailbox
-from ..errors import UserError
-from ..mailstore import MailboxDatabase
-from ..passwords import generate_password, hash_password
-from .context import AppContext, pass_app
-from .render import format_option, render
+from popguard import paths
+from popguard.cli.context import AppContext, pass_app
+from popguard.cli.render import format_option, render
+from popguard.directory.directory import Mailbox
+from popguard.directory.passwords import generate_password, hash_password
+from popguard.errors import UserError
+from popguard.store.mailbox_database import MailboxDatabase
 
 # Longer than any password a person types; bounds the KDF's input.
 MAX_PASSWORD_LENGTH = 1024

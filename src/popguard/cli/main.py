@@ -8,10 +8,8 @@ from pathlib import Path
 
 import click
 
-from .. import __version__
-from ..errors import UserError
-from ..paths import DATA_ENV, DEFAULT_DATA
-from . import (
+from popguard import __version__
+from popguard.cli import (
     components,
     connectivity,
     copies,
@@ -26,7 +24,9 @@ from . import (
     services,
     up,
 )
-from .context import AppContext
+from popguard.cli.context import AppContext
+from popguard.errors import UserError
+from popguard.paths import DATA_ENV, DEFAULT_DATA
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})

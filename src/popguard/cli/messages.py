@@ -7,10 +7,10 @@ from pathlib import Path
 
 import click
 
-from ..errors import UserError
-from ..lmtp_client import deliver
-from .context import AppContext, pass_app
-from .render import format_option, render
+from popguard.cli.context import AppContext, pass_app
+from popguard.cli.render import format_option, render
+from popguard.errors import UserError
+from popguard.services.lmtp_client import deliver
 
 
 @click.command("send-message")

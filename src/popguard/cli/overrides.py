@@ -8,14 +8,14 @@ from typing import Any
 
 import click
 
-from ..directory import MonitoringOverride
-from ..errors import UserError
-from ..exchange_values import parse_boolean
-from ..health.api import when
-from ..health.definitions import ProbeDefinition, find_item
-from ..health.overrides import canonical_property, parse_duration, parse_value
-from .context import AppContext, pass_app
-from .render import format_option, render
+from popguard.cli.context import AppContext, pass_app
+from popguard.cli.render import format_option, render
+from popguard.directory.directory import MonitoringOverride
+from popguard.directory.exchange_values import parse_boolean
+from popguard.errors import UserError
+from popguard.health.api import when
+from popguard.health.definitions import ProbeDefinition, find_item
+from popguard.health.overrides import canonical_property, parse_duration, parse_value
 
 ITEM_TYPES = ("Probe", "Monitor")
 

@@ -11,11 +11,11 @@ from typing import Any
 
 import click
 
-from ..errors import UserError
-from ..exchange_values import timespan_parts
-from ..settings import PopSettings
-from .context import AppContext, pass_app
-from .render import FORMATS, render
+from popguard.cli.context import AppContext, pass_app
+from popguard.cli.render import FORMATS, render
+from popguard.directory.exchange_values import timespan_parts
+from popguard.directory.settings import PopSettings
+from popguard.errors import UserError
 
 # The spelling the runbook uses for ProtocolLogEnabled.
 ALIASES = {"protocol-logging-enabled": "ProtocolLogEnabled"}

@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import click
 
-from .. import backend, delivery, frontend, replication_service
-from .context import AppContext, pass_app
+from popguard.cli.context import AppContext, pass_app
+from popguard.replication import service as replication_service
+from popguard.services import backend, delivery, frontend
 
 
 @click.group("serve")
@@ -71,7 +72,7 @@ def serve_health(app: AppContext, server: str, profile: str, allow_remote_api: b
     """Run this server's probes and monitors, and the health API.
 
     Health sets of your own (DATA/health/sets/*.toml) run beside popguard's."""
-    from ..health import service
+    from popguard.health import service
 
     service.serve(app.data, server, profile, allow_remote_api)
 

@@ -6,10 +6,10 @@ from typing import Any
 
 import click
 
-from ..directory import ROLES, DatabaseCopy, Server
-from ..errors import UserError
-from .context import AppContext, pass_app
-from .render import format_option, render
+from popguard.cli.context import AppContext, pass_app
+from popguard.cli.render import format_option, render
+from popguard.directory.directory import ROLES, DatabaseCopy, Server
+from popguard.errors import UserError
 
 
 def server_row(server: Server) -> dict[str, Any]:

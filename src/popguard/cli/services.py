@@ -8,9 +8,9 @@ from typing import Any
 
 import click
 
-from ..config import config_file, load_config
-from ..errors import UserError
-from ..service_control import (
+from popguard.cli.context import AppContext, pass_app
+from popguard.cli.render import format_option, render
+from popguard.control.service_control import (
     SERVICES,
     ServiceStatus,
     SupervisorControl,
@@ -18,8 +18,8 @@ from ..service_control import (
     control_for,
     services_of,
 )
-from .context import AppContext, pass_app
-from .render import format_option, render
+from popguard.directory.config import config_file, load_config
+from popguard.errors import UserError
 
 
 def status_row(status: ServiceStatus, supervisor: str) -> dict[str, Any]:

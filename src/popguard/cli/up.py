@@ -24,12 +24,16 @@ from pathlib import Path
 
 import click
 
-from .. import tls
-from ..config import Config, config_file, install_config, load_config, parse_config
-from ..directory import Server
-from ..errors import UserError
-from ..lmtp_client import deliver
-from ..organization import (
+from popguard.cli.context import AppContext, pass_app
+from popguard.control.service_control import (
+    SupervisorControl,
+    services_of,
+    supervisor_config,
+    supervisor_dir,
+)
+from popguard.directory.config import Config, config_file, install_config, load_config, parse_config
+from popguard.directory.directory import Server
+from popguard.directory.organization import (
     DEFAULT_FRONTEND_ADDRESS,
     DEFAULT_MAILBOX_ADDRESS,
     DEFAULT_TOPOLOGY_SOURCE,
@@ -41,13 +45,9 @@ from ..organization import (
     ensure_topology,
     welcome_message,
 )
-from ..service_control import (
-    SupervisorControl,
-    services_of,
-    supervisor_config,
-    supervisor_dir,
-)
-from .context import AppContext, pass_app
+from popguard.errors import UserError
+from popguard.net import tls
+from popguard.services.lmtp_client import deliver
 
 STARTUP_TIMEOUT = 60.0
 STOP_TIMEOUT = 60.0

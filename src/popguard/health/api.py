@@ -21,10 +21,10 @@ from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_l
 from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
-from ..errors import UserError
-from .engine import HealthEngine
-from .monitors import SEVERITY
-from .results import ProbeResult, RecoveryAction
+from popguard.errors import UserError
+from popguard.health.engine import HealthEngine
+from popguard.health.monitors import SEVERITY
+from popguard.health.results import ProbeResult, RecoveryAction
 
 
 def token_file(data: Path) -> Path:

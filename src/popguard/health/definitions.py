@@ -17,7 +17,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-from ..errors import UserError
+from popguard.errors import UserError
 
 STATES = ("Degraded", "Unhealthy", "Unrecoverable")
 ROLES = ("mailbox", "frontend")
@@ -156,9 +156,9 @@ def _apply_profile(raw: dict[str, Any], profile: str, source: str) -> dict[str, 
 
 
 def load_health_set(text: str, source: str, profile: str = DEFAULT_PROFILE) -> HealthSet:
-    from .monitors import MONITOR_KINDS
-    from .probes import PROBE_KINDS
-    from .responders import RESPONDER_KINDS
+    from popguard.health.monitors import MONITOR_KINDS
+    from popguard.health.probes import PROBE_KINDS
+    from popguard.health.responders import RESPONDER_KINDS
 
     try:
         raw = tomllib.loads(text)

@@ -14,13 +14,13 @@ import io
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from .. import paths
-from .incidents import Incident, Outcome
-from .results import results_file
+from popguard import paths
+from popguard.health.incidents import Incident, Outcome
+from popguard.health.results import results_file
 
 if TYPE_CHECKING:
-    from .definitions import ResponderDefinition
-    from .engine import HealthEngine
+    from popguard.health.definitions import ResponderDefinition
+    from popguard.health.engine import HealthEngine
 
 
 def marker_file(data: Path, server: str) -> Path:

@@ -22,20 +22,31 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
-from .. import paths, tls
-from ..directory import Directory, MonitoringOverride, Server
-from ..errors import UserError
-from ..lmtp_client import deliver
-from ..service_control import control_for, services_of
-from .clock import Clock
-from .definitions import HealthSet, MonitorDefinition, ProbeDefinition, ResponderDefinition
-from .diagnosis import undo_interrupted
-from .external import ExternalPop3Server, load_external
-from .health_mailboxes import ensure_health_mailboxes, read_credentials
-from .monitors import MONITOR_KINDS, SEVERITY, Verdict, alert_value, ladder_state, still_fails
-from .notifier import Notifier
-from .overrides import effective_monitor, effective_probe
-from .probes import (
+from popguard import paths
+from popguard.control.service_control import control_for, services_of
+from popguard.directory.directory import Directory, MonitoringOverride, Server
+from popguard.errors import UserError
+from popguard.health.clock import Clock
+from popguard.health.definitions import (
+    HealthSet,
+    MonitorDefinition,
+    ProbeDefinition,
+    ResponderDefinition,
+)
+from popguard.health.diagnosis import undo_interrupted
+from popguard.health.external import ExternalPop3Server, load_external
+from popguard.health.health_mailboxes import ensure_health_mailboxes, read_credentials
+from popguard.health.monitors import (
+    MONITOR_KINDS,
+    SEVERITY,
+    Verdict,
+    alert_value,
+    ladder_state,
+    still_fails,
+)
+from popguard.health.notifier import Notifier
+from popguard.health.overrides import effective_monitor, effective_probe
+from popguard.health.probes import (
     NETWORKING,
     PROBE_KINDS,
     Credential,
@@ -44,9 +55,9 @@ from .probes import (
     ProcessState,
     Transcript,
 )
-from .responders import RESPONDER_KINDS, Incident, Recheck, return_databases
-from .responders import Outcome as ResponderOutcome
-from .results import (
+from popguard.health.responders import RESPONDER_KINDS, Incident, Recheck, return_databases
+from popguard.health.responders import Outcome as ResponderOutcome
+from popguard.health.results import (
     RETENTION,
     Alert,
     MonitorState,
@@ -55,6 +66,8 @@ from .results import (
     ResultsStore,
     results_file,
 )
+from popguard.net import tls
+from popguard.services.lmtp_client import deliver
 
 log = logging.getLogger("popguard.health")
 

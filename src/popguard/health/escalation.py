@@ -22,8 +22,8 @@ from typing import Any
 
 import httpx
 
-from ..config import EmailEscalation, Escalation, WebhookEscalation
-from .results import ProbeResult, RecoveryAction
+from popguard.directory.config import EmailEscalation, Escalation, WebhookEscalation
+from popguard.health.results import ProbeResult, RecoveryAction
 
 FIRING, RESOLVED = "firing", "resolved"
 # Alertmanager's "no end yet".

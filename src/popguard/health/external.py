@@ -23,9 +23,9 @@ from typing import Literal
 
 from pydantic import Field, ValidationError
 
-from ..errors import UserError
-from .definitions import Strict, validation_message
-from .probes import Credential
+from popguard.errors import UserError
+from popguard.health.definitions import Strict, validation_message
+from popguard.health.probes import Credential
 
 
 class ExternalPop3Server(Strict):

@@ -17,9 +17,9 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-from ..directory import Directory
-from ..passwords import generate_password, hash_password
-from .probes import Credential
+from popguard.directory.directory import Directory
+from popguard.directory.passwords import generate_password, hash_password
+from popguard.health.probes import Credential
 
 DOMAIN = "monitoring.popguard.local"
 ROTATE_AFTER = 7 * 24 * 3600.0

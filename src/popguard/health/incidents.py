@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from .results import ProbeResult
+from popguard.health.results import ProbeResult
 
 
 @dataclass(frozen=True)

@@ -14,8 +14,8 @@ import math
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from .definitions import MonitorDefinition
-from .results import ProbeResult, ResultsStore
+from popguard.health.definitions import MonitorDefinition
+from popguard.health.results import ProbeResult, ResultsStore
 
 ALERT_VALUES = ("Healthy", "Degraded", "Unhealthy", "Repairing", "Disabled", "Unknown")
 # How bad each value is, for "a health set is as bad as its worst monitor".

@@ -15,11 +15,11 @@ from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
 
-from ..config import Escalation, load_escalation
-from ..errors import UserError
-from .clock import Clock
-from .escalation import FIRING, RESOLVED, AlertReport, send
-from .results import Alert, MonitorState, ResultsStore
+from popguard.directory.config import Escalation, load_escalation
+from popguard.errors import UserError
+from popguard.health.clock import Clock
+from popguard.health.escalation import FIRING, RESOLVED, AlertReport, send
+from popguard.health.results import Alert, MonitorState, ResultsStore
 
 log = logging.getLogger("popguard.health")
 

@@ -8,10 +8,10 @@ A server's own override wins over a global one.
 
 from __future__ import annotations
 
-from ..directory import MonitoringOverride
-from ..errors import UserError
-from ..exchange_values import parse_boolean, timespan_parts
-from .definitions import MonitorDefinition, ProbeDefinition
+from popguard.directory.directory import MonitoringOverride
+from popguard.directory.exchange_values import parse_boolean, timespan_parts
+from popguard.errors import UserError
+from popguard.health.definitions import MonitorDefinition, ProbeDefinition
 
 # property -> how to read its value, per item type.
 PROPERTIES: dict[str, dict[str, type]] = {

@@ -17,9 +17,9 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from ..pop3.client import MAX_STATUS_LINE, ProtocolError, StatusLine, parse_status_line
-from ..pop3.session import redact
-from .definitions import ProbeDefinition
+from popguard.health.definitions import ProbeDefinition
+from popguard.pop3.client import MAX_STATUS_LINE, ProtocolError, StatusLine, parse_status_line
+from popguard.pop3.session import redact
 
 # Failure components, from the outside in.
 NETWORKING, TLS, POP3, AUTH, STORE, BACKEND, DELIVERY, COUNTERS, PROCESS = (

@@ -11,17 +11,22 @@ import asyncio
 from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING
 
-from ..errors import UserError
-from ..service_control import control_for
-from .diagnosis import protocol_logging
-from .incidents import Incident, Outcome, Recheck
-from .server_repairs import move_back, move_databases_away, restart_server, return_databases
+from popguard.control.service_control import control_for
+from popguard.errors import UserError
+from popguard.health.diagnosis import protocol_logging
+from popguard.health.incidents import Incident, Outcome, Recheck
+from popguard.health.server_repairs import (
+    move_back,
+    move_databases_away,
+    restart_server,
+    return_databases,
+)
 
 RESTARTED_SETTLE = 1.0  # seconds for a new process to listen before its probe runs again
 
 if TYPE_CHECKING:
-    from .definitions import ResponderDefinition
-    from .engine import HealthEngine
+    from popguard.health.definitions import ResponderDefinition
+    from popguard.health.engine import HealthEngine
 
 
 async def restart_service(

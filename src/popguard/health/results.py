@@ -12,7 +12,7 @@ from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from pathlib import Path
 
-from .. import paths, sqlite_util
+from popguard import paths, sqlite_util
 
 RETENTION = 7 * 24 * 3600.0
 

@@ -17,14 +17,14 @@ import sys
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from ..service_control import SystemdControl, control_for
-from ..switchover import Mover
-from .incidents import Incident, Outcome
-from .results import results_file
+from popguard.control.service_control import SystemdControl, control_for
+from popguard.health.incidents import Incident, Outcome
+from popguard.health.results import results_file
+from popguard.replication.switchover import Mover
 
 if TYPE_CHECKING:
-    from .definitions import ResponderDefinition
-    from .engine import HealthEngine
+    from popguard.health.definitions import ResponderDefinition
+    from popguard.health.engine import HealthEngine
 
 HOLD = 3600.0  # seconds a database that failed its check after a move back stays away
 

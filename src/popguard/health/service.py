@@ -10,12 +10,12 @@ from pathlib import Path
 
 from aiohttp import web
 
-from ..errors import UserError
-from ..service import listen
-from .api import HealthApi, ensure_token
-from .clock import SystemClock
-from .definitions import load_folder, shipped_health_sets
-from .engine import HealthEngine
+from popguard.errors import UserError
+from popguard.health.api import HealthApi, ensure_token
+from popguard.health.clock import SystemClock
+from popguard.health.definitions import load_folder, shipped_health_sets
+from popguard.health.engine import HealthEngine
+from popguard.net.serving import listen
 
 log = logging.getLogger("popguard.health")
 
@@ -62,15 +62,15 @@ async def run_health(
 
 
 def _prepare_mailboxes(data: Path, server_name: str) -> None:
-    from ..directory import Directory
-    from .health_mailboxes import ensure_health_mailboxes
+    from popguard.directory.directory import Directory
+    from popguard.health.health_mailboxes import ensure_health_mailboxes
 
     with Directory(data) as directory:
         ensure_health_mailboxes(directory)
 
 
 def serve(data: Path, server_name: str, profile: str, allow_remote_api: bool = False) -> None:
-    from ..service import run_until_stopped, setup_logging
+    from popguard.net.serving import run_until_stopped, setup_logging
 
     setup_logging("health", server_name)
     run_until_stopped(lambda stop: run_health(data, server_name, profile, stop, allow_remote_api))

@@ -14,12 +14,19 @@ import re
 from collections import deque
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from enum import Enum, auto
+from enum import Enum, StrEnum, auto
 
-from ..message_format import TERMINATOR, top
-from ..settings import LoginType
-from . import limits
-from .replies import ResponseCode, err, multiline, ok
+from popguard.pop3 import limits
+from popguard.pop3.message_format import TERMINATOR, top
+from popguard.pop3.replies import ResponseCode, err, multiline, ok
+
+
+# Exchange's LoginType, kept here because it is a rule of the protocol: when credentials may
+# travel before TLS. PopSettings (in the directory) stores it.
+class LoginType(StrEnum):
+    PLAIN_TEXT_LOGIN = "PlainTextLogin"  # USER/PASS and AUTH PLAIN allowed without TLS
+    PLAIN_TEXT_AUTHENTICATION = "PlainTextAuthentication"  # AUTH PLAIN only without TLS
+    SECURE_LOGIN = "SecureLogin"  # no credentials before TLS
 
 
 class Phase(Enum):

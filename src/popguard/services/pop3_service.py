@@ -23,15 +23,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import ClassVar
 
-from . import paths, tls
-from .authentication import Authenticator
-from .byte_stream import TLS_HANDSHAKE_TIMEOUT, ByteStream
-from .counters import PUBLISH_INTERVAL, ServiceCounters
-from .directory import Directory, Mailbox, Server
-from .errors import UserError
-from .faults import Fault, fault_file, read_fault
-from .pop3.replies import ResponseCode, err
-from .pop3.session import (
+from popguard import paths
+from popguard.control.faults import Fault, fault_file, read_fault
+from popguard.directory.directory import Directory, Mailbox, Server
+from popguard.errors import UserError
+from popguard.net import tls
+from popguard.net.byte_stream import TLS_HANDSHAKE_TIMEOUT, ByteStream
+from popguard.net.serving import every, listen
+from popguard.pop3.replies import ResponseCode, err
+from popguard.pop3.session import (
     Authenticate,
     Close,
     CommandRecord,
@@ -43,8 +43,9 @@ from .pop3.session import (
     StartTls,
     Update,
 )
-from .protocol_log import ProtocolLog, ProtocolLogConfig, ProtocolLogRecord
-from .service import every, listen
+from popguard.services.authentication import Authenticator
+from popguard.services.counters import PUBLISH_INTERVAL, ServiceCounters
+from popguard.services.protocol_log import ProtocolLog, ProtocolLogConfig, ProtocolLogRecord
 
 log = logging.getLogger("popguard.pop3")
 

@@ -17,10 +17,10 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from .directory import Directory
-from .errors import UserError
-from .health.probes import Credential, Pop3Dialog, ProbeFailure, ProbeTarget, Transcript
-from .lmtp_client import deliver
+from popguard.directory.directory import Directory
+from popguard.errors import UserError
+from popguard.health.probes import Credential, Pop3Dialog, ProbeFailure, ProbeTarget, Transcript
+from popguard.services.lmtp_client import deliver
 
 # Exchange's connection types, and the popguard TLS mode and front-end port each uses.
 CONNECTION_TYPES = {
@@ -66,7 +66,7 @@ def _context(data: Path, trust_any: bool) -> ssl.SSLContext:
         context.check_hostname = False
         context.verify_mode = ssl.CERT_NONE
         return context
-    from . import tls
+    from popguard.net import tls
 
     return tls.client_context(data)
 

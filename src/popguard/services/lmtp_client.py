@@ -5,8 +5,8 @@ from __future__ import annotations
 import smtplib
 from dataclasses import dataclass
 
-from .directory import Directory
-from .errors import UserError
+from popguard.directory.directory import Directory
+from popguard.errors import UserError
 
 LMTP_TIMEOUT = 30.0
 

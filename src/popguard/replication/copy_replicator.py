@@ -23,17 +23,23 @@ from concurrent.futures import Executor
 from pathlib import Path
 from typing import TypeVar
 
-from . import change_log, paths
-from .change_log import LogFormatError
-from .directory import CopyStatusReport, Directory
-from .errors import UserError
-from .mailstore import ACTIVE, LogIntegrityError, MailboxDatabase, NotMountedError
-from .replication_peer import (
+from popguard import paths
+from popguard.directory.directory import CopyStatusReport, Directory
+from popguard.errors import UserError
+from popguard.replication.peer import (
     Diverged,
     PeerProtocolError,
     PeerRefused,
     PeerUnavailable,
     ReplicationPeer,
+)
+from popguard.store import change_log
+from popguard.store.change_log import LogFormatError
+from popguard.store.mailbox_database import (
+    ACTIVE,
+    LogIntegrityError,
+    MailboxDatabase,
+    NotMountedError,
 )
 
 log = logging.getLogger("popguard.replication")

@@ -18,13 +18,13 @@ from typing import Any
 
 from aiosmtpd.lmtp import LMTP
 
-from . import paths
-from .counters import PUBLISH_INTERVAL, ServiceCounters
-from .directory import Directory, Server
-from .errors import UserError
-from .mailstore import NotMountedError
-from .mounted import MountedDatabases
-from .service import every, listen
+from popguard import paths
+from popguard.directory.directory import Directory, Server
+from popguard.errors import UserError
+from popguard.net.serving import every, listen
+from popguard.services.counters import PUBLISH_INTERVAL, ServiceCounters
+from popguard.store.mailbox_database import NotMountedError
+from popguard.store.mounted import MountedDatabases
 
 log = logging.getLogger("popguard.delivery")
 
@@ -163,7 +163,7 @@ class DeliveryService:
 
 
 def serve(data: Path, server_name: str, max_message_size: int) -> None:
-    from .service import run_until_stopped, setup_logging
+    from popguard.net.serving import run_until_stopped, setup_logging
 
     setup_logging("delivery", server_name)
     service = DeliveryService(data, server_name, max_message_size)

@@ -23,9 +23,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from . import sqlite_util
-from .change_log import GENESIS, LogEntry, entry_checksum
-from .message_format import to_wire
+from popguard import sqlite_util
+from popguard.pop3.message_format import to_wire
+from popguard.store.change_log import GENESIS, LogEntry, entry_checksum
 
 ACTIVE, PASSIVE = "active", "passive"
 

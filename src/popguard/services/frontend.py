@@ -20,15 +20,15 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from . import tls
-from .byte_stream import TLS_HANDSHAKE_TIMEOUT, ByteStream
-from .counters import ServiceCounters
-from .directory import Server
-from .errors import UserError
-from .pop3.client import LineReader, ProtocolError, StatusLine
-from .pop3.replies import ResponseCode
-from .pop3.session import Authenticate, ServerSession
-from .pop3_service import CommandTimer, Connection, Handoff, Pop3Service
+from popguard.directory.directory import Server
+from popguard.errors import UserError
+from popguard.net import tls
+from popguard.net.byte_stream import TLS_HANDSHAKE_TIMEOUT, ByteStream
+from popguard.pop3.client import LineReader, ProtocolError, StatusLine
+from popguard.pop3.replies import ResponseCode
+from popguard.pop3.session import Authenticate, ServerSession
+from popguard.services.counters import ServiceCounters
+from popguard.services.pop3_service import CommandTimer, Connection, Handoff, Pop3Service
 
 log = logging.getLogger("popguard.pop3")
 
@@ -321,7 +321,7 @@ async def _pump(source: ByteStream, sink: ByteStream, moved: Callable[[bytes], N
 
 
 def serve(data: Path, server_name: str) -> None:
-    from .service import run_until_stopped, setup_logging
+    from popguard.net.serving import run_until_stopped, setup_logging
 
     setup_logging("pop3", server_name)
     frontend = FrontendService(data, server_name)

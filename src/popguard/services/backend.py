@@ -14,13 +14,13 @@ import sqlite3
 import time
 from pathlib import Path
 
-from .errors import UserError
-from .mailstore import NotMountedError
-from .mounted import MountedDatabases
-from .pop3.replies import ResponseCode
-from .pop3.session import Authenticate, MaildropEntry, Retrieve, ServerSession, Update
-from .pop3_service import CommandTimer, Connection, Handoff, Pop3Service
-from .settings import SortOrder
+from popguard.directory.settings import SortOrder
+from popguard.errors import UserError
+from popguard.pop3.replies import ResponseCode
+from popguard.pop3.session import Authenticate, MaildropEntry, Retrieve, ServerSession, Update
+from popguard.services.pop3_service import CommandTimer, Connection, Handoff, Pop3Service
+from popguard.store.mailbox_database import NotMountedError
+from popguard.store.mounted import MountedDatabases
 
 log = logging.getLogger("popguard.pop3be")
 
@@ -123,7 +123,7 @@ class BackendService(Pop3Service):
 
 
 def serve(data: Path, server_name: str) -> None:
-    from .service import run_until_stopped, setup_logging
+    from popguard.net.serving import run_until_stopped, setup_logging
 
     setup_logging("pop3be", server_name)
     backend = BackendService(data, server_name)

@@ -16,9 +16,9 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import TypeVar
 
-from . import paths
-from .directory import Directory
-from .mailstore import MailboxDatabase, NotMountedError
+from popguard import paths
+from popguard.directory.directory import Directory
+from popguard.store.mailbox_database import MailboxDatabase, NotMountedError
 
 T = TypeVar("T")
 

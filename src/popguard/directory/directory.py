@@ -16,9 +16,9 @@ from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from . import paths, sqlite_util
-from .errors import NotFoundError, UserError
-from .settings import PopSettings
+from popguard import paths, sqlite_util
+from popguard.directory.settings import PopSettings
+from popguard.errors import NotFoundError, UserError
 
 MIGRATIONS: tuple[str, ...] = (
     """

@@ -35,8 +35,8 @@ from pydantic import (
     model_validator,
 )
 
-from .directory import normalize_address
-from .errors import UserError
+from popguard.directory.directory import normalize_address
+from popguard.errors import UserError
 
 CONFIG_FILE = "popguard.toml"
 

@@ -11,7 +11,7 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
-from . import paths
+from popguard import paths
 
 KINDS = ("slow", "refuse-auth")
 

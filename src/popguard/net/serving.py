@@ -10,7 +10,7 @@ import sys
 from collections.abc import Awaitable, Callable
 from typing import TypeVar
 
-from .errors import UserError
+from popguard.errors import UserError
 
 T = TypeVar("T")
 

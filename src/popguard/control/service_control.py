@@ -25,7 +25,7 @@ from typing import Protocol
 
 from supervisor.xmlrpc import SupervisorTransport
 
-from .errors import UserError
+from popguard.errors import UserError
 
 SERVICES = ("pop3be", "delivery", "replication", "pop3", "health")
 ROLE_SERVICES = {

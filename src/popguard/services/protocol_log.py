@@ -16,8 +16,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TextIO
 
-from .pop3.session import redact
-from .settings import RollOver
+from popguard.directory.settings import RollOver
+from popguard.pop3.session import redact
 
 FIELDS = (
     "dateTime",

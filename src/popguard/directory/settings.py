@@ -11,13 +11,8 @@ from typing import Annotated, Any
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from .errors import UserError
-
-
-class LoginType(StrEnum):
-    PLAIN_TEXT_LOGIN = "PlainTextLogin"  # USER/PASS and AUTH PLAIN allowed without TLS
-    PLAIN_TEXT_AUTHENTICATION = "PlainTextAuthentication"  # AUTH PLAIN only without TLS
-    SECURE_LOGIN = "SecureLogin"  # no credentials before TLS
+from popguard.errors import UserError
+from popguard.pop3.session import LoginType
 
 
 class SortOrder(StrEnum):

@@ -10,9 +10,9 @@ import asyncio
 import logging
 import secrets
 
-from .counters import ServiceCounters
-from .directory import Directory, Mailbox
-from .passwords import AuthCache, LoginDelays, hash_password, verify_password
+from popguard.directory.directory import Directory, Mailbox
+from popguard.directory.passwords import AuthCache, LoginDelays, hash_password, verify_password
+from popguard.services.counters import ServiceCounters
 
 log = logging.getLogger("popguard.auth")
 

@@ -23,7 +23,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
-from . import paths
+from popguard import paths
 
 # A session from a full handshake, in which the server's certificate was verified,
 # is resumed for at most this long; then the next connection verifies it again.

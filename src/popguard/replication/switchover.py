@@ -22,11 +22,16 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from . import tls
-from .directory import CopyStatusReport, DatabaseCopy, Directory
-from .errors import UserError
-from .mailstore import LogHead
-from .replication_peer import PeerProtocolError, PeerRefused, PeerUnavailable, ReplicationPeer
+from popguard.directory.directory import CopyStatusReport, DatabaseCopy, Directory
+from popguard.errors import UserError
+from popguard.net import tls
+from popguard.replication.peer import (
+    PeerProtocolError,
+    PeerRefused,
+    PeerUnavailable,
+    ReplicationPeer,
+)
+from popguard.store.mailbox_database import LogHead
 
 CATCH_UP = 30.0  # how long the target copy may take to reach the old copy's last LSN
 STATUS_FRESH = 10.0  # a copy status older than this is not trusted (ServiceDown)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import re
 
-from .errors import UserError
+from popguard.errors import UserError
 
 _TIMESPAN = re.compile(r"^(?:(\d+)\.)?(\d{1,2}):(\d{2}):(\d{2})$")
 

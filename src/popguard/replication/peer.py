@@ -15,10 +15,10 @@ from typing import Any
 
 import httpx
 
-from . import change_log
-from .change_log import LogEntry, LogFormatError
-from .directory import Server
-from .mailstore import LogHead
+from popguard.directory.directory import Server
+from popguard.store import change_log
+from popguard.store.change_log import LogEntry, LogFormatError
+from popguard.store.mailbox_database import LogHead
 
 CONNECT_TIMEOUT = 3.0
 REQUEST_TIMEOUT = 30.0

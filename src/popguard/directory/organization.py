@@ -18,10 +18,10 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
-from .config import Config, DatabaseEntry, Demo, ServerEntry, check_topology
-from .directory import DatabaseCopy, Directory, Server, normalize_address
-from .errors import UserError
-from .passwords import generate_password, hash_password
+from popguard.directory.config import Config, DatabaseEntry, Demo, ServerEntry, check_topology
+from popguard.directory.directory import DatabaseCopy, Directory, Server, normalize_address
+from popguard.directory.passwords import generate_password, hash_password
+from popguard.errors import UserError
 
 DEFAULT_FRONTEND_SERVER = "cas1"
 DEFAULT_FRONTEND_ADDRESS = "127.0.1.1"

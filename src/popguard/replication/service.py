@@ -25,14 +25,21 @@ from typing import TypeVar
 
 from aiohttp import web
 
-from . import change_log, paths, tls
-from .change_log import LogFormatError
-from .copy_replicator import CopyReplicator
-from .directory import Directory, Server
-from .errors import UserError
-from .mailstore import LogHead, LogIntegrityError, MailboxDatabase, NotMountedError
-from .replication_peer import ReplicationPeer
-from .service import listen
+from popguard import paths
+from popguard.directory.directory import Directory, Server
+from popguard.errors import UserError
+from popguard.net import tls
+from popguard.net.serving import listen
+from popguard.replication.copy_replicator import CopyReplicator
+from popguard.replication.peer import ReplicationPeer
+from popguard.store import change_log
+from popguard.store.change_log import LogFormatError
+from popguard.store.mailbox_database import (
+    LogHead,
+    LogIntegrityError,
+    MailboxDatabase,
+    NotMountedError,
+)
 
 log = logging.getLogger("popguard.replication")
 
@@ -307,7 +314,7 @@ class ReplicationService:
 
 
 def serve(data: Path, server_name: str) -> None:
-    from .service import run_until_stopped, setup_logging
+    from popguard.net.serving import run_until_stopped, setup_logging
 
     setup_logging("replication", server_name)
     service = ReplicationService(data, server_name)

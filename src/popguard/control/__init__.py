@@ -1,0 +1,1 @@
+"""Starting, stopping and supervising popguard's processes (supervisord, systemd), and faults."""

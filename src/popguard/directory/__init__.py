@@ -1,0 +1,1 @@
+"""The directory (servers, databases, copies, mailboxes, settings) and the organization's files."""

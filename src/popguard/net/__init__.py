@@ -1,0 +1,1 @@
+"""What every network service shares: the asyncio serving loop, byte streams, and TLS."""
