@@ -127,7 +127,9 @@ def main(argv: list[str] | None = None) -> int:
                         flush=True,
                     )
         time.sleep(2 * PUBLISH_INTERVAL)
-        published = read_counters(paths.counters_file(pg.data, FRONTEND, "pop3")) or {}
+        published = (
+            read_counters(paths.server_folder(pg.data, FRONTEND).counters_file("pop3")) or {}
+        )
         print(
             f"front end: {published.get('SuccessfulLogins')} logins, "
             f"{published.get('BackendTlsResumed', '?')} resumed TLS sessions to the back end"

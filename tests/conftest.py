@@ -87,7 +87,7 @@ def apply_settings(data: Path, server: str, service: str, **changes: object) -> 
     with Directory(data) as directory:
         current, _ = directory.pop_settings(server)
         revision = directory.set_pop_settings(server, current.with_changes(dict(changes)))
-    counters_file = paths.counters_file(data, server, service)
+    counters_file = paths.server_folder(data, server).counters_file(service)
     deadline = time.monotonic() + 20
     while time.monotonic() < deadline:
         published = read_counters(counters_file) or {}
@@ -117,7 +117,7 @@ class DataFolder:
 
     @property
     def cafile(self) -> str:
-        return str(tls.ca_certificate_file(self.data))
+        return str(tls.TlsMaterial.of(self.data).ca_certificate_file)
 
     def ssl_context(self) -> ssl.SSLContext:
         return ssl.create_default_context(cafile=self.cafile)

@@ -213,8 +213,8 @@ def make_test_pki(
         with contextlib.suppress(ValueError):
             ip_hosts.append(str(ipaddress.ip_address(host)))
     name = common_name or (hosts[0] if hosts else "popguard-test-server")
-    pair = tls.ensure_server_certificate(directory, name, list(hosts), ip_hosts)
-    return TestPki(tls.ca_certificate_file(directory), pair.certificate, pair.key)
+    pair = tls.TlsMaterial.of(directory).ensure_server_certificate(name, list(hosts), ip_hosts)
+    return TestPki(tls.TlsMaterial.of(directory).ca_certificate_file, pair.certificate, pair.key)
 
 
 # --------------------------------------------------------------------------------------

@@ -236,7 +236,7 @@ def test_protocol_log_shows_the_session_without_the_password(
             while chunk := tls.recv(4096):
                 replies += chunk
     assert b"+OK Logged in" in replies
-    folder = paths.default_protocol_log_dir(mailbox_server.data, "mbx1", "pop3be")
+    folder = paths.server_folder(mailbox_server.data, "mbx1").default_protocol_log_dir("pop3be")
     deadline = time.monotonic() + 5
     text = ""
     while time.monotonic() < deadline and "Disconnected: QUIT" not in text:
@@ -257,7 +257,7 @@ def test_counters_are_published(mailbox_server: MailboxServer) -> None:
     user = mailbox_server.add_mailbox("ken@example.test")
     held = login(mailbox_server, user)
     held.noop()
-    counters_file = paths.counters_file(mailbox_server.data, "mbx1", "pop3be")
+    counters_file = paths.server_folder(mailbox_server.data, "mbx1").counters_file("pop3be")
     deadline = time.monotonic() + 5
     counters = None
     while time.monotonic() < deadline:

@@ -53,7 +53,7 @@ def hang_up(client: poplib.POP3) -> None:
 
 
 def counters(org: Organization, server: str, service: str) -> dict[str, object]:
-    loaded = read_counters(paths.counters_file(org.data, server, service))
+    loaded = read_counters(paths.server_folder(org.data, server).counters_file(service))
     assert loaded is not None
     return loaded
 
@@ -64,7 +64,7 @@ def wait_for_counters(org: Organization, server: str, service: str, **expected: 
     deadline = time.monotonic() + 10
     current: dict[str, object] = {}
     while time.monotonic() < deadline:
-        current = read_counters(paths.counters_file(org.data, server, service)) or {}
+        current = read_counters(paths.server_folder(org.data, server).counters_file(service)) or {}
         fresh = float(current.get("Updated", 0)) > since  # type: ignore[arg-type]
         if fresh and all(current.get(key) == value for key, value in expected.items()):
             return
@@ -326,7 +326,7 @@ def test_front_end_protocol_log_and_counters(organization: Organization) -> None
     client = login(organization, user)
     client.stat()
     client.quit()
-    folder = paths.default_protocol_log_dir(organization.data, "cas1", "pop3")
+    folder = paths.server_folder(organization.data, "cas1").default_protocol_log_dir("pop3")
     deadline = time.monotonic() + 5
     text = ""
     while "Disconnected" not in text and time.monotonic() < deadline:

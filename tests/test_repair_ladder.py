@@ -67,7 +67,7 @@ def read_demo_mailbox(data: Path) -> bool:
     """Log in to the demo mailbox (in DB01) through cas1 and read message 1."""
     address, password = (data / "demo-mailbox.txt").read_text().split()
     cas1 = json_of(data, "get-server", "cas1")[0]
-    context = tls.client_context(data)
+    context = tls.TlsMaterial.of(data).client_context()
     try:
         client = poplib.POP3_SSL(
             cas1["Address"], int(cas1["Ports"]["pop3-tls"]), context=context, timeout=10

@@ -49,7 +49,9 @@ def caught_up(org: Organization, database: str) -> Callable[[], bool]:
         with org.directory() as directory:
             rows = [r for r in status_rows(directory, None, None) if r["Name"].startswith(database)]
             active = directory.active_server(database)
-        store = MailboxDatabase(paths.database_copy_file(org.data, database, active), database)
+        store = MailboxDatabase(
+            paths.server_folder(org.data, active).database_copy_file(database), database
+        )
         try:
             head = store.last_lsn()
         finally:
@@ -79,7 +81,9 @@ def subjects_through_frontend(org: Organization, user: str) -> tuple[list[str], 
 
 
 def stored(org: Organization, server: str, database: str, user: str) -> list[tuple[int, bytes]]:
-    store = MailboxDatabase(paths.database_copy_file(org.data, database, server), database)
+    store = MailboxDatabase(
+        paths.server_folder(org.data, server).database_copy_file(database), database
+    )
     try:
         return [(m.uid, store.wire(user, m.uid) or b"") for m in store.maildrop(user)]
     finally:

@@ -95,9 +95,9 @@ def test_a_bad_active_side_fails_the_copy_and_nothing_is_applied(tmp_path: Path,
         directory.new_database("DB01", "mbx1")
         directory.add_database_copy("DB01", "mbx2", 2)
     if mode == "impostor":  # a certificate for mbx1's address from another organization
-        pair = tls.replication_identity(tmp_path / "elsewhere", "mbx1", fake_address)
+        pair = tls.TlsMaterial.of(tmp_path / "elsewhere").replication_identity("mbx1", fake_address)
     else:
-        pair = tls.replication_identity(data, "mbx1", fake_address)
+        pair = tls.TlsMaterial.of(data).replication_identity("mbx1", fake_address)
     mbx2 = MailboxServer(data=data, name="mbx2", address=real_address)
     with fake_active(fake_address, tls.server_context(pair), mode):
         try:
@@ -125,7 +125,7 @@ def test_the_replication_service_admits_only_mailbox_servers_of_the_organization
     with running_organization(tmp_path / "data", replication=True) as org:
         mbx1 = org.mailbox["mbx1"]
         url = f"https://{mbx1.address}:64327/v1/databases/DB01/head"
-        ca = str(tls.ca_certificate_file(org.data))
+        ca = str(tls.TlsMaterial.of(org.data).ca_certificate_file)
 
         def client(pair: tls.CertificatePair | None) -> httpx.Client:
             context = ssl.create_default_context(cafile=ca)
@@ -134,23 +134,29 @@ def test_the_replication_service_admits_only_mailbox_servers_of_the_organization
             return httpx.Client(verify=context, timeout=10)
 
         # A front end's certificate is the organization's, but it is not a mailbox server.
-        with client(tls.replication_identity(org.data, "cas1", org.frontend_address)) as c:
+        with client(
+            tls.TlsMaterial.of(org.data).replication_identity("cas1", org.frontend_address)
+        ) as c:
             refused = c.get(url)
         assert refused.status_code == 403 and "not a mailbox server" in refused.text
         # A certificate that only says "mbx2" (a POP3 one: X509CertificateName is the
         # operator's to choose) is not a replication certificate.
-        pop3_like = tls.ensure_server_certificate(
-            org.data, "mbx2", ["mbx2"], [org.mailbox["mbx2"].address], purpose="impostor"
+        pop3_like = tls.TlsMaterial.of(org.data).ensure_server_certificate(
+            "mbx2", ["mbx2"], [org.mailbox["mbx2"].address], purpose="impostor"
         )
         with client(pop3_like) as c:
             refused = c.get(url)
         assert refused.status_code == 403 and "not a replication" in refused.text
         # mbx2 is: it may read the log head.
-        with client(tls.replication_identity(org.data, "mbx2", org.mailbox["mbx2"].address)) as c:
+        with client(
+            tls.TlsMaterial.of(org.data).replication_identity("mbx2", org.mailbox["mbx2"].address)
+        ) as c:
             allowed = c.get(url)
         assert allowed.status_code == 200 and allowed.json()["role"] == "active"
         # No certificate, or one from another organization: the handshake fails.
-        elsewhere = tls.replication_identity(tmp_path / "elsewhere", "mbx2", "127.0.0.1")
+        elsewhere = tls.TlsMaterial.of(tmp_path / "elsewhere").replication_identity(
+            "mbx2", "127.0.0.1"
+        )
         for pair in (None, elsewhere):
             with client(pair) as c, pytest.raises(httpx.TransportError):
                 c.get(url)

@@ -75,8 +75,9 @@ def test_mail_is_served_and_delivered_with_every_health_service_stopped(
     sent = popguard(data, "send-message", "--to", address, "--file", str(message))
     assert sent.returncode == 0, sent.stderr
     cas1 = json_of(data, "get-server", "cas1")[0]
+    context = tls.TlsMaterial.of(data).client_context()
     client = poplib.POP3_SSL(cas1["Address"], int(cas1["Ports"]["pop3-tls"]),
-                             context=tls.client_context(data), timeout=10)  # fmt: skip
+                             context=context, timeout=10)  # fmt: skip
     try:
         client.user(address)
         client.pass_(password)

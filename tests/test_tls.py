@@ -37,8 +37,8 @@ def _handshake(
 
 @pytest.fixture
 def contexts(tmp_path: Path) -> tuple[tls.ResumingClientContext, ssl.SSLContext]:
-    pair = tls.ensure_server_certificate(tmp_path, "mbx1", ["mbx1", NAME], [NAME])
-    return tls.resuming_client_context(tmp_path), tls.server_context(pair)
+    pair = tls.TlsMaterial.of(tmp_path).ensure_server_certificate("mbx1", ["mbx1", NAME], [NAME])
+    return tls.TlsMaterial.of(tmp_path).resuming_client_context(), tls.server_context(pair)
 
 
 def test_the_second_connection_resumes_the_first_ones_session(
@@ -79,7 +79,9 @@ def test_a_refused_session_falls_back_to_a_verified_full_handshake(
     first, _ = _handshake(client, server)
     client.handshake_done(first)
     # A restarted back end has new ticket keys: the old session is refused.
-    restarted = tls.server_context(tls.ensure_server_certificate(tmp_path, "mbx1", [NAME], [NAME]))
+    restarted = tls.server_context(
+        tls.TlsMaterial.of(tmp_path).ensure_server_certificate("mbx1", [NAME], [NAME])
+    )
     full, _ = _handshake(client, restarted)
     assert not full.session_reused
     assert full.getpeercert() is not None
@@ -91,6 +93,8 @@ def test_resumption_never_skips_verification_of_a_stranger(
     client, server = contexts
     client.handshake_done(_handshake(client, server)[0])
     # A server with a certificate from another CA, at the same name.
-    stranger_pair = tls.ensure_server_certificate(tmp_path / "other", "mbx1", [NAME], [NAME])
+    stranger_pair = tls.TlsMaterial.of(tmp_path / "other").ensure_server_certificate(
+        "mbx1", [NAME], [NAME]
+    )
     with pytest.raises(ssl.SSLCertVerificationError):
         _handshake(client, tls.server_context(stranger_pair))

@@ -1,12 +1,15 @@
 """Where each piece of state lives inside the data folder.
 
-One function per kind of file, so that every process finds the same file for
-the same logical object and the layout is described in exactly one place.
+One place describes the layout, so that every process finds the same file for the
+same logical object. A host's data folder holds the directory (while it is a SQLite
+file), the organization's TLS material and one folder per server of this host; a
+server's folder holds only that server's own files.
 """
 
 from __future__ import annotations
 
 import os
+from dataclasses import dataclass
 from pathlib import Path
 
 DATA_ENV = "POPGUARD_DATA"
@@ -25,18 +28,31 @@ def tls_dir(data: Path) -> Path:
     return data / "tls"
 
 
-def server_dir(data: Path, server: str) -> Path:
-    return data / "servers" / server
+@dataclass(frozen=True)
+class ServerFolder:
+    """One server's own folder: its database copies, counters, logs, faults, health."""
+
+    root: Path
+
+    def database_copy_file(self, database: str) -> Path:
+        """The SQLite file of this server's copy of `database`."""
+        return self.root / "databases" / f"{database}.sqlite"
+
+    def counters_file(self, service: str) -> Path:
+        return self.root / "counters" / f"{service}.json"
+
+    def logs_dir(self) -> Path:
+        return self.root / "logs"
+
+    def default_protocol_log_dir(self, service: str) -> Path:
+        return self.logs_dir() / service
+
+    def fault_file(self, service: str) -> Path:
+        return self.root / "faults" / f"{service}.json"
+
+    def health_dir(self) -> Path:
+        return self.root / "health"
 
 
-def database_copy_file(data: Path, database: str, server: str) -> Path:
-    """The SQLite file of the copy of `database` that lives on `server`."""
-    return server_dir(data, server) / "databases" / f"{database}.sqlite"
-
-
-def counters_file(data: Path, server: str, service: str) -> Path:
-    return server_dir(data, server) / "counters" / f"{service}.json"
-
-
-def default_protocol_log_dir(data: Path, server: str, service: str) -> Path:
-    return server_dir(data, server) / "logs" / service
+def server_folder(data: Path, server: str) -> ServerFolder:
+    return ServerFolder(data / "servers" / server)

@@ -15,6 +15,7 @@ from popguard.cli.render import format_option, render
 from popguard.directory.directory import ACTIVATION_POLICIES, Directory, Server
 from popguard.directory.exchange_values import parse_boolean
 from popguard.errors import UserError
+from popguard.net.tls import TlsMaterial
 from popguard.replication.switchover import Mover, MoveResult, copy_status
 
 
@@ -151,7 +152,7 @@ def remove_copy(app: AppContext, identity: str) -> None:
 
 def _run_moves(app: AppContext, action: Any) -> list[MoveResult]:
     with app.directory() as directory:
-        mover = Mover(app.data, directory)
+        mover = Mover(TlsMaterial.of(app.data), directory)
         return asyncio.run(action(mover))
 
 

@@ -10,8 +10,9 @@ import signal
 
 import click
 
+from popguard import paths
 from popguard.cli.context import AppContext, pass_app
-from popguard.control.faults import Fault, fault_file, write_fault
+from popguard.control.faults import Fault, write_fault
 from popguard.control.service_control import SERVICES, control_for
 from popguard.directory.config import config_file, load_config
 from popguard.errors import UserError
@@ -57,7 +58,7 @@ def inject_fault(app: AppContext, server: str, service: str, kind: str, seconds:
             raise UserError(f"{kind} is a fault of the POP3 services (pop3be, pop3), not {service}")
         with app.directory() as directory:
             name = directory.get_server(server).name
-        write_fault(fault_file(app.data, name, service), Fault(kind, seconds))
+        write_fault(paths.server_folder(app.data, name).fault_file(service), Fault(kind, seconds))
         click.echo(f"{name}/{service}: {kind} (within a second; until clear-fault)")
         return
     name, pid = _pid(app, server, service)
@@ -75,7 +76,7 @@ def clear_fault(app: AppContext, server: str, service: str) -> None:
     _faults_enabled(app)
     with app.directory() as directory:
         name = directory.get_server(server).name
-    fault_file(app.data, name, service).unlink(missing_ok=True)
+    paths.server_folder(app.data, name).fault_file(service).unlink(missing_ok=True)
     try:
         name, pid = _pid(app, server, service)
     except UserError:  # not under a supervisor, or not running: nothing hangs

@@ -37,7 +37,9 @@ def mailbox_row(mailbox: Mailbox) -> dict[str, Any]:
 
 @contextlib.contextmanager
 def _store(app: AppContext, database: str, server: str) -> Iterator[MailboxDatabase]:
-    store = MailboxDatabase(paths.database_copy_file(app.data, database, server), database)
+    store = MailboxDatabase(
+        paths.server_folder(app.data, server).database_copy_file(database), database
+    )
     try:
         yield store
     finally:

@@ -163,7 +163,7 @@ def _summary(
 ) -> str:
     """What runs where, and commands that name real servers of this organization."""
     cas, mbx, demo = org.frontends[0], org.mailbox_servers[0], org.demo
-    ca = tls.ca_certificate_file(app.data).resolve()
+    ca = tls.TlsMaterial.of(app.data).ca_certificate_file.resolve()
     pop3, pop3s = cas.port("pop3"), cas.port("pop3-tls")
     host = _host(cas.address)
     command = f"{shlex.quote(sys.argv[0])} --data {shlex.quote(str(app.data))}"

@@ -11,8 +11,6 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
-from popguard import paths
-
 KINDS = ("slow", "refuse-auth")
 
 
@@ -20,10 +18,6 @@ KINDS = ("slow", "refuse-auth")
 class Fault:
     kind: str
     seconds: float = 0.0
-
-
-def fault_file(data: Path, server: str, service: str) -> Path:
-    return paths.server_dir(data, server) / "faults" / f"{service}.json"
 
 
 def read_fault(path: Path) -> Fault | None:

@@ -68,7 +68,7 @@ def _context(data: Path, trust_any: bool) -> ssl.SSLContext:
         return context
     from popguard.net import tls
 
-    return tls.client_context(data)
+    return tls.TlsMaterial.of(data).client_context()
 
 
 async def run_test(test: ConnectivityTest) -> list[StepResult]:

@@ -85,7 +85,9 @@ async def protocol_logging(
     folder = (
         Path(settings.LogFileLocation)
         if settings.LogFileLocation
-        else paths.default_protocol_log_dir(engine.data, name, responder.service or "pop3")
+        else paths.server_folder(engine.data, name).default_protocol_log_dir(
+            responder.service or "pop3"
+        )
     )
     marker = marker_file(engine.data, name)
     if not was_on:

@@ -103,7 +103,7 @@ class HealthEngine:
         self.server: Server = self.directory.get_server(server_name)
         self.health_sets = [s for s in health_sets if s.applies_to(self.server.roles)]
         self.store = ResultsStore(results_file(data, self.server.name))
-        self._context = tls.client_context(data)
+        self._context = tls.TlsMaterial.of(data).client_context()
         self._resources: dict[str, list[str]] = {}  # probe identity -> current targets
         self._lock = asyncio.Lock()  # one monitor evaluation at a time
         # Monitor states live here and are written through to the store, which is
@@ -279,9 +279,9 @@ class HealthEngine:
             ]
         if probe.kind == "counter":
             files = {
-                SERVICE_OF_ROLE[role]: paths.counters_file(
-                    self.data, self.server.name, SERVICE_OF_ROLE[role]
-                )
+                SERVICE_OF_ROLE[role]: paths.server_folder(
+                    self.data, self.server.name
+                ).counters_file(SERVICE_OF_ROLE[role])
                 for role in self.server.roles
             }
             return [

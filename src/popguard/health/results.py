@@ -97,7 +97,7 @@ MIGRATIONS: tuple[str, ...] = (
 
 
 def results_file(data: Path, server: str) -> Path:
-    return paths.server_dir(data, server) / "health" / "results.sqlite"
+    return paths.server_folder(data, server).health_dir() / "results.sqlite"
 
 
 @dataclass(frozen=True)

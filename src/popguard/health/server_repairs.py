@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING
 from popguard.control.service_control import SystemdControl, control_for
 from popguard.health.incidents import Incident, Outcome
 from popguard.health.results import results_file
+from popguard.net.tls import TlsMaterial
 from popguard.replication.switchover import Mover
 
 if TYPE_CHECKING:
@@ -73,7 +74,7 @@ async def _move_databases_away(engine: HealthEngine, incident: Incident) -> Outc
     if why:
         return Outcome("Skipped", why)
     engine.directory.set_mailbox_server(name, activation_disabled=True)
-    results = await Mover(engine.data, engine.directory).move_all_away(name)
+    results = await Mover(TlsMaterial.of(engine.data), engine.directory).move_all_away(name)
     moved = [r for r in results if r.status == "Succeeded"]
     for result in moved:  # owed back once this server is healthy
         engine.store.owe(result.database, result.target, engine.clock.now())
@@ -206,7 +207,7 @@ async def _return_databases(engine: HealthEngine, ladder_step: bool) -> Outcome 
             "their other copies",
             ladder_step,
         )
-    mover = Mover(engine.data, engine.directory)
+    mover = Mover(TlsMaterial.of(engine.data), engine.directory)
     engine.directory.set_mailbox_server(name, activation_disabled=False)
     back, notes = [], []
     for database in ready:

@@ -31,6 +31,8 @@ RESUMPTION_LIFETIME = 300.0  # seconds
 CA_VALIDITY = datetime.timedelta(days=3650)
 SERVER_VALIDITY = datetime.timedelta(days=397)  # the CA/Browser Forum's ceiling
 RENEW_BEFORE = datetime.timedelta(days=30)
+CA_CERTIFICATE = "ca.pem"
+CA_KEY = "ca.key"
 
 
 @dataclass(frozen=True)
@@ -39,15 +41,10 @@ class CertificatePair:
     key: Path
 
 
-def ca_certificate_file(data: Path) -> Path:
-    return paths.tls_dir(data) / "ca.pem"
-
-
 @contextmanager
-def _locked(data: Path) -> Iterator[None]:
+def _locked(folder: Path) -> Iterator[None]:
     # Several services of one organization start at once; the lock makes sure only
     # one of them creates the CA or a given certificate.
-    folder = paths.tls_dir(data)
     folder.mkdir(parents=True, exist_ok=True)
     with open(folder / ".lock", "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
@@ -85,9 +82,9 @@ def _key_pem(key: ec.EllipticCurvePrivateKey) -> bytes:
     )
 
 
-def _ensure_ca(data: Path) -> tuple[x509.Certificate, ec.EllipticCurvePrivateKey]:
-    cert_file = ca_certificate_file(data)
-    key_file = paths.tls_dir(data) / "ca.key"
+def _ensure_ca(folder: Path) -> tuple[x509.Certificate, ec.EllipticCurvePrivateKey]:
+    cert_file = folder / CA_CERTIFICATE
+    key_file = folder / CA_KEY
     if cert_file.exists() and key_file.exists():
         certificate = x509.load_pem_x509_certificate(cert_file.read_bytes())
         key = serialization.load_pem_private_key(key_file.read_bytes(), password=None)
@@ -156,66 +153,6 @@ def _subject_names(certificate: x509.Certificate) -> set[str]:
     return names
 
 
-def ensure_server_certificate(
-    data: Path,
-    name: str,
-    dns_names: list[str],
-    ip_addresses: list[str],
-    purpose: str = "",
-    unit: str = "",
-) -> CertificatePair:
-    """A certificate for `name`, made or renewed when missing, expiring or wrong.
-
-    `purpose` keeps certificates of one name for different uses in separate files.
-    """
-    folder = paths.tls_dir(data) / "servers"
-    stem = f"{name}-{purpose}" if purpose else name
-    pair = CertificatePair(folder / f"{stem}.pem", folder / f"{stem}.key")
-    wanted = set(dns_names) | set(ip_addresses)
-    with _locked(data):
-        ca_certificate, ca_key = _ensure_ca(data)
-        if pair.certificate.exists() and pair.key.exists():
-            current = x509.load_pem_x509_certificate(pair.certificate.read_bytes())
-            fresh = current.not_valid_after_utc - _now() > RENEW_BEFORE
-            if (
-                fresh
-                and _subject_names(current) == wanted
-                and current.subject == _subject(name, unit)
-                and _issued_by(current, ca_certificate)
-            ):
-                return pair
-        folder.mkdir(parents=True, exist_ok=True)
-        key = ec.generate_private_key(ec.SECP256R1())
-        now = _now()
-        alternative_names: list[x509.GeneralName] = [x509.DNSName(n) for n in dns_names]
-        alternative_names += [x509.IPAddress(ipaddress.ip_address(ip)) for ip in ip_addresses]
-        certificate = (
-            x509.CertificateBuilder()
-            .subject_name(_subject(name, unit))
-            .issuer_name(ca_certificate.subject)
-            .public_key(key.public_key())
-            .serial_number(x509.random_serial_number())
-            .not_valid_before(now - datetime.timedelta(minutes=5))
-            .not_valid_after(now + SERVER_VALIDITY)
-            .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
-            .add_extension(x509.SubjectAlternativeName(alternative_names), critical=False)
-            .add_extension(
-                x509.ExtendedKeyUsage(
-                    [ExtendedKeyUsageOID.SERVER_AUTH, ExtendedKeyUsageOID.CLIENT_AUTH]
-                ),
-                critical=False,
-            )
-            .add_extension(
-                x509.AuthorityKeyIdentifier.from_issuer_public_key(ca_key.public_key()),
-                critical=False,
-            )
-            .sign(ca_key, hashes.SHA256())
-        )
-        _write_private(pair.key, _key_pem(key))
-        _write_public(pair.certificate, certificate.public_bytes(serialization.Encoding.PEM))
-        return pair
-
-
 def server_context(pair: CertificatePair) -> ssl.SSLContext:
     context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
     context.minimum_version = ssl.TLSVersion.TLSv1_2
@@ -223,49 +160,10 @@ def server_context(pair: CertificatePair) -> ssl.SSLContext:
     return context
 
 
-def client_context(data: Path) -> ssl.SSLContext:
-    """Trusts the organization's CA and nothing else (made here if it is not yet)."""
-    if not ca_certificate_file(data).exists():
-        with _locked(data):
-            _ensure_ca(data)
-    context = ssl.create_default_context(cafile=str(ca_certificate_file(data)))
-    context.minimum_version = ssl.TLSVersion.TLSv1_2
-    return context
-
-
 # The name on the certificate an operator's commands show to replication services.
 ADMIN_IDENTITY = "popguard-admin"
 ADMIN_UNIT = "popguard admin"
 REPLICATION_UNIT = "popguard replication"
-
-
-def replication_identity(data: Path, server_name: str, address: str) -> CertificatePair:
-    """What a mailbox server shows other servers, as a server and as a client."""
-    return ensure_server_certificate(
-        data, server_name, [server_name.lower()], [address], purpose="replication",
-        unit=REPLICATION_UNIT,
-    )  # fmt: skip
-
-
-def admin_identity(data: Path) -> CertificatePair:
-    """The operator's client certificate: readable only by whoever can read the data folder."""
-    return ensure_server_certificate(
-        data, ADMIN_IDENTITY, [ADMIN_IDENTITY], [], purpose="client", unit=ADMIN_UNIT
-    )
-
-
-def mutual_server_context(data: Path, pair: CertificatePair) -> ssl.SSLContext:
-    """A server context that demands a client certificate from the organization's CA."""
-    context = server_context(pair)
-    context.verify_mode = ssl.CERT_REQUIRED
-    context.load_verify_locations(cafile=str(ca_certificate_file(data)))
-    return context
-
-
-def mutual_client_context(data: Path, pair: CertificatePair) -> ssl.SSLContext:
-    context = client_context(data)
-    context.load_cert_chain(pair.certificate, pair.key)
-    return context
 
 
 def peer_name(certificate: dict[str, object] | None) -> str | None:
@@ -346,11 +244,123 @@ class ResumingClientContext(ssl.SSLContext):
             self._sessions[name] = (session, time.monotonic())
 
 
-def resuming_client_context(data: Path) -> ResumingClientContext:
-    """For one organization server to another (the front end to its back ends):
-    trusts the organization's CA only, TLS 1.2 with session resumption."""
-    context = ResumingClientContext(ssl.PROTOCOL_TLS_CLIENT)
-    context.load_verify_locations(cafile=str(ca_certificate_file(data)))
-    context.minimum_version = ssl.TLSVersion.TLSv1_2
-    context.maximum_version = ssl.TLSVersion.TLSv1_2
-    return context
+class TlsMaterial:
+    """The organization's CA and the certificates made from it, in one folder.
+
+    Whoever holds one can make and renew certificates and build the TLS contexts that
+    trust the organization's CA and nothing else.
+    """
+
+    def __init__(self, folder: Path) -> None:
+        self.folder = folder
+
+    @classmethod
+    def of(cls, data: Path) -> TlsMaterial:
+        """The material in a data folder."""
+        return cls(paths.tls_dir(data))
+
+    @property
+    def ca_certificate_file(self) -> Path:
+        return self.folder / CA_CERTIFICATE
+
+    def ensure_server_certificate(
+        self,
+        name: str,
+        dns_names: list[str],
+        ip_addresses: list[str],
+        purpose: str = "",
+        unit: str = "",
+    ) -> CertificatePair:
+        """A certificate for `name`, made or renewed when missing, expiring or wrong.
+
+        `purpose` keeps certificates of one name for different uses in separate files.
+        """
+        folder = self.folder / "servers"
+        stem = f"{name}-{purpose}" if purpose else name
+        pair = CertificatePair(folder / f"{stem}.pem", folder / f"{stem}.key")
+        wanted = set(dns_names) | set(ip_addresses)
+        with _locked(self.folder):
+            ca_certificate, ca_key = _ensure_ca(self.folder)
+            if pair.certificate.exists() and pair.key.exists():
+                current = x509.load_pem_x509_certificate(pair.certificate.read_bytes())
+                fresh = current.not_valid_after_utc - _now() > RENEW_BEFORE
+                if (
+                    fresh
+                    and _subject_names(current) == wanted
+                    and current.subject == _subject(name, unit)
+                    and _issued_by(current, ca_certificate)
+                ):
+                    return pair
+            folder.mkdir(parents=True, exist_ok=True)
+            key = ec.generate_private_key(ec.SECP256R1())
+            now = _now()
+            alternative_names: list[x509.GeneralName] = [x509.DNSName(n) for n in dns_names]
+            alternative_names += [x509.IPAddress(ipaddress.ip_address(ip)) for ip in ip_addresses]
+            certificate = (
+                x509.CertificateBuilder()
+                .subject_name(_subject(name, unit))
+                .issuer_name(ca_certificate.subject)
+                .public_key(key.public_key())
+                .serial_number(x509.random_serial_number())
+                .not_valid_before(now - datetime.timedelta(minutes=5))
+                .not_valid_after(now + SERVER_VALIDITY)
+                .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
+                .add_extension(x509.SubjectAlternativeName(alternative_names), critical=False)
+                .add_extension(
+                    x509.ExtendedKeyUsage(
+                        [ExtendedKeyUsageOID.SERVER_AUTH, ExtendedKeyUsageOID.CLIENT_AUTH]
+                    ),
+                    critical=False,
+                )
+                .add_extension(
+                    x509.AuthorityKeyIdentifier.from_issuer_public_key(ca_key.public_key()),
+                    critical=False,
+                )
+                .sign(ca_key, hashes.SHA256())
+            )
+            _write_private(pair.key, _key_pem(key))
+            _write_public(pair.certificate, certificate.public_bytes(serialization.Encoding.PEM))
+            return pair
+
+    def client_context(self) -> ssl.SSLContext:
+        """Trusts the organization's CA and nothing else (made here if it is not yet)."""
+        if not self.ca_certificate_file.exists():
+            with _locked(self.folder):
+                _ensure_ca(self.folder)
+        context = ssl.create_default_context(cafile=str(self.ca_certificate_file))
+        context.minimum_version = ssl.TLSVersion.TLSv1_2
+        return context
+
+    def replication_identity(self, server_name: str, address: str) -> CertificatePair:
+        """What a mailbox server shows other servers, as a server and as a client."""
+        return self.ensure_server_certificate(
+            server_name, [server_name.lower()], [address], purpose="replication",
+            unit=REPLICATION_UNIT,
+        )  # fmt: skip
+
+    def admin_identity(self) -> CertificatePair:
+        """The operator's client certificate: readable only by whoever can read the data folder."""
+        return self.ensure_server_certificate(
+            ADMIN_IDENTITY, [ADMIN_IDENTITY], [], purpose="client", unit=ADMIN_UNIT
+        )
+
+    def mutual_server_context(self, pair: CertificatePair) -> ssl.SSLContext:
+        """A server context that demands a client certificate from the organization's CA."""
+        context = server_context(pair)
+        context.verify_mode = ssl.CERT_REQUIRED
+        context.load_verify_locations(cafile=str(self.ca_certificate_file))
+        return context
+
+    def mutual_client_context(self, pair: CertificatePair) -> ssl.SSLContext:
+        context = self.client_context()
+        context.load_cert_chain(pair.certificate, pair.key)
+        return context
+
+    def resuming_client_context(self) -> ResumingClientContext:
+        """For one organization server to another (the front end to its back ends):
+        trusts the organization's CA only, TLS 1.2 with session resumption."""
+        context = ResumingClientContext(ssl.PROTOCOL_TLS_CLIENT)
+        context.load_verify_locations(cafile=str(self.ca_certificate_file))
+        context.minimum_version = ssl.TLSVersion.TLSv1_2
+        context.maximum_version = ssl.TLSVersion.TLSv1_2
+        return context

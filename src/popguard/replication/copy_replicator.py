@@ -23,7 +23,6 @@ from concurrent.futures import Executor
 from pathlib import Path
 from typing import TypeVar
 
-from popguard import paths
 from popguard.directory.directory import CopyStatusReport, Directory
 from popguard.errors import UserError
 from popguard.replication.peer import (
@@ -59,6 +58,7 @@ class CopyReplicator:
         server: str,
         database: str,
         store: MailboxDatabase,
+        pending_file: Path,
         executor: Executor,
         peer_for: Callable[[str], ReplicationPeer],
     ) -> None:
@@ -77,9 +77,9 @@ class CopyReplicator:
         self._progress = (0, 0)
         self._reported_at = 0.0
         self._seeding = False
-        self.pending_file = paths.database_copy_file(directory.data, database, server).with_suffix(
-            ".redeliver"
-        )
+        # Messages only this copy had when it was found diverged, kept until the active
+        # copy has taken them back (see _redeliver_pending).
+        self.pending_file = pending_file
 
     async def _run(self, function: Callable[..., T], *args: object) -> T:
         return await asyncio.get_running_loop().run_in_executor(self._executor, function, *args)

@@ -25,13 +25,13 @@ from typing import TypeVar
 
 from aiohttp import web
 
-from popguard import paths
-from popguard.directory.directory import Directory, Server
+from popguard.directory.directory import Server
 from popguard.errors import UserError
 from popguard.net import tls
 from popguard.net.serving import listen
 from popguard.replication.copy_replicator import CopyReplicator
 from popguard.replication.peer import ReplicationPeer
+from popguard.services.context import ServerContext
 from popguard.store import change_log
 from popguard.store.change_log import LogFormatError
 from popguard.store.mailbox_database import (
@@ -57,15 +57,13 @@ def _error(status: int, text: str) -> web.Response:
 
 
 class ReplicationService:
-    def __init__(self, data: Path, server_name: str) -> None:
-        self.data = data
-        self.directory = Directory(data)
-        self.server: Server = self.directory.get_server(server_name)
-        if "mailbox" not in self.server.roles:
-            raise UserError(f"server {self.server.name} does not have the mailbox role")
-        identity = tls.replication_identity(data, self.server.name, self.server.address)
-        self._server_tls = tls.mutual_server_context(data, identity)
-        self._client_tls = tls.mutual_client_context(data, identity)
+    def __init__(self, context: ServerContext) -> None:
+        self.context = context
+        self.directory = context.directory
+        self.server: Server = context.server
+        identity = context.tls.replication_identity(self.server.name, self.server.address)
+        self._server_tls = context.tls.mutual_server_context(identity)
+        self._client_tls = context.tls.mutual_client_context(identity)
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="replication-store")
         self._stores: dict[str, MailboxDatabase] = {}
         self._replicators: dict[str, tuple[CopyReplicator, asyncio.Task[None]]] = {}
@@ -81,7 +79,7 @@ class ReplicationService:
         """Runs on the store thread (the connection is used from there only)."""
         store = self._stores.get(database)
         if store is None:
-            path = paths.database_copy_file(self.data, database, self.server.name)
+            path = self.context.folder.database_copy_file(database)
             store = self._stores[database] = MailboxDatabase(path, database)
         return store
 
@@ -111,8 +109,15 @@ class ReplicationService:
                 del self._replicators[database]
         for database in wanted - set(self._replicators):
             store = await self._run(self._open, database)
+            pending = self.context.folder.database_copy_file(database).with_suffix(".redeliver")
             replicator = CopyReplicator(
-                self.directory, self.server.name, database, store, self._executor, self._peer
+                self.directory,
+                self.server.name,
+                database,
+                store,
+                pending,
+                self._executor,
+                self._peer,
             )
             task = asyncio.create_task(replicator.run(self._stop), name=f"replicate {database}")
             self._replicators[database] = (replicator, task)
@@ -317,5 +322,5 @@ def serve(data: Path, server_name: str) -> None:
     from popguard.net.serving import run_until_stopped, setup_logging
 
     setup_logging("replication", server_name)
-    service = ReplicationService(data, server_name)
+    service = ReplicationService(ServerContext.open(data, server_name, "mailbox"))
     run_until_stopped(service.run)

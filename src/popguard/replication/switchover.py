@@ -20,11 +20,10 @@ import secrets
 import socket
 import time
 from dataclasses import dataclass
-from pathlib import Path
 
 from popguard.directory.directory import CopyStatusReport, DatabaseCopy, Directory
 from popguard.errors import UserError
-from popguard.net import tls
+from popguard.net.tls import TlsMaterial
 from popguard.replication.peer import (
     PeerProtocolError,
     PeerRefused,
@@ -103,10 +102,9 @@ def copy_status(
 class Mover:
     """Carries out moves as the operator (the admin identity of the data folder)."""
 
-    def __init__(self, data: Path, directory: Directory) -> None:
-        self.data = data
+    def __init__(self, tls_material: TlsMaterial, directory: Directory) -> None:
         self.directory = directory
-        self._tls = tls.mutual_client_context(data, tls.admin_identity(data))
+        self._tls = tls_material.mutual_client_context(tls_material.admin_identity())
         self._claimant = f"{socket.gethostname()}:{os.getpid()}:{secrets.token_hex(4)}"
 
     def _peer(self, server: str) -> ReplicationPeer:

@@ -18,6 +18,7 @@ from popguard.directory.settings import SortOrder
 from popguard.errors import UserError
 from popguard.pop3.replies import ResponseCode
 from popguard.pop3.session import Authenticate, MaildropEntry, Retrieve, ServerSession, Update
+from popguard.services.context import ServerContext
 from popguard.services.pop3_service import CommandTimer, Connection, Handoff, Pop3Service
 from popguard.store.mailbox_database import NotMountedError
 from popguard.store.mounted import MountedDatabases
@@ -32,9 +33,9 @@ class BackendService(Pop3Service):
     endpoints = ("pop3be", "pop3be-tls")
     title = "back end"
 
-    def __init__(self, data: Path, server_name: str) -> None:
-        super().__init__(data, server_name)
-        self.databases = MountedDatabases(data, self.server.name, self.directory)
+    def __init__(self, context: ServerContext) -> None:
+        super().__init__(context)
+        self.databases = MountedDatabases(context.folder, self.server.name, self.directory)
         self._locked: set[str] = set()
         self._last_login: dict[str, float] = {}  # only while MinimumLoginInterval is set
 
@@ -126,5 +127,5 @@ def serve(data: Path, server_name: str) -> None:
     from popguard.net.serving import run_until_stopped, setup_logging
 
     setup_logging("pop3be", server_name)
-    backend = BackendService(data, server_name)
+    backend = BackendService(ServerContext.open(data, server_name, BackendService.role))
     run_until_stopped(backend.run)

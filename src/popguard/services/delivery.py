@@ -18,10 +18,9 @@ from typing import Any
 
 from aiosmtpd.lmtp import LMTP
 
-from popguard import paths
-from popguard.directory.directory import Directory, Server
-from popguard.errors import UserError
+from popguard.directory.directory import Server
 from popguard.net.serving import every, listen
+from popguard.services.context import ServerContext
 from popguard.services.counters import PUBLISH_INTERVAL, ServiceCounters
 from popguard.store.mailbox_database import NotMountedError
 from popguard.store.mounted import MountedDatabases
@@ -91,14 +90,12 @@ class DeliveryHandler:
 
 class DeliveryService:
     def __init__(
-        self, data: Path, server_name: str, max_message_size: int = DEFAULT_MAX_MESSAGE_SIZE
+        self, context: ServerContext, max_message_size: int = DEFAULT_MAX_MESSAGE_SIZE
     ) -> None:
-        self.data = data
-        self.directory = Directory(data)
-        self.server: Server = self.directory.get_server(server_name)
-        if "mailbox" not in self.server.roles:
-            raise UserError(f"server {self.server.name} does not have the mailbox role")
-        self.databases = MountedDatabases(data, self.server.name, self.directory)
+        self.context = context
+        self.directory = context.directory
+        self.server: Server = context.server
+        self.databases = MountedDatabases(context.folder, self.server.name, self.directory)
         self.counters = ServiceCounters("delivery")
         self.max_message_size = max_message_size
 
@@ -151,7 +148,7 @@ class DeliveryService:
             self.server.port("lmtp"),
             os.getpid(),
         )
-        counters_file = paths.counters_file(self.data, self.server.name, "delivery")
+        counters_file = self.context.folder.counters_file("delivery")
         publisher = asyncio.create_task(
             every(PUBLISH_INTERVAL, lambda: self.counters.publish(counters_file), stop)
         )
@@ -166,5 +163,5 @@ def serve(data: Path, server_name: str, max_message_size: int) -> None:
     from popguard.net.serving import run_until_stopped, setup_logging
 
     setup_logging("delivery", server_name)
-    service = DeliveryService(data, server_name, max_message_size)
+    service = DeliveryService(ServerContext.open(data, server_name, "mailbox"), max_message_size)
     run_until_stopped(service.run)

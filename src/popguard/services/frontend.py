@@ -22,11 +22,11 @@ from typing import Any
 
 from popguard.directory.directory import Server
 from popguard.errors import UserError
-from popguard.net import tls
 from popguard.net.byte_stream import TLS_HANDSHAKE_TIMEOUT, ByteStream
 from popguard.pop3.client import LineReader, ProtocolError, StatusLine
 from popguard.pop3.replies import ResponseCode
 from popguard.pop3.session import Authenticate, ServerSession
+from popguard.services.context import ServerContext
 from popguard.services.counters import ServiceCounters
 from popguard.services.pop3_service import CommandTimer, Connection, Handoff, Pop3Service
 
@@ -77,9 +77,9 @@ class FrontendService(Pop3Service):
     title = "front end"
     counters_type = FrontendCounters
 
-    def __init__(self, data: Path, server_name: str) -> None:
-        super().__init__(data, server_name)
-        self._backend_tls = tls.resuming_client_context(data)
+    def __init__(self, context: ServerContext) -> None:
+        super().__init__(context)
+        self._backend_tls = context.tls.resuming_client_context()
         self._per_user: dict[str, int] = {}
         self._routes: dict[str, tuple[Server, int]] = {}  # see _route
         self._routes_version = -1
@@ -324,5 +324,5 @@ def serve(data: Path, server_name: str) -> None:
     from popguard.net.serving import run_until_stopped, setup_logging
 
     setup_logging("pop3", server_name)
-    frontend = FrontendService(data, server_name)
+    frontend = FrontendService(ServerContext.open(data, server_name, FrontendService.role))
     run_until_stopped(frontend.run)

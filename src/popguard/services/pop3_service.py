@@ -23,10 +23,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import ClassVar
 
-from popguard import paths
-from popguard.control.faults import Fault, fault_file, read_fault
-from popguard.directory.directory import Directory, Mailbox, Server
-from popguard.errors import UserError
+from popguard.control.faults import Fault, read_fault
+from popguard.directory.directory import Mailbox, Server
 from popguard.net import tls
 from popguard.net.byte_stream import TLS_HANDSHAKE_TIMEOUT, ByteStream
 from popguard.net.serving import every, listen
@@ -44,6 +42,7 @@ from popguard.pop3.session import (
     Update,
 )
 from popguard.services.authentication import Authenticator
+from popguard.services.context import ServerContext
 from popguard.services.counters import PUBLISH_INTERVAL, ServiceCounters
 from popguard.services.protocol_log import ProtocolLog, ProtocolLogConfig, ProtocolLogRecord
 
@@ -138,14 +137,12 @@ class Pop3Service(abc.ABC):
     title: ClassVar[str]  # for the greeting
     counters_type: ClassVar[type[ServiceCounters]] = ServiceCounters
 
-    def __init__(self, data: Path, server_name: str) -> None:
-        self.data = data
-        self.directory = Directory(data)
-        self.server: Server = self.directory.get_server(server_name)
-        if self.role not in self.server.roles:
-            raise UserError(f"server {self.server.name} does not have the {self.role} role")
+    def __init__(self, context: ServerContext) -> None:
+        self.context = context
+        self.directory = context.directory
+        self.server: Server = context.server
         self.settings, self._settings_revision = self.directory.pop_settings(self.server.name)
-        self.fault: Fault | None = read_fault(fault_file(data, self.server.name, self.service))
+        self.fault: Fault | None = read_fault(context.folder.fault_file(self.service))
         self._directory_version = self.directory.change_counter()
         self.counters = self.counters_type(self.service)
         self.counters.settings_revision = self._settings_revision
@@ -227,14 +224,14 @@ class Pop3Service(abc.ABC):
         # The addresses appear as DNS names too: fetchmail matches a host given as
         # an IP address against the certificate's DNS names only.
         dns_names = sorted({self.server.name.lower(), name.lower(), "localhost", *ip_addresses})
-        return tls.ensure_server_certificate(self.data, name, dns_names, ip_addresses)
+        return self.context.tls.ensure_server_certificate(name, dns_names, ip_addresses)
 
     def _apply_log_settings(self) -> None:
         location = self.settings.LogFileLocation
         folder = (
             Path(location)
             if location
-            else paths.default_protocol_log_dir(self.data, self.server.name, self.service)
+            else self.context.folder.default_protocol_log_dir(self.service)
         )
         self.protocol_log.configure(
             ProtocolLogConfig(
@@ -248,7 +245,7 @@ class Pop3Service(abc.ABC):
     def poll_directory(self) -> None:
         """Pick up `set-popsettings` (and other directory) changes without a restart,
         and an injected fault (tests and demonstrations only)."""
-        self.fault = read_fault(fault_file(self.data, self.server.name, self.service))
+        self.fault = read_fault(self.context.folder.fault_file(self.service))
         version = self.directory.change_counter()
         if version == self._directory_version:
             return
@@ -304,7 +301,7 @@ class Pop3Service(abc.ABC):
                     port,
                 )
             )
-        counters_file = paths.counters_file(self.data, self.server.name, self.service)
+        counters_file = self.context.folder.counters_file(self.service)
         plain, secure = (self.server.port(e) for e in self.endpoints)
         log.info(
             "%s listening on %s:%d (STLS) and %s:%d (TLS), pid %d",

@@ -16,16 +16,16 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import TypeVar
 
-from popguard import paths
 from popguard.directory.directory import Directory
+from popguard.paths import ServerFolder
 from popguard.store.mailbox_database import MailboxDatabase, NotMountedError
 
 T = TypeVar("T")
 
 
 class MountedDatabases:
-    def __init__(self, data: Path, server: str, directory: Directory) -> None:
-        self.data = data
+    def __init__(self, folder: ServerFolder, server: str, directory: Directory) -> None:
+        self.folder = folder
         self.server = server
         self.directory = directory
         self._readers: dict[str, MailboxDatabase] = {}
@@ -38,7 +38,7 @@ class MountedDatabases:
             raise NotMountedError(f"database {database} is active on {active}, not {self.server}")
 
     def _file(self, database: str) -> Path:
-        return paths.database_copy_file(self.data, database, self.server)
+        return self.folder.database_copy_file(database)
 
     def reader(self, database: str) -> MailboxDatabase:
         self._check_mounted(database)

@@ -1,0 +1,43 @@
+"""What one service of one server is handed when it starts.
+
+The entry point (`popguard serve SERVICE --server NAME`) builds a ServerContext once
+and hands it down: the directory handle, the server as the directory knows it, that
+server's own folder and the organization's TLS material. Nothing below the entry point
+derives these from the data folder again, so where the directory lives (a file in the
+data folder today) is decided in one place.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from popguard import paths
+from popguard.directory.directory import Directory, Server
+from popguard.errors import UserError
+from popguard.net.tls import TlsMaterial
+from popguard.paths import ServerFolder
+
+
+@dataclass
+class ServerContext:
+    directory: Directory
+    server: Server
+    folder: ServerFolder
+    tls: TlsMaterial
+
+    @classmethod
+    def open(cls, data: Path, server_name: str, role: str) -> ServerContext:
+        """The context of `server_name`, which must have `role`; the caller closes it."""
+        directory = Directory(data)
+        try:
+            server = directory.get_server(server_name)
+            if role not in server.roles:
+                raise UserError(f"server {server.name} does not have the {role} role")
+        except BaseException:
+            directory.close()
+            raise
+        return cls(directory, server, paths.server_folder(data, server.name), TlsMaterial.of(data))
+
+    def close(self) -> None:
+        self.directory.close()
