@@ -37,11 +37,11 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from bench.cpu import machine_sample, trees_cpu
-from bench.dovecot import Dovecot
-from bench.loadgen import LoadConfig, LoadResult, Mode, resolve_loop, run_load
 from bench.mail import BIG_COUNT, BIG_SIZE, SMALL_COUNT, standard_messages, user_names
 from bench.popguard_server import Popguard, PopguardError
 from bench.preflight import check_server, cold_login_cost, prime_logins
+from popguard.testing.dovecot import Dovecot
+from popguard.testing.loadgen import LoadConfig, LoadResult, Mode, resolve_loop, run_load
 
 REPO = Path(__file__).resolve().parent.parent
 RESULTS = REPO / "bench" / "results"
@@ -267,7 +267,7 @@ def start_target(
                 f"127.0.{third}.{octet}",
                 users,
                 args.password,
-                messages,
+                [message.data for message in messages],
                 scheme=args.dovecot_scheme,
                 tls=args.tls,
             )

@@ -47,8 +47,6 @@ from pathlib import Path
 from typing import Any
 
 from bench.cpu import machine_sample, trees_cpu
-from bench.dovecot import Dovecot
-from bench.loadgen import Mode
 from bench.mail import BIG_COUNT, BIG_SIZE, SMALL_COUNT, standard_messages, user_names
 from bench.pop3_backend import (
     MODES,
@@ -66,6 +64,8 @@ from bench.pop3_backend import (
 )
 from bench.popguard_server import Popguard, PopguardError
 from bench.preflight import check_server, cold_login_cost, prime_logins
+from popguard.testing.dovecot import Dovecot
+from popguard.testing.loadgen import Mode
 
 TARGETS = (
     "popguard-direct",
@@ -203,7 +203,7 @@ def start_dovecot(
             backend_address,
             users,
             args.password,
-            standard_messages(),
+            [message.data for message in standard_messages()],
             tls=args.tls or args.tls_leg,
             # The proxies send XCLIENT (the real client address) to a back end that
             # trusts them, as a production set-up would.

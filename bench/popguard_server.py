@@ -41,8 +41,8 @@ from collections.abc import Sequence
 from pathlib import Path
 from types import TracebackType
 
-from bench.dovecot import wait_for_greeting, wait_port
 from bench.mail import DOMAIN, Message
+from popguard.testing.net import wait_for_greeting, wait_port
 
 SERVER = "mbx1"
 FRONTEND = "cas1"
