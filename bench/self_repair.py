@@ -72,15 +72,7 @@ from typing import Any
 
 import httpx
 
-from bench.up_organization import (
-    DEFAULT_ADDRESSES,
-    POLL,
-    BenchError,
-    UpOrganization,
-    machine,
-    running_organization,
-    wait_until,
-)
+from bench.report import machine, write_results
 from popguard.health.definitions import (
     HealthSet,
     MonitorDefinition,
@@ -88,8 +80,15 @@ from popguard.health.definitions import (
     ResponderDefinition,
     shipped_health_sets,
 )
+from popguard.testing.organization import (
+    DEFAULT_ADDRESSES,
+    POLL,
+    OrganizationError,
+    UpOrganization,
+    up_organization,
+    wait_until,
+)
 
-RESULTS = Path(__file__).parent / "results"
 GOAL_DETECTION = 30.0  # seconds, issue 6: fault injected to monitor Unhealthy
 GOAL_REPAIR = 60.0  # seconds, issue 6: fault injected to the probe succeeding again
 CLIENT_TIMEOUT = 1.0  # seconds for one attempt of this script's own client
@@ -305,7 +304,7 @@ def wait_for_throttle(org: UpOrganization, case: Case) -> float:
     )
     limit = responder.throttle
     if len(counted) >= limit.per_day:
-        raise BenchError(f"{responder.name} has used its {limit.per_day} restarts a day on "
+        raise OrganizationError(f"{responder.name} has used its {limit.per_day} restarts a day on "
                          f"{case.server}: run fewer rounds")  # fmt: skip
     allowed = counted[-1] + limit.min_gap if counted else now
     in_hour = [t for t in counted if t > now - 3600]
@@ -575,7 +574,7 @@ def main(argv: list[str] | None = None) -> int:
     }
     trials: list[Trial] = []
     try:
-        with running_organization(
+        with up_organization(
             addresses, True, "popguard-self-repair-", lambda: bool(args.keep)
         ) as org:
             print(f"up in {org.data}; waiting for every monitor to have results", flush=True)
@@ -589,16 +588,13 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("interrupted: reporting what was measured", file=sys.stderr)
         report["error"] = "interrupted"
-    except BenchError as exc:
+    except OrganizationError as exc:
         print(f"stopped: {exc}", file=sys.stderr)
         report["error"] = str(exc)
     report["trials"] = [t.__dict__ for t in trials]
     report["summary"] = summary(trials)
     report["markdown"] = markdown(report["summary"])
-    RESULTS.mkdir(exist_ok=True)
-    stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
-    out = RESULTS / f"self_repair-{stamp}.json"
-    out.write_text(json.dumps(report, indent=2))
+    out = write_results("self_repair", report)
     print()
     print(report["markdown"])
     print(f"\nwrote {out}")

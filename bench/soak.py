@@ -42,25 +42,22 @@ import threading
 import time
 from collections import Counter
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import httpx
 
-from bench.up_organization import (
-    DEFAULT_ADDRESSES,
-    SERVERS,
-    BenchError,
-    UpOrganization,
-    machine,
-    percentile,
-    running_organization,
-)
+from bench.report import machine, percentile, write_results
 from popguard.directory.directory import Directory
 from popguard.errors import UserError
 from popguard.services.lmtp_client import deliver
+from popguard.testing.organization import (
+    DEFAULT_ADDRESSES,
+    SERVERS,
+    OrganizationError,
+    UpOrganization,
+    up_organization,
+)
 
-RESULTS = Path(__file__).parent / "results"
 SESSION_TIMEOUT = 10.0  # seconds per socket operation of a POP3 session
 HEALTH_EVERY = 2.0  # seconds between two looks at every server's monitors
 SETTLE_TIMEOUT = 300.0  # seconds for every monitor to have results and be Healthy
@@ -192,7 +189,7 @@ class HealthWatch:
             for server in SERVERS:
                 try:
                     rows = self.org.serverhealth(server)
-                except (httpx.HTTPError, BenchError) as exc:
+                except (httpx.HTTPError, OrganizationError) as exc:
                     self.missed[f"{server}: {type(exc).__name__}"] += 1
                     continue
                 for row in rows:
@@ -357,7 +354,7 @@ def main(argv: list[str] | None = None) -> int:
         return bool(args.keep) or result.get("verdict") != "PASS" or not result.get("load_served")
 
     try:
-        with running_organization(addresses, False, "popguard-soak-", keep) as org:
+        with up_organization(addresses, False, "popguard-soak-", keep) as org:
             print(f"up in {org.data}; waiting for every monitor to be Healthy", flush=True)
             org.wait_all_healthy(SETTLE_TIMEOUT)
             print(f"soaking for {args.minutes:g} min", flush=True)
@@ -365,16 +362,13 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 1
-    except BenchError as exc:
+    except OrganizationError as exc:
         print(f"stopped: {exc}", file=sys.stderr)
         return 1
     report.update(result)
     report["machine_after"] = {"load_average": machine()["load_average"]}
     report["markdown"] = markdown(result)
-    RESULTS.mkdir(exist_ok=True)
-    stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
-    out = RESULTS / f"soak-{stamp}.json"
-    out.write_text(json.dumps(report, indent=2))
+    out = write_results("soak", report)
     print(json.dumps({k: result[k] for k in ("sessions", "deliveries",
                                              "monitors_ever_not_healthy", "failed_probe_results",
                                              "alert_rows", "recovery_action_rows")},

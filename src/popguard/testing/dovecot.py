@@ -31,15 +31,14 @@ import contextlib
 import os
 import pwd
 import shutil
-import signal
 import subprocess
 import tempfile
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from types import TracebackType
 
 from popguard.testing.net import free_port, wait_for_greeting, wait_port
+from popguard.testing.processes import Started, remove_unless_kept, wait_or_kill_group
 
 PROFILES = ("default", "highperf")
 MAIL_USER = "mail"  # a system user that exists on Debian; owns the maildirs
@@ -170,7 +169,7 @@ class Certificate:
     key_file: Path
 
 
-class Dovecot:
+class Dovecot(Started):
     """One Dovecot instance; a context manager that always stops what it started."""
 
     def __init__(
@@ -370,27 +369,8 @@ class Dovecot:
                     subprocess.run(
                         [DOVEADM, "-c", str(self.config), "stop"], capture_output=True, timeout=15
                     )
-            try:
-                proc.wait(timeout=15)
-            except subprocess.TimeoutExpired:
-                # The master is ours and leads its own process group: end the group.
-                with contextlib.suppress(ProcessLookupError):
-                    os.killpg(proc.pid, signal.SIGKILL)
-                proc.wait(timeout=15)
-        if self.root != Path() and self.root.exists() and not os.environ.get("BENCH_KEEP"):
-            shutil.rmtree(self.root, ignore_errors=True)
-
-    def __enter__(self) -> Dovecot:
-        self.start()
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.stop()
+            wait_or_kill_group(proc)
+        remove_unless_kept(self.root)
 
 
 def _chown_tree(top: Path, uid: int, gid: int) -> None:
