@@ -5,7 +5,7 @@ Usage (from the repository root, as root because Dovecot is started as root):
     .venv/bin/python -m bench.pop3_backend [--duration 5] [--clients 1,16,64]
                                            [--only dovecot|popguard]
 
-The same load generator (bench/loadgen.py) measures, one after the other:
+The same load generator (popguard.testing.loadgen) measures, one after the other:
 
 - Dovecot (dovecot-pop3d) in its default configuration,
 - Dovecot in its high-performance configuration,

@@ -5,7 +5,7 @@ Usage (from the repository root, as root because Dovecot is started as root):
     .venv/bin/python -m bench.pop3_proxy [--duration 5] [--clients 1,16,64]
                                          [--only dovecot|popguard] [--profile]
 
-The same load generator (bench/loadgen.py) measures logins per second (connect,
+The same load generator (popguard.testing.loadgen) measures logins per second (connect,
 USER/PASS, STAT, QUIT) and RETR throughput of 1 MiB messages in MB/s, at each
 concurrency, for:
 

@@ -64,7 +64,6 @@ import re
 import ssl
 import statistics
 import sys
-import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -73,6 +72,7 @@ from typing import Any
 import httpx
 
 from bench.report import machine, write_results
+from bench.watch import Watch
 from popguard.health.definitions import (
     HealthSet,
     MonitorDefinition,
@@ -161,24 +161,15 @@ def path_seconds(profile: str, case: Case) -> dict[str, float]:
 # Watching ----------------------------------------------------------------------------
 
 
-class ClientWatch:
+class ClientWatch(Watch):
     """This script's own client, as a user would see the service: TLS, greeting, CAPA,
     QUIT every POLL seconds. Records (seconds since start, answered)."""
 
     def __init__(self, address: str, port: int, ca_file: Path, started: float) -> None:
+        super().__init__(POLL, join_timeout=CLIENT_TIMEOUT * 4)
         self.address, self.port, self.started = address, port, started
         self.context = ssl.create_default_context(cafile=str(ca_file))
         self.attempts: list[tuple[float, bool]] = []
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, daemon=True)
-
-    def __enter__(self) -> ClientWatch:
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self._stop.set()
-        self._thread.join(CLIENT_TIMEOUT * 4)
 
     def _attempt(self) -> bool:
         try:
@@ -196,12 +187,9 @@ class ClientWatch:
             with contextlib.suppress(OSError):
                 client.close()
 
-    def _run(self) -> None:
-        while not self._stop.is_set():
-            began = time.monotonic()
-            answered = self._attempt()
-            self.attempts.append((began - self.started, answered))
-            self._stop.wait(max(0.0, POLL - (time.monotonic() - began)))
+    def look(self) -> None:
+        began = time.monotonic()
+        self.attempts.append((began - self.started, self._attempt()))
 
     def answered_again(self, since: float) -> float | None:
         """When the first answered attempt after the last unanswered one began, of the

@@ -47,6 +47,7 @@ from typing import Any
 import httpx
 
 from bench.report import machine, percentile, write_results
+from bench.watch import Watch
 from popguard.directory.directory import Directory
 from popguard.errors import UserError
 from popguard.services.lmtp_client import deliver
@@ -164,44 +165,34 @@ def message(n: int) -> bytes:
     ).encode()
 
 
-class HealthWatch:
+class HealthWatch(Watch):
     """Every HEALTH_EVERY seconds: each monitor of each server that is not Healthy."""
 
     def __init__(self, org: UpOrganization, started: float) -> None:
+        super().__init__(HEALTH_EVERY, join_timeout=30)
         self.org, self.started = org, started
         self.seen: dict[str, dict[str, Any]] = {}  # "server monitor resource" -> first, worst
         self.looks = 0
         self.missed: Counter[str] = Counter()
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, daemon=True)
 
-    def __enter__(self) -> HealthWatch:
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self._stop.set()
-        self._thread.join(30)
-
-    def _run(self) -> None:
-        while not self._stop.wait(HEALTH_EVERY):
-            self.looks += 1
-            for server in SERVERS:
-                try:
-                    rows = self.org.serverhealth(server)
-                except (httpx.HTTPError, OrganizationError) as exc:
-                    self.missed[f"{server}: {type(exc).__name__}"] += 1
+    def look(self) -> None:
+        self.looks += 1
+        for server in SERVERS:
+            try:
+                rows = self.org.serverhealth(server)
+            except (httpx.HTTPError, OrganizationError) as exc:
+                self.missed[f"{server}: {type(exc).__name__}"] += 1
+                continue
+            for row in rows:
+                if row["AlertValue"] == "Healthy":
                     continue
-                for row in rows:
-                    if row["AlertValue"] == "Healthy":
-                        continue
-                    key = f"{server} {row['Name']} {row['TargetResource']}"
-                    entry = self.seen.setdefault(
-                        key, {"first_s": round(time.monotonic() - self.started, 1), "values": []}
-                    )
-                    if row["AlertValue"] not in entry["values"]:
-                        entry["values"].append(row["AlertValue"])
-                        entry["error"] = row["Error"]
+                key = f"{server} {row['Name']} {row['TargetResource']}"
+                entry = self.seen.setdefault(
+                    key, {"first_s": round(time.monotonic() - self.started, 1), "values": []}
+                )
+                if row["AlertValue"] not in entry["values"]:
+                    entry["values"].append(row["AlertValue"])
+                    entry["error"] = row["Error"]
 
 
 def failed_probes(org: UpOrganization, since: float) -> dict[str, Any]:
