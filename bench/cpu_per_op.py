@@ -24,12 +24,12 @@ import time
 from pathlib import Path
 
 from bench.cpu import tree_cpu
-from bench.loadgen import LoadConfig, Mode, run_load
 from bench.mail import standard_messages, user_names
 from bench.popguard_server import FRONTEND, Popguard
 from bench.preflight import check_server, prime_logins
 from popguard import paths
 from popguard.services.counters import PUBLISH_INTERVAL, read_counters
+from popguard.testing.loadgen import LoadConfig, Mode, run_load
 
 REPO = Path(__file__).resolve().parent.parent
 

@@ -36,12 +36,13 @@ from pathlib import Path
 from typing import Any
 
 from bench.cpu import tree_cpu
-from bench.replication import free_address, machine, popguard, wait_port
+from bench.replication import MAILBOX_PORTS, popguard
+from bench.report import machine, write_results
 from popguard.health.clock import SystemClock
 from popguard.health.definitions import load_health_set, shipped_health_sets
 from popguard.health.engine import HealthEngine
-
-RESULTS = Path(__file__).parent / "results"
+from popguard.testing.net import free_loopback_address, wait_port
+from popguard.testing.organization import serve
 
 
 def health_set_text(probes: int, recurrence: float) -> str:
@@ -62,18 +63,14 @@ def health_set_text(probes: int, recurrence: float) -> str:
 def back_end() -> Iterator[tuple[Path, str, subprocess.Popen[bytes]]]:
     folder = Path(tempfile.mkdtemp(prefix="popguard-health-bench-"))
     data = folder / "data"
-    address = free_address()
+    address = free_loopback_address(MAILBOX_PORTS)
     popguard(data, "new-server", "mbx1", "--role", "mailbox", "--address", address)
     popguard(data, "new-mailboxdatabase", "DB01", "--server", "mbx1")
     popguard(data, "set-popsettings", "--server", "mbx1", "--login-type", "PlainTextLogin",
              "--max-connections", "5000", "--max-connection-from-single-ip", "5000")  # fmt: skip
-    log = open(folder / "pop3be.log", "ab")  # noqa: SIM115 - lives as long as the run
-    process = subprocess.Popen(
-        [sys.executable, "-m", "popguard", "--data", str(data), "serve", "pop3be", "--server",
-         "mbx1"], stdout=log, stderr=log,
-    )  # fmt: skip
+    process = serve(data, "pop3be", "mbx1", folder / "pop3be.log")
     try:
-        wait_port(address, 1110)
+        wait_port(address, 1110, timeout=30, process=process)
         yield data, address, process
     finally:
         process.send_signal(signal.SIGTERM)
@@ -202,19 +199,13 @@ def main(argv: list[str] | None = None) -> int:
             run_engine(data, args.probes, args.recurrence, args.duration)
         )
         print(json.dumps(report["engine"]), flush=True)
-        subprocess.run(
-            [sys.executable, "-m", "popguard", "--data", str(data), "new-mailbox",
-             "load@popguard.test", "--database", "DB01", "--password-stdin"],
-            input="load password\n", text=True, check=True, capture_output=True,
-        )  # fmt: skip
+        popguard(data, "new-mailbox", "load@popguard.test", "--database", "DB01",
+                 "--password-stdin", stdin="load password\n")  # fmt: skip
         report["shipped_probes_on_busy_back_end"] = asyncio.run(
             shipped_probe_load(data, address, process, args.load_seconds)
         )
         print(json.dumps(report["shipped_probes_on_busy_back_end"]), flush=True)
-    RESULTS.mkdir(exist_ok=True)
-    out = RESULTS / f"health_engine-{datetime.datetime.now():%Y%m%d-%H%M%S}.json"
-    out.write_text(json.dumps(report, indent=2))
-    print(f"wrote {out} (pid {os.getpid()})")
+    print(f"wrote {write_results('health_engine', report)} (pid {os.getpid()})")
     return 0
 
 

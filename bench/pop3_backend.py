@@ -5,7 +5,7 @@ Usage (from the repository root, as root because Dovecot is started as root):
     .venv/bin/python -m bench.pop3_backend [--duration 5] [--clients 1,16,64]
                                            [--only dovecot|popguard]
 
-The same load generator (bench/loadgen.py) measures, one after the other:
+The same load generator (popguard.testing.loadgen) measures, one after the other:
 
 - Dovecot (dovecot-pop3d) in its default configuration,
 - Dovecot in its high-performance configuration,
@@ -23,6 +23,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import datetime as dt
+import functools
 import json
 import os
 import platform
@@ -37,11 +38,11 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from bench.cpu import machine_sample, trees_cpu
-from bench.dovecot import Dovecot
-from bench.loadgen import LoadConfig, LoadResult, Mode, resolve_loop, run_load
 from bench.mail import BIG_COUNT, BIG_SIZE, SMALL_COUNT, standard_messages, user_names
 from bench.popguard_server import Popguard, PopguardError
 from bench.preflight import check_server, cold_login_cost, prime_logins
+from popguard.testing.dovecot import Dovecot
+from popguard.testing.loadgen import LoadConfig, LoadResult, Mode, resolve_loop, run_load
 
 REPO = Path(__file__).resolve().parent.parent
 RESULTS = REPO / "bench" / "results"
@@ -267,7 +268,7 @@ def start_target(
                 f"127.0.{third}.{octet}",
                 users,
                 args.password,
-                messages,
+                [message.data for message in messages],
                 scheme=args.dovecot_scheme,
                 tls=args.tls,
             )
@@ -510,13 +511,17 @@ def markdown(report: Report, clients: list[int], command: str) -> str:
         generator_verdict(report),
         "",
     ]
-    if report.notes:
-        lines += [*(f"- {n}" for n in report.notes), ""]
+    return "\n".join(lines + notes_markdown(report))
+
+
+def notes_markdown(report: Report) -> list[str]:
+    """The Markdown report's last lines: the notes, and what was not measured."""
+    lines = [*(f"- {n}" for n in report.notes), ""] if report.notes else []
     if report.failures:
         lines.append("Not measured:")
         lines += [f"- {t}: {msg.splitlines()[0]}" for t, msg in report.failures.items()]
         lines.append("")
-    return "\n".join(lines)
+    return lines
 
 
 def base_parser(description: str, tls_help: str) -> argparse.ArgumentParser:
@@ -617,6 +622,107 @@ def prepare_run(args: argparse.Namespace) -> bool:
     return True
 
 
+def run_options(args: argparse.Namespace, **more: Any) -> dict[str, Any]:
+    """The options a report records, those of both benchmarks first."""
+    return {
+        "duration": args.duration,
+        "warmup": args.warmup,
+        "clients": args.clients,
+        "users": args.users,
+        "max_ops": args.max_ops,
+        "workers": args.workers,
+        "dovecot_scheme": args.dovecot_scheme,
+        "message_size": BIG_SIZE,
+        "loop": args.loop,
+        "tls": args.tls,
+        "repeat": args.repeat,
+        **more,
+    }
+
+
+def start_run(module: str, report: Report, argv: list[str] | None, what: str) -> str:
+    """Say what runs where; the command line, for the Markdown report."""
+    print(
+        f"{report.machine['date']}: {report.machine['cpu']}, {report.machine['nproc']} "
+        f"cores; {what}",
+        flush=True,
+    )
+    return f".venv/bin/python -m bench.{module} " + " ".join(
+        argv if argv is not None else sys.argv[1:]
+    )
+
+
+def preflight(
+    report: Report,
+    name: str,
+    endpoint: tuple[str, int, str | None],
+    args: argparse.Namespace,
+    users: tuple[str, ...],
+    prime: Callable[[], list[str]],
+) -> list[str]:
+    """A wrong password is refused, STAT counts the mail, RETR returns the body intact;
+    then prime() logs every user in. The problems, noted in the report."""
+    address, port, ca = endpoint
+    try:
+        problems = check_server(address, port, users[0], args.password, standard_messages(), ca)
+    except OSError as exc:
+        problems = [f"could not talk to the server: {exc!r}"]
+    if not problems:
+        problems = prime()
+    for problem in problems:
+        report.notes.append(f"{name} preflight: {problem}")
+        print(f"{name}: PREFLIGHT PROBLEM: {problem}", file=sys.stderr, flush=True)
+    return problems
+
+
+def run_figures(
+    report: Report,
+    args: argparse.Namespace,
+    targets: list[str],
+    measure_one: Callable[[str, Mode, int], Run],
+    before: Callable[[str], list[str]] = lambda _target: [],
+) -> None:
+    """Every figure `--repeat` times, the targets taking turns for each; `before` runs
+    ahead of each figure and returns what to note."""
+    figures = [(m, c, t) for m in MODES for c in args.clients for t in targets]
+    for rep in range(args.repeat):
+        if args.repeat > 1:
+            print(f"repetition {rep + 1} of {args.repeat}", flush=True)
+        for mode, clients, target in figures:
+            for problem in before(target):
+                report.notes.append(f"{target} re-priming: {problem}")
+            background = wait_quiet(args.quiet_wait)
+            try:
+                run = measure_one(target, mode, clients)
+            except RuntimeError as exc:
+                report.failures[f"{target} {mode} {clients}"] = str(exc)
+                print(f"{target}: FAILED: {exc}", file=sys.stderr, flush=True)
+            else:
+                run.background_before = background
+                run.repetition = rep + 1
+                report.runs.append(run)
+            time.sleep(args.pause)  # let the server settle (TIME_WAIT, processes)
+
+
+def write_report(report: Report, stem: Path, markdown_text: str, **more: Any) -> None:
+    """STEM.json (every figure and note) and STEM.md (for BENCHMARKS.md)."""
+    stem.parent.mkdir(parents=True, exist_ok=True)
+    data = {
+        "started": report.started,
+        "machine": report.machine,
+        "options": report.options,
+        "runs": [{**vars(r), "value": r.value} for r in report.runs],
+        **more,
+        "failures": report.failures,
+        "notes": report.notes,
+        "generator_verdict": generator_verdict(report),
+        "generator_checks": [{"base": vars(b), "more_workers": vars(m)} for b, m in report.checks],
+    }
+    stem.with_suffix(".json").write_text(json.dumps(data, indent=2, default=str) + "\n")
+    stem.with_suffix(".md").write_text(markdown_text)
+    print(f"\nwrote {stem}.json and {stem}.md (Markdown for BENCHMARKS.md)")
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     if not prepare_run(args):
@@ -626,20 +732,7 @@ def main(argv: list[str] | None = None) -> int:
     report = Report(
         started=dt.datetime.now().strftime("%Y%m%d-%H%M%S"),
         machine=machine_info(),
-        options={
-            "duration": args.duration,
-            "warmup": args.warmup,
-            "clients": args.clients,
-            "users": args.users,
-            "max_ops": args.max_ops,
-            "workers": args.workers,
-            "dovecot_scheme": args.dovecot_scheme,
-            "message_size": BIG_SIZE,
-            "targets": targets,
-            "loop": args.loop,
-            "tls": args.tls,
-            "repeat": args.repeat,
-        },
+        options=run_options(args, targets=targets),
     )
     if args.dovecot_scheme.upper() == "PLAIN" and "popguard" in targets:
         report.notes.append(
@@ -647,14 +740,8 @@ def main(argv: list[str] | None = None) -> int:
             "stores only argon2id hashes and, after a user's first login, checks "
             "the password against its authentication cache (a keyed digest)."
         )
-    command = ".venv/bin/python -m bench.pop3_backend " + " ".join(
-        argv if argv is not None else sys.argv[1:]
-    )
-    print(
-        f"{report.machine['date']}: {report.machine['cpu']}, {report.machine['nproc']} "
-        f"cores; targets {', '.join(targets)}; clients {args.clients}",
-        flush=True,
-    )
+    what = f"targets {', '.join(targets)}; clients {args.clients}"
+    command = start_run("pop3_backend", report, argv, what)
     with contextlib.ExitStack() as stack:
         # All servers run side by side (an idle one costs nothing) and each figure is
         # taken from each server in turn: if something else loads the machine for a
@@ -678,28 +765,16 @@ def main(argv: list[str] | None = None) -> int:
                 flush=True,
             )
             tls = args.tls and server.ca_file is not None
-            try:
-                problems = check_server(
-                    server.address,
-                    server.tls_port if tls else server.port,
-                    users[0],
-                    args.password,
-                    standard_messages(),
-                    str(server.ca_file) if tls else None,
-                )
-            except OSError as exc:
-                problems = [f"could not talk to the server: {exc!r}"]
-            if not problems:
-                problems = prime_logins(
-                    server.address,
-                    server.tls_port if tls else server.port,
-                    users,
-                    args.password,
-                    str(server.ca_file) if tls else None,
-                )
-            for problem in problems:
-                report.notes.append(f"{target} preflight: {problem}")
-                print(f"{target}: PREFLIGHT PROBLEM: {problem}", file=sys.stderr, flush=True)
+            port = server.tls_port if tls else server.port
+            ca = str(server.ca_file) if tls else None
+            preflight(
+                report,
+                target,
+                (server.address, port, ca),
+                args,
+                users,
+                functools.partial(prime_logins, server.address, port, users, args.password, ca),
+            )
         if "popguard" in servers:
             report.notes.append(
                 "Before measuring, every user logged in once on every server (steady state: "
@@ -707,22 +782,12 @@ def main(argv: list[str] | None = None) -> int:
                 "authentication cache; a user's first login in 5 minutes costs one argon2id "
                 f"verification, {cold_login_cost():.0f} ms of CPU here."
             )
-        figures = [(m, c, t) for m in MODES for c in args.clients for t in servers]
-        for rep in range(args.repeat):
-            if args.repeat > 1:
-                print(f"repetition {rep + 1} of {args.repeat}", flush=True)
-            for mode, clients, target in figures:
-                background = wait_quiet(args.quiet_wait)
-                try:
-                    run = measure(target, servers[target], mode, clients, args, users)
-                except RuntimeError as exc:
-                    report.failures[f"{target} {mode} {clients}"] = str(exc)
-                    print(f"{target}: FAILED: {exc}", file=sys.stderr, flush=True)
-                else:
-                    run.background_before = background
-                    run.repetition = rep + 1
-                    report.runs.append(run)
-                time.sleep(args.pause)  # let the server settle (TIME_WAIT, processes)
+        run_figures(
+            report,
+            args,
+            list(servers),
+            lambda t, mode, clients: measure(t, servers[t], mode, clients, args, users),
+        )
         if args.generator_check:
             check_generator(report, servers, args, users)
         print("stopping servers", flush=True)
@@ -734,21 +799,8 @@ def main(argv: list[str] | None = None) -> int:
     for target, msg in report.failures.items():
         print(f"{target} not measured: {msg.splitlines()[0]}")
 
-    args.out_dir.mkdir(parents=True, exist_ok=True)
     stem = args.out_dir / f"pop3_backend-{report.started}"
-    data = {
-        "started": report.started,
-        "machine": report.machine,
-        "options": report.options,
-        "runs": [{**vars(r), "value": r.value} for r in report.runs],
-        "failures": report.failures,
-        "notes": report.notes,
-        "generator_verdict": generator_verdict(report),
-        "generator_checks": [{"base": vars(b), "more_workers": vars(m)} for b, m in report.checks],
-    }
-    stem.with_suffix(".json").write_text(json.dumps(data, indent=2, default=str) + "\n")
-    stem.with_suffix(".md").write_text(markdown(report, args.clients, command))
-    print(f"\nwrote {stem}.json and {stem}.md (Markdown for BENCHMARKS.md)")
+    write_report(report, stem, markdown(report, args.clients, command))
     return 1 if report.failures else 0
 
 

@@ -5,7 +5,7 @@ Usage (from the repository root, as root because Dovecot is started as root):
     .venv/bin/python -m bench.pop3_proxy [--duration 5] [--clients 1,16,64]
                                          [--only dovecot|popguard] [--profile]
 
-The same load generator (bench/loadgen.py) measures logins per second (connect,
+The same load generator (popguard.testing.loadgen) measures logins per second (connect,
 USER/PASS, STAT, QUIT) and RETR throughput of 1 MiB messages in MB/s, at each
 concurrency, for:
 
@@ -35,7 +35,7 @@ import argparse
 import collections
 import contextlib
 import datetime as dt
-import json
+import functools
 import math
 import random
 import subprocess
@@ -47,9 +47,7 @@ from pathlib import Path
 from typing import Any
 
 from bench.cpu import machine_sample, trees_cpu
-from bench.dovecot import Dovecot
-from bench.loadgen import Mode
-from bench.mail import BIG_COUNT, BIG_SIZE, SMALL_COUNT, standard_messages, user_names
+from bench.mail import BIG_COUNT, SMALL_COUNT, standard_messages, user_names
 from bench.pop3_backend import (
     MODES,
     REPO,
@@ -61,11 +59,19 @@ from bench.pop3_backend import (
     generator_verdict,
     machine_info,
     measure,
+    notes_markdown,
+    preflight,
     prepare_run,
+    run_figures,
+    run_options,
+    start_run,
     wait_quiet,
+    write_report,
 )
 from bench.popguard_server import Popguard, PopguardError
-from bench.preflight import check_server, cold_login_cost, prime_logins
+from bench.preflight import cold_login_cost, prime_logins
+from popguard.testing.dovecot import Dovecot
+from popguard.testing.loadgen import Mode
 
 TARGETS = (
     "popguard-direct",
@@ -203,7 +209,7 @@ def start_dovecot(
             backend_address,
             users,
             args.password,
-            standard_messages(),
+            [message.data for message in standard_messages()],
             tls=args.tls or args.tls_leg,
             # The proxies send XCLIENT (the real client address) to a back end that
             # trusts them, as a production set-up would.
@@ -775,13 +781,7 @@ def markdown(report: ProxyReport, clients: list[int], command: str) -> str:
         "",
         profile_text(report),
     ]
-    if report.notes:
-        lines += [*(f"- {n}" for n in report.notes), ""]
-    if report.failures:
-        lines.append("Not measured:")
-        lines += [f"- {t}: {msg.splitlines()[0]}" for t, msg in report.failures.items()]
-        lines.append("")
-    return "\n".join(lines)
+    return "\n".join(lines + notes_markdown(report))
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
@@ -818,32 +818,15 @@ def main(argv: list[str] | None = None) -> int:
     report = ProxyReport(
         started=dt.datetime.now().strftime("%Y%m%d-%H%M%S"),
         machine=machine_info(),
-        options={
-            "duration": args.duration,
-            "warmup": args.warmup,
-            "clients": args.clients,
-            "users": args.users,
-            "max_ops": args.max_ops,
-            "workers": args.workers,
-            "dovecot_scheme": args.dovecot_scheme,
-            "dovecot_key": DOVECOT_KEY,
-            "message_size": BIG_SIZE,
-            "loop": args.loop,
-            "tls": args.tls,
-            "tls_leg": args.tls_leg,
-            "repeat": args.repeat,
-            "profile": args.profile,
-            "goals": GOALS,
-        },
+        options=run_options(
+            args,
+            dovecot_key=DOVECOT_KEY,
+            tls_leg=args.tls_leg,
+            profile=args.profile,
+            goals=GOALS,
+        ),
     )
-    command = ".venv/bin/python -m bench.pop3_proxy " + " ".join(
-        argv if argv is not None else sys.argv[1:]
-    )
-    print(
-        f"{report.machine['date']}: {report.machine['cpu']}, {report.machine['nproc']} "
-        f"cores; clients {args.clients}",
-        flush=True,
-    )
+    command = start_run("pop3_proxy", report, argv, f"clients {args.clients}")
     with contextlib.ExitStack() as stack:
         targets: dict[str, Target] = {}
         pg_procs: dict[str, int] = {}
@@ -878,17 +861,14 @@ def main(argv: list[str] | None = None) -> int:
         for name, target in list(targets.items()):
             port, ca = _endpoint(target, args)
             checked = time.monotonic()
-            try:
-                problems = check_server(
-                    target.address, port, users[0], args.password, standard_messages(), ca
-                )
-            except OSError as exc:
-                problems = [f"could not talk to the server: {exc!r}"]
-            if not problems:
-                problems = primer.prime(target, since=checked)
-            for problem in problems:
-                report.notes.append(f"{name} preflight: {problem}")
-                print(f"{name}: PREFLIGHT PROBLEM: {problem}", file=sys.stderr, flush=True)
+            problems = preflight(
+                report,
+                name,
+                (target.address, port, ca),
+                args,
+                users,
+                functools.partial(primer.prime, target, since=checked),
+            )
             if problems:
                 report.failures[name] = f"preflight: {problems[0]}"
                 del targets[name]
@@ -902,25 +882,13 @@ def main(argv: list[str] | None = None) -> int:
             )
 
         budget = figure_budget(args)
-        figures = [(m, c, t) for m in MODES for c in args.clients for t in targets]
-        for rep in range(args.repeat):
-            if args.repeat > 1:
-                print(f"repetition {rep + 1} of {args.repeat}", flush=True)
-            for mode, clients, name in figures:
-                target = targets[name]
-                for problem in primer.ensure(target, budget):
-                    report.notes.append(f"{name} re-priming: {problem}")
-                background = wait_quiet(args.quiet_wait)
-                try:
-                    run = measure_target(target, mode, clients, args, users)
-                except RuntimeError as exc:
-                    report.failures[f"{name} {mode} {clients}"] = str(exc)
-                    print(f"{name}: FAILED: {exc}", file=sys.stderr, flush=True)
-                else:
-                    run.background_before = background
-                    run.repetition = rep + 1
-                    report.runs.append(run)
-                time.sleep(args.pause)
+        run_figures(
+            report,
+            args,
+            list(targets),
+            lambda name, mode, clients: measure_target(targets[name], mode, clients, args, users),
+            before=lambda name: primer.ensure(targets[name], budget),
+        )
         if args.generator_check:
             check_generator(
                 report,
@@ -952,32 +920,22 @@ def main(argv: list[str] | None = None) -> int:
     for name, msg in report.failures.items():
         print(f"{name} not measured: {msg.splitlines()[0]}")
 
-    args.out_dir.mkdir(parents=True, exist_ok=True)
-    stem = args.out_dir / f"pop3_proxy-{report.started}"
-    data = {
-        "started": report.started,
-        "machine": report.machine,
-        "options": report.options,
-        "targets": report.targets,
-        "runs": [{**vars(r), "value": r.value} for r in report.runs],
-        "ratios": {
+    write_report(
+        report,
+        args.out_dir / f"pop3_proxy-{report.started}",
+        markdown(report, args.clients, command),
+        targets=report.targets,
+        ratios={
             label: {
                 mode: {str(c): ratio(report, proxied, direct, mode, c) for c in args.clients}
                 for mode in MODES
             }
             for label, proxied, direct in PAIRS
         },
-        "goals": goal_rows(report, args.clients),
-        "summary": summary_lines(report, args.clients),
-        "profiles": [vars(p) for p in report.profiles],
-        "failures": report.failures,
-        "notes": report.notes,
-        "generator_verdict": generator_verdict(report),
-        "generator_checks": [{"base": vars(b), "more_workers": vars(m)} for b, m in report.checks],
-    }
-    stem.with_suffix(".json").write_text(json.dumps(data, indent=2, default=str) + "\n")
-    stem.with_suffix(".md").write_text(markdown(report, args.clients, command))
-    print(f"\nwrote {stem}.json and {stem}.md (Markdown for BENCHMARKS.md)")
+        goals=goal_rows(report, args.clients),
+        summary=summary_lines(report, args.clients),
+        profiles=[vars(p) for p in report.profiles],
+    )
     return 1 if report.failures else 0
 
 

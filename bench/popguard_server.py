@@ -28,10 +28,7 @@ directory and the loopback address it is given.
 
 from __future__ import annotations
 
-import contextlib
 import json
-import os
-import shutil
 import signal
 import smtplib
 import subprocess
@@ -39,10 +36,10 @@ import tempfile
 import time
 from collections.abc import Sequence
 from pathlib import Path
-from types import TracebackType
 
-from bench.dovecot import wait_for_greeting, wait_port
 from bench.mail import DOMAIN, Message
+from popguard.testing.net import wait_for_greeting, wait_port
+from popguard.testing.processes import Started, remove_unless_kept, wait_or_kill_group
 
 SERVER = "mbx1"
 FRONTEND = "cas1"
@@ -55,7 +52,7 @@ class PopguardError(RuntimeError):
     """A popguard command failed; the message says which one and what it printed."""
 
 
-class Popguard:
+class Popguard(Started):
     """popguard's pop3be and delivery services on one address, as a context manager."""
 
     def __init__(
@@ -278,23 +275,5 @@ class Popguard:
             if proc.poll() is None:
                 proc.send_signal(signal.SIGTERM)
         for proc in procs.values():
-            try:
-                proc.wait(timeout=15)
-            except subprocess.TimeoutExpired:
-                with contextlib.suppress(ProcessLookupError):
-                    os.killpg(proc.pid, signal.SIGKILL)  # its own session: only its group
-                proc.wait(timeout=15)
-        if self.data != Path() and self.data.exists() and not os.environ.get("BENCH_KEEP"):
-            shutil.rmtree(self.data, ignore_errors=True)
-
-    def __enter__(self) -> Popguard:
-        self.start()
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.stop()
+            wait_or_kill_group(proc)
+        remove_unless_kept(self.data)

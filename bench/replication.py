@@ -29,11 +29,7 @@ import contextlib
 import datetime
 import itertools
 import json
-import os
-import platform
-import secrets
 import shutil
-import signal
 import smtplib
 import sqlite3
 import subprocess
@@ -45,46 +41,18 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-RESULTS = Path(__file__).parent / "results"
+from bench.report import machine, percentile, write_results
+from popguard.testing.net import free_loopback_address, wait_port
+from popguard.testing.organization import popguard_output, serve
+from popguard.testing.processes import stop_processes
+
 USER = "bench@popguard.test"
+MAILBOX_PORTS = (1110, 1995, 2424, 64327)  # a mailbox server's, on its own address
 
 
-def popguard(data: Path, *args: str) -> str:
-    done = subprocess.run(
-        [sys.executable, "-m", "popguard", "--data", str(data), *args],
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-    if done.returncode != 0:
-        raise RuntimeError(f"popguard {' '.join(args)} failed: {done.stderr.strip()}")
-    return done.stdout
-
-
-def free_address() -> str:
-    import socket
-
-    for _ in range(100):
-        address = f"127.{secrets.randbelow(200) + 20}.{secrets.randbelow(254) + 1}.2"
-        try:
-            for port in (1110, 1995, 2424, 64327):
-                with socket.socket() as probe:
-                    probe.bind((address, port))
-        except OSError:
-            continue
-        return address
-    raise RuntimeError("no free loopback address")
-
-
-def wait_port(address: str, port: int, timeout: float = 30.0) -> None:
-    import socket
-
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        with contextlib.suppress(OSError), socket.create_connection((address, port), 1):
-            return
-        time.sleep(0.05)
-    raise RuntimeError(f"nothing listens on {address}:{port}")
+def popguard(data: Path, *args: str, stdin: str | None = None) -> str:
+    # Longer than a test's: a switchover or a seeding of 10,000 messages is one command.
+    return popguard_output(data, *args, stdin=stdin, timeout=300)
 
 
 class Organization:
@@ -94,38 +62,16 @@ class Organization:
         self.processes: list[subprocess.Popen[bytes]] = []
 
     def add_server(self, name: str) -> None:
-        address = free_address()
+        address = free_loopback_address(MAILBOX_PORTS)
         popguard(self.data, "new-server", name, "--role", "mailbox", "--address", address)
         self.addresses[name] = address
-        log = open(self.data / f"{name}.log", "ab")  # noqa: SIM115 - lives as long as the run
         for service, port in (("delivery", 2424), ("pop3be", 1110), ("replication", 64327)):
-            self.processes.append(
-                subprocess.Popen(
-                    [
-                        sys.executable,
-                        "-m",
-                        "popguard",
-                        "--data",
-                        str(self.data),
-                        "serve",
-                        service,
-                        "--server",
-                        name,
-                    ],
-                    stdout=log,
-                    stderr=log,
-                )
-            )
-            wait_port(address, port)
+            process = serve(self.data, service, name, self.data / f"{name}.log")
+            self.processes.append(process)
+            wait_port(address, port, timeout=30, process=process)
 
     def stop(self) -> None:
-        for process in self.processes:
-            process.send_signal(signal.SIGTERM)
-        for process in self.processes:
-            try:
-                process.wait(15)
-            except subprocess.TimeoutExpired:
-                process.kill()
+        stop_processes(self.processes)
 
     def copy_file(self, server: str) -> Path:
         return self.data / "servers" / server / "databases" / "DB01.sqlite"
@@ -207,11 +153,6 @@ def active_server(data: Path) -> str:
         db.close()
 
 
-def percentile(values: list[float], fraction: float) -> float:
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, int(fraction * len(ordered)))] if ordered else 0.0
-
-
 def measure_lag(org: Organization, rate: float, duration: float, size: int) -> dict[str, Any]:
     """Deliver at `rate`/s for `duration` s; delay from each 250 to its LSN on mbx2."""
     acked: dict[int, float] = {}  # LSN on mbx1 -> when acknowledged
@@ -256,8 +197,8 @@ def measure_lag(org: Organization, rate: float, duration: float, size: int) -> d
         "delivered_per_s": round(len(acked) / elapsed, 1),
         "messages": len(acked),
         "replicated": len(delays),
-        "delay_ms_p50": round(percentile(delays, 0.5), 1),
-        "delay_ms_p99": round(percentile(delays, 0.99), 1),
+        "delay_ms_p50": round(percentile(delays, 0.5) or 0.0, 1),
+        "delay_ms_p99": round(percentile(delays, 0.99) or 0.0, 1),
         "delay_ms_max": round(max(delays, default=0.0), 1),
         "max_copy_queue": max_queue,
     }
@@ -356,23 +297,6 @@ def measure_seeding(org: Organization, timeout: float) -> dict[str, Any]:
     }
 
 
-def machine() -> dict[str, Any]:
-    model = ""
-    with contextlib.suppress(OSError):
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                model = line.split(":", 1)[1].strip()
-                break
-    return {"cpus": os.cpu_count(), "cpu": model, "python": platform.python_version()}
-
-
-def commit() -> str:
-    with contextlib.suppress(Exception):
-        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
-                              text=True, check=True).stdout.strip()  # fmt: skip
-    return "unknown"
-
-
 @contextlib.contextmanager
 def organization(keep: bool) -> Iterator[Organization]:
     folder = Path(tempfile.mkdtemp(prefix="popguard-repl-bench-"))
@@ -393,10 +317,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--duration", type=float, default=10.0, help="seconds per rate")
     parser.add_argument("--keep", action="store_true", help="keep the data folder")
     args = parser.parse_args(argv)
+    ran_on = machine()
     report: dict[str, Any] = {
         "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
-        "commit": commit(),
-        "machine": machine(),
+        "commit": ran_on["commit"],
+        "machine": ran_on,
     }
     with organization(args.keep) as org:
         org.data.mkdir(parents=True)
@@ -404,11 +329,8 @@ def main(argv: list[str] | None = None) -> int:
         org.add_server("mbx2")
         popguard(org.data, "new-mailboxdatabase", "DB01", "--server", "mbx1")
         popguard(org.data, "add-mailboxdatabasecopy", "DB01", "--server", "mbx2")
-        subprocess.run(
-            [sys.executable, "-m", "popguard", "--data", str(org.data), "new-mailbox", USER,
-             "--database", "DB01", "--password-stdin"],
-            input="bench password\n", text=True, check=True, capture_output=True,
-        )  # fmt: skip
+        popguard(org.data, "new-mailbox", USER, "--database", "DB01", "--password-stdin",
+                 stdin="bench password\n")  # fmt: skip
         org.wait_healthy("DB01\\mbx2", 60)
         report["lag"] = []
         for rate in (float(r) for r in args.rates.split(",")):
@@ -424,11 +346,7 @@ def main(argv: list[str] | None = None) -> int:
         print(json.dumps(report["switchover"]), flush=True)
         report["seeding"] = measure_seeding(org, 600)
         print(json.dumps(report["seeding"]), flush=True)
-    RESULTS.mkdir(exist_ok=True)
-    stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
-    out = RESULTS / f"replication-{stamp}.json"
-    out.write_text(json.dumps(report, indent=2))
-    print(f"wrote {out}")
+    print(f"wrote {write_results('replication', report)}")
     return 0
 
 

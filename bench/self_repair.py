@@ -64,7 +64,6 @@ import re
 import ssl
 import statistics
 import sys
-import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -72,15 +71,8 @@ from typing import Any
 
 import httpx
 
-from bench.up_organization import (
-    DEFAULT_ADDRESSES,
-    POLL,
-    BenchError,
-    UpOrganization,
-    machine,
-    running_organization,
-    wait_until,
-)
+from bench.report import machine, write_results
+from bench.watch import Watch
 from popguard.health.definitions import (
     HealthSet,
     MonitorDefinition,
@@ -88,8 +80,15 @@ from popguard.health.definitions import (
     ResponderDefinition,
     shipped_health_sets,
 )
+from popguard.testing.organization import (
+    DEFAULT_ADDRESSES,
+    POLL,
+    OrganizationError,
+    UpOrganization,
+    up_organization,
+    wait_until,
+)
 
-RESULTS = Path(__file__).parent / "results"
 GOAL_DETECTION = 30.0  # seconds, issue 6: fault injected to monitor Unhealthy
 GOAL_REPAIR = 60.0  # seconds, issue 6: fault injected to the probe succeeding again
 CLIENT_TIMEOUT = 1.0  # seconds for one attempt of this script's own client
@@ -162,24 +161,15 @@ def path_seconds(profile: str, case: Case) -> dict[str, float]:
 # Watching ----------------------------------------------------------------------------
 
 
-class ClientWatch:
+class ClientWatch(Watch):
     """This script's own client, as a user would see the service: TLS, greeting, CAPA,
     QUIT every POLL seconds. Records (seconds since start, answered)."""
 
     def __init__(self, address: str, port: int, ca_file: Path, started: float) -> None:
+        super().__init__(POLL, join_timeout=CLIENT_TIMEOUT * 4)
         self.address, self.port, self.started = address, port, started
         self.context = ssl.create_default_context(cafile=str(ca_file))
         self.attempts: list[tuple[float, bool]] = []
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, daemon=True)
-
-    def __enter__(self) -> ClientWatch:
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self._stop.set()
-        self._thread.join(CLIENT_TIMEOUT * 4)
 
     def _attempt(self) -> bool:
         try:
@@ -197,12 +187,9 @@ class ClientWatch:
             with contextlib.suppress(OSError):
                 client.close()
 
-    def _run(self) -> None:
-        while not self._stop.is_set():
-            began = time.monotonic()
-            answered = self._attempt()
-            self.attempts.append((began - self.started, answered))
-            self._stop.wait(max(0.0, POLL - (time.monotonic() - began)))
+    def look(self) -> None:
+        began = time.monotonic()
+        self.attempts.append((began - self.started, self._attempt()))
 
     def answered_again(self, since: float) -> float | None:
         """When the first answered attempt after the last unanswered one began, of the
@@ -305,7 +292,7 @@ def wait_for_throttle(org: UpOrganization, case: Case) -> float:
     )
     limit = responder.throttle
     if len(counted) >= limit.per_day:
-        raise BenchError(f"{responder.name} has used its {limit.per_day} restarts a day on "
+        raise OrganizationError(f"{responder.name} has used its {limit.per_day} restarts a day on "
                          f"{case.server}: run fewer rounds")  # fmt: skip
     allowed = counted[-1] + limit.min_gap if counted else now
     in_hour = [t for t in counted if t > now - 3600]
@@ -575,7 +562,7 @@ def main(argv: list[str] | None = None) -> int:
     }
     trials: list[Trial] = []
     try:
-        with running_organization(
+        with up_organization(
             addresses, True, "popguard-self-repair-", lambda: bool(args.keep)
         ) as org:
             print(f"up in {org.data}; waiting for every monitor to have results", flush=True)
@@ -589,16 +576,13 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("interrupted: reporting what was measured", file=sys.stderr)
         report["error"] = "interrupted"
-    except BenchError as exc:
+    except OrganizationError as exc:
         print(f"stopped: {exc}", file=sys.stderr)
         report["error"] = str(exc)
     report["trials"] = [t.__dict__ for t in trials]
     report["summary"] = summary(trials)
     report["markdown"] = markdown(report["summary"])
-    RESULTS.mkdir(exist_ok=True)
-    stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
-    out = RESULTS / f"self_repair-{stamp}.json"
-    out.write_text(json.dumps(report, indent=2))
+    out = write_results("self_repair", report)
     print()
     print(report["markdown"])
     print(f"\nwrote {out}")

@@ -42,25 +42,23 @@ import threading
 import time
 from collections import Counter
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import httpx
 
-from bench.up_organization import (
-    DEFAULT_ADDRESSES,
-    SERVERS,
-    BenchError,
-    UpOrganization,
-    machine,
-    percentile,
-    running_organization,
-)
+from bench.report import machine, percentile, write_results
+from bench.watch import Watch
 from popguard.directory.directory import Directory
 from popguard.errors import UserError
 from popguard.services.lmtp_client import deliver
+from popguard.testing.organization import (
+    DEFAULT_ADDRESSES,
+    SERVERS,
+    OrganizationError,
+    UpOrganization,
+    up_organization,
+)
 
-RESULTS = Path(__file__).parent / "results"
 SESSION_TIMEOUT = 10.0  # seconds per socket operation of a POP3 session
 HEALTH_EVERY = 2.0  # seconds between two looks at every server's monitors
 SETTLE_TIMEOUT = 300.0  # seconds for every monitor to have results and be Healthy
@@ -167,44 +165,34 @@ def message(n: int) -> bytes:
     ).encode()
 
 
-class HealthWatch:
+class HealthWatch(Watch):
     """Every HEALTH_EVERY seconds: each monitor of each server that is not Healthy."""
 
     def __init__(self, org: UpOrganization, started: float) -> None:
+        super().__init__(HEALTH_EVERY, join_timeout=30)
         self.org, self.started = org, started
         self.seen: dict[str, dict[str, Any]] = {}  # "server monitor resource" -> first, worst
         self.looks = 0
         self.missed: Counter[str] = Counter()
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, daemon=True)
 
-    def __enter__(self) -> HealthWatch:
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self._stop.set()
-        self._thread.join(30)
-
-    def _run(self) -> None:
-        while not self._stop.wait(HEALTH_EVERY):
-            self.looks += 1
-            for server in SERVERS:
-                try:
-                    rows = self.org.serverhealth(server)
-                except (httpx.HTTPError, BenchError) as exc:
-                    self.missed[f"{server}: {type(exc).__name__}"] += 1
+    def look(self) -> None:
+        self.looks += 1
+        for server in SERVERS:
+            try:
+                rows = self.org.serverhealth(server)
+            except (httpx.HTTPError, OrganizationError) as exc:
+                self.missed[f"{server}: {type(exc).__name__}"] += 1
+                continue
+            for row in rows:
+                if row["AlertValue"] == "Healthy":
                     continue
-                for row in rows:
-                    if row["AlertValue"] == "Healthy":
-                        continue
-                    key = f"{server} {row['Name']} {row['TargetResource']}"
-                    entry = self.seen.setdefault(
-                        key, {"first_s": round(time.monotonic() - self.started, 1), "values": []}
-                    )
-                    if row["AlertValue"] not in entry["values"]:
-                        entry["values"].append(row["AlertValue"])
-                        entry["error"] = row["Error"]
+                key = f"{server} {row['Name']} {row['TargetResource']}"
+                entry = self.seen.setdefault(
+                    key, {"first_s": round(time.monotonic() - self.started, 1), "values": []}
+                )
+                if row["AlertValue"] not in entry["values"]:
+                    entry["values"].append(row["AlertValue"])
+                    entry["error"] = row["Error"]
 
 
 def failed_probes(org: UpOrganization, since: float) -> dict[str, Any]:
@@ -357,7 +345,7 @@ def main(argv: list[str] | None = None) -> int:
         return bool(args.keep) or result.get("verdict") != "PASS" or not result.get("load_served")
 
     try:
-        with running_organization(addresses, False, "popguard-soak-", keep) as org:
+        with up_organization(addresses, False, "popguard-soak-", keep) as org:
             print(f"up in {org.data}; waiting for every monitor to be Healthy", flush=True)
             org.wait_all_healthy(SETTLE_TIMEOUT)
             print(f"soaking for {args.minutes:g} min", flush=True)
@@ -365,16 +353,13 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 1
-    except BenchError as exc:
+    except OrganizationError as exc:
         print(f"stopped: {exc}", file=sys.stderr)
         return 1
     report.update(result)
     report["machine_after"] = {"load_average": machine()["load_average"]}
     report["markdown"] = markdown(result)
-    RESULTS.mkdir(exist_ok=True)
-    stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
-    out = RESULTS / f"soak-{stamp}.json"
-    out.write_text(json.dumps(report, indent=2))
+    out = write_results("soak", report)
     print(json.dumps({k: result[k] for k in ("sessions", "deliveries",
                                              "monitors_ever_not_healthy", "failed_probe_results",
                                              "alert_rows", "recovery_action_rows")},

@@ -7,10 +7,8 @@ import json
 import os
 import secrets
 import signal
-import socket
 import ssl
 import subprocess
-import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -33,53 +31,12 @@ from popguard.net import tls
 from popguard.pop3.session import LoginType
 from popguard.services.counters import read_counters
 from popguard.services.lmtp_client import deliver
+from popguard.testing.net import free_loopback_address, wait_port
+from popguard.testing.organization import popguard, serve
+from popguard.testing.processes import stop_processes
 
 PASSWORD = "correct horse battery staple"
 HEALTH_PORT = 8480
-START_TIMEOUT = 20.0
-
-
-def free_loopback_address() -> str:
-    """A random 127.x.y.z whose popguard ports are free: each test its own host."""
-    for _ in range(100):
-        octets = (
-            secrets.randbelow(200) + 20,
-            secrets.randbelow(254) + 1,
-            secrets.randbelow(253) + 2,
-        )
-        address = "127.{}.{}.{}".format(*octets)
-        try:
-            for port in (1110, 1995, 2424, 64327, 8480):
-                with socket.socket() as probe:
-                    probe.bind((address, port))
-        except OSError:
-            continue
-        return address
-    raise RuntimeError("no free loopback address found")
-
-
-def wait_for_port(address: str, port: int, process: subprocess.Popen[bytes] | None = None) -> None:
-    deadline = time.monotonic() + START_TIMEOUT
-    while time.monotonic() < deadline:
-        if process is not None and process.poll() is not None:
-            raise RuntimeError(f"service exited with status {process.returncode}")
-        try:
-            with socket.create_connection((address, port), timeout=1):
-                return
-        except OSError:
-            time.sleep(0.05)
-    raise RuntimeError(f"nothing listening on {address}:{port}")
-
-
-def popguard(data: Path, *args: str, stdin: str | None = None) -> subprocess.CompletedProcess[str]:
-    """The `popguard` command as an operator runs it."""
-    return subprocess.run(
-        [sys.executable, "-m", "popguard", "--data", str(data), *args],
-        input=stdin,
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
 
 
 def apply_settings(data: Path, server: str, service: str, **changes: object) -> None:
@@ -95,19 +52,6 @@ def apply_settings(data: Path, server: str, service: str, **changes: object) -> 
             return
         time.sleep(0.1)
     raise AssertionError(f"{server}/{service} never applied settings revision {revision}")
-
-
-def stop_processes(processes: list[subprocess.Popen[bytes]]) -> None:
-    """SIGTERM, then SIGKILL whatever has not stopped within 10 seconds."""
-    for process in processes:
-        if process.poll() is None:
-            process.terminate()
-    for process in processes:
-        try:
-            process.wait(10)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
 
 
 class DataFolder:
@@ -158,9 +102,7 @@ class MailboxServer(DataFolder):
 
     def start(self, service: str) -> subprocess.Popen[bytes]:
         log = self.logs.setdefault(service, self.data / f"{self.name}-{service}.log")
-        command = [sys.executable, "-m", "popguard", "--data", str(self.data), "serve", service]
-        with open(log, "ab") as out:
-            process = subprocess.Popen([*command, "--server", self.name], stdout=out, stderr=out)
+        process = serve(self.data, service, self.name, log)
         self.processes[service] = process
         port = {
             "pop3be": self.pop3_port,
@@ -168,9 +110,9 @@ class MailboxServer(DataFolder):
             "replication": self.replication_port,
             "health": HEALTH_PORT,
         }[service]
-        wait_for_port(self.address, port, process)
+        wait_port(self.address, port, process=process)
         if service == "pop3be":
-            wait_for_port(self.address, self.pop3s_port, process)
+            wait_port(self.address, self.pop3s_port, process=process)
         return process
 
     def kill(self, service: str, signum: int = signal.SIGKILL) -> None:
@@ -278,22 +220,16 @@ class Organization(DataFolder):
         assert result.code == 250, result.reply
 
     def start_frontend(self) -> subprocess.Popen[bytes]:
-        log = self.data / "pop3.log"
-        command = [sys.executable, "-m", "popguard", "--data", str(self.data), "serve", "pop3"]
-        with open(log, "ab") as out:
-            process = subprocess.Popen([*command, "--server", "cas1"], stdout=out, stderr=out)
+        process = serve(self.data, "pop3", "cas1", self.data / "pop3.log")
         self.processes.append(process)
-        wait_for_port(self.frontend_address, self.pop3_port, process)
-        wait_for_port(self.frontend_address, self.pop3s_port, process)
+        wait_port(self.frontend_address, self.pop3_port, process=process)
+        wait_port(self.frontend_address, self.pop3s_port, process=process)
         return process
 
     def start_frontend_health(self) -> subprocess.Popen[bytes]:
-        log = self.data / "cas1-health.log"
-        command = [sys.executable, "-m", "popguard", "--data", str(self.data), "serve", "health"]
-        with open(log, "ab") as out:
-            process = subprocess.Popen([*command, "--server", "cas1"], stdout=out, stderr=out)
+        process = serve(self.data, "health", "cas1", self.data / "cas1-health.log")
         self.processes.append(process)
-        wait_for_port(self.frontend_address, HEALTH_PORT, process)
+        wait_port(self.frontend_address, HEALTH_PORT, process=process)
         return process
 
     def set_frontend_settings(self, **changes: object) -> None:

@@ -9,7 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from .conftest import free_loopback_address, popguard
+from popguard.testing.net import free_loopback_address
+from popguard.testing.organization import popguard
 
 
 @pytest.fixture

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import json
 
-from .conftest import PASSWORD, Organization, popguard
+from popguard.testing.organization import popguard
+
+from .conftest import PASSWORD, Organization
 
 
 def steps(shown: str) -> dict[str, dict[str, object]]:

@@ -64,7 +64,7 @@ def test_message_over_the_size_limit_is_refused(mailbox_server: MailboxServer) -
     import subprocess
     import sys
 
-    from .conftest import wait_for_port
+    from popguard.testing.net import wait_port
 
     process = subprocess.Popen(
         [
@@ -82,7 +82,7 @@ def test_message_over_the_size_limit_is_refused(mailbox_server: MailboxServer) -
         ]
     )
     mailbox_server.processes["delivery"] = process
-    wait_for_port(mailbox_server.address, mailbox_server.lmtp_port, process)
+    wait_port(mailbox_server.address, mailbox_server.lmtp_port, process=process)
     alice = mailbox_server.add_mailbox("big@example.test")
     bob = mailbox_server.add_mailbox("big2@example.test")
     lmtp = LmtpConversation(mailbox_server)

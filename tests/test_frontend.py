@@ -347,8 +347,7 @@ def test_a_second_front_end_serves_the_same_organization(organization: Organizat
     import sys
 
     from popguard.directory.directory import Directory
-
-    from .conftest import free_loopback_address, wait_for_port
+    from popguard.testing.net import free_loopback_address, wait_port
 
     user = organization.add_mailbox("kim@example.test", "DB02")
     organization.deliver(user, message("via cas2"))
@@ -360,7 +359,7 @@ def test_a_second_front_end_serves_the_same_organization(organization: Organizat
          "--server", "cas2"],
     )  # fmt: skip
     organization.processes.append(process)
-    wait_for_port(address, 10995, process)
+    wait_port(address, 10995, process=process)
     client = SourcedPOP3SSL(address, 10995, None, organization.ssl_context(), 15)
     client.user(user)
     client.pass_(PASSWORD)

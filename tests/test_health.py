@@ -10,8 +10,9 @@ from pathlib import Path
 from typing import Any
 
 from popguard.health.health_mailboxes import credentials_file
+from popguard.testing.organization import popguard
 
-from .conftest import Organization, popguard
+from .conftest import Organization
 
 
 def health(org: Organization, server: str, health_set: str) -> dict[str, dict[str, Any]]:

@@ -8,8 +8,9 @@ from pathlib import Path
 from typing import Any
 
 from popguard.health.external import config_file
+from popguard.testing.organization import popguard
 
-from .conftest import popguard, running_organization
+from .conftest import running_organization
 from .dovecot_server import private_dovecot
 
 HOST = "127.0.9.5"
@@ -64,8 +65,7 @@ watched_by = "mbx1"
         assert result["ResultType"] == "Succeeded", result
         assert "C: PASS ****" in result["ExecutionContext"] and PASSWORD not in shown.stdout
 
-        dovecot.proc.terminate()
-        dovecot.proc.wait(10)
+        dovecot.server.stop()
         wait_for(org.data, "dovecot1", "PopSelfTestMonitor", "Unhealthy")
         row = rows_for(org.data, "dovecot1")["PopSelfTestMonitor"]
         assert "cannot connect" in row["Error"]

@@ -24,8 +24,7 @@ from popguard.health.engine import HealthEngine
 from popguard.health.health_mailboxes import credentials_file, ensure_health_mailboxes
 from popguard.health.overrides import parse_duration
 from popguard.health.probes import PROBE_KINDS, Outcome, ProbeFailure, Transcript
-
-from .conftest import free_loopback_address
+from popguard.testing.net import free_loopback_address
 
 # A probe of a port where nothing listens (refused at once), with Exchange's ladder.
 DEAD_END = """

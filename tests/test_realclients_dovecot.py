@@ -23,8 +23,9 @@ import pytest
 from aiosmtpd.controller import Controller
 from aiosmtpd.lmtp import LMTP
 
+from popguard.testing.net import free_port
 from tests import realclients as rc
-from tests.dovecot_server import SERVER_NAME, Dovecot, free_port, private_dovecot
+from tests.dovecot_server import SERVER_NAME, Dovecot, private_dovecot
 
 HOST = "127.0.9.1"
 SMTP_HOST = "127.0.9.2"

@@ -15,8 +15,10 @@ from pathlib import Path
 import pytest
 
 from popguard.net import tls
+from popguard.testing.net import free_loopback_address
+from popguard.testing.organization import popguard
 
-from .conftest import AlertSinks, free_loopback_address, json_of, popguard, wait_for
+from .conftest import AlertSinks, json_of, wait_for
 
 
 @pytest.fixture

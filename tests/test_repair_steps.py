@@ -27,8 +27,9 @@ from popguard.health.escalation import RESOLVED, AlertReport, email_text, webhoo
 from popguard.health.monitors import starts_in_window
 from popguard.health.probes import PROBE_KINDS, Outcome, ProbeFailure, Transcript
 from popguard.health.results import ProbeResult, RecoveryAction, ResultsStore
+from popguard.testing.net import free_loopback_address
 
-from .conftest import AlertSinks, Organization, free_loopback_address
+from .conftest import AlertSinks, Organization
 
 SWITCHED = """
 name = "Test.Ladder"

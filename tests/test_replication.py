@@ -19,8 +19,9 @@ from popguard.directory.directory import Directory
 from popguard.errors import UserError
 from popguard.services.lmtp_client import deliver
 from popguard.store.mailbox_database import MailboxDatabase
+from popguard.testing.organization import popguard
 
-from .conftest import Organization, message, popguard
+from .conftest import Organization, message
 from .test_frontend import login
 
 LOAD_SECONDS = 60.0

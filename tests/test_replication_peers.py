@@ -23,8 +23,9 @@ from popguard.directory.directory import Directory
 from popguard.net import tls
 from popguard.store import change_log
 from popguard.store.change_log import GENESIS, LogEntry, entry_checksum
+from popguard.testing.net import free_loopback_address
 
-from .conftest import MailboxServer, free_loopback_address, running_organization
+from .conftest import MailboxServer, running_organization
 from .test_replication import wait_for
 
 

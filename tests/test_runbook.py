@@ -6,7 +6,9 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
-from .conftest import json_of, popguard, wait_for
+from popguard.testing.organization import popguard
+
+from .conftest import json_of, wait_for
 
 
 def active_on(data: Path, database: str) -> str:

@@ -8,8 +8,9 @@ import time
 from pathlib import Path
 
 from popguard.net import tls
+from popguard.testing.organization import popguard
 
-from .conftest import json_of, pid_alive, popguard, wait_for
+from .conftest import json_of, pid_alive, wait_for
 
 
 def self_test(data: Path) -> str:

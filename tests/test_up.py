@@ -22,8 +22,10 @@ from popguard.directory.config import install_config, parse_config
 from popguard.directory.directory import Directory
 from popguard.directory.organization import Organization, default_topology, ensure_topology
 from popguard.errors import UserError
+from popguard.testing.net import free_loopback_address
+from popguard.testing.organization import popguard
 
-from .conftest import free_loopback_address, pid_alive, popguard, processes_matching
+from .conftest import pid_alive, processes_matching
 
 
 def test_up_serves_the_demo_mailbox_and_stops_cleanly(tmp_path: Path) -> None:

@@ -1,6 +1,7 @@
-"""A whole organization started as an operator starts it, `popguard up --detach`, in a
-fresh data folder, for the benchmarks that need every service under supervisord and
-every health engine running (self_repair, soak).
+"""popguard services started for a test or a benchmark: one service as a process of
+its own (`popguard serve`), or a whole organization as an operator starts it,
+`popguard up --detach`, in a fresh data folder, with every service under supervisord
+and every health engine running.
 
     popguard --data DATA up --detach --frontend-address A --address B --second-address C
     popguard --data DATA down
@@ -15,8 +16,6 @@ from __future__ import annotations
 
 import contextlib
 import json
-import os
-import platform
 import shutil
 import signal
 import socket
@@ -46,8 +45,39 @@ INVOKE_TIMEOUT = 30.0  # seconds for one probe run through the API (timeouts are
 POLL = 0.5  # seconds between two looks at anything we wait for
 
 
-class BenchError(RuntimeError):
-    """The organization did not do what the benchmark needs; the message says what."""
+class OrganizationError(RuntimeError):
+    """The organization did not do what the run needs; the message says what."""
+
+
+def popguard(
+    data: Path, *args: str, stdin: str | None = None, timeout: float = CLI_TIMEOUT
+) -> subprocess.CompletedProcess[str]:
+    """The `popguard` command as an operator runs it."""
+    return subprocess.run(
+        [sys.executable, "-m", "popguard", "--data", str(data), *args],
+        input=stdin,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+
+
+def popguard_output(
+    data: Path, *args: str, stdin: str | None = None, timeout: float = CLI_TIMEOUT
+) -> str:
+    """The output of a `popguard` command that must succeed."""
+    done = popguard(data, *args, stdin=stdin, timeout=timeout)
+    if done.returncode != 0:
+        raise OrganizationError(f"popguard {' '.join(args)} failed: {done.stderr.strip()}")
+    return done.stdout
+
+
+def serve(data: Path, service: str, server: str, log: Path) -> subprocess.Popen[bytes]:
+    """`popguard serve SERVICE --server SERVER` in the background, its output appended
+    to `log`. The caller waits for its port and stops it (stop_processes)."""
+    command = [sys.executable, "-m", "popguard", "--data", str(data), "serve", service]
+    with open(log, "ab") as out:
+        return subprocess.Popen([*command, "--server", server], stdout=out, stderr=out)
 
 
 def addresses_free(addresses: tuple[str, ...]) -> str:
@@ -64,13 +94,13 @@ def addresses_free(addresses: tuple[str, ...]) -> str:
 
 
 def wait_until(what: str, check: Callable[[], bool], timeout: float) -> float:
-    """Seconds until check() held, polled every POLL; BenchError after `timeout`."""
+    """Seconds until check() held, polled every POLL; OrganizationError after `timeout`."""
     started = time.monotonic()
     while True:
         if check():
             return time.monotonic() - started
         if time.monotonic() - started > timeout:
-            raise BenchError(f"timed out after {timeout:.0f}s waiting for {what}")
+            raise OrganizationError(f"timed out after {timeout:.0f}s waiting for {what}")
         time.sleep(POLL)
 
 
@@ -84,16 +114,8 @@ class UpOrganization:
 
     # The CLI -------------------------------------------------------------------------
 
-    def cli(self, *args: str, timeout: float = CLI_TIMEOUT) -> str:
-        done = subprocess.run(
-            [sys.executable, "-m", "popguard", "--data", str(self.data), *args],
-            capture_output=True,
-            text=True,
-            timeout=timeout,
-        )
-        if done.returncode != 0:
-            raise BenchError(f"popguard {' '.join(args)} failed: {done.stderr.strip()}")
-        return done.stdout
+    def cli(self, *args: str) -> str:
+        return popguard_output(self.data, *args)
 
     def cli_json(self, *args: str) -> Any:
         return json.loads(self.cli(*args, "--format", "json"))
@@ -120,7 +142,7 @@ class UpOrganization:
             method, url, headers={"Authorization": f"Bearer {self._token}"}, **kwargs
         )
         if response.status_code != 200:
-            raise BenchError(f"{server} {path}: HTTP {response.status_code} {response.text}")
+            raise OrganizationError(f"{server} {path}: HTTP {response.status_code} {response.text}")
         return response.json()
 
     def serverhealth(self, server: str) -> list[dict[str, Any]]:
@@ -169,7 +191,7 @@ class UpOrganization:
 
 
 @contextlib.contextmanager
-def running_organization(
+def up_organization(
     addresses: tuple[str, ...], faults: bool, prefix: str, keep: Callable[[], bool]
 ) -> Iterator[UpOrganization]:
     """`up --detach` in a fresh folder; `down` however the block ends (SIGTERM too: it
@@ -177,7 +199,7 @@ def running_organization(
     asked at the end (a failed run may want its logs)."""
     taken = addresses_free(addresses)
     if taken:
-        raise BenchError(f"{taken}: choose other loopback addresses with --addresses")
+        raise OrganizationError(f"{taken}: choose other loopback addresses with --addresses")
     folder = Path(tempfile.mkdtemp(prefix=prefix))
     org = UpOrganization(folder / "data", addresses)
     previous = signal.signal(signal.SIGTERM, signal.default_int_handler)
@@ -187,42 +209,10 @@ def running_organization(
     finally:
         try:
             org.down()
-        except BenchError as exc:  # not up (up failed early): nothing to stop
+        except OrganizationError as exc:  # not up (up failed early): nothing to stop
             print(f"down: {exc}", file=sys.stderr)
         signal.signal(signal.SIGTERM, previous)
         if keep():
             print(f"kept the data folder {org.data}", file=sys.stderr)
         else:
             shutil.rmtree(folder, ignore_errors=True)
-
-
-def machine() -> dict[str, Any]:
-    """What the run ran on: CPUs, model, memory, load, Python, and the commit."""
-    model = ""
-    with contextlib.suppress(OSError):
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                model = line.split(":", 1)[1].strip()
-                break
-    memory_kb = 0
-    with contextlib.suppress(OSError, ValueError, IndexError):
-        memory_kb = int(Path("/proc/meminfo").read_text().split()[1])
-    commit = "unknown"
-    with contextlib.suppress(OSError, subprocess.SubprocessError):
-        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
-                                text=True, check=True).stdout.strip()  # fmt: skip
-    return {
-        "cpus": os.cpu_count(),
-        "cpu": model,
-        "memory_gib": round(memory_kb / 2**20, 1),
-        "load_average": [round(x, 2) for x in os.getloadavg()],
-        "python": platform.python_version(),
-        "commit": commit,
-    }
-
-
-def percentile(values: list[float], fraction: float) -> float | None:
-    if not values:
-        return None
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, int(fraction * len(ordered)))]

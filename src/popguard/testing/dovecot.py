@@ -1,4 +1,4 @@
-"""Start a private Dovecot POP3 server for the benchmark, and stop it again.
+"""Start a private Dovecot POP3 server for a test or a benchmark, and stop it again.
 
 Each instance lives in its own temporary directory: its own config file (passed with
 `dovecot -c FILE`), base_dir, state_dir, log files, passwd-file and maildirs, on a
@@ -17,6 +17,8 @@ Two profiles, as in Dovecot's performance tuning guide:
 An instance can also be a proxy (`mail=False`, `passdb_extra="proxy=y host=..."`):
 its passdb verifies the password and hands the session on to another instance;
 `extra_config` adds settings such as login_trusted_networks or ssl_client_ca_file.
+With `certificate`, it serves that certificate (signed by a CA of the caller's) instead
+of a self-signed one; with `ssl_required`, no login before STLS or implicit TLS.
 
 The mail is written straight into the maildirs. The same message files are
 hard-linked into every user's maildir: the content is identical per user and this
@@ -25,22 +27,18 @@ keeps 128 users x 4 MiB from costing 512 MiB of disk and page cache per instance
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import os
 import pwd
 import shutil
-import signal
-import socket
 import subprocess
-import sys
 import tempfile
-import time
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
-from types import TracebackType
 
-from bench.mail import Message, standard_messages, user_names
+from popguard.testing.net import free_port, wait_for_greeting, wait_port
+from popguard.testing.processes import Started, remove_unless_kept, wait_or_kill_group
 
 PROFILES = ("default", "highperf")
 MAIL_USER = "mail"  # a system user that exists on Debian; owns the maildirs
@@ -48,7 +46,7 @@ DOVECOT = "/usr/sbin/dovecot"
 DOVEADM = "/usr/bin/doveadm"
 
 _BASE_CONFIG = """\
-# Written by bench/dovecot.py for one benchmark run; nothing here is read from /etc.
+# Written by popguard.testing.dovecot for one run; nothing here is read from /etc.
 base_dir = {root}/run
 state_dir = {root}/state
 instance_name = {instance}
@@ -59,7 +57,7 @@ info_log_path = {root}/log/dovecot-info.log
 ssl = {ssl}
 {ssl_files}
 disable_plaintext_auth = no
-auth_mechanisms = plain
+auth_mechanisms = plain login
 mail_location = maildir:~/Maildir
 mail_uid = {uid}
 mail_gid = {gid}
@@ -125,31 +123,6 @@ def hash_password(password: str, scheme: str) -> str:
     return out.stdout.strip()
 
 
-def free_port(address: str) -> int:
-    """A TCP port that is free on `address` right now."""
-    with socket.socket() as sock:
-        sock.bind((address, 0))
-        port: int = sock.getsockname()[1]
-        return port
-
-
-def wait_for_greeting(address: str, port: int, timeout: float = 15.0) -> None:
-    """Wait until a POP3 server answers +OK on address:port."""
-    deadline = time.monotonic() + timeout
-    last = "no attempt"
-    while time.monotonic() < deadline:
-        try:
-            with socket.create_connection((address, port), timeout=2.0) as sock:
-                greeting = sock.recv(512)
-                if greeting.startswith(b"+OK"):
-                    return
-                last = f"unexpected greeting {greeting!r}"
-        except OSError as exc:
-            last = str(exc)
-        time.sleep(0.1)
-    raise RuntimeError(f"no POP3 greeting on {address}:{port} after {timeout}s: {last}")
-
-
 # Key types for the throw-away certificate: RSA 2048 (the default) or ECDSA P-256
 # (what popguard's own certificates use; a handshake costs the server far less CPU).
 KEY_TYPES = {
@@ -187,7 +160,16 @@ def _self_signed(root: Path, address: str, key_type: str = "rsa:2048") -> tuple[
     return cert, key
 
 
-class Dovecot:
+@dataclass(frozen=True)
+class Certificate:
+    """A server certificate and its key, and the CA file a client verifies it with."""
+
+    ca_file: Path
+    cert_file: Path
+    key_file: Path
+
+
+class Dovecot(Started):
     """One Dovecot instance; a context manager that always stops what it started."""
 
     def __init__(
@@ -196,7 +178,7 @@ class Dovecot:
         address: str,
         users: Sequence[str],
         password: str,
-        messages: Sequence[Message],
+        messages: Sequence[bytes],
         scheme: str = "PLAIN",
         tls: bool = False,
         workdir: Path | None = None,
@@ -206,12 +188,15 @@ class Dovecot:
         extra_config: str = "",
         name: str | None = None,
         key_type: str = "rsa:2048",
+        certificate: Certificate | None = None,
+        ssl_required: bool = False,
     ) -> None:
         """`mail=False`: no maildirs (a proxy's users live elsewhere); `passdb_extra`:
         extra fields for every user's passwd-file line (e.g. "proxy=y host=A port=P");
         `extra_config`: appended to dovecot.conf; `name`: shown in the instance name
         and the temporary directory's (the profile by default); `key_type`: of the
-        self-signed certificate when `tls` (see KEY_TYPES)."""
+        self-signed certificate when `tls` (see KEY_TYPES); `certificate`: served instead
+        of a self-signed one; `ssl_required`: refuse logins without TLS."""
         if profile not in PROFILES:
             raise ValueError(f"unknown profile {profile!r}, expected one of {PROFILES}")
         if key_type not in KEY_TYPES:
@@ -229,6 +214,8 @@ class Dovecot:
         self.extra_config = extra_config
         self.name = name or profile
         self.key_type = key_type
+        self.certificate = certificate
+        self.ssl_required = ssl_required
         self.root = Path()
         self.config = Path()
         self.port = 0
@@ -238,30 +225,30 @@ class Dovecot:
 
     # -- setup ---------------------------------------------------------------------
 
+    def maildir(self, user: str) -> Path:
+        return self.root / "mail" / user / "Maildir"
+
     def _write_mail(self, uid: int, gid: int) -> None:
         """Maildirs for every user, the message files hard-linked from one copy."""
         store = self.root / "messages"
         store.mkdir()
         originals: list[tuple[Path, str]] = []
-        for i, msg in enumerate(self.messages):
+        for i, data in enumerate(self.messages):
             # Dovecot reads the sizes from S= (physical) and W= (virtual, CRLF) in the
             # file name, so STAT and LIST need not open the files; the ":2,S" flags
             # mark them as seen, as they are after the first RETR anyway.
-            size = len(msg.data)
+            size = len(data)
             name = f"{1700000000 + i}.M{i}P1.bench,S={size},W={size}:2,S"
             path = store / name
-            path.write_bytes(msg.data)
+            path.write_bytes(data)
             originals.append((path, name))
         for user in self.users:
-            maildir = self.root / "mail" / user / "Maildir"
+            maildir = self.maildir(user)
             for sub in ("cur", "new", "tmp"):
                 (maildir / sub).mkdir(parents=True)
             for path, name in originals:
                 os.link(path, maildir / "cur" / name)
-        for dirpath, _dirs, files in os.walk(self.root / "mail"):
-            os.chown(dirpath, uid, gid)
-            for f in files:
-                os.chown(os.path.join(dirpath, f), uid, gid)
+        _chown_tree(self.root / "mail", uid, gid)
         for path, _name in originals:
             os.chown(path, uid, gid)
 
@@ -272,11 +259,16 @@ class Dovecot:
             login_extra = _HIGHPERF_LOGIN.format(cores=cores)
             extra = _HIGHPERF_REST.format(cores=cores)
         extra += self.extra_config
-        ssl_files = ""
+        ssl_files, ssl = "", "no"
         if self.tls:
-            cert, key = _self_signed(self.root, self.address, self.key_type)
-            self.ca_file = cert
+            if self.certificate is None:
+                cert, key = _self_signed(self.root, self.address, self.key_type)
+                self.ca_file = cert
+            else:
+                cert, key = self.certificate.cert_file, self.certificate.key_file
+                self.ca_file = self.certificate.ca_file
             ssl_files = f"ssl_cert = <{cert}\nssl_key = <{key}"
+            ssl = "required" if self.ssl_required else "yes"
         self.config.write_text(
             _BASE_CONFIG.format(
                 root=self.root,
@@ -286,7 +278,7 @@ class Dovecot:
                 uid=uid,
                 gid=gid,
                 tls_port=self.tls_port if self.tls else 0,
-                ssl="yes" if self.tls else "no",
+                ssl=ssl,
                 ssl_files=ssl_files,
                 login_extra=login_extra,
                 extra=extra,
@@ -330,6 +322,24 @@ class Dovecot:
             self.stop()
             raise RuntimeError(f"Dovecot did not start:\n{self.log_tail()}") from None
 
+    def fill(self, user: str, messages: Sequence[bytes]) -> None:
+        """Replace `user`'s mailbox with these messages, while the server runs."""
+        mail = pwd.getpwnam(MAIL_USER)
+        maildir = self.maildir(user)
+        for sub in ("cur", "new", "tmp"):
+            shutil.rmtree(maildir / sub, ignore_errors=True)
+            (maildir / sub).mkdir(parents=True)
+        for i, content in enumerate(messages, start=1):
+            # No S=/W= sizes in the name: a test's message may end its lines in a bare
+            # LF, and then only Dovecot can count its virtual (CRLF) size.
+            (maildir / "cur" / f"{1700000000 + i}.M{i}P1.popguard-test:2,").write_bytes(content)
+        _chown_tree(self.root / "mail", mail.pw_uid, mail.pw_gid)
+
+    def files(self, user: str) -> list[Path]:
+        """The message files in `user`'s maildir."""
+        maildir = self.maildir(user)
+        return [path for sub in ("cur", "new") for path in (maildir / sub).iterdir()]
+
     @property
     def pids(self) -> list[int]:
         """The master's pid: every Dovecot process descends from it."""
@@ -359,73 +369,12 @@ class Dovecot:
                     subprocess.run(
                         [DOVEADM, "-c", str(self.config), "stop"], capture_output=True, timeout=15
                     )
-            try:
-                proc.wait(timeout=15)
-            except subprocess.TimeoutExpired:
-                # The master is ours and leads its own process group: end the group.
-                with contextlib.suppress(ProcessLookupError):
-                    os.killpg(proc.pid, signal.SIGKILL)
-                proc.wait(timeout=15)
-        if self.root != Path() and self.root.exists() and not os.environ.get("BENCH_KEEP"):
-            shutil.rmtree(self.root, ignore_errors=True)
-
-    def __enter__(self) -> Dovecot:
-        self.start()
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.stop()
+            wait_or_kill_group(proc)
+        remove_unless_kept(self.root)
 
 
-def wait_port(address: str, port: int, timeout: float = 15.0) -> None:
-    """Wait until something accepts TCP connections on address:port."""
-    deadline = time.monotonic() + timeout
-    while True:
-        try:
-            socket.create_connection((address, port), timeout=2.0).close()
-            return
-        except OSError:
-            if time.monotonic() > deadline:
-                raise
-            time.sleep(0.1)
-
-
-def main(argv: list[str] | None = None) -> int:
-    """Start one instance and keep it running until Ctrl-C (for trying things by hand)."""
-    parser = argparse.ArgumentParser(description="Run a benchmark Dovecot by hand.")
-    parser.add_argument("--profile", choices=PROFILES, default="default")
-    parser.add_argument("--address", default="127.0.4.1")
-    parser.add_argument("--users", type=int, default=8)
-    parser.add_argument("--password", default="benchpass")
-    parser.add_argument("--scheme", default="PLAIN")
-    parser.add_argument("--tls", action="store_true")
-    parser.add_argument("--seconds", type=float, default=600.0, help="stop after this long")
-    args = parser.parse_args(argv)
-    # Unwind on SIGTERM too, so that the instance is stopped and its directory removed.
-    signal.signal(signal.SIGTERM, lambda signum, _frame: sys.exit(128 + signum))
-    with Dovecot(
-        args.profile,
-        args.address,
-        user_names(args.users),
-        args.password,
-        standard_messages(),
-        scheme=args.scheme,
-        tls=args.tls,
-    ) as dc:
-        print(
-            f"Dovecot {args.profile} on {dc.address}:{dc.port} "
-            f"(tls port {dc.tls_port}, CA {dc.ca_file}); config {dc.config}",
-            flush=True,
-        )
-        with contextlib.suppress(KeyboardInterrupt):
-            time.sleep(args.seconds)
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())
+def _chown_tree(top: Path, uid: int, gid: int) -> None:
+    for dirpath, _dirs, files in os.walk(top):
+        os.chown(dirpath, uid, gid)
+        for name in files:
+            os.chown(os.path.join(dirpath, name), uid, gid)

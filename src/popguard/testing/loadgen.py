@@ -49,7 +49,7 @@ import ssl
 import sys
 import time
 import traceback
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import asdict, dataclass, field
 from typing import Any, Literal
 
@@ -249,19 +249,12 @@ async def _login_cycle(
         await _close(writer)
 
 
-async def _login_client(
+async def _login_session(
     cfg: LoadConfig, ssl_ctx: ssl.SSLContext | None, user: str, stats: _Stats
 ) -> None:
-    user_b, password_b = user.encode(), cfg.password.encode()
-    while not stats.stopped:
-        try:
-            async with asyncio.timeout(cfg.op_timeout):
-                await _login_cycle(cfg, ssl_ctx, user_b, password_b)
-        except (OSError, EOFError, Pop3Error) as exc:  # TimeoutError is an OSError
-            stats.error(exc)
-            await asyncio.sleep(0.05)  # do not spin on a server that refuses us
-        else:
-            stats.op_done()
+    async with asyncio.timeout(cfg.op_timeout):
+        await _login_cycle(cfg, ssl_ctx, user.encode(), cfg.password.encode())
+    stats.op_done()
 
 
 async def _list_big(
@@ -328,15 +321,19 @@ async def _retr_session(
         await _close(writer)
 
 
-async def _retr_client(
-    cfg: LoadConfig, ssl_ctx: ssl.SSLContext | None, user: str, stats: _Stats
+Session = Callable[[LoadConfig, ssl.SSLContext | None, str, _Stats], Awaitable[None]]
+
+
+async def _client(
+    session: Session, cfg: LoadConfig, ssl_ctx: ssl.SSLContext | None, user: str, stats: _Stats
 ) -> None:
+    """Sessions back to back until the window closes; a failed one is counted."""
     while not stats.stopped:
         try:
-            await _retr_session(cfg, ssl_ctx, user, stats)
-        except (OSError, EOFError, Pop3Error, ValueError) as exc:
+            await session(cfg, ssl_ctx, user, stats)
+        except (OSError, EOFError, Pop3Error, ValueError) as exc:  # TimeoutError is an OSError
             stats.error(exc)
-            await asyncio.sleep(0.05)
+            await asyncio.sleep(0.05)  # do not spin on a server that refuses us
 
 
 def _ssl_context(cfg: LoadConfig) -> ssl.SSLContext | None:
@@ -374,12 +371,12 @@ async def _run_worker(
     result = WorkerResult(worker=index, clients=len(client_ids))
     stats = _Stats(t0, t1, max_ops)
     ssl_ctx = _ssl_context(cfg)
-    client = _login_client if cfg.mode == "logins" else _retr_client
+    session = _login_session if cfg.mode == "logins" else _retr_session
 
     await asyncio.sleep(max(0.0, start - time.monotonic()))
     result.started_late = time.monotonic() > t0
     tasks = [
-        asyncio.create_task(client(cfg, ssl_ctx, cfg.users[i % len(cfg.users)], stats))
+        asyncio.create_task(_client(session, cfg, ssl_ctx, cfg.users[i % len(cfg.users)], stats))
         for i in client_ids
     ]
 
