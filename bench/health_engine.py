@@ -38,8 +38,8 @@ from typing import Any
 from bench.cpu import tree_cpu
 from bench.replication import free_address, machine, popguard, wait_port
 from popguard.health.clock import SystemClock
-from popguard.health.definitions import load_health_set, shipped_health_sets
 from popguard.health.engine import HealthEngine
+from popguard.health.loader import load_health_set, shipped_health_sets
 
 RESULTS = Path(__file__).parent / "results"
 

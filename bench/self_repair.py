@@ -86,8 +86,8 @@ from popguard.health.definitions import (
     MonitorDefinition,
     ProbeDefinition,
     ResponderDefinition,
-    shipped_health_sets,
 )
+from popguard.health.loader import shipped_health_sets
 
 RESULTS = Path(__file__).parent / "results"
 GOAL_DETECTION = 30.0  # seconds, issue 6: fault injected to monitor Unhealthy
