@@ -39,8 +39,8 @@ from bench.cpu import tree_cpu
 from bench.replication import MAILBOX_PORTS, popguard
 from bench.report import machine, write_results
 from popguard.health.clock import SystemClock
-from popguard.health.definitions import load_health_set, shipped_health_sets
 from popguard.health.engine import HealthEngine
+from popguard.health.loader import load_health_set, shipped_health_sets
 from popguard.testing.net import free_loopback_address, wait_port
 from popguard.testing.organization import serve
 

@@ -78,8 +78,8 @@ from popguard.health.definitions import (
     MonitorDefinition,
     ProbeDefinition,
     ResponderDefinition,
-    shipped_health_sets,
 )
+from popguard.health.loader import shipped_health_sets
 from popguard.testing.organization import (
     DEFAULT_ADDRESSES,
     POLL,

@@ -19,9 +19,9 @@ from popguard.directory.directory import Directory, MonitoringOverride
 from popguard.directory.passwords import verify_password
 from popguard.errors import UserError
 from popguard.health.clock import ManualClock
-from popguard.health.definitions import load_folder, load_health_set, shipped_health_sets
 from popguard.health.engine import HealthEngine
 from popguard.health.health_mailboxes import credentials_file, ensure_health_mailboxes
+from popguard.health.loader import load_folder, load_health_set, shipped_health_sets
 from popguard.health.overrides import parse_duration
 from popguard.health.probes import PROBE_KINDS, Outcome, ProbeFailure, Transcript
 from popguard.testing.net import free_loopback_address

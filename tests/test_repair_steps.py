@@ -20,10 +20,11 @@ from hypothesis import strategies as st
 from popguard.directory.directory import Directory
 from popguard.directory.passwords import hash_password
 from popguard.health.clock import ManualClock
-from popguard.health.definitions import LadderStep, MonitorDefinition, load_health_set
+from popguard.health.definitions import LadderStep, MonitorDefinition
 from popguard.health.diagnosis import marker_file
 from popguard.health.engine import HealthEngine
 from popguard.health.escalation import RESOLVED, AlertReport, email_text, webhook_payload
+from popguard.health.loader import load_health_set
 from popguard.health.monitors import starts_in_window
 from popguard.health.probes import PROBE_KINDS, Outcome, ProbeFailure, Transcript
 from popguard.health.results import ProbeResult, RecoveryAction, ResultsStore

@@ -14,7 +14,8 @@ from popguard.cli.context import AppContext, pass_app
 from popguard.cli.render import format_option, render
 from popguard.errors import UserError
 from popguard.health.api import token_file
-from popguard.health.definitions import ProbeDefinition, find_item
+from popguard.health.definitions import ProbeDefinition
+from popguard.health.loader import find_item
 
 API_TIMEOUT = 10.0
 INVOKE_TIMEOUT = 120.0

@@ -14,7 +14,8 @@ from popguard.directory.directory import MonitoringOverride
 from popguard.directory.exchange_values import parse_boolean
 from popguard.errors import UserError
 from popguard.health.api import when
-from popguard.health.definitions import ProbeDefinition, find_item
+from popguard.health.definitions import ProbeDefinition
+from popguard.health.loader import find_item
 from popguard.health.overrides import canonical_property, parse_duration, parse_value
 
 ITEM_TYPES = ("Probe", "Monitor")

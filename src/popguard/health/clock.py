@@ -16,6 +16,15 @@ class Clock(Protocol):
     async def sleep(self, seconds: float) -> None: ...
 
 
+async def sleep_unless_stopped(clock: Clock, seconds: float, stop: asyncio.Event) -> None:
+    """Sleep on the clock, but wake as soon as `stop` is set."""
+    sleeper = asyncio.ensure_future(clock.sleep(seconds))
+    stopper = asyncio.ensure_future(stop.wait())
+    await asyncio.wait({sleeper, stopper}, return_when=asyncio.FIRST_COMPLETED)
+    for task in (sleeper, stopper):
+        task.cancel()
+
+
 class SystemClock:
     def now(self) -> float:
         return time.time()

@@ -20,7 +20,7 @@ from popguard.health.results import results_file
 
 if TYPE_CHECKING:
     from popguard.health.definitions import ResponderDefinition
-    from popguard.health.engine import HealthEngine
+    from popguard.health.repair_context import RepairContext
 
 
 def marker_file(data: Path, server: str) -> Path:
@@ -29,14 +29,14 @@ def marker_file(data: Path, server: str) -> Path:
     return results_file(data, server).parent / "protocol-logging-on"
 
 
-def undo_interrupted(engine: HealthEngine) -> bool:
+def undo_interrupted(context: RepairContext) -> bool:
     """Turn off protocol logging a stopped diagnosis left on; whether there was one."""
-    marker = marker_file(engine.data, engine.server.name)
+    marker = marker_file(context.data, context.server.name)
     if not marker.exists():
         return False
-    settings, _ = engine.directory.pop_settings(engine.server.name)
-    engine.directory.set_pop_settings(
-        engine.server.name, settings.with_changes({"ProtocolLogEnabled": False})
+    settings, _ = context.directory.pop_settings(context.server.name)
+    context.directory.set_pop_settings(
+        context.server.name, settings.with_changes({"ProtocolLogEnabled": False})
     )
     marker.unlink(missing_ok=True)
     return True
@@ -76,29 +76,29 @@ def lines_since(folder: Path, before: dict[Path, int], client_host: str) -> list
 
 
 async def protocol_logging(
-    engine: HealthEngine, responder: ResponderDefinition, incident: Incident
+    context: RepairContext, responder: ResponderDefinition, incident: Incident
 ) -> Outcome:
-    name = engine.server.name
-    directory = engine.directory
+    name = context.server.name
+    directory = context.directory
     settings, _ = directory.pop_settings(name)
     was_on = settings.ProtocolLogEnabled
     folder = (
         Path(settings.LogFileLocation)
         if settings.LogFileLocation
-        else paths.server_folder(engine.data, name).default_protocol_log_dir(
+        else paths.server_folder(context.data, name).default_protocol_log_dir(
             responder.service or "pop3"
         )
     )
-    marker = marker_file(engine.data, name)
+    marker = marker_file(context.data, name)
     if not was_on:
         marker.touch()
         directory.set_pop_settings(name, settings.with_changes({"ProtocolLogEnabled": True}))
     try:
         await asyncio.sleep(SETTINGS_APPLIED)
         before = await asyncio.to_thread(log_sizes, folder)
-        again = await engine.check_again(incident)
+        again = await context.check_again(incident)
         await asyncio.sleep(0.2)  # each line is flushed as written; a margin all the same
-        lines = await asyncio.to_thread(lines_since, folder, before, engine.server.address)
+        lines = await asyncio.to_thread(lines_since, folder, before, context.server.address)
     finally:
         if not was_on:
             current, _ = directory.pop_settings(name)

@@ -26,27 +26,27 @@ RESTARTED_SETTLE = 1.0  # seconds for a new process to listen before its probe r
 
 if TYPE_CHECKING:
     from popguard.health.definitions import ResponderDefinition
-    from popguard.health.engine import HealthEngine
+    from popguard.health.repair_context import RepairContext
 
 
 async def restart_service(
-    engine: HealthEngine, responder: ResponderDefinition, incident: Incident
+    context: RepairContext, responder: ResponderDefinition, incident: Incident
 ) -> Outcome:
     """Restart one service of this server: a new process. One that stopped answering
     (its probe timed out) is killed at once, not stopped gracefully: its sessions are
     lost anyway, and a hung process would only wait out the grace. Then the probe runs
     again at once, so that the monitor sees the repair without waiting for its turn."""
     service = responder.service or ""
-    latest = engine.latest_result(incident)
+    latest = context.latest_result(incident)
     hung = latest is not None and latest.result_type == "TimedOut"
 
     def restart() -> Outcome:
-        control = control_for(engine.data)
-        (before,) = control.status(engine.server.name, [service])
+        control = control_for(context.data)
+        (before,) = control.status(context.server.name, [service])
         if hung:
-            after = control.kill(engine.server.name, service)
+            after = control.kill(context.server.name, service)
         else:
-            after = control.restart(engine.server.name, service)
+            after = control.restart(context.server.name, service)
         if after.state != "Running":
             return Outcome(
                 "Failed", f"{service} is {after.state} after the restart: {after.detail}"
@@ -63,7 +63,7 @@ async def restart_service(
         return Outcome("Failed", str(exc))
     if outcome.result == "Succeeded":
         await asyncio.sleep(RESTARTED_SETTLE)
-        again = await engine.check_again(incident)
+        again = await context.check_again(incident)
         if again.fails is not None:
             seen = "still fails" if again.fails else "succeeds"
             outcome = Outcome(outcome.result, f"{outcome.detail}; the probe run again {seen}")
@@ -71,16 +71,16 @@ async def restart_service(
 
 
 async def escalate(
-    engine: HealthEngine, responder: ResponderDefinition, incident: Incident
+    context: RepairContext, responder: ResponderDefinition, incident: Incident
 ) -> Outcome:
     """Tell a person, once the probe, run again now, still fails (the runbook's check
     that the problem still exists). The alert is stored, then sent (e-mail, webhook)."""
-    again = await engine.check_again(incident)
+    again = await context.check_again(incident)
     result = again.result
     if again.fails is False:
         return Outcome("Skipped", "the probe succeeded when run again: the problem was transient")
     if result is None:  # the resource is not here now (a database moved away)
-        latest = engine.latest_result(incident)
+        latest = context.latest_result(incident)
         component = latest.failure_component if latest else ""
         error = (latest.error if latest else "") or incident.error
         checked = "not run again: its target is not on this server now"
@@ -88,46 +88,46 @@ async def escalate(
         component, error, checked = result.failure_component, result.error, "still fails"
     history = "; ".join(
         f"{a.responder} {a.result}: {a.detail}"
-        for a in engine.store.actions(since=incident.first_alert)
+        for a in context.store.actions(since=incident.first_alert)
         if a.resource == incident.resource and a.result != "InProgress"
     )
     summary = (
-        f"ESCALATION {engine.server.name} {incident.health_set}\\{incident.monitor} on "
+        f"ESCALATION {context.server.name} {incident.health_set}\\{incident.monitor} on "
         f"{incident.resource}: {component} {error} (probe {checked})"
     )
     # The alert keeps the history; this action, one of that history, does not repeat it.
     detail = f"{summary}. Done so far: {history or 'nothing'}"
-    notification = engine.escalated(incident, component, error, detail)
+    notification = context.escalated(incident, component, error, detail)
     return Outcome("Succeeded", f"{summary}; alert {notification}")
 
 
 async def take_offline(
-    engine: HealthEngine, responder: ResponderDefinition, incident: Incident
+    context: RepairContext, responder: ResponderDefinition, incident: Incident
 ) -> Outcome:
     """Set this front end's PopProxy Inactive (requester HealthApi), so that clients go
     to the others, but never the last front ends online: `keep_online` must remain."""
-    directory = engine.directory
+    directory = context.directory
     others = [
         s.name
         for s in directory.list_servers()
         if "frontend" in s.roles
-        and s.name.lower() != engine.server.name.lower()
+        and s.name.lower() != context.server.name.lower()
         and directory.component_state(s.name, "PopProxy") == "Active"
     ]
     if len(others) < responder.keep_online:
         return Outcome(
             "Skipped",
             f"only {len(others)} other front end(s) online ({', '.join(others) or 'none'}); "
-            f"{responder.keep_online} must stay, so {engine.server.name} stays in service",
+            f"{responder.keep_online} must stay, so {context.server.name} stays in service",
         )
-    directory.set_component_state(engine.server.name, "PopProxy", "Inactive", "HealthApi")
+    directory.set_component_state(context.server.name, "PopProxy", "Inactive", "HealthApi")
     return Outcome(
         "Succeeded",
-        f"PopProxy on {engine.server.name} Inactive (HealthApi); online: {', '.join(others)}",
+        f"PopProxy on {context.server.name} Inactive (HealthApi); online: {', '.join(others)}",
     )
 
 
-ResponderKind = Callable[["HealthEngine", "ResponderDefinition", Incident], Awaitable[Outcome]]
+ResponderKind = Callable[["RepairContext", "ResponderDefinition", Incident], Awaitable[Outcome]]
 
 RESPONDER_KINDS: dict[str, ResponderKind] = {
     "restart-service": restart_service,

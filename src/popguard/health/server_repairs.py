@@ -25,62 +25,62 @@ from popguard.replication.switchover import Mover
 
 if TYPE_CHECKING:
     from popguard.health.definitions import ResponderDefinition
-    from popguard.health.engine import HealthEngine
+    from popguard.health.repair_context import RepairContext
 
 HOLD = 3600.0  # seconds a database that failed its check after a move back stays away
 
 
-def active_here(engine: HealthEngine) -> list[str]:
+def active_here(context: RepairContext) -> list[str]:
     return [
         c.database
-        for c in engine.directory.database_copies()
-        if c.is_active and c.server.lower() == engine.server.name.lower()
+        for c in context.directory.database_copies()
+        if c.is_active and c.server.lower() == context.server.name.lower()
     ]
 
 
-async def why_not_act(engine: HealthEngine, incident: Incident, needs_target: bool) -> str:
+async def why_not_act(context: RepairContext, incident: Incident, needs_target: bool) -> str:
     """'' when the probe, run again now, still fails; else why this step does nothing.
     Without a target here (a database moved away) a step that needs one does nothing."""
-    again = await engine.check_again(incident)
+    again = await context.check_again(incident)
     if again.fails is False:
         return "the probe succeeded when run again: nothing to repair"
     if again.result is None and needs_target:
-        return f"{incident.resource} is not on {engine.server.name} now: nothing to act on here"
+        return f"{incident.resource} is not on {context.server.name} now: nothing to act on here"
     return ""
 
 
 async def move_databases_away(
-    engine: HealthEngine, responder: ResponderDefinition, incident: Incident
+    context: RepairContext, responder: ResponderDefinition, incident: Incident
 ) -> Outcome:
     """Activate every database active here on its best healthy copy elsewhere, and allow
     no activation here until the databases come back. A database with no healthy copy
     elsewhere stays where it is: never without an active copy."""
-    async with engine.moves_lock:
-        return await _move_databases_away(engine, incident)
+    async with context.moves_lock:
+        return await _move_databases_away(context, incident)
 
 
-async def _move_databases_away(engine: HealthEngine, incident: Incident) -> Outcome:
-    name = engine.server.name
-    if "mailbox" not in engine.server.roles:
+async def _move_databases_away(context: RepairContext, incident: Incident) -> Outcome:
+    name = context.server.name
+    if "mailbox" not in context.server.roles:
         return Outcome("Skipped", f"{name} is not a mailbox server: it holds no database")
-    if engine.directory.get_server(name).activation_disabled:
+    if context.directory.get_server(name).activation_disabled:
         return Outcome(
             "Skipped",
             f"activation on {name} is already disabled (an operator's maintenance?): left as it is",
         )
-    if not active_here(engine):
+    if not active_here(context):
         return Outcome("Skipped", f"{name} holds no active database copy")
-    why = await why_not_act(engine, incident, needs_target=True)
+    why = await why_not_act(context, incident, needs_target=True)
     if why:
         return Outcome("Skipped", why)
-    engine.directory.set_mailbox_server(name, activation_disabled=True)
-    results = await Mover(TlsMaterial.of(engine.data), engine.directory).move_all_away(name)
+    context.directory.set_mailbox_server(name, activation_disabled=True)
+    results = await Mover(TlsMaterial.of(context.data), context.directory).move_all_away(name)
     moved = [r for r in results if r.status == "Succeeded"]
     for result in moved:  # owed back once this server is healthy
-        engine.store.owe(result.database, result.target, engine.clock.now())
+        context.store.owe(result.database, result.target, context.clock.now())
     stuck = [f"{r.database}: {r.error}" for r in results if r.status != "Succeeded"]
     if stuck and not moved:  # nothing changed: activation here is allowed again
-        engine.directory.set_mailbox_server(name, activation_disabled=False)
+        context.directory.set_mailbox_server(name, activation_disabled=False)
         return Outcome("Failed", f"nothing moved, activation left allowed: {'; '.join(stuck)}")
     detail = (
         f"moved {', '.join(f'{r.database} -> {r.target} ({r.seconds:.1f}s)' for r in moved)}; "
@@ -91,12 +91,12 @@ async def _move_databases_away(engine: HealthEngine, incident: Incident) -> Outc
     return Outcome("Succeeded", detail)
 
 
-def _restart_command(engine: HealthEngine) -> list[str]:
+def _restart_command(context: RepairContext) -> list[str]:
     # A second's pause lets this action be stored before this health service, one of
     # the services restarted, stops.
     return [
         "/bin/sh", "-c", 'sleep 1 && exec "$0" "$@"', sys.executable, "-m", "popguard",
-        "--data", str(engine.data), "restart-server", engine.server.name,
+        "--data", str(context.data), "restart-server", context.server.name,
     ]  # fmt: skip
 
 
@@ -125,73 +125,73 @@ def _restart_through_systemd(server: str) -> str:
 
 
 async def restart_server(
-    engine: HealthEngine, responder: ResponderDefinition, incident: Incident
+    context: RepairContext, responder: ResponderDefinition, incident: Incident
 ) -> Outcome:
     """Restart every service of this server (its health service too), but never while it
     holds an active database copy or one is moving to it."""
-    why = await why_not_act(engine, incident, needs_target=False)
+    why = await why_not_act(context, incident, needs_target=False)
     if why:
         return Outcome("Skipped", why)
     # Checked after the probe ran (an await): a move may have landed meanwhile.
-    active = active_here(engine)
+    active = active_here(context)
     if active:
         return Outcome(
             "Skipped",
-            f"{engine.server.name} holds the active copy of {', '.join(active)}: a server is "
+            f"{context.server.name} holds the active copy of {', '.join(active)}: a server is "
             "never restarted while it does",
         )
     moving = [
         c.database
-        for c in engine.directory.database_copies()
-        if c.server.lower() == engine.server.name.lower()
-        and engine.directory.move_in_progress(c.database)
+        for c in context.directory.database_copies()
+        if c.server.lower() == context.server.name.lower()
+        and context.directory.move_in_progress(c.database)
     ]
     if moving:
         return Outcome("Skipped", f"a move of {', '.join(moving)} is under way")
-    control = await asyncio.to_thread(control_for, engine.data)
+    control = await asyncio.to_thread(control_for, context.data)
     if isinstance(control, SystemdControl):
-        failed = await asyncio.to_thread(_restart_through_systemd, engine.server.name)
+        failed = await asyncio.to_thread(_restart_through_systemd, context.server.name)
         if failed:
             return Outcome("Failed", failed)
-        return Outcome("Succeeded", f"systemd restarts popguard@{engine.server.name}.target")
-    log_file = results_file(engine.data, engine.server.name).parent / "restart-server.log"
-    pid = await asyncio.to_thread(_start_detached, _restart_command(engine), log_file)
+        return Outcome("Succeeded", f"systemd restarts popguard@{context.server.name}.target")
+    log_file = results_file(context.data, context.server.name).parent / "restart-server.log"
+    pid = await asyncio.to_thread(_start_detached, _restart_command(context), log_file)
     return Outcome(
         "Succeeded",
-        f"restarting every service of {engine.server.name} (pid {pid}, output in "
+        f"restarting every service of {context.server.name} (pid {pid}, output in "
         f"{log_file}); this health service restarts too and resumes the alert",
     )
 
 
 async def move_back(
-    engine: HealthEngine, responder: ResponderDefinition, incident: Incident
+    context: RepairContext, responder: ResponderDefinition, incident: Incident
 ) -> Outcome:
     """The ladder's step: bring back what was moved away, if the server is healthy."""
-    outcome = await return_databases(engine, ladder_step=True)
+    outcome = await return_databases(context, ladder_step=True)
     assert outcome is not None
     return outcome
 
 
-async def return_databases(engine: HealthEngine, ladder_step: bool) -> Outcome | None:
+async def return_databases(context: RepairContext, ladder_step: bool) -> Outcome | None:
     """Move back the databases owed to this server, once it is healthy; check each at
     once and send one that fails away again. None: nothing to do and nothing worth
     recording (outside a ladder's step, which records why it did nothing)."""
-    async with engine.moves_lock:
-        return await _return_databases(engine, ladder_step)
+    async with context.moves_lock:
+        return await _return_databases(context, ladder_step)
 
 
-async def _return_databases(engine: HealthEngine, ladder_step: bool) -> Outcome | None:
-    name = engine.server.name
-    now = engine.clock.now()
-    owed = engine.store.owed()
-    here = {d.lower() for d in active_here(engine)}
+async def _return_databases(context: RepairContext, ladder_step: bool) -> Outcome | None:
+    name = context.server.name
+    now = context.clock.now()
+    owed = context.store.owed()
+    here = {d.lower() for d in active_here(context)}
     for database in [d for d in owed if d.lower() in here]:  # already back
-        engine.store.paid(database)
+        context.store.paid(database)
         del owed[database]
     if not owed:
         return _skipped("no database is owed back to this server", ladder_step)
-    if not engine.directory.get_server(name).activation_disabled:
-        engine.store.paid()  # an operator allowed activation again: theirs now
+    if not context.directory.get_server(name).activation_disabled:
+        context.store.paid()  # an operator allowed activation again: theirs now
         return Outcome(
             "Skipped",
             f"an operator allowed activation on {name} again: {', '.join(owed)} stay where "
@@ -200,24 +200,24 @@ async def _return_databases(engine: HealthEngine, ladder_step: bool) -> Outcome 
     ready = [d for d, until in owed.items() if until <= now]
     if not ready:
         return _skipped("every owed database waits after a failed try", ladder_step)
-    problems = await engine.server_problems(ladder_step)
+    problems = await context.server_problems(ladder_step)
     if problems:
         return _skipped(
             f"{name} is not healthy yet ({'; '.join(problems)}): the databases stay on "
             "their other copies",
             ladder_step,
         )
-    mover = Mover(TlsMaterial.of(engine.data), engine.directory)
-    engine.directory.set_mailbox_server(name, activation_disabled=False)
+    mover = Mover(TlsMaterial.of(context.data), context.directory)
+    context.directory.set_mailbox_server(name, activation_disabled=False)
     back, notes = [], []
     for database in ready:
-        source = engine.directory.active_server(database)
+        source = context.directory.active_server(database)
         result = await mover.try_move(database, source, name, "")
         if result.status == "Succeeded":
             back.append(database)
         else:
             notes.append(f"{database} not moved back: {result.error}")
-    failing = await engine.databases_fail_here(back)
+    failing = await context.databases_fail_here(back)
     sent_away = []
     # One database may fail more than one probe: each goes away once.
     for database in dict.fromkeys(f.split(":", 1)[0] for f in failing):
@@ -228,20 +228,20 @@ async def _return_databases(engine: HealthEngine, ladder_step: bool) -> Outcome 
         again = await mover.try_move(database, name, target, "")
         sent_away.append(f"{database} -> {target}" if again.status == "Succeeded" else
                          f"{database} (could not move: {again.error})")  # fmt: skip
-        engine.store.hold(database, engine.clock.now() + HOLD)
+        context.store.hold(database, context.clock.now() + HOLD)
     for database in back:
         if not any(f.startswith(f"{database}:") for f in failing):
-            engine.store.paid(database)
+            context.store.paid(database)
     if failing:
-        engine.directory.set_mailbox_server(name, activation_disabled=True)
+        context.directory.set_mailbox_server(name, activation_disabled=True)
         return Outcome(
             "Failed",
             f"moved back {', '.join(back) or 'nothing'}, but on {name} {'; '.join(failing)}: "
             f"sent away again ({', '.join(sent_away) or 'none'}), next try in {HOLD:.0f}s"
             + (f"; {'; '.join(notes)}" if notes else ""),
         )
-    if engine.store.owed():  # some could not move: activation stays disabled for them
-        engine.directory.set_mailbox_server(name, activation_disabled=True)
+    if context.store.owed():  # some could not move: activation stays disabled for them
+        context.directory.set_mailbox_server(name, activation_disabled=True)
     detail = f"{name} is healthy: moved back {', '.join(back) or 'nothing'}"
     return Outcome("Failed" if notes else "Succeeded", "; ".join([detail, *notes]))
 

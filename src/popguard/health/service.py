@@ -13,8 +13,8 @@ from aiohttp import web
 from popguard.errors import UserError
 from popguard.health.api import HealthApi, ensure_token
 from popguard.health.clock import SystemClock
-from popguard.health.definitions import load_folder, shipped_health_sets
 from popguard.health.engine import HealthEngine
+from popguard.health.loader import load_folder, shipped_health_sets
 from popguard.net.serving import listen
 
 log = logging.getLogger("popguard.health")
