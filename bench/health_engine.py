@@ -41,6 +41,7 @@ from bench.report import machine, write_results
 from popguard.health.clock import SystemClock
 from popguard.health.engine import HealthEngine
 from popguard.health.loader import load_health_set, shipped_health_sets
+from popguard.services.context import ServerContext
 from popguard.testing.net import free_loopback_address, wait_port
 from popguard.testing.organization import serve
 
@@ -85,7 +86,7 @@ def cpu_seconds() -> float:
 
 async def run_engine(data: Path, probes: int, recurrence: float, duration: float) -> dict[str, Any]:
     health_set = load_health_set(health_set_text(probes, recurrence), "bench.toml")
-    engine = HealthEngine(data, "mbx1", SystemClock(), [health_set])
+    engine = HealthEngine(ServerContext.open(data, "mbx1"), SystemClock(), [health_set])
     stop = asyncio.Event()
     cpu_before, wall_before = cpu_seconds(), time.monotonic()
     runner = asyncio.create_task(engine.run(stop))
@@ -162,7 +163,7 @@ async def shipped_probe_load(
         runner = None
         if with_probes:
             protocol = [s for s in shipped_health_sets() if s.name == "POP.Protocol"]
-            engine = HealthEngine(data, "mbx1", SystemClock(), protocol)
+            engine = HealthEngine(ServerContext.open(data, "mbx1"), SystemClock(), protocol)
             engine.ensure_health_mailboxes()  # before the clock starts
             runner = asyncio.create_task(engine.run(stop))
         before = tree_cpu(process.pid)

@@ -24,6 +24,7 @@ from popguard.health.health_mailboxes import credentials_file, ensure_health_mai
 from popguard.health.loader import load_folder, load_health_set, shipped_health_sets
 from popguard.health.overrides import parse_duration
 from popguard.health.probes import PROBE_KINDS, Outcome, ProbeFailure, Transcript
+from popguard.services.context import ServerContext
 from popguard.testing.net import free_loopback_address
 
 # A probe of a port where nothing listens (refused at once), with Exchange's ladder.
@@ -74,7 +75,7 @@ async def test_a_40_minute_ladder_walks_in_milliseconds_and_survives_a_restart(
     data = mailbox_server(tmp_path)
     health_set = load_health_set(DEAD_END, "dead.toml")
     clock = ManualClock()
-    engine = HealthEngine(data, "mbx1", clock, [health_set])
+    engine = HealthEngine(ServerContext.open(data, "mbx1"), clock, [health_set])
     (_, probe) = engine.probes()[0]
     for _ in range(3):
         await engine.run_now(health_set, probe)
@@ -92,7 +93,7 @@ async def test_a_40_minute_ladder_walks_in_milliseconds_and_survives_a_restart(
     engine.close()
 
     # A restarted engine resumes the same alert: same first alert, same step.
-    engine = HealthEngine(data, "mbx1", clock, [health_set])
+    engine = HealthEngine(ServerContext.open(data, "mbx1"), clock, [health_set])
     await clock.advance(2400 - 120)
     await engine.run_now(health_set, probe)
     assert monitor(engine) == ("Unhealthy", "Unrecoverable")
@@ -105,7 +106,7 @@ async def test_a_40_minute_ladder_walks_in_milliseconds_and_survives_a_restart(
 async def test_a_result_says_which_component_failed(tmp_path: Path) -> None:
     data = mailbox_server(tmp_path)
     health_set = load_health_set(DEAD_END, "dead.toml")
-    engine = HealthEngine(data, "mbx1", ManualClock(), [health_set])
+    engine = HealthEngine(ServerContext.open(data, "mbx1"), ManualClock(), [health_set])
     (result,) = await engine.run_now(*engine.probes()[0])
     assert (result.result_type, result.failure_component) == ("Failed", "Networking")
     assert result.resource == "pop3be" and "connecting to" in result.execution_context
@@ -162,7 +163,7 @@ async def test_overrides_and_repairing_take_effect_at_once_and_expire(tmp_path: 
     data = mailbox_server(tmp_path)
     health_set = load_health_set(DEAD_END, "dead.toml")
     clock = ManualClock(start=time.time())
-    engine = HealthEngine(data, "mbx1", clock, [health_set])
+    engine = HealthEngine(ServerContext.open(data, "mbx1"), clock, [health_set])
     probe = engine.probes()[0][1]
     for _ in range(4):
         await engine.run_now(health_set, probe)
@@ -225,11 +226,11 @@ def test_any_duration_text_parses_or_is_refused_cleanly(text: str) -> None:
 def test_health_mailboxes_are_made_once_and_rotated_after_a_week(tmp_path: Path) -> None:
     data = mailbox_server(tmp_path)
     with Directory(data) as directory:
-        first = ensure_health_mailboxes(directory, now=1_000.0)
+        first = ensure_health_mailboxes(directory, data, now=1_000.0)
         mailbox = directory.get_mailbox(first["db01"].address)
         assert verify_password(mailbox.password_hash, first["db01"].password)
-        assert ensure_health_mailboxes(directory, now=1_000.0 + 86_400) == first
-        rotated = ensure_health_mailboxes(directory, now=1_000.0 + 8 * 86_400)
+        assert ensure_health_mailboxes(directory, data, now=1_000.0 + 86_400) == first
+        rotated = ensure_health_mailboxes(directory, data, now=1_000.0 + 8 * 86_400)
         assert rotated["db01"].password != first["db01"].password
         mailbox = directory.get_mailbox(first["db01"].address)
         assert verify_password(mailbox.password_hash, rotated["db01"].password)
@@ -241,7 +242,7 @@ async def test_probes_run_while_another_process_holds_the_directory_write_lock(
 ) -> None:
     data = mailbox_server(tmp_path)
     health_set = load_health_set(DEAD_END, "dead.toml")
-    engine = HealthEngine(data, "mbx1", ManualClock(), [health_set])
+    engine = HealthEngine(ServerContext.open(data, "mbx1"), ManualClock(), [health_set])
     holder = sqlite3.connect(data / "directory.sqlite", isolation_level=None)
     holder.execute("BEGIN IMMEDIATE")  # as a long directory write in another process would
     try:
@@ -260,7 +261,7 @@ def test_a_health_set_of_ones_own_runs_beside_the_shipped_ones(tmp_path: Path) -
     folder.mkdir()
     (folder / "Test.Dead.toml").write_text(DEAD_END)
     sets = shipped_health_sets() + load_folder(folder)
-    engine = HealthEngine(data, "mbx1", ManualClock(), sets)
+    engine = HealthEngine(ServerContext.open(data, "mbx1"), ManualClock(), sets)
     names = {f"{s.name}\\{p.name}" for s, p in engine.probes()}
     assert {"Test.Dead\\DeadProbe", "POP.Protocol\\PopSelfTestProbe"} <= names
     assert "POP.Proxy\\PopProxyTestProbe" not in names  # a front end's, not a mailbox server's
@@ -288,7 +289,7 @@ async def test_responders_act_once_per_alert_within_their_throttle(tmp_path: Pat
     data = mailbox_server(tmp_path)
     health_set = load_health_set(DEAD_END + RESPONDERS, "dead.toml")
     clock = ManualClock(start=time.time())
-    engine = HealthEngine(data, "mbx1", clock, [health_set])
+    engine = HealthEngine(ServerContext.open(data, "mbx1"), clock, [health_set])
     probe = engine.probes()[0][1]
 
     async def alert_and_settle() -> None:
@@ -328,7 +329,9 @@ async def test_a_responder_leaves_a_failure_that_lies_elsewhere(tmp_path: Path) 
         'service = "pop3be"', 'service = "pop3be"\nskip_components = ["Networking"]'
     )
     health_set = load_health_set(DEAD_END + skipping, "dead.toml")
-    engine = HealthEngine(data, "mbx1", ManualClock(start=time.time()), [health_set])
+    engine = HealthEngine(
+        ServerContext.open(data, "mbx1"), ManualClock(start=time.time()), [health_set]
+    )
     for _ in range(4):
         await engine.run_now(health_set, engine.probes()[0][1])
     await engine.settle()
@@ -341,7 +344,7 @@ async def test_a_disabled_monitor_ends_its_alert_and_fires_nothing(tmp_path: Pat
     data = mailbox_server(tmp_path)
     health_set = load_health_set(DEAD_END + RESPONDERS, "dead.toml")
     clock = ManualClock(start=time.time())
-    engine = HealthEngine(data, "mbx1", clock, [health_set])
+    engine = HealthEngine(ServerContext.open(data, "mbx1"), clock, [health_set])
     with Directory(data) as directory:
         # A fractional threshold is read as the next whole number of failures, never 0.
         directory.add_monitoring_override(
@@ -413,7 +416,7 @@ async def test_a_failing_front_end_goes_offline_only_while_another_stays_online(
         directory.new_server("cas1", ["frontend"], free_loopback_address())
     health_set = load_health_set(PROXY_SET, "proxy.toml")
     clock = ManualClock(start=time.time())
-    engine = HealthEngine(data, "cas1", clock, [health_set])
+    engine = HealthEngine(ServerContext.open(data, "cas1"), clock, [health_set])
     probe = engine.probes()[0][1]
     for _ in range(2):
         await engine.run_now(health_set, probe)
@@ -498,7 +501,7 @@ async def test_a_flapping_fault_restarts_no_more_than_the_throttle_allows(
     monkeypatch.setitem(PROBE_KINDS, "test-flapping", flapping)
     data = mailbox_server(tmp_path)
     health_set = load_health_set(FLAPPING, "flap.toml")
-    engine = HealthEngine(data, "mbx1", clock, [health_set])
+    engine = HealthEngine(ServerContext.open(data, "mbx1"), clock, [health_set])
     probe = engine.probes()[0][1]
     alerts = 0
     while clock.now() - started < 600:

@@ -17,6 +17,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
+from popguard import paths
 from popguard.directory.directory import Directory
 from popguard.directory.passwords import hash_password
 from popguard.health.clock import ManualClock
@@ -28,6 +29,7 @@ from popguard.health.loader import load_health_set
 from popguard.health.monitors import starts_in_window
 from popguard.health.probes import PROBE_KINDS, Outcome, ProbeFailure, Transcript
 from popguard.health.results import ProbeResult, RecoveryAction, ResultsStore
+from popguard.services.context import ServerContext
 from popguard.testing.net import free_loopback_address
 
 from .conftest import AlertSinks, Organization
@@ -132,7 +134,7 @@ async def test_steps_fire_in_order_never_unsafely_and_resume_after_a_restart(
     data = two_mailbox_servers(tmp_path)
     health_set = load_health_set(SWITCHED + LADDER, "ladder.toml")
     clock = ManualClock(start=time.time())
-    engine = HealthEngine(data, "mbx1", clock, [health_set])
+    engine = HealthEngine(ServerContext.open(data, "mbx1"), clock, [health_set])
     probe = engine.probes()[0][1]
     await engine.run_now(health_set, probe)  # the first failure: the alert begins
     await step(engine, clock, 29)
@@ -147,7 +149,7 @@ async def test_steps_fire_in_order_never_unsafely_and_resume_after_a_restart(
     engine.close()
 
     # The health service restarts mid-ladder: the same alert goes on, nothing repeats.
-    engine = HealthEngine(data, "mbx1", clock, [health_set])
+    engine = HealthEngine(ServerContext.open(data, "mbx1"), clock, [health_set])
     await step(engine, clock, 20)
     assert len(actions(engine)) == 1
     await step(engine, clock, 10)
@@ -166,7 +168,7 @@ async def test_a_step_whose_probe_now_succeeds_does_nothing(tmp_path: Path, swit
     data = two_mailbox_servers(tmp_path, active_on="mbx2")  # nothing active on mbx1
     health_set = load_health_set(SWITCHED + LADDER, "ladder.toml")
     clock = ManualClock(start=time.time())
-    engine = HealthEngine(data, "mbx1", clock, [health_set])
+    engine = HealthEngine(ServerContext.open(data, "mbx1"), clock, [health_set])
     await engine.run_now(health_set, engine.probes()[0][1])
     await step(engine, clock, 30)
     switch.failing = False  # it mends before the next step re-checks
@@ -199,7 +201,7 @@ async def test_group_throttles_count_every_server_of_the_role(
     clock = ManualClock(start=time.time())
     with Directory(data) as directory:  # mbx2 was just restarted by its own engine
         directory.record_repair("mbx2", "mailbox", "restart-server", "", clock.now() - 60)
-    engine = HealthEngine(data, "mbx1", clock, [health_set])
+    engine = HealthEngine(ServerContext.open(data, "mbx1"), clock, [health_set])
     await engine.run_now(health_set, engine.probes()[0][1])
     await step(engine, clock, 10)
     ((_, result, detail),) = actions(engine)
@@ -213,7 +215,7 @@ async def test_group_throttles_count_every_server_of_the_role(
             directory.record_repair(
                 "mbx2", "mailbox", "restart-server", "", clock.now() - hours * 3600
             )
-    engine = HealthEngine(data, "mbx1", clock, [health_set])
+    engine = HealthEngine(ServerContext.open(data, "mbx1"), clock, [health_set])
     await engine.run_now(health_set, engine.probes()[0][1])
     await step(engine, clock, 10)
     ((_, result, detail),) = actions(engine)
@@ -247,7 +249,7 @@ async def test_an_alert_is_sent_repeated_no_sooner_than_configured_and_resolved(
     escalation_config(data, alert_sinks)
     health_set = load_health_set(SWITCHED + ESCALATE_ONLY, "escalate.toml")
     clock = ManualClock(start=time.time())
-    engine = HealthEngine(data, "mbx1", clock, [health_set])
+    engine = HealthEngine(ServerContext.open(data, "mbx1"), clock, [health_set])
     probe = engine.probes()[0][1]
     await engine.run_now(health_set, probe)
     await step(engine, clock, 10)
@@ -305,7 +307,7 @@ async def test_an_unreachable_mail_server_is_recorded_not_raised(
     )
     health_set = load_health_set(SWITCHED + ESCALATE_ONLY, "escalate.toml")
     clock = ManualClock(start=time.time())
-    engine = HealthEngine(data, "mbx1", clock, [health_set])
+    engine = HealthEngine(ServerContext.open(data, "mbx1"), clock, [health_set])
     await engine.run_now(health_set, engine.probes()[0][1])
     await step(engine, clock, 10)
     (alert,) = engine.store.alerts()
@@ -390,7 +392,9 @@ async def test_protocol_logging_keeps_the_failing_sessions_lines_then_goes_off(
     organization: Organization,
 ) -> None:
     health_set = load_health_set(DIAGNOSED, "ctp.toml")
-    engine = HealthEngine(organization.data, "cas1", ManualClock(start=time.time()), [health_set])
+    engine = HealthEngine(
+        ServerContext.open(organization.data, "cas1"), ManualClock(start=time.time()), [health_set]
+    )
     credentials = engine.ensure_health_mailboxes()
     with Directory(organization.data) as directory:  # DB01's health mailbox is refused
         directory.set_password_hash(credentials["db01"].address, hash_password("not it"))
@@ -411,11 +415,13 @@ async def test_protocol_logging_keeps_the_failing_sessions_lines_then_goes_off(
     with Directory(organization.data) as directory:
         settings, _ = directory.pop_settings("cas1")
         directory.set_pop_settings("cas1", settings.with_changes({"ProtocolLogEnabled": True}))
-    marker_file(organization.data, "cas1").touch()
-    engine = HealthEngine(organization.data, "cas1", ManualClock(start=time.time()), [health_set])
+    marker_file(paths.server_folder(organization.data, "cas1")).touch()
+    engine = HealthEngine(
+        ServerContext.open(organization.data, "cas1"), ManualClock(start=time.time()), [health_set]
+    )
     with Directory(organization.data) as directory:
         assert directory.pop_settings("cas1")[0].ProtocolLogEnabled is False
-    assert not marker_file(organization.data, "cas1").exists()
+    assert not marker_file(paths.server_folder(organization.data, "cas1")).exists()
     engine.close()
 
 
@@ -425,7 +431,7 @@ async def test_owed_databases_wait_for_a_healthy_server_or_an_operator(
     data = two_mailbox_servers(tmp_path, active_on="mbx2")
     health_set = load_health_set(SWITCHED + LADDER, "ladder.toml")
     clock = ManualClock(start=time.time())
-    engine = HealthEngine(data, "mbx1", clock, [health_set])
+    engine = HealthEngine(ServerContext.open(data, "mbx1"), clock, [health_set])
     engine.store.owe("DB01", "mbx2", clock.now())
     engine.directory.set_mailbox_server("mbx1", activation_disabled=True)
     # No supervisor runs this test's services: mbx1 is not healthy, nothing moves,

@@ -53,6 +53,10 @@ class ServerFolder:
     def health_dir(self) -> Path:
         return self.root / "health"
 
+    def results_file(self) -> Path:
+        """The health engine's results store: probe results, monitor states, actions."""
+        return self.health_dir() / "results.sqlite"
+
 
 def server_folder(data: Path, server: str) -> ServerFolder:
     return ServerFolder(data / "servers" / server)

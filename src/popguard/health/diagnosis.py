@@ -14,24 +14,23 @@ import io
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from popguard import paths
 from popguard.health.incidents import Incident, Outcome
-from popguard.health.results import results_file
+from popguard.paths import ServerFolder
 
 if TYPE_CHECKING:
     from popguard.health.definitions import ResponderDefinition
     from popguard.health.repair_context import RepairContext
 
 
-def marker_file(data: Path, server: str) -> Path:
+def marker_file(folder: ServerFolder) -> Path:
     """Present while protocol logging is on for a diagnosis: a health service that
     stops meanwhile turns it off when it starts again."""
-    return results_file(data, server).parent / "protocol-logging-on"
+    return folder.health_dir() / "protocol-logging-on"
 
 
 def undo_interrupted(context: RepairContext) -> bool:
     """Turn off protocol logging a stopped diagnosis left on; whether there was one."""
-    marker = marker_file(context.data, context.server.name)
+    marker = marker_file(context.folder)
     if not marker.exists():
         return False
     settings, _ = context.directory.pop_settings(context.server.name)
@@ -85,11 +84,9 @@ async def protocol_logging(
     folder = (
         Path(settings.LogFileLocation)
         if settings.LogFileLocation
-        else paths.server_folder(context.data, name).default_protocol_log_dir(
-            responder.service or "pop3"
-        )
+        else context.folder.default_protocol_log_dir(responder.service or "pop3")
     )
-    marker = marker_file(context.data, name)
+    marker = marker_file(context.folder)
     if not was_on:
         marker.touch()
         directory.set_pop_settings(name, settings.with_changes({"ProtocolLogEnabled": True}))

@@ -14,9 +14,8 @@ import asyncio
 import contextlib
 import logging
 import sqlite3
-from pathlib import Path
 
-from popguard.directory.directory import Directory, Server
+from popguard.directory.directory import Server
 from popguard.errors import UserError
 from popguard.health.clock import Clock, sleep_unless_stopped
 from popguard.health.controls import Controls
@@ -31,25 +30,27 @@ from popguard.health.owed_databases import OwedDatabases
 from popguard.health.probe_runs import ProbeRuns
 from popguard.health.probes import Credential, ProbeTarget
 from popguard.health.responder_firing import ResponderFiring
-from popguard.health.results import RETENTION, Alert, ProbeResult, ResultsStore, results_file
+from popguard.health.results import RETENTION, Alert, ProbeResult, ResultsStore
 from popguard.health.server_plan import ServerPlan
-from popguard.net import tls
+from popguard.services.context import ServerContext
 
 log = logging.getLogger("popguard.health")
 
 
 class HealthEngine:
-    def __init__(
-        self, data: Path, server_name: str, clock: Clock, health_sets: list[HealthSet]
-    ) -> None:
-        self.data = data
+    def __init__(self, context: ServerContext, clock: Clock, health_sets: list[HealthSet]) -> None:
+        """The engine owns `context` from here on and closes it."""
+        self.context = context
+        self.data = data = context.data
+        self.folder = context.folder
+        self.tls = context.tls
         self.clock = clock
-        self.directory = Directory(data)
-        self.server: Server = self.directory.get_server(server_name)
+        self.directory = context.directory
+        self.server: Server = context.server
         self.plan = ServerPlan(self.server, health_sets)
         self.health_sets = self.plan.health_sets
-        self.store = ResultsStore(results_file(data, self.server.name))
-        tls_context = tls.TlsMaterial.of(data).client_context()
+        self.store = ResultsStore(context.folder.results_file())
+        tls_context = context.tls.client_context()
         self.controls = Controls(data, self.server, self.directory, clock, self.plan)
         # Monitor states live here and are written through to the store, which is
         # what a restarted engine starts from.
@@ -66,8 +67,8 @@ class HealthEngine:
             self.notifier, self._states, resources, self.firing.consider,
         )  # fmt: skip
         self.runs = ProbeRuns(
-            data, self.server, self.directory, clock, self.store, self.controls, tls_context,
-            resources, self.monitoring.evaluate,
+            context, clock, self.store, self.controls, tls_context, resources,
+            self.monitoring.evaluate,
         )  # fmt: skip
         self.owed = OwedDatabases(
             data, self.server, clock, self.store, self.plan, self._states, self.runs,
@@ -94,7 +95,7 @@ class HealthEngine:
 
     def close(self) -> None:
         self.store.close()
-        self.directory.close()
+        self.context.close()
 
     # What runs here ------------------------------------------------------------------
 
@@ -203,7 +204,7 @@ class HealthEngine:
             await sleep_unless_stopped(self.clock, 3600.0, stop)
 
     def ensure_health_mailboxes(self) -> dict[str, Credential]:
-        return ensure_health_mailboxes(self.directory)
+        return ensure_health_mailboxes(self.directory, self.data)
 
     async def run(self, stop: asyncio.Event) -> None:
         tasks = [asyncio.create_task(self.runs.schedule(s, p, stop)) for s, p in self.probes()]

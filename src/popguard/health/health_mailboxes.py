@@ -67,10 +67,10 @@ def _write(data: Path, entries: dict[str, dict[str, object]]) -> None:
 
 
 def ensure_health_mailboxes(
-    directory: Directory, now: float | None = None
+    directory: Directory, data: Path, now: float | None = None
 ) -> dict[str, Credential]:
-    """A working health mailbox for every database; made, repaired or rotated as needed."""
-    data = directory.data
+    """A working health mailbox for every database; made, repaired or rotated as needed
+    (the credentials are kept in the data folder `data`)."""
     now = time.time() if now is None else now
     with _locked(data):
         try:

@@ -13,11 +13,8 @@ import ssl
 import traceback
 import zlib
 from collections.abc import Awaitable, Callable
-from pathlib import Path
 
-from popguard import paths
 from popguard.control.service_control import control_for, services_of
-from popguard.directory.directory import Directory, Server
 from popguard.errors import UserError
 from popguard.health.clock import Clock, sleep_unless_stopped
 from popguard.health.controls import Controls
@@ -33,6 +30,7 @@ from popguard.health.probes import (
     Transcript,
 )
 from popguard.health.results import ProbeResult, ResultsStore
+from popguard.services.context import ServerContext
 from popguard.services.lmtp_client import deliver
 
 log = logging.getLogger("popguard.health")
@@ -51,9 +49,7 @@ Evaluate = Callable[[HealthSet, ProbeDefinition], Awaitable[None]]
 class ProbeRuns:
     def __init__(
         self,
-        data: Path,
-        server: Server,
-        directory: Directory,
+        server_context: ServerContext,
         clock: Clock,
         store: ResultsStore,
         controls: Controls,
@@ -61,7 +57,9 @@ class ProbeRuns:
         resources: dict[str, list[str]],
         evaluate: Evaluate,
     ) -> None:
-        self.data, self.server, self.directory, self.clock = data, server, directory, clock
+        self.server_context = server_context
+        self.data, self.server = server_context.data, server_context.server
+        self.directory, self.clock = server_context.directory, clock
         self.store, self.controls = store, controls
         self._resources = resources  # probe identity -> its targets at its last full run
         self._evaluate = evaluate
@@ -102,9 +100,9 @@ class ProbeRuns:
             ]
         if probe.kind == "counter":
             files = {
-                SERVICE_OF_ROLE[role]: paths.server_folder(
-                    self.data, self.server.name
-                ).counters_file(SERVICE_OF_ROLE[role])
+                SERVICE_OF_ROLE[role]: self.server_context.folder.counters_file(
+                    SERVICE_OF_ROLE[role]
+                )
                 for role in self.server.roles
             }
             return [
@@ -150,7 +148,7 @@ class ProbeRuns:
 
     async def _deliver_probe_message(self, address: str) -> str | None:
         def send() -> str | None:
-            with Directory(self.data) as directory:
+            with self.server_context.open_directory() as directory:
                 result = deliver(
                     directory, address, PROBE_MESSAGE, "health@monitoring.popguard.local"
                 )

@@ -15,11 +15,23 @@ from popguard.directory.directory import Directory, Server
 from popguard.health.clock import Clock
 from popguard.health.incidents import Incident, Recheck
 from popguard.health.results import ProbeResult, ResultsStore
+from popguard.net.tls import TlsMaterial
+from popguard.paths import ServerFolder
 
 
 class RepairContext(Protocol):
     @property
-    def data(self) -> Path: ...
+    def data(self) -> Path:
+        """The host's data folder: its supervisor, popguard.toml."""
+        ...
+
+    @property
+    def folder(self) -> ServerFolder:
+        """This server's own files."""
+        ...
+
+    @property
+    def tls(self) -> TlsMaterial: ...
 
     @property
     def server(self) -> Server: ...

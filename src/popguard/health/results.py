@@ -12,7 +12,7 @@ from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from pathlib import Path
 
-from popguard import paths, sqlite_util
+from popguard import sqlite_util
 
 RETENTION = 7 * 24 * 3600.0
 
@@ -94,10 +94,6 @@ MIGRATIONS: tuple[str, ...] = (
     );
     """,
 )
-
-
-def results_file(data: Path, server: str) -> Path:
-    return paths.server_folder(data, server).health_dir() / "results.sqlite"
 
 
 @dataclass(frozen=True)

@@ -19,8 +19,6 @@ from typing import TYPE_CHECKING
 
 from popguard.control.service_control import SystemdControl, control_for
 from popguard.health.incidents import Incident, Outcome
-from popguard.health.results import results_file
-from popguard.net.tls import TlsMaterial
 from popguard.replication.switchover import Mover
 
 if TYPE_CHECKING:
@@ -74,7 +72,7 @@ async def _move_databases_away(context: RepairContext, incident: Incident) -> Ou
     if why:
         return Outcome("Skipped", why)
     context.directory.set_mailbox_server(name, activation_disabled=True)
-    results = await Mover(TlsMaterial.of(context.data), context.directory).move_all_away(name)
+    results = await Mover(context.tls, context.directory).move_all_away(name)
     moved = [r for r in results if r.status == "Succeeded"]
     for result in moved:  # owed back once this server is healthy
         context.store.owe(result.database, result.target, context.clock.now())
@@ -154,7 +152,7 @@ async def restart_server(
         if failed:
             return Outcome("Failed", failed)
         return Outcome("Succeeded", f"systemd restarts popguard@{context.server.name}.target")
-    log_file = results_file(context.data, context.server.name).parent / "restart-server.log"
+    log_file = context.folder.health_dir() / "restart-server.log"
     pid = await asyncio.to_thread(_start_detached, _restart_command(context), log_file)
     return Outcome(
         "Succeeded",
@@ -207,7 +205,7 @@ async def _return_databases(context: RepairContext, ladder_step: bool) -> Outcom
             "their other copies",
             ladder_step,
         )
-    mover = Mover(TlsMaterial.of(context.data), context.directory)
+    mover = Mover(context.tls, context.directory)
     context.directory.set_mailbox_server(name, activation_disabled=False)
     back, notes = [], []
     for database in ready:

@@ -16,6 +16,7 @@ from popguard.health.clock import SystemClock
 from popguard.health.engine import HealthEngine
 from popguard.health.loader import load_folder, shipped_health_sets
 from popguard.net.serving import listen
+from popguard.services.context import ServerContext
 
 log = logging.getLogger("popguard.health")
 
@@ -32,7 +33,7 @@ async def run_health(
     names = [s.name.lower() for s in sets]
     if len(names) != len(set(names)):
         raise UserError(f"two health sets have the same name in {extra_sets_folder(data)}")
-    engine = HealthEngine(data, server_name, SystemClock(), sets)
+    engine = HealthEngine(ServerContext.open(data, server_name), SystemClock(), sets)
     address = engine.server.address
     if not ipaddress.ip_address(address).is_loopback and not allow_remote_api:
         engine.close()
@@ -66,7 +67,7 @@ def _prepare_mailboxes(data: Path, server_name: str) -> None:
     from popguard.health.health_mailboxes import ensure_health_mailboxes
 
     with Directory(data) as directory:
-        ensure_health_mailboxes(directory)
+        ensure_health_mailboxes(directory, data)
 
 
 def serve(data: Path, server_name: str, profile: str, allow_remote_api: bool = False) -> None:

@@ -21,23 +21,34 @@ from popguard.paths import ServerFolder
 
 @dataclass
 class ServerContext:
+    # The host's data folder, for what the servers of one host share: the supervisor,
+    # popguard.toml, the health mailboxes' credentials. A server's own files are in
+    # `folder`, the directory behind `directory`.
+    data: Path
     directory: Directory
     server: Server
     folder: ServerFolder
     tls: TlsMaterial
 
     @classmethod
-    def open(cls, data: Path, server_name: str, role: str) -> ServerContext:
-        """The context of `server_name`, which must have `role`; the caller closes it."""
+    def open(cls, data: Path, server_name: str, role: str | None = None) -> ServerContext:
+        """The context of `server_name`, which must have `role` if one is named; the
+        caller closes it."""
         directory = Directory(data)
         try:
             server = directory.get_server(server_name)
-            if role not in server.roles:
+            if role is not None and role not in server.roles:
                 raise UserError(f"server {server.name} does not have the {role} role")
         except BaseException:
             directory.close()
             raise
-        return cls(directory, server, paths.server_folder(data, server.name), TlsMaterial.of(data))
+        folder = paths.server_folder(data, server.name)
+        return cls(data, directory, server, folder, TlsMaterial.of(data))
+
+    def open_directory(self) -> Directory:
+        """Another handle on the same directory, for a thread of its own: a SQLite
+        connection stays in the thread that made it."""
+        return Directory(self.data)
 
     def close(self) -> None:
         self.directory.close()
