@@ -21,9 +21,10 @@ from popguard.health.clock import Clock, sleep_unless_stopped
 from popguard.health.controls import Controls
 from popguard.health.definitions import HealthSet, MonitorDefinition, ProbeDefinition
 from popguard.health.diagnosis import undo_interrupted
+from popguard.health.engine_state import EngineState
 from popguard.health.health_mailboxes import ensure_health_mailboxes
 from popguard.health.incidents import Incident, Recheck
-from popguard.health.monitor_evaluation import MonitorEvaluation, MonitorRow, MonitorStates
+from popguard.health.monitor_evaluation import MonitorEvaluation, MonitorRow
 from popguard.health.monitors import SEVERITY, still_fails
 from popguard.health.notifier import Notifier
 from popguard.health.owed_databases import OwedDatabases
@@ -52,28 +53,16 @@ class HealthEngine:
         self.store = ResultsStore(context.folder.results_file())
         tls_context = context.tls.client_context()
         self.controls = Controls(data, self.server, self.directory, clock, self.plan)
-        # Monitor states live here and are written through to the store, which is
-        # what a restarted engine starts from.
-        self._states: MonitorStates = self.store.monitor_states()
-        resources: dict[str, list[str]] = {}  # probe identity -> current targets
-        self.firing = ResponderFiring(
-            self.server, self.directory, clock, self.store, self.plan, self.controls,
-            self._states, resources, self,
-        )  # fmt: skip
+        self.shared = EngineState(
+            context, clock, self.store, self.plan, self.controls, self.store.monitor_states()
+        )
+        self._states = self.shared.states
+        self.firing = ResponderFiring(self.shared, self)
         self._finish_interrupted()
         self.notifier = Notifier(data, self.server.name, self.store, clock, self.plan.runbook_of)
-        self.monitoring = MonitorEvaluation(
-            self.server, self.directory, clock, self.store, self.plan, self.controls,
-            self.notifier, self._states, resources, self.firing.consider,
-        )  # fmt: skip
-        self.runs = ProbeRuns(
-            context, clock, self.store, self.controls, tls_context, resources,
-            self.monitoring.evaluate,
-        )  # fmt: skip
-        self.owed = OwedDatabases(
-            data, self.server, clock, self.store, self.plan, self._states, self.runs,
-            self.firing.spawn, self,
-        )  # fmt: skip
+        self.monitoring = MonitorEvaluation(self.shared, self.notifier, self.firing.consider)
+        self.runs = ProbeRuns(self.shared, tls_context, self.monitoring.evaluate)
+        self.owed = OwedDatabases(self.shared, self.runs, self.firing.spawn, self)
 
     def _finish_interrupted(self) -> None:
         """Actions a stopped health service left InProgress (a restart-server stops it on

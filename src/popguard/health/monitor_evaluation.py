@@ -8,22 +8,17 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Callable, Mapping
+from collections.abc import Callable
 from dataclasses import dataclass, replace
 
-from popguard.directory.directory import Directory, Server
-from popguard.health.clock import Clock
-from popguard.health.controls import Controls
 from popguard.health.definitions import HealthSet, MonitorDefinition, ProbeDefinition
+from popguard.health.engine_state import EngineState
 from popguard.health.monitors import MONITOR_KINDS, Verdict, alert_value, ladder_state
 from popguard.health.notifier import Notifier
 from popguard.health.overrides import effective_monitor
-from popguard.health.results import MonitorState, RecoveryAction, ResultsStore
-from popguard.health.server_plan import ServerPlan
+from popguard.health.results import MonitorState, RecoveryAction
 
 log = logging.getLogger("popguard.health")
-
-MonitorStates = dict[tuple[str, str], MonitorState]  # (monitor key, resource) -> state
 
 
 @dataclass(frozen=True)
@@ -37,21 +32,15 @@ class MonitorRow:
 class MonitorEvaluation:
     def __init__(
         self,
-        server: Server,
-        directory: Directory,
-        clock: Clock,
-        store: ResultsStore,
-        plan: ServerPlan,
-        controls: Controls,
+        shared: EngineState,
         notifier: Notifier,
-        states: MonitorStates,
-        resources: Mapping[str, list[str]],
         consider_responders: Callable[[MonitorState], None],
     ) -> None:
-        self.server, self.directory, self.clock, self.store = server, directory, clock, store
-        self.plan, self.controls, self.notifier = plan, controls, notifier
-        self.states = states
-        self._resources = resources  # probe identity -> its targets at its last full run
+        self.server, self.directory = shared.server, shared.directory
+        self.clock, self.store, self.plan = shared.clock, shared.store, shared.plan
+        self.controls, self.notifier = shared.controls, notifier
+        self.states = states = shared.states
+        self._resources = shared.resources
         self._consider_responders = consider_responders
         self._lock = asyncio.Lock()  # one monitor evaluation at a time
         self._resources_of: dict[str, set[str]] = {}  # monitor -> resources with a state

@@ -9,18 +9,15 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Callable, Coroutine, Mapping
-from pathlib import Path
+from collections.abc import Callable, Coroutine
 from typing import Any
 
 from popguard.control.service_control import control_for, services_of
-from popguard.directory.directory import Server
 from popguard.errors import UserError
-from popguard.health.clock import Clock
+from popguard.health.engine_state import EngineState
 from popguard.health.probe_runs import ProbeRuns
 from popguard.health.repair_context import RepairContext
-from popguard.health.results import MonitorState, RecoveryAction, ResultsStore
-from popguard.health.server_plan import ServerPlan
+from popguard.health.results import RecoveryAction
 from popguard.health.server_repairs import return_databases
 
 log = logging.getLogger("popguard.health")
@@ -31,19 +28,14 @@ OWED_CHECK = 30.0  # seconds between two looks at databases owed back to this se
 class OwedDatabases:
     def __init__(
         self,
-        data: Path,
-        server: Server,
-        clock: Clock,
-        store: ResultsStore,
-        plan: ServerPlan,
-        states: Mapping[tuple[str, str], MonitorState],
+        shared: EngineState,
         runs: ProbeRuns,
         spawn: Callable[[Coroutine[Any, Any, None]], None],
         context: RepairContext,
     ) -> None:
-        self.data, self.server, self.clock, self.store = data, server, clock, store
-        self.plan, self.runs, self.context = plan, runs, context
-        self._states = states
+        self.data, self.server, self.clock = shared.data, shared.server, shared.clock
+        self.store, self.plan, self.runs, self.context = shared.store, shared.plan, runs, context
+        self._states = shared.states
         self._spawn = spawn
         # Moves of this server's databases, by any monitor's step, one at a time.
         self.moves_lock = asyncio.Lock()

@@ -16,9 +16,9 @@ from collections.abc import Awaitable, Callable
 
 from popguard.control.service_control import control_for, services_of
 from popguard.errors import UserError
-from popguard.health.clock import Clock, sleep_unless_stopped
-from popguard.health.controls import Controls
+from popguard.health.clock import sleep_unless_stopped
 from popguard.health.definitions import HealthSet, ProbeDefinition
+from popguard.health.engine_state import EngineState
 from popguard.health.health_mailboxes import read_credentials
 from popguard.health.overrides import effective_probe
 from popguard.health.probes import (
@@ -29,8 +29,7 @@ from popguard.health.probes import (
     ProcessState,
     Transcript,
 )
-from popguard.health.results import ProbeResult, ResultsStore
-from popguard.services.context import ServerContext
+from popguard.health.results import ProbeResult
 from popguard.services.lmtp_client import deliver
 
 log = logging.getLogger("popguard.health")
@@ -49,19 +48,14 @@ Evaluate = Callable[[HealthSet, ProbeDefinition], Awaitable[None]]
 class ProbeRuns:
     def __init__(
         self,
-        server_context: ServerContext,
-        clock: Clock,
-        store: ResultsStore,
-        controls: Controls,
+        shared: EngineState,
         tls_context: ssl.SSLContext,
-        resources: dict[str, list[str]],
         evaluate: Evaluate,
     ) -> None:
-        self.server_context = server_context
-        self.data, self.server = server_context.data, server_context.server
-        self.directory, self.clock = server_context.directory, clock
-        self.store, self.controls = store, controls
-        self._resources = resources  # probe identity -> its targets at its last full run
+        self.server_context = shared.context
+        self.data, self.server, self.directory = shared.data, shared.server, shared.directory
+        self.clock, self.store, self.controls = shared.clock, shared.store, shared.controls
+        self._resources = shared.resources
         self._evaluate = evaluate
         self._context = tls_context  # for this server's own endpoints
         self._external_contexts: dict[str, ssl.SSLContext] = {}

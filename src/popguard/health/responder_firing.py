@@ -10,19 +10,17 @@ import asyncio
 import functools
 import logging
 import sqlite3
-from collections.abc import Coroutine, Mapping
+from collections.abc import Coroutine
 from typing import Any
 
-from popguard.directory.directory import Directory, Server
 from popguard.errors import UserError
-from popguard.health.clock import Clock
-from popguard.health.controls import Controls
 from popguard.health.definitions import HealthSet, MonitorDefinition, ResponderDefinition
+from popguard.health.engine_state import EngineState
 from popguard.health.incidents import Incident, Outcome
 from popguard.health.repair_context import RepairContext
 from popguard.health.responders import RESPONDER_KINDS
-from popguard.health.results import MonitorState, RecoveryAction, ResultsStore
-from popguard.health.server_plan import LADDER_ORDER, ServerPlan
+from popguard.health.results import MonitorState, RecoveryAction
+from popguard.health.server_plan import LADDER_ORDER
 
 log = logging.getLogger("popguard.health")
 
@@ -34,19 +32,14 @@ REPAIR_SETTLE = 900.0  # a server repaired this recently is not counted as in se
 class ResponderFiring:
     def __init__(
         self,
-        server: Server,
-        directory: Directory,
-        clock: Clock,
-        store: ResultsStore,
-        plan: ServerPlan,
-        controls: Controls,
-        states: Mapping[tuple[str, str], MonitorState],
-        resources: Mapping[str, list[str]],
+        shared: EngineState,
         context: RepairContext,
     ) -> None:
-        self.server, self.directory, self.clock, self.store = server, directory, clock, store
-        self.plan, self.controls, self.context = plan, controls, context
-        self._resources = resources  # probe identity -> its targets at its last full run
+        self.server, self.directory = shared.server, shared.directory
+        self.clock, self.store, self.plan = shared.clock, shared.store, shared.plan
+        self.controls, self.context = shared.controls, context
+        self._resources = shared.resources
+        states, store = shared.states, shared.store
         # (responder, resource, first alert): fired once per alert, across restarts too,
         # however long ago the alert began.
         open_alerts = {s.first_alert for s in states.values() if s.is_alert}
