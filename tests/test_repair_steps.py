@@ -26,7 +26,7 @@ from popguard.health.diagnosis import marker_file
 from popguard.health.engine import HealthEngine
 from popguard.health.escalation import RESOLVED, AlertReport, email_text, webhook_payload
 from popguard.health.loader import load_health_set
-from popguard.health.monitors import starts_in_window
+from popguard.health.monitors import exits_in_window
 from popguard.health.probes import PROBE_KINDS, Outcome, ProbeFailure, Transcript
 from popguard.health.results import ProbeResult, RecoveryAction, ResultsStore
 from popguard.services.context import ServerContext
@@ -449,23 +449,24 @@ async def test_owed_databases_wait_for_a_healthy_server_or_an_operator(
     engine.close()
 
 
-def test_a_process_start_is_a_fall_in_uptime_beyond_clock_slack(tmp_path: Path) -> None:
-
+def test_a_crash_is_a_rise_in_the_count_of_exits_the_supervisor_did_not_ask_for(
+    tmp_path: Path,
+) -> None:
     store = ResultsStore(tmp_path / "results.sqlite")
     monitor = MonitorDefinition(
-        name="M", kind="starts-in-window", probe="P", threshold=2, window=600,
+        name="M", kind="exits-in-window", probe="P", threshold=2, window=600,
         ladder=(LadderStep(state="Degraded", after=0),),
     )  # fmt: skip
-    # (time, uptime): steady, then 2 s of jitter (no start), then two starts.
-    for at, uptime in [(0, 100), (5, 105), (10, 108), (15, 115), (20, 3), (25, 8), (30, 1)]:
-        store.add(ProbeResult("S\\P", "pop3be", 1000 + at, 1000 + at, "Succeeded", uptime))
-    verdict = starts_in_window(monitor, store, "S\\P", "pop3be", 1030)
-    assert verdict.is_alert and [r.started for r in verdict.failing] == [1020, 1030]
-    # Ten minutes on, the starts have left the window: the alert ends by itself.
-    assert not starts_in_window(monitor, store, "S\\P", "pop3be", 1030 + 600).is_alert
-    # A start right after popguard's own restart is not a crash.
+    # (time, unexpected exits so far): steady, then one crash, then two at once.
+    for at, exits in [(0, 4), (5, 4), (10, 4), (15, 4), (20, 5), (25, 5), (30, 7)]:
+        store.add(ProbeResult("S\\P", "pop3be", 1000 + at, 1000 + at, "Succeeded", exits))
+    verdict = exits_in_window(monitor, store, "S\\P", "pop3be", 1030)
+    assert verdict.is_alert and [r.started for r in verdict.failing] == [1020, 1030, 1030]
+    # Ten minutes on, the crashes have left the window: the alert ends by itself.
+    assert not exits_in_window(monitor, store, "S\\P", "pop3be", 1030 + 600).is_alert
+    # A kill by popguard's own restart of a hung service is not a crash.
     store.add_action(RecoveryAction("S\\R", "S\\M", "pop3be", "restart-service", 1000, 1019,
                                     1021, "Succeeded", "restarted pop3be"))  # fmt: skip
-    verdict = starts_in_window(monitor, store, "S\\P", "pop3be", 1030)
-    assert not verdict.is_alert and [r.started for r in verdict.failing] == [1030]
+    verdict = exits_in_window(monitor, store, "S\\P", "pop3be", 1030)
+    assert verdict.is_alert and [r.started for r in verdict.failing] == [1030, 1030]
     store.close()

@@ -7,6 +7,10 @@ import poplib
 import time
 from pathlib import Path
 
+import pytest
+
+from popguard import paths
+from popguard.control.exit_listener import read_exits
 from popguard.net import tls
 from popguard.testing.organization import popguard
 
@@ -18,6 +22,8 @@ def self_test(data: Path) -> str:
     return str(next(r["AlertValue"] for r in rows if r["Name"] == "PopSelfTestMonitor"))
 
 
+# A whole organization and several probe rounds: well over a minute on 2 cores.
+@pytest.mark.timeout(300)
 def test_a_hung_back_end_is_found_and_restarted_by_the_engine(detached_organization: Path) -> None:
     data = detached_organization
     wait_for("mbx1's self test to be Healthy", lambda: self_test(data) == "Healthy")
@@ -90,6 +96,8 @@ def test_mail_is_served_and_delivered_with_every_health_service_stopped(
         client.quit()
 
 
+# A whole organization and several probe rounds: well over a minute on 2 cores.
+@pytest.mark.timeout(300)
 def test_a_crash_loop_the_supervisor_hides_is_escalated(detached_organization: Path) -> None:
     """supervisord starts a killed back end again within seconds, so no probe sees it
     down; three starts in ten minutes are a crash loop all the same."""
@@ -126,3 +134,32 @@ def test_a_crash_loop_the_supervisor_hides_is_escalated(detached_organization: P
     actions = json_of(data, "get-recoveryactions", "--server", "mbx1")
     # No restart was tried: a restart does not mend a crash loop.
     assert not [a for a in actions if a["ActionId"] == "restart-service"], actions
+
+
+# A whole organization and several probe rounds: well over a minute on 2 cores.
+@pytest.mark.timeout(300)
+def test_restarts_an_operator_asks_for_are_not_crashes(detached_organization: Path) -> None:
+    """Three `restart-service pop3` in a row (the runbook's PopCTP steps) are stops and
+    starts supervisord was asked for: no unexpected exit is counted and the crash-loop
+    monitor stays Healthy. A kill from outside is counted."""
+    data = detached_organization
+    exits = paths.server_folder(data, "cas1").exits_file()
+
+    def proxy_restarts() -> str:
+        rows = json_of(data, "get-serverhealth", "cas1", "--health-set", "POP.Proxy")
+        found = [r for r in rows if r["Name"] == "PopProxyRestartsMonitor"]
+        return str(found[0]["AlertValue"]) if found else ""
+
+    wait_for("the proxy process monitor's first readings", lambda: proxy_restarts() == "Healthy")
+    for _ in range(3):
+        restarted = popguard(data, "restart-service", "pop3", "--server", "cas1")
+        assert restarted.returncode == 0, restarted.stderr
+        time.sleep(6)  # one probe reading of the new process
+    assert read_exits(exits).get("pop3", 0) == 0
+    assert proxy_restarts() == "Healthy"
+    assert not [a for a in json_of(data, "get-alerts", "--server", "cas1")
+                if a["MonitorName"] == "PopProxyRestartsMonitor"]  # fmt: skip
+    crashed = popguard(data, "inject-fault", "--server", "cas1", "--service", "pop3",
+                       "--kind", "crash")  # fmt: skip
+    assert crashed.returncode == 0, crashed.stderr
+    wait_for("the crash to be counted", lambda: read_exits(exits).get("pop3", 0) == 1, 30)

@@ -53,6 +53,10 @@ class ServerFolder:
     def health_dir(self) -> Path:
         return self.root / "health"
 
+    def exits_file(self) -> Path:
+        """Exits of this server's services that their supervisor did not ask for."""
+        return self.root / "control" / "unexpected-exits.json"
+
     def results_file(self) -> Path:
         """The health engine's results store: probe results, monitor states, actions."""
         return self.health_dir() / "results.sqlite"

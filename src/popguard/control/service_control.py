@@ -25,6 +25,8 @@ from typing import Protocol
 
 from supervisor.xmlrpc import SupervisorTransport
 
+from popguard import paths
+from popguard.control.exit_listener import SUBSCRIBED, read_exits
 from popguard.errors import UserError
 
 SERVICES = ("pop3be", "delivery", "replication", "pop3", "health")
@@ -49,6 +51,8 @@ class ServiceStatus:
     pid: int | None
     uptime_seconds: float | None
     detail: str = ""
+    # Exits the supervisor did not ask for (crashes), counted since the supervisor began.
+    unexpected_exits: int | None = None
 
 
 class ServiceControl(Protocol):
@@ -136,6 +140,15 @@ def supervisor_config(data: Path, servers: dict[str, list[str]], daemon: bool = 
             ]
         programs = ",".join(program_name(server, s) for s in services)
         lines += [f"[group:{server}]", f"programs={programs}", ""]
+    lines += [
+        "[eventlistener:unexpected-exits]",
+        f"command={sys.executable} -m popguard.control.exit_listener {data}",
+        f"events={SUBSCRIBED}",
+        "autorestart=true",
+        # Its standard output is supervisord's event protocol; only errors are logged.
+        f"stderr_logfile={folder / 'exit-listener.log'}",
+        "",
+    ]
     return "\n".join(lines)
 
 
@@ -143,6 +156,7 @@ class SupervisorControl:
     name = "supervisord"
 
     def __init__(self, data: Path) -> None:
+        self.data = data
         self.socket = supervisor_socket(data)
 
     def _call(self, method: str, *args: object) -> object:
@@ -170,10 +184,11 @@ class SupervisorControl:
                  "BACKOFF": "Failed", "FATAL": "Failed", "EXITED": "Stopped",
                  "STOPPING": "Stopping"}.get(name, name)  # fmt: skip
         running = state == "Running"
+        exits = read_exits(paths.server_folder(self.data, server).exits_file())
         return ServiceStatus(
             server, service, state, int(info["pid"]) if running else None,
             float(info["now"] - info["start"]) if running else None,
-            str(info.get("spawnerr") or ""),
+            str(info.get("spawnerr") or ""), exits.get(service, 0),
         )  # fmt: skip
 
     def status(self, server: str, services: list[str]) -> list[ServiceStatus]:
@@ -233,8 +248,9 @@ class SystemdControl:
     def _status(self, server: str, service: str) -> ServiceStatus:
         unit = f"popguard-{service}@{server}.service"
         shown = self._systemctl(
-            "show", unit, "--property=ActiveState,MainPID,SubState,ActiveEnterTimestampMonotonic"
-        )
+            "show", unit,
+            "--property=ActiveState,MainPID,SubState,ActiveEnterTimestampMonotonic,NRestarts",
+        )  # fmt: skip
         values = dict(line.split("=", 1) for line in shown.stdout.splitlines() if "=" in line)
         active = values.get("ActiveState", "unknown")
         state = {"active": "Running", "inactive": "Stopped", "failed": "Failed",
@@ -243,7 +259,10 @@ class SystemdControl:
         # systemd's monotonic clock is CLOCK_MONOTONIC, as Python's time.monotonic().
         entered = int(values.get("ActiveEnterTimestampMonotonic", "0") or 0)
         uptime = time.monotonic() - entered / 1e6 if state == "Running" and entered else None
-        return ServiceStatus(server, service, state, pid, uptime, values.get("SubState", ""))
+        # NRestarts counts the restarts systemd made by itself (Restart=): crashes only.
+        restarts = values.get("NRestarts", "")
+        exits = int(restarts) if restarts.isdigit() else None
+        return ServiceStatus(server, service, state, pid, uptime, values.get("SubState", ""), exits)
 
     def status(self, server: str, services: list[str]) -> list[ServiceStatus]:
         return [self._status(server, service) for service in services]

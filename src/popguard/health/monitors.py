@@ -70,35 +70,38 @@ def sample_above(
     return Verdict(alert, bool(recent), recent[0] if recent else None, above)
 
 
-RESTART_TOLERANCE = 3.0  # seconds of clock and polling slack before an uptime drop counts
+# Seconds of clock and polling slack around popguard's own restart of a service.
+RESTART_TOLERANCE = 3.0
 
 
-def starts_in_window(
+def exits_in_window(
     monitor: MonitorDefinition, store: ResultsStore, probe: str, resource: str, now: float
 ) -> Verdict:
-    """Alert when the process started again (its uptime fell) at least `threshold` times
-    in the last `window` seconds: a crash loop the supervisor hides by restarting it."""
+    """Alert when the process exited without its supervisor asking (a crash: the sample is
+    the supervisor's count of such exits) at least `threshold` times in the last `window`
+    seconds: a crash loop the supervisor hides by starting it again. A stop and start an
+    operator asked for is no such exit, so it never counts."""
     assert monitor.window is not None
     recent = store.recent(probe, resource, 10_000, since=now - monitor.window)
-    readings = [
-        (r, r.sample_value) for r in reversed(recent) if r.succeeded and r.sample_value is not None
-    ]
-    # popguard's own restarts (a responder's, recorded) are known and throttled: a
-    # start right after one is not a crash.
+    readings = [r for r in reversed(recent) if r.succeeded and r.sample_value is not None]
+    # popguard's own repair may kill a hung process (an exit the supervisor did not ask
+    # for): that one is known, recorded and throttled, so it is not a crash either.
     restarted = [
         a.started for a in store.actions(since=now - monitor.window - 60)
         if a.kind in ("restart-service", "restart-server")
         and a.result in ("Succeeded", "Failed", "InProgress")
     ]  # fmt: skip
-    starts = [
-        later
-        for (earlier, was_up), (later, is_up) in itertools.pairwise(readings)
-        # Up less long than it was before plus the time between: it started again.
-        if is_up + RESTART_TOLERANCE < was_up + (later.started - earlier.started)
-        and not any(earlier.started - RESTART_TOLERANCE <= at <= later.started for at in restarted)
-    ]
-    alert = len(starts) >= monitor.threshold
-    return Verdict(alert, bool(recent), recent[0] if recent else None, starts)
+    crashes: list[ProbeResult] = []
+    for earlier, later in itertools.pairwise(readings):
+        assert earlier.sample_value is not None and later.sample_value is not None
+        # A count that went down was kept by a supervisor that started afresh.
+        new = int(later.sample_value - earlier.sample_value)
+        if new > 0 and not any(
+            earlier.started - RESTART_TOLERANCE <= at <= later.started for at in restarted
+        ):
+            crashes += [later] * new
+    alert = len(crashes) >= monitor.threshold
+    return Verdict(alert, bool(recent), recent[0] if recent else None, crashes)
 
 
 def still_fails(
@@ -107,8 +110,8 @@ def still_fails(
     """Whether one fresh result, run to check that a problem still exists, shows it: a
     failure, or for a sample monitor a reading above the threshold. One reading says
     nothing of a crash loop: that rule is asked again over its window."""
-    if monitor.kind == "starts-in-window":
-        return starts_in_window(monitor, store, result.probe, result.resource, now).is_alert
+    if monitor.kind == "exits-in-window":
+        return exits_in_window(monitor, store, result.probe, result.resource, now).is_alert
     if not result.succeeded:
         return True
     if monitor.kind == "sample-above":
@@ -120,7 +123,7 @@ MONITOR_KINDS: dict[str, Rule] = {
     "consecutive-failures": consecutive_failures,
     "failures-in-window": failures_in_window,
     "sample-above": sample_above,
-    "starts-in-window": starts_in_window,
+    "exits-in-window": exits_in_window,
 }
 
 

@@ -133,7 +133,10 @@ class ProbeRuns:
     async def _process(self, service: str) -> ProcessState:
         def read() -> ProcessState:
             (status,) = control_for(self.data).status(self.server.name, [service])
-            return ProcessState(status.state, status.pid, status.uptime_seconds, status.detail)
+            return ProcessState(
+                status.state, status.pid, status.uptime_seconds, status.detail,
+                status.unexpected_exits,
+            )  # fmt: skip
 
         try:
             return await asyncio.to_thread(read)

@@ -60,6 +60,7 @@ class ProcessState:
     pid: int | None
     uptime: float | None
     detail: str = ""
+    unexpected_exits: int | None = None  # exits the supervisor did not ask for
 
 
 class ProbeFailure(Exception):
@@ -307,17 +308,23 @@ async def counter_probe(
 async def process_starts_probe(
     definition: ProbeDefinition, target: ProbeTarget, transcript: Transcript
 ) -> Outcome:
-    """Read a service's state from its supervisor: its uptime is the sample, so that a
-    monitor sees the process start again (a crash the supervisor mended at once)."""
+    """Read a service's state from its supervisor: the number of times it exited without
+    the supervisor asking (crashes the supervisor mended at once) is the sample, so that
+    a monitor sees a crash loop; a stop and start someone asked for does not count."""
     transcript.at("reading the supervisor", PROCESS)
     assert target.read_process is not None
     process = await target.read_process()
-    transcript.note(f"{target.resource}: {process.state}, pid {process.pid}, up {process.uptime}s")
+    transcript.note(
+        f"{target.resource}: {process.state}, pid {process.pid}, up {process.uptime}s, "
+        f"{process.unexpected_exits} unexpected exits"
+    )
     if process.state != "Running" or process.uptime is None:
         raise ProbeFailure(
             PROCESS, process.state, f"{target.resource} is {process.state} {process.detail}".strip()
         )
-    return Outcome(sample_value=process.uptime)
+    if process.unexpected_exits is None:
+        raise ProbeFailure(PROCESS, "no exit count", "the supervisor does not count exits")
+    return Outcome(sample_value=float(process.unexpected_exits))
 
 
 ProbeKind = Callable[[ProbeDefinition, ProbeTarget, Transcript], Awaitable[Outcome]]
