@@ -25,9 +25,11 @@ from popguard.health.definitions import LadderStep, MonitorDefinition
 from popguard.health.diagnosis import marker_file
 from popguard.health.engine import HealthEngine
 from popguard.health.escalation import RESOLVED, AlertReport, email_text, webhook_payload
+from popguard.health.incidents import Outcome as IncidentOutcome
 from popguard.health.loader import load_health_set
 from popguard.health.monitors import exits_in_window
 from popguard.health.probes import PROBE_KINDS, Outcome, ProbeFailure, Transcript
+from popguard.health.responders import RESPONDER_KINDS
 from popguard.health.results import ProbeResult, RecoveryAction, ResultsStore
 from popguard.services.context import ServerContext
 from popguard.testing.net import free_loopback_address
@@ -470,3 +472,59 @@ def test_a_crash_is_a_rise_in_the_count_of_exits_the_supervisor_did_not_ask_for(
     verdict = exits_in_window(monitor, store, "S\\P", "pop3be", 1030)
     assert verdict.is_alert and [r.started for r in verdict.failing] == [1030, 1030]
     store.close()
+
+
+HURRIED = """
+[[responders]]
+name = "Fix"
+kind = "test-fix"
+monitor = "SwitchMonitor"
+state = "Unhealthy"
+
+[[responders]]
+name = "Next"
+kind = "test-note"
+monitor = "SwitchMonitor"
+state = "Unhealthy"
+after = 200
+hurry = true
+
+[[responders]]
+name = "Later"
+kind = "test-note"
+monitor = "SwitchMonitor"
+state = "Unhealthy"
+after = 250
+"""
+
+
+@pytest.mark.parametrize("fix_helped", [False, True])
+async def test_a_step_may_hurry_when_the_one_before_it_did_not_help(
+    tmp_path: Path, switch: Switch, monkeypatch: pytest.MonkeyPatch, fix_helped: bool
+) -> None:
+    """A restart whose probe, run again, still fails lets the next step (moving the
+    databases away) act at once instead of waiting out its time; one that helped does
+    not, and a step that may not hurry always waits."""
+
+    async def fix(context: Any, responder: Any, incident: Any) -> IncidentOutcome:
+        return IncidentOutcome("Succeeded", "fixed, supposedly", still_fails=not fix_helped)
+
+    async def note(context: Any, responder: Any, incident: Any) -> IncidentOutcome:
+        return IncidentOutcome("Succeeded", "noted")
+
+    monkeypatch.setitem(RESPONDER_KINDS, "test-fix", fix)
+    monkeypatch.setitem(RESPONDER_KINDS, "test-note", note)
+    data = two_mailbox_servers(tmp_path)
+    health_set = load_health_set(SWITCHED + HURRIED, "hurried.toml")
+    clock = ManualClock(start=time.time())
+    engine = HealthEngine(ServerContext.open(data, "mbx1"), clock, [health_set])
+    await engine.run_now(health_set, engine.probes()[0][1])
+    await step(engine, clock, 10)  # Unhealthy: the first step fires
+    await step(engine, clock, 1)
+    fired = [name for name, _, _ in actions(engine)]
+    assert fired == (["Fix"] if fix_helped else ["Fix", "Next"])
+    await step(engine, clock, 200)
+    assert [name for name, _, _ in actions(engine)] == ["Fix", "Next"]
+    await step(engine, clock, 50)
+    assert [name for name, _, _ in actions(engine)] == ["Fix", "Next", "Later"]
+    engine.close()

@@ -99,6 +99,9 @@ class ResponderDefinition(Strict):
     # has lasted `after` seconds: the runbook's steps in order, each given its time.
     state: Literal["Degraded", "Unhealthy", "Unrecoverable"]
     after: float = Field(default=0.0, ge=0)
+    # Fire at once, before `after`, when the step before it ran and the probe, run again
+    # right after, still failed: waiting out `after` would only keep users out longer.
+    hurry: bool = False
     service: str | None = None  # for restart-service
     # Only on servers with this role (default: wherever its monitor runs).
     role: Literal["mailbox", "frontend"] | None = None

@@ -23,6 +23,8 @@ class Incident:
 class Outcome:
     result: str  # Succeeded | Failed | Skipped
     detail: str
+    # The probe, run again right after the repair, still failed: the repair did not help.
+    still_fails: bool = False
 
 
 @dataclass(frozen=True)

@@ -40,6 +40,7 @@ class ResponderFiring:
         self.controls, self.context = shared.controls, context
         self._resources = shared.resources
         states, store = shared.states, shared.store
+        self._states = states
         # (responder, resource, first alert): fired once per alert, across restarts too,
         # however long ago the alert began.
         open_alerts = {s.first_alert for s in states.values() if s.is_alert}
@@ -50,6 +51,9 @@ class ResponderFiring:
         }
         self.tasks: set[asyncio.Task[None]] = set()  # the steps and repairs under way
         self._busy: set[tuple[str, str]] = set()  # (monitor, resource) with a step under way
+        # (monitor, resource, first alert) whose last step did not help: the next step
+        # that may hurry fires without waiting for its time.
+        self._not_helped: set[tuple[str, str, float]] = set()
 
     def spawn(self, work: Coroutine[Any, Any, None]) -> None:
         """Run a repair in the background, among the tasks the engine waits for."""
@@ -75,11 +79,13 @@ class ResponderFiring:
         for health_set, responder in self.plan.responders_of.get(state.monitor, []):
             if LADDER_ORDER[state.state] < LADDER_ORDER[responder.state]:
                 continue
-            if self.clock.now() - state.first_alert < responder.after:
-                continue
             identity = f"{health_set.name}\\{responder.name}"
             fired = (identity, state.resource, state.first_alert)
             if fired in self._fired:
+                continue
+            alert = (state.monitor, state.resource, state.first_alert)
+            hurried = responder.hurry and alert in self._not_helped
+            if self.clock.now() - state.first_alert < responder.after and not hurried:
                 continue
             # One step at a time, in the ladder's order: the next waits for this one
             # (a move of several databases may outlast the gap to the next step).
@@ -87,6 +93,7 @@ class ResponderFiring:
             if busy in self._busy:
                 return
             self._fired.add(fired)
+            self._not_helped.discard(alert)
             self._busy.add(busy)
             task = asyncio.create_task(self._respond(health_set, responder, state))
             self.tasks.add(task)
@@ -96,6 +103,10 @@ class ResponderFiring:
 
     def _step_done(self, busy: tuple[str, str], task: asyncio.Task[None]) -> None:
         self._busy.discard(busy)
+        # A step that did not help lets the next one hurry: look again now, not at
+        # the monitor's next result.
+        for state in [s for s in self._states.values() if (s.monitor, s.resource) == busy]:
+            self.consider(state)
 
     def _handed_to(self, resource: str) -> str:
         """Who repairs a failure that lies beyond this server: for a database seen
@@ -226,6 +237,8 @@ class ResponderFiring:
             outcome = Outcome("Failed", f"{responder.kind} crashed: {exc!r}")
         self.store.finish_action(action, self.clock.now(), outcome.result, outcome.detail)
         log.warning("%s: %s: %s", identity, outcome.result, outcome.detail)
+        if outcome.still_fails:
+            self._not_helped.add((state.monitor, state.resource, incident.first_alert))
         if responder.kind in GROUP_COUNTED and outcome.result in ("Succeeded", "Failed"):
             try:
                 role = self._role_of(responder)

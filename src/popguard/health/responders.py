@@ -66,7 +66,9 @@ async def restart_service(
         again = await context.check_again(incident)
         if again.fails is not None:
             seen = "still fails" if again.fails else "succeeds"
-            outcome = Outcome(outcome.result, f"{outcome.detail}; the probe run again {seen}")
+            outcome = Outcome(
+                outcome.result, f"{outcome.detail}; the probe run again {seen}", again.fails
+            )
     return outcome
 
 
