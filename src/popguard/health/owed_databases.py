@@ -61,8 +61,6 @@ class OwedDatabases:
             outcome = await return_databases(self.context, ladder_step=False)
         finally:
             self._moving_back = False
-        # Moves of this server's databases, by any monitor's step, one at a time.
-        self.moves_lock = asyncio.Lock()
         if outcome is None:
             return
         now = self.clock.now()
