@@ -207,6 +207,8 @@ def test_faults_that_outlast_a_restart_are_seen_for_what_they_are(
     inject("--kind", "refuse-auth")
     refused = deep()
     assert (refused["ResultType"], refused["FailureReason"]) == ("Failed", "SYS/TEMP"), refused
+    # A running back end that refuses logins is the POP3 service's failure, not the store's.
+    assert refused["FailureComponent"] == "POP3", refused
     assert "injected fault" in refused["Error"]
     # The restart a responder would do does not mend it: the fault is in a file.
     org.mailbox["mbx1"].kill("pop3be", signal.SIGTERM)

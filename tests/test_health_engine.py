@@ -23,7 +23,8 @@ from popguard.health.engine import HealthEngine
 from popguard.health.health_mailboxes import credentials_file, ensure_health_mailboxes
 from popguard.health.loader import load_folder, load_health_set, shipped_health_sets
 from popguard.health.overrides import parse_duration
-from popguard.health.probes import PROBE_KINDS, Outcome, ProbeFailure, Transcript
+from popguard.health.probes import PROBE_KINDS, Outcome, ProbeFailure, Transcript, _login_component
+from popguard.pop3.client import parse_status_line
 from popguard.services.context import ServerContext
 from popguard.testing.net import free_loopback_address
 
@@ -523,3 +524,22 @@ async def test_a_flapping_fault_restarts_no_more_than_the_throttle_allows(
     assert all(gap >= 60 for gap in gaps), gaps
     assert any(a.result == "Throttled" for a in actions)  # and it said why it did not act
     engine.close()
+
+
+@pytest.mark.parametrize(
+    ("line", "through_front_end", "component"),
+    [
+        (b"-ERR [AUTH] authentication failed", False, "Auth"),
+        (b"-ERR [SYS/TEMP] logins refused for now (injected fault)", False, "POP3"),
+        (b"-ERR [SYS/TEMP] logins refused for now (injected fault)", True, "Backend"),
+        (b"-ERR [SYS/TEMP] mailbox database is not available here now", False, "Store"),
+        (b"-ERR [SYS/TEMP] mailbox store error, try again later", True, "Store"),
+        (b"-ERR [SYS/TEMP] mailbox server not reachable, try again later", True, "Backend"),
+        (b"-ERR [SYS/TEMP] too many connections for this user", True, "POP3"),
+        (b"-ERR [IN-USE] mailbox locked", False, "POP3"),
+    ],
+)
+def test_a_refused_login_blames_the_part_its_words_name(
+    line: bytes, through_front_end: bool, component: str
+) -> None:
+    assert _login_component(parse_status_line(line), through_front_end) == component

@@ -127,13 +127,13 @@ def test_a_fault_a_restart_cannot_fix_runs_the_whole_ladder(
         assert service["Status"] == "Running", service
 
     (mail,) = found.mails
-    assert mail["Subject"] == "[popguard ALERT] mbx1 PopDeepTestMonitor on DB01: Store"
+    assert mail["Subject"] == "[popguard ALERT] mbx1 PopDeepTestMonitor on DB01: POP3"
     payload = mail.get_payload(decode=True)
     assert isinstance(payload, bytes)
     body = payload.decode()
     for kind, result in ladder[:-1]:
         assert f"[{kind}] on DB01: {result}" in body, body
-    assert "Failure component: Store" in body and "SYS/TEMP" in body
+    assert "Failure component: POP3" in body and "SYS/TEMP" in body
     assert "What is left to a person" in body and "restart-server" in body
     (hook,) = [h for h in found.hooks if h["status"] == "firing"]
     assert hook["version"] == "4" and hook["alerts"][0]["labels"]["server"] == "mbx1"

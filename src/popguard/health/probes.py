@@ -228,11 +228,26 @@ async def capabilities_probe(
     return Outcome()
 
 
+# Words of a login refusal that name the store as what failed: the back end's "mailbox
+# database is not available here now" and "mailbox store error".
+STORE_WORDS = ("database", "store")
+# The front end's own refusal of a user with too many sessions; every other refusal it
+# passes on comes from the back end.
+FRONT_END_OWN = "too many connections"
+
+
 def _login_component(reply: StatusLine, through_front_end: bool) -> str:
+    """Which part a refused login blames. A [SYS/TEMP] refusal by a running service is
+    that service's failure unless its words name the store."""
     if reply.code == "AUTH":
         return AUTH
-    if reply.code in ("SYS/TEMP", "SYS/PERM"):
-        return BACKEND if through_front_end and "reachable" in reply.text else STORE
+    if reply.code not in ("SYS/TEMP", "SYS/PERM"):
+        return POP3
+    text = reply.text.lower()
+    if any(word in text for word in STORE_WORDS):
+        return STORE
+    if through_front_end and FRONT_END_OWN not in text:
+        return BACKEND  # "mailbox server not reachable", or the back end's own refusal
     return POP3
 
 
