@@ -261,6 +261,10 @@ async def test_an_alert_is_sent_repeated_no_sooner_than_configured_and_resolved(
     assert isinstance(payload, bytes)
     body = payload.decode()
     assert "refused on purpose" in body and "1. Look at it." in body
+    # Where users are served now, and what is left, with the real names.
+    served = "  DB01 is active on mbx2\r\n  activation on mbx1 is allowed\r\n"
+    assert served in body
+    assert "popguard get-recoveryactions --server mbx1" in body and "SERVER" not in body
     (hook,) = received.hooks
     assert (
         hook["status"] == "firing" and hook["alerts"][0]["labels"]["alertname"] == "SwitchMonitor"
@@ -275,24 +279,41 @@ async def test_an_alert_is_sent_repeated_no_sooner_than_configured_and_resolved(
     await step(engine, clock, 300)  # 600 s after: sent again, as Alertmanager does
     assert len(received.mails) == 2
 
+    # Another monitor's step on another resource is no part of this problem's history.
+    now = clock.now()
+    engine.store.add_action(RecoveryAction("POP\\PopCTPSkip", "POP\\PopCTPMonitor", "DB09",
+                                           "restart-service", now, now, now, "Skipped",
+                                           "unrelated"))  # fmt: skip
     switch.failing = False
     await engine.run_now(health_set, probe)
     await engine.settle()
     assert received.mails[-1]["Subject"].startswith("[popguard RESOLVED]")
+    resolved_payload = received.mails[-1].get_payload(decode=True)
+    assert isinstance(resolved_payload, bytes)
+    resolved_body = resolved_payload.decode()
+    # It says resolved, when and how; its fields line up with each other.
+    assert resolved_body.startswith("Resolved: mbx1 Test.Ladder\\SwitchMonitor on pop3be is")
+    assert "could not repair" not in resolved_body and "DB09" not in resolved_body
+    lines = resolved_body.splitlines()[1:]  # after the first line, the fields
+    fields = [line for line in lines if line.startswith(("Server:", "Resolved:"))]
+    assert (
+        len(fields) == 2 and len({len(f) - len(f.split(":", 1)[1].lstrip()) for f in fields}) == 1
+    )
     assert received.hooks[-1]["status"] == "resolved"
     (alert,) = engine.store.alerts()
     assert alert.resolved == clock.now()
 
-    # A new alert for the same problem within the interval is stored, not sent again.
+    # The problem returns after its resolution: a new firing, sent at once (as
+    # Alertmanager), then repeated no sooner than the interval.
     switch.failing = True
     await engine.run_now(health_set, probe)
     await step(engine, clock, 10)
-    assert len(received.mails) == 3 and len(engine.store.alerts()) == 2
-    assert "not sent yet" in engine.store.alerts()[-1].notification
-    await step(engine, clock, 300)  # still open once the interval has passed: sent
-    assert len(received.mails) == 3
+    assert len(received.mails) == 4 and len(engine.store.alerts()) == 2
+    assert received.mails[-1]["Subject"].startswith("[popguard ALERT]")
     await step(engine, clock, 300)
-    assert len(received.mails) == 4 and received.mails[-1]["Subject"].startswith("[popguard ALERT]")
+    assert len(received.mails) == 4
+    await step(engine, clock, 300)
+    assert len(received.mails) == 5 and received.mails[-1]["Subject"].startswith("[popguard ALERT]")
     engine.close()
 
 
@@ -344,7 +365,8 @@ def test_any_alert_renders_as_an_email_and_an_alertmanager_payload(
         runbook="1. Restart.",
     )  # fmt: skip
     text = email_text(report)
-    assert "restart-service" in text and "1. Restart." in text
+    # A resolved mail says how it ended; only an alert carries the runbook.
+    assert "restart-service" in text and ("1. Restart." in text) != resolved
     payload = json.loads(json.dumps(webhook_payload(report, _WEBHOOK)))
     (alert,) = payload["alerts"]
     assert alert["labels"].get("resource", "") == resource and alert["status"] == report.status

@@ -59,7 +59,9 @@ class HealthEngine:
         self._states = self.shared.states
         self.firing = ResponderFiring(self.shared, self)
         self._finish_interrupted()
-        self.notifier = Notifier(data, self.server.name, self.store, clock, self.plan.runbook_of)
+        self.notifier = Notifier(
+            data, self.server.name, self.directory, self.store, clock, self.plan.runbook_of
+        )
         self.monitoring = MonitorEvaluation(self.shared, self.notifier, self.firing.consider)
         self.runs = ProbeRuns(self.shared, tls_context, self.monitoring.evaluate)
         self.owed = OwedDatabases(self.shared, self.runs, self.firing.spawn, self)

@@ -44,8 +44,10 @@ class AlertReport:
     raised: float  # when it was escalated
     resolved: float | None
     results: tuple[ProbeResult, ...]  # the newest first
-    actions: tuple[RecoveryAction, ...]  # every action on the server since the alert began
-    runbook: str  # the monitor's help: the steps a person takes
+    actions: tuple[RecoveryAction, ...]  # the actions on this problem since the alert began
+    runbook: str  # the monitor's help, with this server's names in it
+    served: tuple[str, ...] = ()  # where users are served now ("DB01 is active on mbx2")
+    next_steps: tuple[str, ...] = ()  # the commands left to a person, with real names
 
     @property
     def identity(self) -> str:
@@ -83,28 +85,57 @@ def result_lines(report: AlertReport) -> list[str]:
     ] or ["none"]
 
 
+def how_resolved(report: AlertReport) -> str:
+    """What mended it, as far as popguard knows: its last repair that worked, or none."""
+    mended = [a for a in report.actions if a.result == "Succeeded" and a.kind != "escalate"]
+    if not mended:
+        return "no repair of popguard's ran after the escalation: mended by a person or by itself"
+    last = mended[-1]
+    return f"after {last.responder} [{last.kind}] on {last.resource}: {last.detail}"
+
+
+def _fields(report: AlertReport) -> str:
+    rows = [
+        ("Server", report.server),
+        ("Health set", report.health_set),
+        ("Monitor", report.monitor),
+        ("Probe", report.probe),
+        ("Target resource", report.resource),
+        ("Failure component", report.failure_component or "unknown"),
+        ("Error", report.error or "none recorded"),
+        ("First alert", _time(report.started)),
+        ("Escalated", _time(report.raised)),
+    ]
+    if report.status == RESOLVED:
+        rows.append(("Resolved", f"{_time(report.resolved)} (the monitor is Healthy again)"))
+    width = max(len(label) for label, _ in rows) + 2
+    return "".join(f"{label + ':':<{width}}{value}\n" for label, value in rows)
+
+
 def email_text(report: AlertReport) -> str:
-    resolved = (
-        f"Resolved:  {_time(report.resolved)} (the monitor is Healthy again)\n"
-        if report.status == RESOLVED
-        else ""
-    )
+    if report.status == RESOLVED:
+        return (
+            f"Resolved: {report.identity} is Healthy again, {how_resolved(report)}.\n\n"
+            + _fields(report)
+            + "\nRecovery actions on this problem:\n  "
+            + "\n  ".join(history_lines(report))
+            + "\n"
+        )
+    served = "".join(f"  {line}\n" for line in report.served) or "  (no database copies here)\n"
+    steps = "".join(f"  {line}\n" for line in report.next_steps) or "  see the runbook below\n"
     return (
-        f"popguard could not repair this by itself.\n\n"
-        f"Server:            {report.server}\n"
-        f"Health set:        {report.health_set}\n"
-        f"Monitor:           {report.monitor}\n"
-        f"Probe:             {report.probe}\n"
-        f"Target resource:   {report.resource}\n"
-        f"Failure component: {report.failure_component or 'unknown'}\n"
-        f"Error:             {report.error or 'none recorded'}\n"
-        f"First alert:       {_time(report.started)}\n"
-        f"Escalated:         {_time(report.raised)}\n"
-        f"{resolved}"
-        f"\nLast probe results (newest first):\n  " + "\n  ".join(result_lines(report)) + "\n"
-        "\nRecovery actions already taken:\n  " + "\n  ".join(history_lines(report)) + "\n"
-        f"\nWhat is left to a person (the runbook's steps for {report.monitor}):\n"
-        f"{report.runbook.strip() or 'no steps recorded'}\n"
+        "popguard could not repair this by itself.\n\n"
+        + _fields(report)
+        + "\nLast probe results (newest first):\n  "
+        + "\n  ".join(result_lines(report))
+        + "\n"
+        + "\nWhat popguard did:\n  "
+        + "\n  ".join(history_lines(report))
+        + "\n"
+        + f"\nWhere users are served now:\n{served}"
+        + f"\nWhat is left to a person:\n{steps}"
+        + f"\nThe runbook for {report.monitor}, for reference:\n"
+        + f"{report.runbook.strip() or 'no steps recorded'}\n"
     )
 
 
@@ -144,6 +175,8 @@ def webhook_payload(report: AlertReport, config: WebhookEscalation) -> dict[str,
         "recovery_actions": "\n".join(history_lines(report)),
         "last_results": "\n".join(result_lines(report)),
         "runbook": report.runbook.strip(),
+        "served": "\n".join(report.served),
+        "next_steps": "\n".join(report.next_steps),
     }
     alert = {
         "status": report.status,

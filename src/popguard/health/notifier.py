@@ -11,17 +11,31 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import re
+import sqlite3
 from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
 
+from popguard.control.service_control import SERVICES
 from popguard.directory.config import Escalation, load_escalation
+from popguard.directory.directory import Directory
 from popguard.errors import UserError
 from popguard.health.clock import Clock
 from popguard.health.escalation import FIRING, RESOLVED, AlertReport, send
 from popguard.health.results import Alert, MonitorState, ResultsStore
 
 log = logging.getLogger("popguard.health")
+
+
+def with_names(runbook: str, server: str, resource: str) -> str:
+    """The runbook's placeholders replaced by this alert's names: SERVER by the server,
+    SERVICE by the resource when it is a service."""
+    text = re.sub(r"\bSERVER\b", server, runbook)
+    if resource in SERVICES:
+        text = re.sub(r"\bSERVICE\b", resource, text)
+    return text
+
 
 RETRY_AFTER = 60.0  # seconds before a send that reached no channel is tried again
 CHECK_EVERY = 10.0  # seconds between two looks for alerts to send or resolve
@@ -32,11 +46,13 @@ class Notifier:
         self,
         data: Path,
         server: str,
+        directory: Directory,
         store: ResultsStore,
         clock: Clock,
         runbook_of: Callable[[str], str],
     ) -> None:
         self.data, self.server, self.store, self.clock = data, server, store, clock
+        self.directory = directory
         self._runbook_of = runbook_of  # 'HealthSet\\Monitor' -> its help text
         self._sending: dict[int, asyncio.Task[None]] = {}
         self._checked = -1e18
@@ -70,7 +86,13 @@ class Notifier:
 
     def _wait(self, alert: Alert, alerts: list[Alert], escalation: Escalation, now: float) -> float:
         """Seconds before this open alert may be sent (0: now)."""
-        sent = [a.notified for a in alerts if a.key == alert.key and a.notified is not None]
+        # As Alertmanager: repeat_interval spaces the sends of one open problem; a problem
+        # that returns after its resolution is a new firing, sent at once.
+        sent = [
+            a.notified
+            for a in alerts
+            if a.key == alert.key and a.notified is not None and a.resolved is None
+        ]
         wait = 0.0
         if sent:
             wait = max(wait, max(sent) + escalation.repeat_interval - now)
@@ -107,6 +129,14 @@ class Notifier:
 
     def _report(self, alert: Alert, status: str) -> AlertReport:
         started = alert.alert_started or alert.raised
+        monitor_key = f"{alert.health_set}\\{alert.monitor}"
+        # This problem's actions: on its resource, by its monitor, or server-wide (a
+        # move back); not another monitor's repair of another resource.
+        actions = tuple(
+            a for a in self.store.actions(since=started)
+            if a.resource == alert.resource or a.monitor == monitor_key or not a.resource
+        )  # fmt: skip
+        served, next_steps = self._where_and_next(alert)
         return AlertReport(
             status=status,
             server=self.server,
@@ -122,9 +152,45 @@ class Notifier:
             results=tuple(
                 self.store.recent(f"{alert.health_set}\\{alert.probe}", alert.resource, 5)
             ),
-            actions=tuple(self.store.actions(since=started)),
-            runbook=self._runbook_of(f"{alert.health_set}\\{alert.monitor}"),
+            actions=actions,
+            runbook=with_names(self._runbook_of(monitor_key), self.server, alert.resource),
+            served=served,
+            next_steps=next_steps,
         )
+
+    def _where_and_next(self, alert: Alert) -> tuple[tuple[str, ...], tuple[str, ...]]:
+        """Where this server's databases are served now, and the commands left to a
+        person, with the real names."""
+        name = self.server
+        steps = [
+            f"popguard get-serverhealth {name} --health-set {alert.health_set}",
+            f"popguard get-recoveryactions --server {name}",
+            f"popguard invoke-monitoringprobe '{alert.health_set}\\{alert.probe}' --server {name}"
+            "  (once mended: it must succeed)",
+        ]
+        try:
+            server = self.directory.get_server(name)
+            copies = [
+                c for c in self.directory.database_copies()
+                if c.server.lower() == name.lower()
+            ]  # fmt: skip
+            served = [
+                f"{c.database} is active on {self.directory.active_server(c.database)}"
+                for c in copies
+            ]
+        except (UserError, sqlite3.Error) as exc:
+            return (f"the directory cannot be read: {exc}",), tuple(steps)
+        if "mailbox" in server.roles:
+            if server.activation_disabled:
+                served.append(f"activation on {name} is disabled: no database moves onto it")
+                steps.append(
+                    f"popguard set-mailboxserver {name} "
+                    "--database-copy-activation-disabled-and-move-now false"
+                    "  (once mended: its databases move back)"
+                )
+            else:
+                served.append(f"activation on {name} is allowed")
+        return tuple(served), tuple(steps)
 
     def check(self, states: dict[tuple[str, str], MonitorState]) -> None:
         """Send what is due, resolve what is over; at most every CHECK_EVERY seconds."""
