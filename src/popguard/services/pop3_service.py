@@ -87,7 +87,6 @@ class Connection:
     ended: bool = False  # session_ended has run
     accepted: float = 0.0  # event-loop time of the accept: the login deadline counts from it
     received: int = 0  # octets the client sent to this session
-    reserved: bool = False  # admitted through LOCAL_CONNECTION_RESERVE
     evicted: bool = False  # closed to make room for a newcomer
     sequence: itertools.count[int] = field(default_factory=lambda: itertools.count(1))
 
@@ -441,7 +440,6 @@ class Pop3Service(abc.ABC):
             client_endpoint=f"{peer[0]}:{peer[1]}",
             server_endpoint=f"{local[0]}:{local[1]}",
             accepted=asyncio.get_running_loop().time(),
-            reserved=reserved,
         )
         self.counters.current_connections += 1
         self._per_ip[client_ip] = self._per_ip.get(client_ip, 0) + 1
