@@ -133,7 +133,7 @@ COMMAND_PHASES: dict[str, frozenset[Phase]] = {
 }
 
 SASL_MECHANISMS = ("PLAIN",)
-_REDACTED = "****"
+REDACTED = "****"  # what logs show instead of a secret
 
 
 class ServerSession:
@@ -144,6 +144,7 @@ class ServerSession:
         self.user: str | None = None  # set once logged in
         self.last_command: CommandRecord | None = None
         self.bad_commands = 0
+        self.lines_read = 0  # complete lines taken from the input, refused ones too
         self._buffer = bytearray()
         self._discarding = False  # inside an over-long line, until its end
         self._eof = False
@@ -165,6 +166,13 @@ class ServerSession:
             self._eof = True
         elif self.phase is not Phase.CLOSED:
             self._buffer += data
+
+    @property
+    def partial_line(self) -> bool:
+        """Part of a line has arrived but not its end: the I/O layer bounds how long
+        a line may take from its first byte, which an idle timer alone cannot do
+        when every byte restarts it."""
+        return bool(self._buffer) or self._discarding
 
     def next_event(self) -> Event:
         while True:
@@ -205,6 +213,7 @@ class ServerSession:
             return None
         line = bytes(self._buffer[:end])
         del self._buffer[: end + 1]
+        self.lines_read += 1
         if line.endswith(b"\r"):
             line = line[:-1]
         if self._discarding or len(line) > self._line_limit():
@@ -221,7 +230,7 @@ class ServerSession:
 
     def _handle_line(self, line: bytes) -> None:
         if self.phase is Phase.SASL_RESPONSE:
-            self.last_command = CommandRecord("AUTH", _REDACTED, len(line))
+            self.last_command = CommandRecord("AUTH", REDACTED, len(line))
             self._sasl_response(line)
             return
         try:
@@ -552,12 +561,12 @@ def redact(keyword: str, argument: str) -> str:
     Idempotent, so a record redacted here can be redacted again by a log writer.
     """
     if keyword == "PASS":
-        return _REDACTED if argument else ""
+        return REDACTED if argument else ""
     if keyword == "AUTH":
         mechanism, _, initial = argument.partition(" ")
         if not _MECHANISM_NAME.match(mechanism):
-            return _REDACTED if argument else ""
-        return f"{mechanism} {_REDACTED}" if initial else mechanism
+            return REDACTED if argument else ""
+        return f"{mechanism} {REDACTED}" if initial else mechanism
     return argument
 
 

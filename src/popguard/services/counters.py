@@ -37,6 +37,8 @@ class ServiceCounters:
         self.current_connections = 0
         self.total_connections = 0
         self.rejected_connections = 0
+        # Closed before logging in to make room for a newcomer at MaxConnections.
+        self.evicted_connections = 0
         self.total_commands = 0
         self.failed_logins = 0
         self.successful_logins = 0
@@ -85,6 +87,7 @@ class ServiceCounters:
             "CurrentConnections": self.current_connections,
             "TotalConnections": self.total_connections,
             "RejectedConnections": self.rejected_connections,
+            "EvictedConnections": self.evicted_connections,
             "TotalCommands": self.total_commands,
             "CommandsPerSecond": round(commands / window, 3),
             "AverageCommandProcessingTimeMs": round(total_ms / timed, 3) if timed else 0.0,

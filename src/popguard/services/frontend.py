@@ -96,10 +96,6 @@ class FrontendService(Pop3Service):
             log.info("%s is now %s", COMPONENT, state)
             self.component_state = state
 
-    def _is_local(self, client_ip: str) -> bool:
-        # Monitoring probes run on this server and connect from its own address.
-        return client_ip == self.server.address
-
     def refusal(self, client_ip: str) -> str | None:
         if self.component_state != "Active" and not self._is_local(client_ip):
             return f"this server is not taking connections now ({COMPONENT} {self.component_state})"

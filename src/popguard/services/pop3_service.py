@@ -2,7 +2,15 @@
 sans-I/O `ServerSession`.
 
 This module moves bytes, enforces the connection limits and timeouts, follows
-the POP settings live, and feeds the counters and the protocol log. A subclass
+the POP settings live, and feeds the counters and the protocol log.
+
+At MaxConnections a newcomer takes the place of the oldest connection that has
+not logged in yet, as Dovecot does when its login processes are full, so idle
+connections cannot lock users out; logged-in sessions are never closed for a
+newcomer, and the server's own probes have a reserve of their own. A client has
+PreAuthenticatedConnectionTimeout to log in, counted once from the accept, and
+a command line must arrive whole within COMMAND_LINE_TIMEOUT of its first byte:
+bytes trickled in one at a time do not keep a connection open. A subclass
 says what a login means (`authenticate`) and, for the back end, how to read and
 delete messages; the front end instead hands the logged-in connection over to a
 back end (`Handoff`) and relays bytes.
@@ -12,6 +20,8 @@ from __future__ import annotations
 
 import abc
 import asyncio
+import dataclasses
+import datetime
 import functools
 import itertools
 import logging
@@ -44,12 +54,26 @@ from popguard.pop3.session import (
 from popguard.services.authentication import Authenticator
 from popguard.services.context import ServerContext
 from popguard.services.counters import PUBLISH_INTERVAL, ServiceCounters
-from popguard.services.protocol_log import ProtocolLog, ProtocolLogConfig, ProtocolLogRecord
+from popguard.services.protocol_log import (
+    ProtocolLog,
+    ProtocolLogConfig,
+    ProtocolLogRecord,
+    shown_user_argument,
+)
 
 log = logging.getLogger("popguard.pop3")
 
 DIRECTORY_POLL_INTERVAL = 1.0
 SHUTDOWN_GRACE = 5.0
+# Connections from the server's own address (its monitoring probes) admitted even
+# at MaxConnections and never evicted, so that a flood does not blind the health
+# engine into restarting the service; this many at most, so the exemption is bounded.
+LOCAL_CONNECTION_RESERVE = 16
+# A command line must be complete this many seconds after its first byte (or within
+# the connection's own timeout, if that is shorter). RFC 1939 section 3's autologout
+# timer measures inactivity, which a client sending one byte every few seconds never
+# shows; this bounds what such a client can hold.
+COMMAND_LINE_TIMEOUT = 60
 
 
 @dataclass
@@ -61,6 +85,9 @@ class Connection:
     user: str = ""
     database: str = ""  # the logged-in user's mailbox database
     ended: bool = False  # session_ended has run
+    accepted: float = 0.0  # event-loop time of the accept: the login deadline counts from it
+    received: int = 0  # octets the client sent to this session
+    evicted: bool = False  # closed to make room for a newcomer
     sequence: itertools.count[int] = field(default_factory=lambda: itertools.count(1))
 
 
@@ -74,6 +101,7 @@ class CommandTimer:
         self._seen: CommandRecord | None = None  # the last command the session parsed
         self._started = 0.0
         self._response_size = 0
+        self._held_user: ProtocolLogRecord | None = None  # see log_line
         self.context = ""
 
     def observe(self, session: ServerSession) -> None:
@@ -103,21 +131,35 @@ class CommandTimer:
         if not protocol_log.enabled:
             return
         connection = self._connection
-        protocol_log.write(
-            ProtocolLogRecord(
-                session_id=connection.session_id,
-                sequence=next(connection.sequence),
-                server_endpoint=connection.server_endpoint,
-                client_endpoint=connection.client_endpoint,
-                user=connection.user,
-                duration_ms=elapsed_ms,
-                request_size=record.size,
-                response_size=response_size,
-                command=record.keyword,
-                parameters=record.parameters,
-                context=context,
-            )
+        line = ProtocolLogRecord(
+            session_id=connection.session_id,
+            sequence=next(connection.sequence),
+            server_endpoint=connection.server_endpoint,
+            client_endpoint=connection.client_endpoint,
+            user=connection.user,
+            duration_ms=elapsed_ms,
+            request_size=record.size,
+            response_size=response_size,
+            command=record.keyword,
+            parameters=record.parameters,
+            context=context,
+            moment=datetime.datetime.now(datetime.UTC),
         )
+        self._write_held_user()
+        if record.keyword == "USER":
+            # USER's argument may be a password typed in the wrong place. Whether it
+            # names a mailbox is known for free once the login after it is decided
+            # (the next line is that PASS): so the line waits until then.
+            self._held_user = line
+            return
+        protocol_log.write(line)
+
+    def _write_held_user(self) -> None:
+        held, self._held_user = self._held_user, None
+        if held is None:
+            return
+        shown = shown_user_argument(held.parameters, self._connection.user, self._service.known)
+        self._service.protocol_log.write(dataclasses.replace(held, parameters=shown))
 
 
 @dataclass
@@ -149,6 +191,10 @@ class Pop3Service(abc.ABC):
         self.protocol_log = ProtocolLog(self.log_prefix)
         self.authenticator = Authenticator(self.directory, self.counters)
         self._per_ip: dict[str, int] = {}
+        # The connections that have not logged in, oldest first: who makes room at
+        # MaxConnections. Reserved (local) connections are not in it.
+        self._pre_login: dict[str, tuple[Connection, ByteStream]] = {}
+        self._reserved = 0  # connections admitted through LOCAL_CONNECTION_RESERVE
         self._tasks: set[asyncio.Task[None]] = set()
         # One context for the life of the service: the implicit-TLS listener holds
         # it, so a new certificate is loaded into it rather than a new context made.
@@ -203,11 +249,39 @@ class Pop3Service(abc.ABC):
         """The session is over (the mailbox may be unlocked); called once."""
 
     def refusal(self, client_ip: str) -> str | None:
-        """Why a new connection from `client_ip` is refused, or None."""
-        if self.counters.current_connections >= self.settings.MaxConnections:
-            return "too many connections to this server, try again later"
+        """Why the subclass refuses a new connection from `client_ip` before any
+        limit is looked at, or None."""
+        return None
+
+    def known(self, address: str) -> bool:
+        """Whether `address` names a mailbox (for the protocol log's USER lines)."""
+        return self.directory.find_mailbox(address) is not None
+
+    def _is_local(self, client_ip: str) -> bool:
+        # Monitoring probes run on this server and connect from its own address.
+        return client_ip == self.server.address
+
+    def _make_room(self, client_ip: str) -> str | None:
+        """Why the limits refuse a connection from `client_ip`, or None once there is
+        room for it: at MaxConnections the oldest connection that has not logged in
+        is closed. A newcomer over its address's own limit evicts nobody."""
         if self._per_ip.get(client_ip, 0) >= self.settings.MaxConnectionFromSingleIP:
             return "too many connections from your address, try again later"
+        if self.counters.current_connections < self.settings.MaxConnections:
+            return None
+        if not self._pre_login:
+            return "too many connections to this server, try again later"
+        connection, stream = self._pre_login.pop(next(iter(self._pre_login)))
+        connection.evicted = True
+        self.counters.evicted_connections += 1
+        stream.write(
+            err(
+                "too many connections to this server, closing this one as it has not logged in",
+                ResponseCode.SYS_TEMP,
+            )
+        )
+        # Its task sees the end of the stream and ends the session the usual way.
+        stream.close()
         return None
 
     def directory_changed(self) -> None:
@@ -350,8 +424,11 @@ class Pop3Service(abc.ABC):
     async def _connection(self, stream: ByteStream, implicit_tls: bool) -> None:
         peer, local = stream.peer(), stream.local()
         client_ip = peer[0]
-        refusal = self.refusal(client_ip)
         self.counters.total_connections += 1
+        reserved = self._is_local(client_ip) and self._reserved < LOCAL_CONNECTION_RESERVE
+        refusal = self.refusal(client_ip)
+        if refusal is None and not reserved:
+            refusal = self._make_room(client_ip)
         if refusal:
             self.counters.rejected_connections += 1
             stream.write(err(refusal, ResponseCode.SYS_TEMP))
@@ -362,9 +439,14 @@ class Pop3Service(abc.ABC):
             client_ip=client_ip,
             client_endpoint=f"{peer[0]}:{peer[1]}",
             server_endpoint=f"{local[0]}:{local[1]}",
+            accepted=asyncio.get_running_loop().time(),
         )
         self.counters.current_connections += 1
         self._per_ip[client_ip] = self._per_ip.get(client_ip, 0) + 1
+        if reserved:
+            self._reserved += 1
+        else:
+            self._pre_login[connection.session_id] = (connection, stream)
         session = ServerSession(self.session_config(), secure=implicit_tls)
         timer = CommandTimer(self, connection)
         ending = "closed"
@@ -393,8 +475,13 @@ class Pop3Service(abc.ABC):
             ending = "internal error"
             stream.write(err("internal server error, try again later", ResponseCode.SYS_TEMP))
         finally:
+            if connection.evicted:
+                ending = "evicted: the server was full and this connection had not logged in"
             timer.finish()
             self.counters.current_connections -= 1
+            self._pre_login.pop(connection.session_id, None)
+            if reserved:
+                self._reserved -= 1
             remaining = self._per_ip.get(client_ip, 1) - 1
             if remaining:
                 self._per_ip[client_ip] = remaining
@@ -417,25 +504,30 @@ class Pop3Service(abc.ABC):
         timer: CommandTimer,
     ) -> str | Handoff:
         """Run the session to its end (returns why it ended) or to a handoff."""
+        loop = asyncio.get_running_loop()
+        line_started: float | None = None  # when the partial line's first byte came
+        lines_then = 0  # session.lines_read at that time: a new line restarts the clock
         while True:
             event = session.next_event()
             timer.observe(session)
-            timeout = (
-                self.settings.AuthenticatedConnectionTimeout
-                if session.user
-                else self.settings.PreAuthenticatedConnectionTimeout
-            )
             if isinstance(event, NeedData):
                 timer.finish()
+                now = loop.time()
+                if not session.partial_line:
+                    line_started = None
+                elif line_started is None or session.lines_read != lines_then:
+                    line_started, lines_then = now, session.lines_read
+                deadline, why = self._read_deadline(session, connection, line_started, now)
                 try:
-                    async with asyncio.timeout(timeout):
+                    async with asyncio.timeout_at(deadline):
                         await stream.drain()
                         data = await stream.read()
                 except TimeoutError:
                     # RFC 1939 section 3: an autologout timer ends the session
                     # without entering the UPDATE state, so nothing is deleted.
-                    stream.write(err("autologout: idle for too long", ResponseCode.SYS_TEMP))
-                    return "idle timeout"
+                    stream.write(err(f"autologout: {why}", ResponseCode.SYS_TEMP))
+                    return f"autologout: {why}"
+                connection.received += len(data)
                 session.receive_data(data)
             elif isinstance(event, Reply):
                 if self.fault is not None and self.fault.kind == "slow":
@@ -444,7 +536,7 @@ class Pop3Service(abc.ABC):
                 timer.add_response(len(event.data))
                 if not stream.writable:
                     # A client that reads slowly holds its session, not our memory.
-                    async with asyncio.timeout(timeout):
+                    async with asyncio.timeout_at(self._write_deadline(session, connection)):
                         await stream.drain()
             elif isinstance(event, Authenticate):
                 if self.fault is not None and self.fault.kind == "refuse-auth":
@@ -453,6 +545,9 @@ class Pop3Service(abc.ABC):
                     )
                     continue
                 handoff = await self.authenticate(session, event, connection, timer)
+                if handoff is not None or session.user is not None:
+                    # Logged in: no newcomer may take this connection's place.
+                    self._pre_login.pop(connection.session_id, None)
                 if handoff is not None:
                     return handoff
             elif isinstance(event, Retrieve):
@@ -463,7 +558,7 @@ class Pop3Service(abc.ABC):
                 stream.stop_reading()
                 stream.write(event.reply)
                 timer.add_response(len(event.reply))
-                async with asyncio.timeout(self.settings.PreAuthenticatedConnectionTimeout):
+                async with asyncio.timeout_at(self._write_deadline(session, connection)):
                     await stream.drain()
                     await stream.start_tls(self._tls_context)
                 session.tls_started()
@@ -471,6 +566,47 @@ class Pop3Service(abc.ABC):
                 # Released before the event loop can run again, so a client that
                 # reads "+OK" to QUIT and logs in at once never sees [IN-USE].
                 self._end(session, connection)
-                async with asyncio.timeout(timeout):
+                async with asyncio.timeout_at(self._write_deadline(session, connection)):
                     await stream.drain()
                 return event.reason
+
+    def _login_deadline(self, connection: Connection) -> float:
+        return connection.accepted + self.settings.PreAuthenticatedConnectionTimeout
+
+    def _write_deadline(self, session: ServerSession, connection: Connection) -> float:
+        """Until when a client may keep us waiting for it to take our bytes."""
+        if session.user is None:
+            return self._login_deadline(connection)
+        return asyncio.get_running_loop().time() + self.settings.AuthenticatedConnectionTimeout
+
+    def _read_deadline(
+        self,
+        session: ServerSession,
+        connection: Connection,
+        line_started: float | None,
+        now: float,
+    ) -> tuple[float, str]:
+        """Until when the client may take to send more, and what it is told after.
+
+        Before login, the whole login has one deadline from the accept; after it,
+        the client may be idle AuthenticatedConnectionTimeout between commands.
+        Either way a partial line must be complete COMMAND_LINE_TIMEOUT (or the
+        connection's timeout, if shorter) after its first byte.
+        """
+        if session.user is None:
+            timeout = self.settings.PreAuthenticatedConnectionTimeout
+            deadline = self._login_deadline(connection)
+            why = (
+                f"login not completed within {timeout} seconds"
+                if connection.received
+                else "idle for too long"
+            )
+        else:
+            timeout = self.settings.AuthenticatedConnectionTimeout
+            deadline, why = now + timeout, "idle for too long"
+        if line_started is not None:
+            line_limit = min(COMMAND_LINE_TIMEOUT, timeout)
+            if line_started + line_limit < deadline:
+                deadline = line_started + line_limit
+                why = f"command line not completed within {line_limit} seconds"
+        return deadline, why

@@ -4,7 +4,9 @@ Off by default (ProtocolLogEnabled). Files roll over per LogFileRollOverSettings
 (a new file each hour, day, week or month) and when one reaches
 LogPerFileSizeQuota. Secrets never reach this module: the session redacts PASS
 and AUTH before a record is made, and `write` applies the same (idempotent)
-redaction again in case a caller forgets.
+redaction again in case a caller forgets. USER's argument is shown only when it
+is the address of a known mailbox (`shown_user_argument`): a password typed
+into USER stays out of the file.
 """
 
 from __future__ import annotations
@@ -12,12 +14,14 @@ from __future__ import annotations
 import csv
 import datetime
 import io
+import re
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TextIO
 
 from popguard.directory.settings import RollOver
-from popguard.pop3.session import redact
+from popguard.pop3.session import REDACTED, redact
 
 FIELDS = (
     "dateTime",
@@ -48,6 +52,9 @@ class ProtocolLogRecord:
     command: str
     parameters: str
     context: str = ""
+    # When the command was done; None: now. A USER line is written once the login
+    # after it is decided, but keeps its own time.
+    moment: datetime.datetime | None = None
 
 
 @dataclass(frozen=True)
@@ -56,6 +63,30 @@ class ProtocolLogConfig:
     folder: Path
     rollover: RollOver
     size_quota: int  # bytes per file; 0 means no limit
+
+
+# What a mailbox address can look like: one "@", no spaces, a local part of at most
+# 64 octets and a domain of at most 255 (RFC 5321 section 4.5.3.1). Anything else
+# is not looked up at all.
+_ADDRESS_SHAPE = re.compile(r"[^@\s]{1,64}@[^@\s]{1,255}")
+
+
+def shown_user_argument(argument: str, logged_in: str, is_known: Callable[[str], bool]) -> str:
+    """USER's argument as the protocol log shows it: as typed when it names a known
+    mailbox, else `****` (it may be a password typed in the wrong place).
+
+    `logged_in` is the address the session then logged in as ("" if none): when
+    the argument names it, nothing is looked up. Otherwise `is_known` is asked,
+    and only for something shaped like an address.
+    """
+    address = argument.strip().lower()
+    if not address:
+        return argument
+    if logged_in and address == logged_in:
+        return argument
+    if _ADDRESS_SHAPE.fullmatch(address) and is_known(address):
+        return argument
+    return REDACTED
 
 
 def _period(moment: datetime.datetime, rollover: RollOver) -> str:
@@ -128,7 +159,7 @@ class ProtocolLog:
         config = self.config
         if config is None or not config.enabled:
             return
-        moment = datetime.datetime.now(datetime.UTC)
+        moment = record.moment or datetime.datetime.now(datetime.UTC)
         parameters = redact(record.command.upper(), record.parameters)
         row = io.StringIO()
         csv.writer(row, lineterminator="\r\n").writerow(
