@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import re
 
-_ENHANCED = re.compile(r"[245]\.\d{1,3}\.\d{1,3}(?: |$)")
+_ENHANCED = re.compile(r"([245])\.\d{1,3}\.\d{1,3}(?: |$)")
 _BASIC = re.compile(r"([245])(\d\d)([ -]|$)")
 
 # aiosmtpd words some replies for SMTP; LMTP's greeting command is LHLO.
@@ -50,7 +50,9 @@ def _line_with_code(line: str) -> str:
     if basic is None:  # 354, or not a reply line
         return line
     text = line[basic.end() :]
-    if _ENHANCED.match(text):
+    enhanced = _ENHANCED.match(text)
+    # RFC 3463 section 2: the enhanced code's class is the basic code's first digit.
+    if enhanced is not None and enhanced.group(1) == basic.group(1):
         return line
     code = basic.group(1) + basic.group(2)
     if code == _GREETING:
