@@ -52,11 +52,12 @@ DEFAULT_IDLE_TIMEOUT = 120.0
 # From a command line's first octet to its end, however slowly the octets come.
 DEFAULT_COMMAND_TIMEOUT = 60.0
 # DATA may take a command's time plus the largest message at this rate, in octets a
-# second (RFC 5321 section 4.5.3.2.6 gives a client 10 minutes for the final dot).
+# second: RFC 5321 bounds no whole DATA (section 4.5.3.2.5 has a client wait 3 minutes
+# on each send), and a local MTA sends far faster than this.
 DATA_MIN_RATE = 64 * 1024
 
-# RFC 5321 section 4.5.3.1.6: a text line of 1000 octets, CRLF included, plus the
-# transparency dot; the upper bound keeps one line's buffer well under a message.
+# RFC 5321 section 4.5.3.1.6: 998 octets of text (1000 with CRLF) plus the transparency
+# dot; the upper bound keeps one line's buffer well under a message.
 MIN_LINE_LENGTH = 999
 MAX_LINE_LENGTH = 16 * 1024 * 1024
 # Timeouts one may set, in seconds: above an hour a connection is not "bounded".
@@ -291,6 +292,7 @@ class DeliveryHandler:
         self, server: Any, session: Session, envelope: Envelope, hostname: str,
         responses: list[str],
     ) -> list[str]:  # fmt: skip
+        # aiosmtpd leaves this to a handler with this hook; MAIL checks it was given.
         session.host_name = hostname
         # RFC 2034 section 2: say that every reply carries an enhanced status code.
         return [*responses[:-1], "250-ENHANCEDSTATUSCODES", responses[-1]]
