@@ -41,7 +41,9 @@ def test_every_step_of_the_runbook(detached_organization: Path) -> None:
     assert on.returncode == 0, on.stderr
     (settings,) = json_of(data, "get-popsettings", "--server", "cas1")
     assert settings["ProtocolLogEnabled"] is True
-    folder = Path(settings["LogFileLocation"] or data / "servers" / "cas1" / "logs" / "pop3")
+    # The effective folder, the default one here: shown, never empty.
+    assert settings["LogFileLocation"] == str((data / "servers/cas1/logs/pop3").resolve())
+    folder = Path(settings["LogFileLocation"])
     time.sleep(2)  # the services read their settings every second
     logged = popguard(data, "invoke-monitoringprobe", "POP\\PopCTPProbe", "--server", "cas1")
     assert logged.returncode == 0, logged.stderr

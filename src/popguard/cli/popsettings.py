@@ -7,12 +7,15 @@ per property (LoginType becomes --login-type), so the two never disagree.
 from __future__ import annotations
 
 import re
+from pathlib import Path
 from typing import Any
 
 import click
 
+from popguard import paths
 from popguard.cli.context import AppContext, pass_app
 from popguard.cli.render import FORMATS, render
+from popguard.directory.directory import Server
 from popguard.directory.exchange_values import timespan_parts
 from popguard.directory.settings import PopSettings
 from popguard.errors import UserError
@@ -60,8 +63,23 @@ def parse_value(field: str, raw: str) -> Any:
     return raw
 
 
-def settings_row(server: str, settings: PopSettings) -> dict[str, Any]:
-    return {"Server": server} | settings.model_dump(mode="json")
+# The POP3 service of each role, whose protocol log LogFileLocation places.
+LOGGING_SERVICE = {"frontend": "pop3", "mailbox": "pop3be"}
+
+
+def settings_row(data: Path, server: Server, settings: PopSettings) -> dict[str, Any]:
+    """The settings as stored, with the folder the protocol log goes to when none is
+    set: the runbook's step is "find the log file location"."""
+    row = {"Server": server.name} | settings.model_dump(mode="json")
+    if not settings.LogFileLocation:
+        folder = paths.server_folder(data, server.name)
+        effective = [
+            str(folder.default_protocol_log_dir(LOGGING_SERVICE[role]).resolve())
+            for role in server.roles
+            if role in LOGGING_SERVICE
+        ]
+        row["LogFileLocation"] = ", ".join(effective)  # as Exchange: the folder in use
+    return row
 
 
 @click.command("get-popsettings")
@@ -72,8 +90,8 @@ def get_popsettings(app: AppContext, server: str, output_format: str) -> None:
     """Show the POP settings of a server."""
     with app.directory() as directory:
         settings, _ = directory.pop_settings(server)
-        name = directory.get_server(server).name
-    render([settings_row(name, settings)], output_format)
+        host = directory.get_server(server)
+    render([settings_row(app.data, host, settings)], output_format)
 
 
 def _set_popsettings(app: AppContext, server: str, output_format: str, **options: Any) -> None:
@@ -90,8 +108,9 @@ def _set_popsettings(app: AppContext, server: str, output_format: str, **options
         current, _ = directory.pop_settings(server)
         updated = current.with_changes(changes)
         revision = directory.set_pop_settings(server, updated)
-        name = directory.get_server(server).name
-    render([settings_row(name, updated)], output_format)
+        host = directory.get_server(server)
+    name = host.name
+    render([settings_row(app.data, host, updated)], output_format)
     # Every setting is picked up by the running services; none needs a restart.
     click.echo(
         f"revision {revision}: running POP3 services on {name} apply it within seconds", err=True
