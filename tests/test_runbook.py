@@ -67,6 +67,15 @@ def test_every_step_of_the_runbook(detached_organization: Path) -> None:
     restarted = popguard(data, "restart-server", "mbx1")
     assert restarted.returncode == 0, restarted.stderr
     assert all(s["Status"] == "Running" for s in json_of(data, "get-service", "--server", "mbx1"))
+    # Re-run the probe after the restart: no database is active on mbx1, so the deep test
+    # says why it has nothing to probe and what answers "is mbx1 fit to take them back?".
+    wait_for("mbx1's health service", lambda: popguard(
+        data, "get-serverhealth", "mbx1").returncode == 0, 60)  # fmt: skip
+    deep = popguard(data, "invoke-monitoringprobe", "POP.Protocol\\PopDeepTestProbe",
+                    "--server", "mbx1")  # fmt: skip
+    assert deep.returncode == 1 and "nothing to probe" in deep.stderr, deep.stderr
+    assert "DB01, DB02 have passive copies here" in deep.stderr, deep.stderr
+    assert "PopSelfTestProbe' --server mbx1" in deep.stderr, deep.stderr
     # Set-MailboxServer <mbx> -DatabaseCopyActivationDisabledAndMoveNow $false
     back = wait_for("the move back", lambda: popguard(
         data, "set-mailboxserver", "mbx1", "--database-copy-activation-disabled-and-move-now",

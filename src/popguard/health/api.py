@@ -22,6 +22,7 @@ from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
 from popguard.errors import UserError
+from popguard.health.definitions import HealthSet, ProbeDefinition
 from popguard.health.engine import HealthEngine
 from popguard.health.monitors import SEVERITY
 from popguard.health.results import ProbeResult, RecoveryAction
@@ -187,6 +188,34 @@ class HealthCollector(Collector):
         yield from (success, latency, state, severity)
 
 
+def nothing_to_probe(
+    engine: HealthEngine, health_set: HealthSet, probe: ProbeDefinition, resource: str | None
+) -> str:
+    """Why a probe had no target here, and what answers the runbook's question instead
+    (after a restart with the databases away: is this server fit to take them back?)."""
+    name = engine.server.name
+    if resource is not None:
+        return f"{health_set.name}\\{probe.name} has no target {resource} on {name}"
+    if not probe.per_database:
+        return f"{health_set.name}\\{probe.name} has no target on {name}"
+    passive = sorted(
+        c.database for c in engine.directory.database_copies()
+        if c.server.lower() == name.lower() and not c.is_active
+    )  # fmt: skip
+    held = f" ({', '.join(passive)} have passive copies here)" if passive else ""
+    whole = [p for s, p in engine.probes() if s.name == health_set.name and not p.per_database]
+    checks = [
+        f"popguard invoke-monitoringprobe '{health_set.name}\\{p.name}' --server {name}"
+        for p in whole if p.kind != "process-starts"
+    ]  # fmt: skip
+    checks.append(f"popguard get-mailboxdatabasecopystatus --server {name}")
+    return (
+        f"nothing to probe: {probe.name} logs in to each database active on {name}, and "
+        f"none is active there now{held}. Whether {name} is fit to take them back: "
+        + "; ".join(checks)
+    )
+
+
 class HealthApi:
     def __init__(self, engine: HealthEngine, token: str) -> None:
         self.engine = engine
@@ -270,4 +299,6 @@ class HealthApi:
         identity = str(body.get("identity", "")) if isinstance(body, dict) else ""
         health_set, probe, resource = self.engine.find_probe(identity)
         results = await self.engine.run_now(health_set, probe, resource)
+        if not results:
+            raise UserError(nothing_to_probe(self.engine, health_set, probe, resource))
         return web.json_response([result_row(self.engine.server.name, r) for r in results])
