@@ -70,6 +70,11 @@ def test_a_paused_back_end_goes_degraded_then_unhealthy_and_back(
     wait_for_alert(org, "mbx1", "POP.Protocol", "PopSelfTestMonitor", "Healthy", 60)
     report = json.loads(popguard(org.data, "get-healthreport", "mbx1", "--format", "json").stdout)
     assert {r["HealthSet"] for r in report} == {"POP", "POP.Protocol"}
+    # MonitorCount counts the rows get-serverhealth shows (one per monitor and target).
+    shown = json.loads(popguard(org.data, "get-serverhealth", "mbx1", "--format", "json").stdout)
+    for row in report:
+        rows = [r for r in shown if r["HealthSetName"] == row["HealthSet"]]
+        assert row["MonitorCount"] == len(rows), (row, rows)
 
 
 def test_failures_are_blamed_on_the_right_component(watched_organization: Organization) -> None:

@@ -95,7 +95,8 @@ def healthreport_rows(engine: HealthEngine) -> list[dict[str, Any]]:
                 "HealthGroup": health_set.health_group,
                 "AlertValue": engine.worst(values),
                 "LastTransitionTime": when(max(transitions, default=None)),
-                "MonitorCount": len(engine.monitors(health_set)),
+                # The rows get-serverhealth shows for the set: one per monitor and target.
+                "MonitorCount": len(mine),
             }
         )
     return report
