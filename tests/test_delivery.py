@@ -17,7 +17,11 @@ from pathlib import Path
 
 import pytest
 
+from popguard.directory.directory import Directory
+from popguard.directory.passwords import hash_password
+from popguard.errors import UserError
 from popguard.services.delivery import MAX_RECIPIENTS
+from popguard.services.lmtp_client import deliver
 from popguard.testing.net import wait_port
 
 from .conftest import PASSWORD, MailboxServer, message
@@ -401,3 +405,29 @@ def test_a_bad_limit_in_the_environment_is_one_line_on_stderr(
     assert done.returncode == 1
     lines = done.stderr.strip().splitlines()
     assert len(lines) == 1 and variable in lines[0] and repr(value) in lines[0], lines
+
+
+def test_popguards_own_clients_deliver_only_to_their_own_organization(
+    mailbox_server: MailboxServer, tmp_path: Path
+) -> None:
+    """A second organization whose directory names the same address and port (a second
+    `up` on addresses in use) must not hand its mail to the first one's LMTP."""
+    alice = mailbox_server.add_mailbox("alice@example.test")
+    mailbox_server.deliver(alice, message("to the right organization"))
+    with Directory(tmp_path / "other") as other:
+        other.new_server(mailbox_server.name, ["mailbox"], mailbox_server.address)
+        other.new_database("DB01", mailbox_server.name)
+        other.new_mailbox(alice, "DB01", hash_password(PASSWORD))
+        assert other.organization_id() != organization_of(mailbox_server)
+        with pytest.raises(UserError, match="not mbx1's of this organization"):
+            deliver(other, alice, message("to a stranger"))
+    client = poplib.POP3(mailbox_server.address, mailbox_server.pop3_port, timeout=10)
+    client.user(alice)
+    client.pass_(PASSWORD)
+    assert client.stat()[0] == 1  # only the message for this organization
+    client.quit()
+
+
+def organization_of(server: MailboxServer) -> str:
+    with server.directory() as directory:
+        return directory.organization_id()

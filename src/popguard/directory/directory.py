@@ -132,6 +132,15 @@ MIGRATIONS: tuple[str, ...] = (
     );
     CREATE INDEX repairs_by_role ON repairs(role, started);
     """,
+    """
+    -- One random name per organization, made with its directory: what popguard's own
+    -- clients check, where no certificate can (LMTP), so that they never hand mail to
+    -- another organization that listens on the same address.
+    CREATE TABLE organization (
+        id TEXT NOT NULL
+    );
+    INSERT INTO organization (id) VALUES (lower(hex(randomblob(8))));
+    """,
 )
 
 # Longer than the longest move can take (catch-up at most 120 s, plus dismount and mount).
@@ -223,6 +232,11 @@ class Directory:
         self._db.row_factory = sqlite3.Row
         self._db.execute("PRAGMA foreign_keys=ON")
         self._migrate()
+
+    def organization_id(self) -> str:
+        """The organization's random name, the same for every server of it."""
+        row = self._db.execute("SELECT id FROM organization").fetchone()
+        return str(row[0])
 
     def close(self) -> None:
         self._db.close()

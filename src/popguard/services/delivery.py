@@ -30,6 +30,7 @@ from popguard.errors import UserError
 from popguard.net.serving import every, listen
 from popguard.services.context import ServerContext
 from popguard.services.counters import PUBLISH_INTERVAL, ServiceCounters
+from popguard.services.lmtp_client import lmtp_ident
 from popguard.services.lmtp_data import read_message_data
 from popguard.services.lmtp_path import PathError, parse_rcpt_argument
 from popguard.services.lmtp_replies import with_enhanced_codes
@@ -343,6 +344,7 @@ class DeliveryService:
         self.context = context
         self.directory = context.directory
         self.server: Server = context.server
+        self.organization = context.directory.organization_id()
         self.databases = MountedDatabases(context.folder, self.server.name, self.directory)
         self.counters = ServiceCounters("delivery")
         self.limits = limits or LmtpLimits()
@@ -380,7 +382,7 @@ class DeliveryService:
                     enable_SMTPUTF8=True,
                     decode_data=False,
                     hostname=self.server.name,
-                    ident="popguard LMTP",
+                    ident=lmtp_ident(self.organization),
                 ),
                 address,
                 port,
