@@ -550,3 +550,38 @@ def test_every_command_up_prints_works(tmp_path: Path) -> None:
                 assert "Welcome to popguard" in ran.stdout
     finally:
         subprocess.run([installed, "--data", str(data), "down"], capture_output=True, timeout=120)
+
+
+def test_a_second_up_on_addresses_in_use_refuses_before_starting_anything(
+    detached_organization: Path, tmp_path: Path
+) -> None:
+    """A second organization on the first one's addresses: one line naming the address
+    and its holder, exit 1, nothing started, nothing delivered into the first."""
+    first = detached_organization
+    cas1 = json.loads(popguard(first, "get-server", "cas1", "--format", "json").stdout)[0]
+    mbx1 = json.loads(popguard(first, "get-server", "mbx1", "--format", "json").stdout)[0]
+    mbx2 = json.loads(popguard(first, "get-server", "mbx2", "--format", "json").stdout)[0]
+    address, password = (first / "demo-mailbox.txt").read_text().split()
+
+    def demo_messages() -> int:
+        context = ssl.create_default_context(cafile=str(first / "tls" / "ca.pem"))
+        client = poplib.POP3_SSL(cas1["Address"], int(cas1["Ports"]["pop3-tls"]),
+                                 context=context, timeout=10)  # fmt: skip
+        try:
+            client.user(address)
+            client.pass_(password)
+            return int(client.stat()[0])
+        finally:
+            client.quit()
+
+    before = demo_messages()
+    second = tmp_path / "second"
+    addresses = ["--frontend-address", cas1["Address"], "--address", mbx1["Address"],
+                 "--second-address", mbx2["Address"]]  # fmt: skip
+    refused = popguard(second, "up", "--detach", *addresses)
+    assert refused.returncode == 1, refused.stdout
+    line = refused.stderr.strip()
+    assert "\n" not in line and line.startswith("popguard: cannot start: "), line
+    assert re.search(r"in use by pid \d+ \(.*popguard", line), line
+    assert not (second / "supervisor" / "supervisord.conf").exists()
+    assert demo_messages() == before

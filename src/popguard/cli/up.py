@@ -25,6 +25,7 @@ from pathlib import Path
 import click
 
 from popguard.cli.context import AppContext, pass_app
+from popguard.control.ports import Endpoint, in_use, listener_pids
 from popguard.control.service_control import (
     SupervisorControl,
     services_of,
@@ -88,6 +89,14 @@ def _wait_until_up(
                     f"{server}/{service} failed to start: {status.detail or 'see its log'}"
                 )
             if status.state == "Running" and _listening(host, port):
+                # Listening, but is it this service? A stranger on the same address and
+                # port (another organization) must not pass for it.
+                holders = listener_pids(host, port)
+                if holders and status.pid not in holders:
+                    raise UserError(
+                        f"{server}/{service}: {host}:{port} is held by another process "
+                        f"(pid {', '.join(map(str, sorted(holders)))}), not by this service"
+                    )
                 pending.pop(0)
                 continue
         time.sleep(0.1)
@@ -302,6 +311,17 @@ def up(
     # Mailbox servers first: the front ends' first logins find their back ends up.
     running = [*org.mailbox_servers, *(s for s in org.frontends if "mailbox" not in s.roles)]
     servers = {s.name: services_of(s.roles) for s in running}
+    # Every address and port is checked before anything starts: a second organization on
+    # addresses in use would otherwise crash-loop and be taken for the first.
+    busy = [
+        why
+        for s in running
+        for name, port in sorted(s.ports.items())
+        if (why := in_use(Endpoint(s.name, name, s.address, port)))
+    ]
+    if busy:
+        more = f" (and {len(busy) - 1} more)" if len(busy) > 1 else ""
+        raise UserError(f"cannot start: {busy[0]}{more}")
     folder = supervisor_dir(data)
     (folder / "logs").mkdir(parents=True, exist_ok=True)
     supervisor_file = folder / "supervisord.conf"
@@ -342,6 +362,10 @@ def up(
             return
         while supervisord is not None and supervisord.poll() is None:
             time.sleep(0.5)
+        if supervisord is not None and supervisord.returncode == 0:
+            # Stopped as asked (Ctrl-C reaches it too, or `popguard down`): no error.
+            click.echo("\nsupervisord stopped every service")
+            return
         raise UserError(
             f"supervisord exited with status {supervisord.returncode if supervisord else '?'}"
         )
