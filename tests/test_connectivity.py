@@ -4,9 +4,24 @@ from __future__ import annotations
 
 import json
 
+from popguard import paths
+from popguard.store.mailbox_database import MailboxDatabase
 from popguard.testing.organization import popguard
 
 from .conftest import PASSWORD, Organization
+
+
+def message_count(org: Organization, address: str) -> int:
+    with org.directory() as directory:
+        database = directory.get_mailbox(address).database
+        active = directory.active_server(database)
+    store = MailboxDatabase(
+        paths.server_folder(org.data, active).database_copy_file(database), database
+    )
+    try:
+        return len(store.maildrop(address))
+    finally:
+        store.close()
 
 
 def steps(shown: str) -> dict[str, dict[str, object]]:
@@ -48,6 +63,20 @@ def test_the_failing_step_says_why_and_the_rest_are_skipped(
     assert result["Login"]["Result"] == "Failure" and "[AUTH]" in str(result["Login"]["Error"])
     assert [result[s]["Result"] for s in ("List", "Retrieve", "Delete")] == ["Skipped"] * 3
     assert wrong.stderr.strip().startswith("popguard: Login failed: login: -ERR [AUTH]")
+    # The test message it delivered is not left in the user's mailbox.
+    assert message_count(org, user) == 0
+    # LMTP down: the delivery fails, but connect, TLS and login are tested all the same.
+    org.mailbox["mbx1"].kill("delivery")
+    try:
+        undelivered = popguard(org.data, "test-popconnectivity", "--client-access-server",
+                               "cas1", "--mailbox-credential", user, "--format", "json",
+                               stdin=PASSWORD + "\n")  # fmt: skip
+    finally:
+        org.mailbox["mbx1"].start("delivery")
+    result = steps(undelivered.stdout)
+    assert result["Deliver test message"]["Result"] == "Failure", result
+    assert [result[s]["Result"] for s in ("Connect", "TLS", "Login")] == ["Success"] * 3
+    assert [result[s]["Result"] for s in ("List", "Retrieve", "Delete")] == ["Skipped"] * 3
     # Plaintext against a front end that requires TLS: refused at login, as a client would be.
     plain = popguard(org.data, "test-popconnectivity", "--client-access-server", "cas1",
                      "--connection-type", "plaintext", "--light-mode",

@@ -17,10 +17,12 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+from popguard import paths
 from popguard.directory.directory import Directory
 from popguard.errors import UserError
 from popguard.health.probes import Credential, Pop3Dialog, ProbeFailure, ProbeTarget, Transcript
 from popguard.services.lmtp_client import deliver
+from popguard.store.mailbox_database import MailboxDatabase
 
 # Exchange's connection types, and the popguard TLS mode and front-end port each uses.
 CONNECTION_TYPES = {
@@ -85,13 +87,16 @@ async def run_test(test: ConnectivityTest) -> list[StepResult]:
     transcript = Transcript()
     dialog = Pop3Dialog(transcript)
     results: list[StepResult] = []
-    failed = False
+    failed = False  # a step of the connection failed: the steps after it are Skipped
+    undelivered = False  # no test message: the steps that read it are Skipped
     marker = f"popguard connectivity test {secrets.token_hex(6)}"
     found: dict[str, int] = {}
 
-    async def step(scenario: str, action: Callable[[], Awaitable[None]]) -> None:
+    async def step(
+        scenario: str, action: Callable[[], Awaitable[None]], needs_message: bool = False
+    ) -> None:
         nonlocal failed
-        if failed:
+        if failed or (needs_message and undelivered):
             results.append(StepResult(server.name, scenario, "Skipped", None))
             return
         started = time.monotonic()
@@ -178,18 +183,41 @@ async def run_test(test: ConnectivityTest) -> list[StepResult]:
     try:
         if not test.light_mode:
             await step("Deliver test message", deliver_test_message)
+            # A failed delivery says nothing of the front end: connect, TLS and login
+            # are tested all the same; only the steps that read the message are skipped.
+            undelivered, failed = failed, False
         await step("Connect", connect)
         if mode != "plain":
             await step("TLS", start_tls)
         await step("Login", login)
         if not test.light_mode:
-            await step("List", list_messages)
-            await step("Retrieve", retrieve)
-            await step("Delete", delete)
+            await step("List", list_messages, needs_message=True)
+            await step("Retrieve", retrieve, needs_message=True)
+            await step("Delete", delete, needs_message=True)
         elif not failed:
             await dialog.expect_ok("QUIT", "POP3")
     except ProbeFailure:
         pass  # the QUIT of light mode: the steps already say what mattered
     finally:
         await dialog.close()
+        deleted = any(r.scenario == "Delete" and r.result == "Success" for r in results)
+        if "uid" in found and not deleted:
+            await asyncio.to_thread(_remove_test_message, test, found["uid"])
     return results
+
+
+def _remove_test_message(test: ConnectivityTest, uid: int) -> None:
+    """The test message is never left in the user's mailbox: when the test could not
+    delete it over POP3 (a wrong password, a failed step), it is expunged from the
+    active copy directly, through the change log like any deletion."""
+    if uid < 0:  # delivered, but its uid was not in the reply: nothing to find it by
+        return
+    with Directory(test.data) as directory:
+        mailbox = directory.get_mailbox(test.credential.address)
+        active = directory.active_server(mailbox.database)
+    path = paths.server_folder(test.data, active).database_copy_file(mailbox.database)
+    store = MailboxDatabase(path, mailbox.database)
+    try:
+        store.expunge(mailbox.address, [uid])
+    finally:
+        store.close()
