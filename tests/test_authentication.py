@@ -145,7 +145,7 @@ def test_wait_before_is_what_is_left_of_the_last_failures_delay(
              answered_at.get(f"user:{user}", 0.0) - clock.now, 0.0]
         )  # fmt: skip
         assert abs(wait - expected) < 1e-9
-        assert 0.0 <= wait <= FAILED_LOGIN_MAX_DELAY
+        assert 0.0 <= wait <= FAILED_LOGIN_MAX_DELAY + 1e-9  # the clock is a float
         assert delays.failing_address(client_ip) == (f"ip:{client_ip}" in answered_at)
         clock.now += wait
         delay = delays.record_failure(client_ip, user)
@@ -207,6 +207,64 @@ def test_a_clean_login_takes_a_kdf_slot_before_queued_failing_ones(tmp_path: Pat
     # Served at the first free slot: at most the guesses already running finish first.
     assert finished.index("legit@example.test") <= KDF_SLOTS
     assert counters.failed_logins == 2 * attackers
+
+
+def test_parallel_guesses_each_wait_for_the_delay_the_one_before_earned(tmp_path: Path) -> None:
+    guesses = 4  # answered after 0.25, 0.5, 1 and 2 s of delay before each KDF but the first
+    with Directory(tmp_path / "data") as directory:
+        directory.new_server("mbx1", ["mailbox"], "127.0.0.1")
+        directory.new_database("DB01", "mbx1")
+        directory.new_mailbox("target@example.test", "DB01", hash_password(PASSWORD))
+        counters = ServiceCounters("pop3")
+        authenticator = Authenticator(directory, counters)
+
+        async def run() -> list[bool]:
+            found = await asyncio.gather(
+                *(
+                    authenticator.verify("target@example.test", f"guess{n}", "10.5.0.1", "", "USER")
+                    for n in range(guesses)
+                )
+            )
+            return [mailbox is None for mailbox in found]
+
+        assert all(asyncio.run(run()))
+    assert counters.delayed_before_verification == guesses - 1
+    assert counters.peak_verifications_per_user == counters.peak_verifications_per_address == 1
+    # The first went straight to its KDF; the others all queued behind it.
+    assert counters.peak_verifications_waiting == guesses - 1
+
+
+def test_a_front_ends_address_gets_no_slot_of_its_own_on_the_back_end(tmp_path: Path) -> None:
+    """A front end logs in on the back end for all its clients: their first logins
+    from its one address must not go through the back end one at a time."""
+    users = [f"user{n}@example.test" for n in range(2 * KDF_SLOTS)]
+    with Directory(tmp_path / "data") as directory:
+        directory.new_server("mbx1", ["mailbox"], "127.0.0.1")
+        directory.new_server("cas1", ["frontend"], "10.3.0.1")
+        directory.new_database("DB01", "mbx1")
+        hashed = hash_password(PASSWORD)
+        for user in users:
+            directory.new_mailbox(user, "DB01", hashed)
+
+        def peak_per_address(client_ip: str) -> int:
+            counters = ServiceCounters("pop3be")
+            authenticator = Authenticator(directory, counters)
+
+            async def run() -> list[bool]:
+                found = await asyncio.gather(
+                    *(
+                        authenticator.verify(u, PASSWORD, client_ip, client_ip, "USER")
+                        for u in users
+                    )
+                )
+                return [mailbox is not None for mailbox in found]
+
+            assert all(asyncio.run(run()))
+            assert counters.peak_verifications_in_flight <= KDF_SLOTS
+            return counters.peak_verifications_per_address
+
+        assert peak_per_address("10.3.0.1") == KDF_SLOTS
+        assert peak_per_address("10.4.0.1") == 1
 
 
 # The front end as a real process ----------------------------------------------------

@@ -133,6 +133,21 @@ class Authenticator:
         self._user_slots = KeyedSlots(KDF_SLOTS_PER_USER)
         # Verifications running now, per address and per user, for the peaks.
         self._running: dict[str, int] = {}
+        self._frontends: frozenset[str] = frozenset()  # see _proxied
+        self._frontends_version = -1
+
+    def _proxied(self, client_ip: str) -> bool:
+        """Whether the client is a front end: it logs in on a back end for many
+        clients, so its address gets no slot of its own (it bounded them itself)."""
+        version = self._directory.change_counter()
+        if version != self._frontends_version:
+            self._frontends_version = version
+            self._frontends = frozenset(
+                server.address
+                for server in self._directory.list_servers()
+                if "frontend" in server.roles
+            )
+        return client_ip in self._frontends
 
     async def verify(
         self, user: str, password: str, client_ip: str, client_endpoint: str, mechanism: str
@@ -140,10 +155,9 @@ class Authenticator:
         """The mailbox if the password is right; after a failure, None, once the
         failure delay for this address and user has passed."""
         address = user.strip().lower()
-        verified, mailbox = await self._check(address, password, client_ip)
-        if mailbox is None or not verified:
+        mailbox, delay = await self._check(address, password, client_ip)
+        if mailbox is None:
             self._counters.failed_logins += 1
-            delay = self._delays.record_failure(client_ip, address)
             log.warning(
                 "failed login for %r from %s (%s), answering in %.2fs",
                 address[:64],
@@ -152,15 +166,24 @@ class Authenticator:
                 delay,
             )
             await asyncio.sleep(delay)
-            return None
-        self._delays.record_success(client_ip, address)
         return mailbox
+
+    def _outcome(
+        self, mailbox: Mailbox | None, verified: bool, client_ip: str, address: str
+    ) -> tuple[Mailbox | None, float]:
+        """Recorded while the address's and user's slots are still held, so the
+        next attempt in their queues sees this failure's delay."""
+        if mailbox is None or not verified:
+            return None, self._delays.record_failure(client_ip, address)
+        self._delays.record_success(client_ip, address)
+        return mailbox, 0.0
 
     async def _check(
         self, address: str, password: str, client_ip: str
-    ) -> tuple[bool, Mailbox | None]:
-        """Whether the password is right, and the mailbox, checked in turn behind
-        the attempts before it from the same address and for the same user."""
+    ) -> tuple[Mailbox | None, float]:
+        """The mailbox if the password is right, else None and the delay this failure
+        earned; checked in turn behind the attempts before it from the same address
+        and for the same user."""
         counters = self._counters
         address_failing = self._delays.failing_address(client_ip)
         user_failing = self._delays.failing_user(address)
@@ -170,6 +193,8 @@ class Authenticator:
             (self._address_slots, client_ip, not user_failing),
             (self._user_slots, address, not address_failing),
         ]
+        if self._proxied(client_ip):
+            del queued[0]
         held: list[tuple[KeyedSlots, str]] = []
         counters.verifications_waiting += 1
         counters.peak_verifications_waiting = max(
@@ -193,18 +218,16 @@ class Authenticator:
             # The cache is asked only behind the queues and the delay: otherwise
             # parallel guesses against a cached password would skip both.
             if self._cache.check(address, password, stored_hash):
-                return mailbox is not None, mailbox
+                return self._outcome(mailbox, True, client_ip, address)
             behind_failing |= await self._kdf_slots.acquire(not (address_failing or user_failing))
             counters.verifications_waiting -= 1
             waiting = False
             if behind_failing and not (address_failing or user_failing):
                 counters.logins_queued_behind_failing += 1
-            # From here the slots are _kdf's to give back.
-            handed, held = held, []
-            verified = await self._kdf(stored_hash, password, client_ip, address, handed)
+            verified = await self._kdf(stored_hash, password, client_ip, address, held)
             if verified and mailbox is not None:
                 self._cache.remember(address, password, stored_hash)
-            return verified, mailbox
+            return self._outcome(mailbox, verified, client_ip, address)
         finally:
             if waiting:
                 counters.verifications_waiting -= 1
@@ -219,9 +242,10 @@ class Authenticator:
         address: str,
         held: list[tuple[KeyedSlots, str]],
     ) -> bool:
-        """Run argon2id in a thread within the KDF slot already taken. Every slot is
-        given back when the thread ends, even if this login is cancelled before:
-        the thread cannot be stopped, so the bounds must count it until then."""
+        """Run argon2id in a thread within the KDF slot already taken, which is given
+        back when the thread ends. If this login is cancelled before, the address's
+        and user's slots in `held` are given back then too: the thread cannot be
+        stopped, so the bounds must count it until it ends."""
         counters = self._counters
         running_keys = (f"ip:{client_ip}", f"user:{address}")
         counters.verifications_in_flight += 1
@@ -246,10 +270,19 @@ class Authenticator:
                 else:
                     del self._running[key]
             self._kdf_slots.release()
-            for keyed, key in reversed(held):
-                keyed.release(key)
 
         # The KDF takes tens of milliseconds: off the event loop.
         job = asyncio.ensure_future(asyncio.to_thread(verify_password, stored_hash, password))
         job.add_done_callback(finished)
-        return await asyncio.shield(job)
+        try:
+            return await asyncio.shield(job)
+        except asyncio.CancelledError:
+            handed = list(held)
+            held.clear()
+
+            def give_back(_: object) -> None:
+                for keyed, key in reversed(handed):
+                    keyed.release(key)
+
+            job.add_done_callback(give_back)
+            raise
