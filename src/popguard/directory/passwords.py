@@ -86,6 +86,10 @@ FAILED_LOGIN_FORGET_AFTER = 900.0
 FAILED_LOGIN_MAX_TRACKED = 100_000
 
 
+def _delay(failures: int) -> float:
+    return min(FAILED_LOGIN_BASE_DELAY * 2.0 ** (failures - 1), FAILED_LOGIN_MAX_DELAY)
+
+
 @dataclass
 class _Failures:
     count: int
@@ -121,7 +125,27 @@ class LoginDelays:
             self._failures.pop(key, None)
             self._failures[key] = _Failures(count, now)
             worst = max(worst, count)
-        return min(FAILED_LOGIN_BASE_DELAY * 2.0 ** (worst - 1), FAILED_LOGIN_MAX_DELAY)
+        return _delay(worst)
+
+    def failing_address(self, client_ip: str) -> bool:
+        """Whether logins from this address failed recently."""
+        return self._count(f"ip:{client_ip}") > 0
+
+    def failing_user(self, user: str) -> bool:
+        """Whether logins as this user failed recently."""
+        return self._count(f"user:{user.lower()}") > 0
+
+    def wait_before(self, client_ip: str, user: str) -> float:
+        """How long from now until the delay that the last failure of this address or
+        of this user earned has passed: the next check of a password waits that long,
+        so guesses sent in parallel are answered no faster than guesses in turn."""
+        now = self._clock()
+        wait = 0.0
+        for key in (f"ip:{client_ip}", f"user:{user.lower()}"):
+            if self._count(key):
+                entry = self._failures[key]
+                wait = max(wait, entry.last + _delay(entry.count) - now)
+        return wait
 
     def record_success(self, client_ip: str, user: str) -> None:
         # The address's count is left to decay: one known password must not buy a

@@ -46,6 +46,19 @@ class ServiceCounters:
         self.messages_deleted = 0
         self.open_tasks = 0  # connection tasks alive: a leak shows here
         self.settings_revision = 0  # the POP settings revision in force
+        # Password checks (services/authentication.py): argon2id runs now and at
+        # most at once, in all and for any one address or user; logins queued for
+        # a turn; logins that waited for an earlier failure's delay first; and
+        # logins from a clean address for a clean user that, while queued, saw an
+        # attempt from a failing address or user served first (the lanes keep it 0).
+        self.verifications_in_flight = 0
+        self.peak_verifications_in_flight = 0
+        self.peak_verifications_per_address = 0
+        self.peak_verifications_per_user = 0
+        self.verifications_waiting = 0
+        self.peak_verifications_waiting = 0
+        self.delayed_before_verification = 0
+        self.logins_queued_behind_failing = 0
         self._buckets: deque[_Bucket] = deque()
         self.started = clock()
 
@@ -97,6 +110,14 @@ class ServiceCounters:
             "MessagesDeleted": self.messages_deleted,
             "OpenTasks": self.open_tasks,
             "SettingsRevision": self.settings_revision,
+            "VerificationsInFlight": self.verifications_in_flight,
+            "PeakVerificationsInFlight": self.peak_verifications_in_flight,
+            "PeakVerificationsPerAddress": self.peak_verifications_per_address,
+            "PeakVerificationsPerUser": self.peak_verifications_per_user,
+            "VerificationsWaiting": self.verifications_waiting,
+            "PeakVerificationsWaiting": self.peak_verifications_waiting,
+            "DelayedBeforeVerification": self.delayed_before_verification,
+            "LoginsQueuedBehindFailing": self.logins_queued_behind_failing,
         }
 
     def publish(self, path: Path) -> None:
