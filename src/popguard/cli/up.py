@@ -25,6 +25,7 @@ from pathlib import Path
 import click
 
 from popguard.cli.context import AppContext, pass_app
+from popguard.control import permissions
 from popguard.control.service_control import (
     SupervisorControl,
     services_of,
@@ -261,6 +262,8 @@ def up(
     control = SupervisorControl(data)
     if control.alive():
         raise UserError(f"popguard is already up for {data} (`popguard down` stops it)")
+    permissions.make_data_folder(data)
+    permissions.check_owner_only(data)
     if replace_config and config_path is None:
         raise UserError("--replace-config needs --config FILE")
     if config_path is not None:

@@ -353,7 +353,7 @@ class TlsMaterial:
         return context
 
     def pop3_identity(
-        self, server_name: str, address: str, certificate_name: str = ""
+        self, server_name: str, address: str, certificate_name: str | None = None
     ) -> CertificatePair:
         """What a POP3 service shows its clients: named by the server's own name, the
         certificate name of its POP settings and its own address, nothing else, so it
