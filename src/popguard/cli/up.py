@@ -262,7 +262,7 @@ def up(
     control = SupervisorControl(data)
     if control.alive():
         raise UserError(f"popguard is already up for {data} (`popguard down` stops it)")
-    permissions.make_data_folder(data)
+    # A new data folder is made 0700 by the umask, once the configuration is checked.
     permissions.check_owner_only(data)
     if replace_config and config_path is None:
         raise UserError("--replace-config needs --config FILE")

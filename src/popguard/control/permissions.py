@@ -3,8 +3,8 @@ keys, the health results and the logs.
 
 Every popguard process sets its own umask at start, so whatever it makes (SQLite's
 -wal and -shm files too, which take the database file's mode) is owner-only, whoever
-started it and whatever umask they had. `popguard up` makes the data folder 0700 and
-refuses to start while anything in it is open to group or others.
+started it and whatever umask they had. `popguard up` refuses to start while anything
+in the data folder (itself included) is open to group or others.
 """
 
 from __future__ import annotations
@@ -18,22 +18,17 @@ from popguard.errors import UserError
 
 OWNER_ONLY_UMASK = 0o077  # new folders 0700, new files 0600
 GROUP_OR_OTHER = stat.S_IRWXG | stat.S_IRWXO
-DATA_FOLDER_MODE = 0o700
 
 
 def restrict_umask() -> None:
     os.umask(OWNER_ONLY_UMASK)
 
 
-def make_data_folder(data: Path) -> None:
-    """The data folder, made 0700 when it is missing (an existing one is checked, not changed)."""
-    data.mkdir(mode=DATA_FOLDER_MODE, parents=True, exist_ok=True)
-
-
 def open_to_others(data: Path) -> tuple[Path, int] | None:
     """The first file or folder in `data` (itself included) that group or others may
-    use, with its mode; None when everything is owner-only. Symbolic links are
-    skipped: their own mode means nothing and their targets are checked where they are."""
+    use, with its mode; None when everything is owner-only or `data` is not made yet.
+    Symbolic links are skipped: their own mode means nothing and their targets are
+    checked where they are."""
     entries = (Path(folder) / name for folder, folders, files in os.walk(data)
                for name in [*folders, *files])  # fmt: skip
     for path in (data, *entries):
@@ -46,7 +41,7 @@ def open_to_others(data: Path) -> tuple[Path, int] | None:
 def _mode(path: Path) -> int | None:
     try:
         status = path.lstat()
-    except FileNotFoundError:  # a service of another organization removed it meanwhile
+    except FileNotFoundError:  # not made yet, or removed meanwhile (a rotated log)
         return None
     if stat.S_ISLNK(status.st_mode):
         return None
