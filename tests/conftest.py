@@ -24,6 +24,7 @@ import pytest
 from aiosmtpd.controller import Controller
 
 from popguard import paths
+from popguard.control import permissions
 from popguard.directory.directory import Directory
 from popguard.directory.passwords import hash_password
 from popguard.directory.settings import PopSettings
@@ -34,6 +35,10 @@ from popguard.services.lmtp_client import deliver
 from popguard.testing.net import free_loopback_address, wait_port
 from popguard.testing.organization import popguard, serve
 from popguard.testing.processes import stop_processes
+
+# The files tests put in data folders (popguard.toml, ...) are made as popguard makes
+# its own: `popguard up` refuses a data folder open to group or others.
+permissions.restrict_umask()
 
 PASSWORD = "correct horse battery staple"
 HEALTH_PORT = 8480

@@ -6,12 +6,14 @@ import base64
 import json
 import poplib
 import socket
+import ssl
 import time
 from pathlib import Path
 
 import pytest
 
 from popguard import paths
+from popguard.net import tls
 from popguard.pop3.session import LoginType
 from popguard.services.counters import read_counters
 
@@ -348,3 +350,53 @@ def test_minimum_login_interval_gives_login_delay(mailbox_server: MailboxServer)
     with pytest.raises(poplib.error_proto, match=r"-ERR \[LOGIN-DELAY\] logged in too recently"):
         again.pass_(PASSWORD)
     again.quit()
+
+
+# TLS 1.2 CBC suites an ECDSA-keyed server could pick if it offered them (RFC 7457).
+CBC_SUITES = ["ECDHE-ECDSA-AES256-SHA384", "ECDHE-ECDSA-AES128-SHA256", "AES256-SHA256"]
+
+
+@pytest.mark.parametrize("suite", CBC_SUITES)
+def test_a_tls12_cbc_suite_is_refused(mailbox_server: MailboxServer, suite: str) -> None:
+    context = mailbox_server.ssl_context()
+    context.maximum_version = ssl.TLSVersion.TLSv1_2
+    context.set_ciphers(suite)
+    endpoint = (mailbox_server.address, mailbox_server.pop3s_port)
+    # The server ends the handshake (asyncio closes at once: the client reads EOF).
+    with socket.create_connection(endpoint, 10) as raw, pytest.raises(ssl.SSLError):
+        context.wrap_socket(raw, server_hostname=mailbox_server.address)
+
+
+def test_tls12_offers_aead_suites_only(mailbox_server: MailboxServer) -> None:
+    context = mailbox_server.ssl_context()
+    context.maximum_version = ssl.TLSVersion.TLSv1_2
+    context.set_ciphers("ALL")  # the client offers everything; the server picks
+    endpoint = (mailbox_server.address, mailbox_server.pop3s_port)
+    with (
+        socket.create_connection(endpoint, 10) as raw,
+        context.wrap_socket(raw, server_hostname=mailbox_server.address) as secure,
+    ):
+        suite = secure.cipher()
+    assert suite is not None
+    assert suite[0] in tls.SERVER_CIPHERS.split(":")
+
+
+def test_the_certificate_names_only_this_server(mailbox_server: MailboxServer) -> None:
+    address = mailbox_server.address
+    context = mailbox_server.ssl_context()
+    with (
+        socket.create_connection((address, mailbox_server.pop3s_port), 10) as raw,
+        context.wrap_socket(raw, server_hostname=address) as secure,
+    ):
+        certificate = secure.getpeercert()
+    assert certificate is not None
+    assert sorted(certificate["subjectAltName"]) == [
+        ("DNS", address), ("DNS", "mbx1"), ("IP Address", address),
+    ]  # fmt: skip
+    # So it does not pass for a server on 127.0.0.1 or localhost.
+    for other in ("localhost", "127.0.0.1"):
+        with (
+            socket.create_connection((address, mailbox_server.pop3s_port), 10) as raw,
+            pytest.raises(ssl.SSLCertVerificationError, match="mismatch"),
+        ):
+            context.wrap_socket(raw, server_hostname=other)

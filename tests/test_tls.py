@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 
+from popguard.errors import UserError
 from popguard.net import tls
 
 NAME = "127.0.0.1"
@@ -98,3 +99,25 @@ def test_resumption_never_skips_verification_of_a_stranger(
     )
     with pytest.raises(ssl.SSLCertVerificationError):
         _handshake(client, tls.server_context(stranger_pair))
+
+
+def test_a_server_context_refuses_tls12_cbc_suites(
+    contexts: tuple[tls.ResumingClientContext, ssl.SSLContext],
+) -> None:
+    """Every server context (POP3, replication's mutual one) is made by server_context."""
+    client, server = contexts
+    client.set_ciphers("ECDHE-ECDSA-AES128-SHA256:ECDHE-ECDSA-AES256-SHA384")
+    with pytest.raises(ssl.SSLError, match=r"NO_SHARED_CIPHER"):
+        _handshake(client, server)
+
+
+def test_a_valid_certificate_is_used_without_the_ca_key(tmp_path: Path) -> None:
+    """A service that finds its certificate made needs no CA key; signing without it is
+    one clear line, never a new CA made behind the organization's back."""
+    material = tls.TlsMaterial.of(tmp_path)
+    made = material.ensure_server_certificate("mbx1", ["mbx1"], [NAME])
+    (material.folder / tls.CA_KEY).unlink()
+    assert material.ensure_server_certificate("mbx1", ["mbx1"], [NAME]) == made
+    with pytest.raises(UserError, match=r"cannot sign a certificate: .*ca\.key: No such file"):
+        material.ensure_server_certificate("mbx2", ["mbx2"], ["127.0.3.1"])
+    assert not (material.folder / tls.CA_KEY).exists()

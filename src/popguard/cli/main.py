@@ -25,6 +25,7 @@ from popguard.cli import (
     up,
 )
 from popguard.cli.context import AppContext
+from popguard.control import permissions
 from popguard.errors import UserError
 from popguard.paths import DATA_ENV, DEFAULT_DATA
 
@@ -66,6 +67,7 @@ for module in (
 
 def main() -> None:
     """Run the CLI; a user's mistake is one line on stderr and exit status 1."""
+    permissions.restrict_umask()
     try:
         cli.main(standalone_mode=False)
     except click.exceptions.Abort:

@@ -25,6 +25,7 @@ from pathlib import Path
 import click
 
 from popguard.cli.context import AppContext, pass_app
+from popguard.control import permissions
 from popguard.control.ports import Endpoint, in_use, listener_pids
 from popguard.control.service_control import (
     SupervisorControl,
@@ -270,6 +271,8 @@ def up(
     control = SupervisorControl(data)
     if control.alive():
         raise UserError(f"popguard is already up for {data} (`popguard down` stops it)")
+    # A new data folder is made 0700 by the umask, once the configuration is checked.
+    permissions.check_owner_only(data)
     if replace_config and config_path is None:
         raise UserError("--replace-config needs --config FILE")
     if config_path is not None:

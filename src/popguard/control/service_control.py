@@ -26,6 +26,7 @@ from typing import Protocol
 from supervisor.xmlrpc import SupervisorTransport
 
 from popguard import paths
+from popguard.control import permissions
 from popguard.control.exit_listener import SUBSCRIBED, read_exits
 from popguard.errors import UserError
 
@@ -107,6 +108,9 @@ def supervisor_config(data: Path, servers: dict[str, list[str]], daemon: bool = 
         f"childlogdir={folder / 'logs'}",
         f"nodaemon={'false' if daemon else 'true'}",
         "silent=true",
+        # supervisord's own default is 022: its logs and the services' output logs
+        # would be readable by any local user.
+        f"umask={permissions.OWNER_ONLY_UMASK:03o}",
         "",
         "[rpcinterface:supervisor]",
         "supervisor.rpcinterface_factory = supervisor.rpcinterface:make_main_rpcinterface",

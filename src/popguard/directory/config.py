@@ -282,7 +282,6 @@ def install_config(data: Path, text: str, source: str, replace: bool = False) ->
     try:
         with os.fdopen(fd, "w") as out:
             out.write(text)
-        os.chmod(temporary, 0o644)
         os.replace(temporary, path)
     except BaseException:
         Path(temporary).unlink(missing_ok=True)

@@ -24,6 +24,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from popguard import paths
+from popguard.errors import UserError
 
 # A session from a full handshake, in which the server's certificate was verified,
 # is resumed for at most this long; then the next connection verifies it again.
@@ -33,6 +34,15 @@ SERVER_VALIDITY = datetime.timedelta(days=397)  # the CA/Browser Forum's ceiling
 RENEW_BEFORE = datetime.timedelta(days=30)
 CA_CERTIFICATE = "ca.pem"
 CA_KEY = "ca.key"
+# TLS 1.2 suites every server offers: Mozilla's "intermediate" profile (v5.7), AEAD
+# only, forward secret only; no CBC suite (RFC 7457: Lucky Thirteen, padding oracles).
+# TLS 1.3's suites are all AEAD and OpenSSL keeps them apart from this list.
+SERVER_CIPHERS = ":".join([
+    "ECDHE-ECDSA-AES128-GCM-SHA256", "ECDHE-RSA-AES128-GCM-SHA256",
+    "ECDHE-ECDSA-AES256-GCM-SHA384", "ECDHE-RSA-AES256-GCM-SHA384",
+    "ECDHE-ECDSA-CHACHA20-POLY1305", "ECDHE-RSA-CHACHA20-POLY1305",
+    "DHE-RSA-AES128-GCM-SHA256", "DHE-RSA-AES256-GCM-SHA384",
+])  # fmt: skip
 
 
 @dataclass(frozen=True)
@@ -54,19 +64,14 @@ def _locked(folder: Path) -> Iterator[None]:
             fcntl.flock(lock, fcntl.LOCK_UN)
 
 
-def _write_private(path: Path, content: bytes) -> None:
+def _write_owner_only(path: Path, content: bytes) -> None:
+    """Keys and certificates alike: the data folder is its owner's alone."""
     temporary = path.with_suffix(path.suffix + ".tmp")
     fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
     with os.fdopen(fd, "wb") as out:
         out.write(content)
         out.flush()
         os.fsync(out.fileno())
-    os.replace(temporary, path)
-
-
-def _write_public(path: Path, content: bytes) -> None:
-    temporary = path.with_suffix(path.suffix + ".tmp")
-    temporary.write_bytes(content)
     os.replace(temporary, path)
 
 
@@ -82,14 +87,26 @@ def _key_pem(key: ec.EllipticCurvePrivateKey) -> bytes:
     )
 
 
-def _ensure_ca(folder: Path) -> tuple[x509.Certificate, ec.EllipticCurvePrivateKey]:
-    cert_file = folder / CA_CERTIFICATE
+def _load_ca_key(folder: Path) -> ec.EllipticCurvePrivateKey:
+    """The CA's key, read only to sign: a host or user that only serves (a service
+    run as an unprivileged user, a host without the CA) never needs it."""
     key_file = folder / CA_KEY
-    if cert_file.exists() and key_file.exists():
-        certificate = x509.load_pem_x509_certificate(cert_file.read_bytes())
+    try:
         key = serialization.load_pem_private_key(key_file.read_bytes(), password=None)
-        assert isinstance(key, ec.EllipticCurvePrivateKey)
-        return certificate, key
+    except OSError as exc:
+        raise UserError(
+            f"cannot sign a certificate: {key_file}: {exc.strerror}; the commands that sign "
+            "(`popguard up`) run as the owner of the CA key"
+        ) from None
+    assert isinstance(key, ec.EllipticCurvePrivateKey)
+    return key
+
+
+def _ensure_ca(folder: Path) -> x509.Certificate:
+    """The CA's certificate; the CA is made (key and certificate) when it has none."""
+    cert_file = folder / CA_CERTIFICATE
+    if cert_file.exists():
+        return x509.load_pem_x509_certificate(cert_file.read_bytes())
     key = ec.generate_private_key(ec.SECP256R1())
     name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "popguard organization CA")])
     now = _now()
@@ -119,9 +136,9 @@ def _ensure_ca(folder: Path) -> tuple[x509.Certificate, ec.EllipticCurvePrivateK
         .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()), critical=False)
         .sign(key, hashes.SHA256())
     )
-    _write_private(key_file, _key_pem(key))
-    _write_public(cert_file, certificate.public_bytes(serialization.Encoding.PEM))
-    return certificate, key
+    _write_owner_only(folder / CA_KEY, _key_pem(key))
+    _write_owner_only(cert_file, certificate.public_bytes(serialization.Encoding.PEM))
+    return certificate
 
 
 def _subject(name: str, unit: str) -> x509.Name:
@@ -156,6 +173,7 @@ def _subject_names(certificate: x509.Certificate) -> set[str]:
 def server_context(pair: CertificatePair) -> ssl.SSLContext:
     context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
     context.minimum_version = ssl.TLSVersion.TLSv1_2
+    context.set_ciphers(SERVER_CIPHERS)
     context.load_cert_chain(pair.certificate, pair.key)
     return context
 
@@ -280,7 +298,7 @@ class TlsMaterial:
         pair = CertificatePair(folder / f"{stem}.pem", folder / f"{stem}.key")
         wanted = set(dns_names) | set(ip_addresses)
         with _locked(self.folder):
-            ca_certificate, ca_key = _ensure_ca(self.folder)
+            ca_certificate = _ensure_ca(self.folder)
             if pair.certificate.exists() and pair.key.exists():
                 current = x509.load_pem_x509_certificate(pair.certificate.read_bytes())
                 fresh = current.not_valid_after_utc - _now() > RENEW_BEFORE
@@ -291,6 +309,7 @@ class TlsMaterial:
                     and _issued_by(current, ca_certificate)
                 ):
                     return pair
+            ca_key = _load_ca_key(self.folder)
             folder.mkdir(parents=True, exist_ok=True)
             key = ec.generate_private_key(ec.SECP256R1())
             now = _now()
@@ -318,8 +337,10 @@ class TlsMaterial:
                 )
                 .sign(ca_key, hashes.SHA256())
             )
-            _write_private(pair.key, _key_pem(key))
-            _write_public(pair.certificate, certificate.public_bytes(serialization.Encoding.PEM))
+            _write_owner_only(pair.key, _key_pem(key))
+            _write_owner_only(
+                pair.certificate, certificate.public_bytes(serialization.Encoding.PEM)
+            )
             return pair
 
     def client_context(self) -> ssl.SSLContext:
@@ -330,6 +351,18 @@ class TlsMaterial:
         context = ssl.create_default_context(cafile=str(self.ca_certificate_file))
         context.minimum_version = ssl.TLSVersion.TLSv1_2
         return context
+
+    def pop3_identity(
+        self, server_name: str, address: str, certificate_name: str | None = None
+    ) -> CertificatePair:
+        """What a POP3 service shows its clients: named by the server's own name, the
+        certificate name of its POP settings and its own address, nothing else, so it
+        never passes for another server (not even one on 127.0.0.1 or localhost)."""
+        name = certificate_name or server_name
+        # The address appears as a DNS name too: fetchmail matches a host given as an
+        # IP address against the certificate's DNS names only.
+        dns_names = sorted({server_name.lower(), name.lower(), address})
+        return self.ensure_server_certificate(name, dns_names, [address])
 
     def replication_identity(self, server_name: str, address: str) -> CertificatePair:
         """What a mailbox server shows other servers, as a server and as a client."""

@@ -293,12 +293,9 @@ class Pop3Service(abc.ABC):
     # Settings ------------------------------------------------------------------------
 
     def _certificate(self) -> tls.CertificatePair:
-        name = self.settings.X509CertificateName or self.server.name
-        ip_addresses = sorted({self.server.address, "127.0.0.1"})
-        # The addresses appear as DNS names too: fetchmail matches a host given as
-        # an IP address against the certificate's DNS names only.
-        dns_names = sorted({self.server.name.lower(), name.lower(), "localhost", *ip_addresses})
-        return self.context.tls.ensure_server_certificate(name, dns_names, ip_addresses)
+        return self.context.tls.pop3_identity(
+            self.server.name, self.server.address, self.settings.X509CertificateName
+        )
 
     def _apply_log_settings(self) -> None:
         location = self.settings.LogFileLocation

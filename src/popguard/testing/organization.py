@@ -121,8 +121,11 @@ class UpOrganization:
         return json.loads(self.cli(*args, "--format", "json"))
 
     def up(self, faults: bool) -> None:
-        self.data.mkdir(parents=True, exist_ok=True)
-        (self.data / "popguard.toml").write_text(f"[faults]\nenabled = {str(faults).lower()}\n")
+        # Owner-only, as popguard makes its own files: `up` refuses anything wider.
+        self.data.mkdir(mode=0o700, parents=True, exist_ok=True)
+        config = self.data / "popguard.toml"
+        config.write_text(f"[faults]\nenabled = {str(faults).lower()}\n")
+        config.chmod(0o600)
         cas, mbx1, mbx2 = (self.addresses[s] for s in SERVERS)
         self.cli("up", "--detach", "--frontend-address", cas, "--address", mbx1,
                  "--second-address", mbx2)  # fmt: skip
