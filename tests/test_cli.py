@@ -151,11 +151,6 @@ def test_set_popsettings_with_the_runbook_spelling(organization: Path) -> None:
             "no database named 'DB99'",
         ),
         (
-            ("move-activemailboxdatabase", "DB01", "--activate-on-server", "mbx1"),
-            None,
-            "cannot mount DB01 on mbx1",
-        ),
-        (
             (
                 "set-mailboxserver",
                 "mbx1",

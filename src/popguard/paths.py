@@ -64,3 +64,8 @@ class ServerFolder:
 
 def server_folder(data: Path, server: str) -> ServerFolder:
     return ServerFolder(data / "servers" / server)
+
+
+def api_token_file(data: Path) -> Path:
+    """The bearer token every health API of this data folder accepts."""
+    return data / "health" / "api-token"

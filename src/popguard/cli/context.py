@@ -4,10 +4,12 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import click
 
-from popguard.directory.directory import Directory
+if TYPE_CHECKING:
+    from popguard.directory.directory import Directory
 
 
 @dataclass
@@ -15,6 +17,10 @@ class AppContext:
     data: Path
 
     def directory(self) -> Directory:
+        # Imported here: the directory's settings models cost a third of a second,
+        # which --version, --help and the commands that never open it need not pay.
+        from popguard.directory.directory import Directory
+
         return Directory(self.data)
 
 

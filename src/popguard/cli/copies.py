@@ -175,6 +175,14 @@ def move_active(
     output_format: str,
 ) -> None:
     """Make the copy on another server the active one (switchover or failover)."""
+    with app.directory() as directory:
+        active = next(c for c in directory.database_copies(database) if c.is_active)
+    if active.server.lower() == activate_on_server.lower():
+        # Nothing to move: Succeeded would claim a switchover that never ran.
+        already = MoveResult(active.database, active.server, active.server, "NotMoved", 0, 0.0,
+                             f"already active on {active.server}")  # fmt: skip
+        render([already.row()], output_format)
+        return
     results = _run_moves(
         app, lambda mover: _single(mover.move(database, activate_on_server, skip_lag_checks))
     )

@@ -7,12 +7,13 @@ from __future__ import annotations
 
 import os
 import signal
+from pathlib import Path
 
 import click
 
 from popguard import paths
 from popguard.cli.context import AppContext, pass_app
-from popguard.control.faults import Fault, write_fault
+from popguard.control.faults import Fault, read_fault, write_fault
 from popguard.control.service_control import SERVICES, control_for
 from popguard.directory.config import config_file, load_config
 from popguard.errors import UserError
@@ -66,6 +67,16 @@ def inject_fault(app: AppContext, server: str, service: str, kind: str, seconds:
     click.echo(f"{name}/{service} (pid {pid}): {kind}")
 
 
+def _stopped(pid: int) -> bool:
+    """Whether the process is stopped by a signal (state T in /proc), as hang leaves it."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return False
+    # The state follows the command name, which is in parentheses and may hold spaces.
+    return stat.rpartition(")")[2].split()[0] == "T"
+
+
 @click.command("clear-fault")
 @click.option("--server", required=True)
 @click.option("--service", required=True, type=click.Choice(SERVICES))
@@ -76,14 +87,24 @@ def clear_fault(app: AppContext, server: str, service: str) -> None:
     _faults_enabled(app)
     with app.directory() as directory:
         name = directory.get_server(server).name
-    paths.server_folder(app.data, name).fault_file(service).unlink(missing_ok=True)
+    fault_file = paths.server_folder(app.data, name).fault_file(service)
+    in_file = read_fault(fault_file)
+    fault_file.unlink(missing_ok=True)
+    ended = []
+    if in_file is not None:
+        ended.append(f"slow ({in_file.seconds:g}s a reply)" if in_file.kind == "slow"
+                     else in_file.kind)  # fmt: skip
     try:
         name, pid = _pid(app, server, service)
     except UserError:  # not under a supervisor, or not running: nothing hangs
-        click.echo(f"{name}/{service}: no fault")
-        return
-    os.kill(pid, signal.SIGCONT)
-    click.echo(f"{name}/{service} (pid {pid}): no fault")
+        pid = None
+    if pid is not None:
+        was_stopped = _stopped(pid)
+        os.kill(pid, signal.SIGCONT)  # harmless on a running process
+        if was_stopped:
+            ended.append("hang")
+    where = f"{name}/{service}" + (f" (pid {pid})" if pid is not None else "")
+    click.echo(f"{where}: ended {' and '.join(ended)}" if ended else f"{where}: no fault to end")
 
 
 COMMANDS = [inject_fault, clear_fault]

@@ -5,87 +5,151 @@ server's health service over its API."""
 from __future__ import annotations
 
 import fnmatch
-from typing import Any
+import http.client
+import json
+from concurrent.futures import ThreadPoolExecutor
+from typing import TYPE_CHECKING, Any
 
 import click
-import httpx
 
+from popguard import paths
 from popguard.cli.context import AppContext, pass_app
 from popguard.cli.render import format_option, render
 from popguard.errors import UserError
-from popguard.health.api import token_file
-from popguard.health.definitions import ProbeDefinition
-from popguard.health.loader import find_item
+from popguard.health.results import RETENTION
+
+if TYPE_CHECKING:
+    from popguard.directory.directory import Server
 
 API_TIMEOUT = 10.0
 INVOKE_TIMEOUT = 120.0
 
 
-def _ask(app: AppContext, server_name: str, method: str, path: str, **kwargs: Any) -> Any:
-    with app.directory() as directory:
-        server = directory.get_server(server_name)
+def _token(app: AppContext) -> str:
     try:
-        token = token_file(app.data).read_text().strip()
+        return paths.api_token_file(app.data).read_text().strip()
     except OSError:
         raise UserError(
-            f"no health API token in {token_file(app.data)}: has a health service ever run "
-            "(popguard serve health)?"
+            f"no health API token in {paths.api_token_file(app.data)}: has a health service "
+            "ever run (popguard serve health)?"
         ) from None
+
+
+def _request(server: Server, token: str, method: str, path: str, body: Any = None) -> Any:
+    """One call of SERVER's health API. http.client, not httpx: this runs in every
+    health command, and httpx's import alone costs more than the whole request."""
     address, port = server.address, server.port("health")
-    url = f"http://{address}:{port}/v1/{path}"
     timeout = INVOKE_TIMEOUT if path == "invoke" else API_TIMEOUT
+    headers = {"Authorization": f"Bearer {token}"}
+    payload = None
+    if body is not None:
+        payload = json.dumps(body).encode()
+        headers["Content-Type"] = "application/json"
+    connection = http.client.HTTPConnection(address, port, timeout=timeout)
     try:
-        response = httpx.request(
-            method, url, headers={"Authorization": f"Bearer {token}"}, timeout=timeout, **kwargs
-        )
-    except httpx.TransportError as exc:
+        connection.request(method, f"/v1/{path}", body=payload, headers=headers)
+        response = connection.getresponse()
+        text = response.read().decode("utf-8", "replace")
+    except (OSError, http.client.HTTPException) as exc:
         raise UserError(
             f"the health service of {server.name} does not answer at {address}:{port} "
             f"({exc or type(exc).__name__}); is `popguard serve health --server {server.name}` "
             "running?"
         ) from None
-    if response.status_code != 200:
-        try:
-            reason = response.json().get("error", response.text)
-        except ValueError:
-            reason = response.text
+    finally:
+        connection.close()
+    try:
+        answer = json.loads(text)
+    except ValueError:
+        answer = None
+    if response.status != 200:
+        reason = answer.get("error", text) if isinstance(answer, dict) else text
         raise UserError(f"{server.name}: {reason}")
-    return response.json()
+    if answer is None:
+        raise UserError(f"{server.name}: the health API answered with no JSON")
+    return answer
+
+
+def _ask(app: AppContext, server_name: str, method: str, path: str, body: Any = None) -> Any:
+    with app.directory() as directory:
+        server = directory.get_server(server_name)
+    return _request(server, _token(app), method, path, body)
+
+
+def _ask_each(app: AppContext, server_name: str | None, path: str) -> list[dict[str, Any]]:
+    """The rows of one server, or of every server of the organization. Asked of every
+    server, a health service that does not answer is one row saying so: the others'
+    rows still show."""
+    if server_name is not None:
+        rows: list[dict[str, Any]] = _ask(app, server_name, "GET", path)
+        return rows
+    with app.directory() as directory:
+        servers = directory.list_servers()
+    token = _token(app)
+
+    def one(server: Server) -> list[dict[str, Any]]:
+        try:
+            answer: list[dict[str, Any]] = _request(server, token, "GET", path)
+        except UserError as exc:
+            return [{"Server": server.name, "Error": str(exc)}]
+        return answer
+
+    # At once, so that one hung server costs one timeout, not one per server after it.
+    with ThreadPoolExecutor(max_workers=max(1, len(servers))) as pool:
+        return [row for rows in pool.map(one, servers) for row in rows]
+
+
+def _render_or_say(rows: list[dict[str, Any]], output_format: str, nothing: str) -> None:
+    """Rows, or for a person a line saying there are none (JSON stays `[]` for scripts)."""
+    if not rows and output_format != "json":
+        click.echo(nothing)
+        return
+    render(rows, output_format)
+
+
+def _where(server: str | None) -> str:
+    return f"on {server}" if server else "on any server"
 
 
 @click.command("get-serverhealth")
-@click.argument("server")
+@click.argument("server", required=False)
 @click.option("--health-set", help="Only this health set (e.g. POP.Protocol).")
 @click.option("--health-set-like", help="Only health sets matching this pattern (e.g. 'POP*').")
 @format_option
 @pass_app
 def get_serverhealth(
     app: AppContext,
-    server: str,
+    server: str | None,
     health_set: str | None,
     health_set_like: str | None,
     output_format: str,
 ) -> None:
-    """Each monitor of SERVER with its AlertValue, as Get-ServerHealth shows them."""
-    rows = _ask(app, server, "GET", "serverhealth")
+    """Each monitor of SERVER (default: every server) with its AlertValue, as
+    Get-ServerHealth shows them."""
+    rows = _ask_each(app, server, "serverhealth")
+    # A server that did not answer has no health sets: its row stays, so it is not
+    # mistaken for one without a match.
     if health_set:
-        rows = [r for r in rows if r["HealthSetName"].lower() == health_set.lower()]
+        rows = [r for r in rows if "HealthSetName" not in r
+                or r["HealthSetName"].lower() == health_set.lower()]  # fmt: skip
     if health_set_like:
-        rows = [
-            r for r in rows if fnmatch.fnmatch(r["HealthSetName"].lower(), health_set_like.lower())
-        ]
-    if (health_set or health_set_like) and not rows:
-        raise UserError(f"no health set on {server} matches {health_set or health_set_like!r}")
-    render(rows, output_format)
+        pattern = health_set_like.lower()
+        rows = [r for r in rows if "HealthSetName" not in r
+                or fnmatch.fnmatch(r["HealthSetName"].lower(), pattern)]  # fmt: skip
+    if (health_set or health_set_like) and not any("HealthSetName" in r for r in rows):
+        raise UserError(f"no health set {_where(server)} matches {health_set or health_set_like!r}")
+    _render_or_say(rows, output_format, f"no monitors {_where(server)}")
 
 
 @click.command("get-healthreport")
-@click.argument("server")
+@click.argument("server", required=False)
 @format_option
 @pass_app
-def get_healthreport(app: AppContext, server: str, output_format: str) -> None:
-    """Each health set of SERVER and its state (the worst of its monitors)."""
-    render(_ask(app, server, "GET", "healthreport"), output_format)
+def get_healthreport(app: AppContext, server: str | None, output_format: str) -> None:
+    """Each health set of SERVER (default: every server) and its state (the worst of
+    its monitors)."""
+    rows = _ask_each(app, server, "healthreport")
+    _render_or_say(rows, output_format, f"no health sets {_where(server)}")
 
 
 @click.command("invoke-monitoringprobe")
@@ -95,7 +159,7 @@ def get_healthreport(app: AppContext, server: str, output_format: str) -> None:
 @pass_app
 def invoke_monitoringprobe(app: AppContext, identity: str, server: str, output_format: str) -> None:
     """Run a probe now (HEALTHSET\\PROBE[\\RESOURCE]) and show what it saw."""
-    render(_ask(app, server, "POST", "invoke", json={"identity": identity}), output_format)
+    render(_ask(app, server, "POST", "invoke", body={"identity": identity}), output_format)
 
 
 @click.command("get-monitoringitemidentity")
@@ -119,6 +183,10 @@ def get_monitoringitemidentity(
 @format_option
 def get_monitoringitemhelp(identity: str, output_format: str) -> None:
     """What a probe or monitor (HEALTHSET\\NAME) does, and for a monitor the runbook's steps."""
+    # The health sets' models are loaded only by the command that reads them.
+    from popguard.health.definitions import ProbeDefinition
+    from popguard.health.loader import find_item
+
     found = find_item(identity)
     if found is None:
         raise UserError(f"no probe or monitor '{identity}' (names look like 'POP\\PopCTPMonitor')")
@@ -146,21 +214,26 @@ def get_monitoringitemhelp(identity: str, output_format: str) -> None:
 
 
 @click.command("get-recoveryactions")
-@click.option("--server", required=True)
+@click.option("--server", help="Only this server (default: every server).")
 @format_option
 @pass_app
-def get_recoveryactions(app: AppContext, server: str, output_format: str) -> None:
-    """What the responders of SERVER did, or why they did not: when, on what, the result."""
-    render(_ask(app, server, "GET", "recoveryactions"), output_format)
+def get_recoveryactions(app: AppContext, server: str | None, output_format: str) -> None:
+    """What the responders did, or why they did not: when, on what, the result."""
+    rows = _ask_each(app, server, "recoveryactions")
+    days = RETENTION / 86_400
+    _render_or_say(
+        rows, output_format, f"no recovery actions {_where(server)} in the last {days:g} days"
+    )
 
 
 @click.command("get-alerts")
-@click.option("--server", required=True)
+@click.option("--server", help="Only this server (default: every server).")
 @format_option
 @pass_app
-def get_alerts(app: AppContext, server: str, output_format: str) -> None:
-    """Escalations of SERVER: what failed, and every repair already tried."""
-    render(_ask(app, server, "GET", "alerts"), output_format)
+def get_alerts(app: AppContext, server: str | None, output_format: str) -> None:
+    """Escalations: what failed, and every repair already tried."""
+    rows = _ask_each(app, server, "alerts")
+    _render_or_say(rows, output_format, f"no alerts {_where(server)}")
 
 
 COMMANDS = [

@@ -5,6 +5,8 @@ from __future__ import annotations
 import contextlib
 import datetime
 import sys
+import time
+from collections import Counter
 from collections.abc import Iterator
 from typing import Any
 
@@ -13,13 +15,17 @@ import click
 from popguard import paths
 from popguard.cli.context import AppContext, pass_app
 from popguard.cli.render import format_option, render
-from popguard.directory.directory import Mailbox
+from popguard.directory.directory import Directory, Mailbox
 from popguard.directory.passwords import generate_password, hash_password
 from popguard.errors import UserError
 from popguard.store.mailbox_database import MailboxDatabase
 
 # Longer than any password a person types; bounds the KDF's input.
 MAX_PASSWORD_LENGTH = 1024
+# NIST SP 800-63B 5.1.1.2: a memorized secret chosen by its user is at least 8 characters.
+MIN_PASSWORD_LENGTH = 8
+# The status of an active copy that serves mail (copy_replicator reports it).
+SERVING_ACTIVE_STATUS = "Mounted"
 
 
 def _when(timestamp: float) -> str:
@@ -57,18 +63,60 @@ def read_password_from_stdin() -> str:
     return password
 
 
+def chosen_password() -> str:
+    """A password a person picked, read from standard input, long enough to keep."""
+    password = read_password_from_stdin()
+    if len(password) < MIN_PASSWORD_LENGTH:
+        raise UserError(
+            f"password of {len(password)} characters: at least {MIN_PASSWORD_LENGTH} please"
+        )
+    return password
+
+
+def pick_database(directory: Directory) -> tuple[str, int]:
+    """As Exchange does without -Database: of the databases whose active copy serves
+    mail, the one with the fewest mailboxes (the first by name on a tie)."""
+    from popguard.replication.switchover import copy_status
+
+    reports = directory.copy_status_reports()
+    now = time.time()
+    serving = sorted(
+        copy.database
+        for copy in directory.database_copies()
+        if copy.is_active and copy_status(copy, reports, now) == SERVING_ACTIVE_STATUS
+    )
+    if not serving:
+        raise UserError(
+            f"no database has an active copy that is {SERVING_ACTIVE_STATUS}: give --database"
+        )
+    counts = Counter(mailbox.database for mailbox in directory.list_mailboxes())
+    best = min(serving, key=lambda database: (counts[database], database))
+    return best, counts[best]
+
+
 @click.command("new-mailbox")
 @click.argument("address")
-@click.option("--database", required=True, help="The mailbox database to create it in.")
+@click.option(
+    "--database",
+    help="The mailbox database to create it in (default: of the databases whose active "
+    "copy is Mounted, the one with the fewest mailboxes).",
+)
 @click.option("--password-stdin", is_flag=True, help="Read the password from standard input.")
 @format_option
 @pass_app
 def new_mailbox(
-    app: AppContext, address: str, database: str, password_stdin: bool, output_format: str
+    app: AppContext, address: str, database: str | None, password_stdin: bool, output_format: str
 ) -> None:
     """Create a mailbox; without --password-stdin a password is generated and shown once."""
-    password = read_password_from_stdin() if password_stdin else generate_password()
+    password = chosen_password() if password_stdin else generate_password()
     with app.directory() as directory:
+        if database is None:
+            database, count = pick_database(directory)
+            click.echo(
+                f"new-mailbox: in {database}, which has the fewest mailboxes ({count}) of the "
+                f"databases whose active copy is {SERVING_ACTIVE_STATUS}",
+                err=True,
+            )
         mailbox = directory.new_mailbox(address, database, hash_password(password))
         server = directory.active_server(mailbox.database)
     # A delivery that was in flight when an earlier mailbox of this address was
@@ -105,7 +153,7 @@ def get_mailbox(
 @pass_app
 def set_mailbox(app: AppContext, address: str, password_stdin: bool) -> None:
     """Change a mailbox's password; it takes effect at the next login."""
-    password = read_password_from_stdin()
+    password = chosen_password()
     with app.directory() as directory:
         directory.set_password_hash(address, hash_password(password))
     click.echo(f"password of {address.lower()} changed")

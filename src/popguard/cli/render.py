@@ -12,8 +12,6 @@ from collections.abc import Sequence
 from typing import Any
 
 import click
-from rich.console import Console
-from rich.table import Table
 
 FORMATS = ("table", "list", "json")
 
@@ -37,9 +35,21 @@ def _text(value: Any) -> str:
     return str(value)
 
 
+def _json_value(value: Any) -> Any:
+    # An empty text is a value that is not there (no error, not yet inspected, no
+    # uptime): a script tests for null, as PowerShell's ConvertTo-Json writes $null.
+    if value == "":
+        return None
+    if isinstance(value, list | tuple):
+        return [_json_value(v) for v in value]
+    if isinstance(value, dict):
+        return {k: _json_value(v) for k, v in value.items()}
+    return value
+
+
 def render(rows: Sequence[dict[str, Any]], output_format: str) -> None:
     if output_format == "json":
-        click.echo(json.dumps(list(rows), indent=2, default=str))
+        click.echo(json.dumps([_json_value(row) for row in rows], indent=2, default=str))
         return
     if not rows:
         return
@@ -50,11 +60,18 @@ def render(rows: Sequence[dict[str, Any]], output_format: str) -> None:
             blocks.append("\n".join(f"{key.ljust(width)} : {_text(v)}" for key, v in row.items()))
         click.echo("\n\n".join(blocks))
         return
+    # Rich is imported by the commands that print a table, not by every command.
+    from rich.console import Console
+    from rich.table import Table
+
+    # Every key of any row: rows of several servers need not all have the same keys
+    # (a server whose health service did not answer has only Server and Error).
+    columns = list(dict.fromkeys(key for row in rows for key in row))
     table = Table(box=None, header_style="bold", pad_edge=False)
-    for column in rows[0]:
+    for column in columns:
         table.add_column(column, overflow="fold")
     for row in rows:
-        table.add_row(*(_text(row.get(column)) for column in rows[0]))
+        table.add_row(*(_text(row.get(column)) for column in columns))
     # On a terminal, fit its width; into a pipe or file, never fold a value.
     console = Console() if sys.stdout.isatty() else Console(width=100_000)
     console.print(table)

@@ -21,6 +21,8 @@ from popguard.control.service_control import (
 from popguard.directory.config import config_file, load_config
 from popguard.errors import UserError
 
+FRONTEND_ROLE = "frontend"  # one of directory.ROLES: the servers clients connect to
+
 
 def status_row(status: ServiceStatus, supervisor: str) -> dict[str, Any]:
     uptime = status.uptime_seconds
@@ -80,7 +82,9 @@ def get_service(app: AppContext, server: str, output_format: str) -> None:
 
 @click.command("restart-server")
 @click.argument("server")
-@click.option("--force", is_flag=True, help="Even while it holds active database copies.")
+@click.option(
+    "--force", is_flag=True, help="Even while it holds active copies or is the only front end."
+)
 @click.option(
     "--reboot-host",
     is_flag=True,
@@ -91,7 +95,8 @@ def get_service(app: AppContext, server: str, output_format: str) -> None:
 def restart_server(
     app: AppContext, server: str, force: bool, reboot_host: bool, output_format: str
 ) -> None:
-    """Restart every service of a logical server, once it holds no active copy."""
+    """Restart every service of a logical server, once it holds no active copy and is
+    not the only front end."""
     with app.directory() as directory:
         host = directory.get_server(server)
         active = [
@@ -99,11 +104,17 @@ def restart_server(
             for c in directory.database_copies()
             if c.is_active and c.server.lower() == host.name.lower()
         ]
+        front_ends = [s.name for s in directory.list_servers() if FRONTEND_ROLE in s.roles]
     if active and not force:
         raise UserError(
             f"{host.name} holds the active copy of {', '.join(active)}: move them first "
             f"(set-mailboxserver {host.name} --database-copy-activation-disabled-and-move-now "
             "true), or --force"
+        )
+    if front_ends == [host.name] and not force:
+        raise UserError(
+            f"{host.name} is the only front end: no client reaches any mailbox while it "
+            "restarts; add another front end first, or --force"
         )
     control = control_for(app.data)
     if reboot_host:
