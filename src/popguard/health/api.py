@@ -21,6 +21,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_l
 from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
+from popguard import paths
 from popguard.errors import UserError
 from popguard.health.definitions import HealthSet, ProbeDefinition
 from popguard.health.engine import HealthEngine
@@ -28,12 +29,8 @@ from popguard.health.monitors import SEVERITY
 from popguard.health.results import ProbeResult, RecoveryAction
 
 
-def token_file(data: Path) -> Path:
-    return data / "health" / "api-token"
-
-
 def ensure_token(data: Path) -> str:
-    path = token_file(data)
+    path = paths.api_token_file(data)
     path.parent.mkdir(parents=True, exist_ok=True)
     with open(path.parent / ".token.lock", "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
