@@ -43,6 +43,17 @@ independent, and a fresh data folder per case would measure a just-started
 organization instead of one in its steady state. The rounds interleave the cases,
 so the restarts of one service are spread over the run.
 
+`--case refuse-auth-pop3be-mbx1` is a fault no restart mends (issue 17):
+`inject-fault --server mbx1 --service pop3be --kind refuse-auth`, while this script's
+own user logs in to the demo mailbox (in DB01) through cas1 every POLL seconds. It
+records when logins start failing, PopDeepTestMonitor's first alert and Unhealthy,
+the restart and the move away (recovery actions) and when DB01 is served again (the
+first login that succeeds after the fault); then mends it as the README says
+(clear-fault, set-mailboxserver mbx1 ... false) and waits until DB01 is back on mbx1
+and everything Healthy. A move away is throttled to one an hour per server, so each
+round of this case has an organization of its own. Exchange's reference is the same
+monitor's path in the `exchange2013` profile, to the move away's `after`.
+
 Exchange 2013's reference for each path comes from the `exchange2013` profile of
 the same health-set files: probe recurrence x monitor threshold until the monitor
 alerts, plus the ladder's Unhealthy `after` until the restart responder fires (for
