@@ -111,15 +111,15 @@ def restart_server(
             f"(set-mailboxserver {host.name} --database-copy-activation-disabled-and-move-now "
             "true), or --force"
         )
+    if reboot_host:  # its own opt-in, [host] allow_reboot: the whole machine goes down
+        _reboot(app, control_for(app.data))
+        return
     if front_ends == [host.name] and not force:
         raise UserError(
             f"{host.name} is the only front end: no client reaches any mailbox while it "
             "restarts; add another front end first, or --force"
         )
     control = control_for(app.data)
-    if reboot_host:
-        _reboot(app, control)
-        return
     services = services_of(host.roles)
     for service in services:
         control.stop(host.name, service)

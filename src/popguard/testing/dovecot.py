@@ -296,16 +296,21 @@ class Dovecot(Started):
             tempfile.mkdtemp(prefix=f"popbench-dovecot-{self.name}-", dir=self.workdir)
         )
         # mkdtemp makes the directory 0700; the mail user must be able to reach the
-        # maildirs and Dovecot's unprivileged processes the run directory.
+        # maildirs and Dovecot's unprivileged processes the run directory and the
+        # passwd-file, whatever umask the caller runs under (popguard's is 077).
         self.root.chmod(0o755)
-        for sub in ("run", "state", "log"):
-            (self.root / sub).mkdir()
-        self.config = self.root / "dovecot.conf"
-        self.port = free_port(self.address)
-        self.tls_port = free_port(self.address) if self.tls else 0
-        if self.mail:
-            self._write_mail(mail.pw_uid, mail.pw_gid)
-        self._write_config(mail.pw_uid, mail.pw_gid)
+        previous = os.umask(0o022)
+        try:
+            for sub in ("run", "state", "log"):
+                (self.root / sub).mkdir()
+            self.config = self.root / "dovecot.conf"
+            self.port = free_port(self.address)
+            self.tls_port = free_port(self.address) if self.tls else 0
+            if self.mail:
+                self._write_mail(mail.pw_uid, mail.pw_gid)
+            self._write_config(mail.pw_uid, mail.pw_gid)
+        finally:
+            os.umask(previous)
         # -F keeps the master in the foreground, so we hold its pid and can always
         # stop it; a new session keeps a Ctrl-C in the terminal from reaching it.
         self.proc = subprocess.Popen(
