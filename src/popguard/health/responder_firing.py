@@ -30,17 +30,13 @@ REPAIR_SETTLE = 900.0  # a server repaired this recently is not counted as in se
 
 
 class ResponderFiring:
-    def __init__(
-        self,
-        shared: EngineState,
-        context: RepairContext,
-    ) -> None:
+    def __init__(self, shared: EngineState, context: RepairContext) -> None:
         self.server, self.directory = shared.server, shared.directory
         self.clock, self.store, self.plan = shared.clock, shared.store, shared.plan
         self.controls, self.context = shared.controls, context
         self._resources = shared.resources
-        states, store = shared.states, shared.store
-        self._states = states
+        self._states = states = shared.states
+        store = shared.store
         # (responder, resource, first alert): fired once per alert, across restarts too,
         # however long ago the alert began.
         open_alerts = {s.first_alert for s in states.values() if s.is_alert}
