@@ -34,6 +34,7 @@ from popguard.services.counters import read_counters
 from popguard.services.lmtp_client import deliver
 from popguard.testing.net import free_loopback_address, wait_port
 from popguard.testing.organization import popguard, serve
+from popguard.testing.postgres import PostgresServer
 from popguard.testing.processes import stop_processes
 
 # The files tests put in data folders (popguard.toml, ...) are made as popguard makes
@@ -41,6 +42,27 @@ from popguard.testing.processes import stop_processes
 permissions.restrict_umask()
 
 PASSWORD = "correct horse battery staple"
+
+
+@pytest.fixture(scope="session")
+def postgres() -> Iterator[PostgresServer]:
+    """One real PostgreSQL per test worker; each test takes a database of its own."""
+    with PostgresServer.start() as server:
+        yield server
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def directory_data(request: pytest.FixtureRequest, tmp_path: Path) -> Path:
+    """A data folder whose directory is on each engine in turn: SQLite in the folder,
+    or a new PostgreSQL database named by its popguard.toml."""
+    data = tmp_path / "data"
+    data.mkdir()
+    if request.param == "postgresql":
+        server: PostgresServer = request.getfixturevalue("postgres")
+        (data / "popguard.toml").write_text(server.directory_section(server.new_database()))
+    return data
+
+
 HEALTH_PORT = 8480
 
 

@@ -1,8 +1,9 @@
 """The directory: servers, mailbox databases and their copies, mailboxes, settings.
 
-Exchange keeps these in Active Directory; popguard keeps them in one SQLite file
-in the data folder that every process opens. The schema is versioned with
-`PRAGMA user_version`; `MIGRATIONS[i]` takes a directory from version i to i+1.
+Exchange keeps these in Active Directory; popguard keeps them in one SQLite file in
+the data folder that every process of one machine opens, or in a PostgreSQL database
+that every host of the organization shares (directory/location.py says which). The
+SQL here is written once for both (directory/sql/), the schema is directory/schema.py.
 """
 
 from __future__ import annotations
@@ -10,138 +11,22 @@ from __future__ import annotations
 import ipaddress
 import json
 import re
-import sqlite3
 import time
 from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from popguard import paths, sqlite_util
-from popguard.directory.settings import PopSettings
-from popguard.errors import NotFoundError, UserError
-
-MIGRATIONS: tuple[str, ...] = (
-    """
-    CREATE TABLE servers (
-        name TEXT PRIMARY KEY COLLATE NOCASE,
-        roles TEXT NOT NULL,              -- JSON list: "mailbox", "frontend"
-        address TEXT NOT NULL,
-        ports TEXT NOT NULL               -- JSON map: endpoint -> TCP port
-    );
-    CREATE TABLE databases (
-        name TEXT PRIMARY KEY COLLATE NOCASE,
-        created REAL NOT NULL
-    );
-    CREATE TABLE database_copies (
-        database TEXT NOT NULL REFERENCES databases(name) ON DELETE CASCADE,
-        server TEXT NOT NULL REFERENCES servers(name),
-        activation_preference INTEGER NOT NULL,
-        is_active INTEGER NOT NULL DEFAULT 0,
-        PRIMARY KEY (database, server)
-    );
-    -- Exactly one mounted copy per database: the index makes a second one impossible.
-    CREATE UNIQUE INDEX one_active_copy ON database_copies(database) WHERE is_active = 1;
-    CREATE TABLE mailboxes (
-        address TEXT PRIMARY KEY COLLATE NOCASE,
-        database TEXT NOT NULL REFERENCES databases(name),
-        password_hash TEXT NOT NULL,
-        created REAL NOT NULL,
-        password_changed REAL NOT NULL
-    );
-    CREATE TABLE pop_settings (
-        server TEXT PRIMARY KEY REFERENCES servers(name) ON DELETE CASCADE,
-        settings TEXT NOT NULL,           -- JSON of PopSettings, only non-defaults
-        revision INTEGER NOT NULL
-    );
-    """,
-    """
-    -- Server component states (Exchange's Set-ServerComponentState): one row per
-    -- requester; a component is Inactive when any requester says so.
-    CREATE TABLE component_states (
-        server TEXT NOT NULL REFERENCES servers(name) ON DELETE CASCADE,
-        component TEXT NOT NULL,
-        requester TEXT NOT NULL,
-        state TEXT NOT NULL,
-        updated REAL NOT NULL,
-        PRIMARY KEY (server, component, requester)
-    );
-    """,
-    """
-    -- Replication (continuous copies, switchover, failover).
-    UPDATE servers SET ports = json_set(ports, '$.replication', 64327)
-        WHERE roles LIKE '%"mailbox"%';
-    -- Set-MailboxServer's DatabaseCopyActivationDisabledAndMoveNow and
-    -- DatabaseCopyAutoActivationPolicy.
-    ALTER TABLE servers ADD COLUMN activation_disabled INTEGER NOT NULL DEFAULT 0;
-    ALTER TABLE servers ADD COLUMN auto_activation_policy TEXT NOT NULL DEFAULT 'Unrestricted';
-    -- A move in progress: who claimed it and when. Two moves of one database at
-    -- once cannot both claim it; a claim older than MOVE_CLAIM_TIMEOUT is stale.
-    ALTER TABLE databases ADD COLUMN move_claim TEXT;
-    ALTER TABLE databases ADD COLUMN move_claimed REAL;
-    -- What each copy's replication service last reported about it.
-    CREATE TABLE copy_status (
-        database TEXT NOT NULL,
-        server TEXT NOT NULL,
-        status TEXT NOT NULL,
-        copy_queue_length INTEGER NOT NULL,
-        replay_queue_length INTEGER NOT NULL,
-        applied_lsn INTEGER NOT NULL,
-        last_inspected_log_time REAL,
-        error TEXT,
-        reported REAL NOT NULL,
-        PRIMARY KEY (database, server),
-        FOREIGN KEY (database, server) REFERENCES database_copies(database, server)
-            ON DELETE CASCADE
-    );
-    """,
-    """
-    -- The health service's HTTP API, on every server.
-    UPDATE servers SET ports = json_set(ports, '$.health', 8480);
-    """,
-    """
-    -- Monitoring overrides (Add-ServerMonitoringOverride, Add-GlobalMonitoringOverride):
-    -- server is NULL for a global one. They expire on their own.
-    CREATE TABLE monitoring_overrides (
-        id INTEGER PRIMARY KEY AUTOINCREMENT,
-        server TEXT REFERENCES servers(name) ON DELETE CASCADE,
-        identity TEXT NOT NULL COLLATE NOCASE,   -- HealthSet\\Item
-        item_type TEXT NOT NULL,                 -- Probe | Monitor
-        property_name TEXT NOT NULL,
-        property_value TEXT NOT NULL,
-        created REAL NOT NULL,
-        expires REAL NOT NULL
-    );
-    -- Set-ServerMonitor -Repairing: an operator says a monitor is being worked on.
-    CREATE TABLE monitor_repairing (
-        server TEXT NOT NULL REFERENCES servers(name) ON DELETE CASCADE,
-        identity TEXT NOT NULL COLLATE NOCASE,
-        since REAL NOT NULL,
-        PRIMARY KEY (server, identity)
-    );
-    """,
-    """
-    -- Repairs the health engines made, shared by every server so that a group throttle
-    -- (at most N a day across the servers of a role; enough others in service) holds.
-    CREATE TABLE repairs (
-        id INTEGER PRIMARY KEY AUTOINCREMENT,
-        server TEXT NOT NULL REFERENCES servers(name) ON DELETE CASCADE,
-        role TEXT NOT NULL,
-        kind TEXT NOT NULL,
-        service TEXT NOT NULL,
-        started REAL NOT NULL
-    );
-    CREATE INDEX repairs_by_role ON repairs(role, started);
-    """,
-    """
-    -- One random name per organization, made with its directory: what popguard's own
-    -- clients check, where no certificate can (LMTP), so that they never hand mail to
-    -- another organization that listens on the same address.
-    CREATE TABLE organization (
-        id TEXT NOT NULL
-    );
-    INSERT INTO organization (id) VALUES (lower(hex(randomblob(8))));
-    """,
+from popguard.directory.location import (
+    DirectoryLocation,
+    PostgresLocation,
+    SqliteLocation,
+    directory_location,
 )
+from popguard.directory.schema import MIGRATIONS
+from popguard.directory.settings import PopSettings
+from popguard.directory.sql.engine import Engine, Executor, Row
+from popguard.directory.sql.sqlite_engine import SqliteEngine
+from popguard.errors import NotFoundError, UserError
 
 # Longer than the longest move can take (catch-up at most 120 s, plus dismount and mount).
 MOVE_CLAIM_TIMEOUT = 300.0
@@ -152,8 +37,6 @@ COMPONENT_STATES = ("Active", "Inactive", "Draining")
 # Exchange's requesters; a state is kept per requester so that, say, the health
 # engine bringing a component back does not undo an operator's maintenance.
 REQUESTERS = ("HealthApi", "Maintenance", "Sidelined", "Functional", "Deployment")
-
-SCHEMA_VERSION = len(MIGRATIONS)
 
 ROLES = ("mailbox", "frontend")
 
@@ -224,22 +107,33 @@ def normalize_address(address: str) -> str:
 class Directory:
     """One connection to the directory; cheap to open, safe across processes."""
 
-    def __init__(self, data: Path) -> None:
+    def __init__(self, data: Path, location: DirectoryLocation | None = None) -> None:
         self.data = data
-        self.path = paths.directory_file(data)
+        self.location = location if location is not None else directory_location(data)
         data.mkdir(parents=True, exist_ok=True)
-        self._db = sqlite_util.connect(self.path, timeout=10.0)
-        self._db.row_factory = sqlite3.Row
-        self._db.execute("PRAGMA foreign_keys=ON")
-        self._migrate()
+        self._engine = open_engine(self.location)
+        try:
+            self._engine.migrate(MIGRATIONS)
+        except BaseException:
+            self._engine.close()
+            raise
+
+    @property
+    def engine(self) -> str:
+        return self._engine.name
+
+    def describe(self) -> str:
+        return self._engine.describe()
 
     def organization_id(self) -> str:
         """The organization's random name, the same for every server of it."""
-        row = self._db.execute("SELECT id FROM organization").fetchone()
+        row = self._engine.execute("SELECT id FROM organization").fetchone()
+        if row is None:
+            raise UserError(f"{self.describe()} has no organization id; it is damaged")
         return str(row[0])
 
     def close(self) -> None:
-        self._db.close()
+        self._engine.close()
 
     def __enter__(self) -> Directory:
         return self
@@ -247,18 +141,16 @@ class Directory:
     def __exit__(self, *exc: object) -> None:
         self.close()
 
-    def _transaction(self) -> AbstractContextManager[sqlite3.Connection]:
-        return sqlite_util.transaction(self._db)
-
-    def _migrate(self) -> None:
-        sqlite_util.migrate(self._db, MIGRATIONS, f"directory {self.path}")
+    def _transaction(self) -> AbstractContextManager[Executor]:
+        return self._engine.transaction()
 
     def schema_version(self) -> int:
-        return int(self._db.execute("PRAGMA user_version").fetchone()[0])
+        return self._engine.schema_version()
 
     def change_counter(self) -> int:
-        """Changes whenever any process commits to the directory (cheap to poll)."""
-        return int(self._db.execute("PRAGMA data_version").fetchone()[0])
+        """Changes whenever another process commits to the directory (cheap to poll:
+        SQLite reads a number in memory, PostgreSQL counts notifications)."""
+        return self._engine.change_counter()
 
     # Servers -------------------------------------------------------------------
 
@@ -288,22 +180,22 @@ class Directory:
             if not 1 <= port <= 65535:
                 raise UserError(f"port for {endpoint} out of range: {port}")
         with self._transaction() as db:
-            if db.execute("SELECT 1 FROM servers WHERE name = ?", (name,)).fetchone():
+            if db.execute("SELECT 1 FROM servers WHERE name = $1", (name,)).fetchone():
                 raise UserError(f"server {name} already exists")
             db.execute(
-                "INSERT INTO servers (name, roles, address, ports) VALUES (?, ?, ?, ?)",
+                "INSERT INTO servers (name, roles, address, ports) VALUES ($1, $2, $3, $4)",
                 (name, json.dumps(sorted(set(roles))), address, json.dumps(merged)),
             )
         return self.get_server(name)
 
     def get_server(self, name: str) -> Server:
-        row = self._db.execute("SELECT * FROM servers WHERE name = ?", (name,)).fetchone()
+        row = self._engine.execute("SELECT * FROM servers WHERE name = $1", (name,)).fetchone()
         if row is None:
             raise NotFoundError(f"no server named {name!r}")
         return _server(row)
 
     def list_servers(self) -> list[Server]:
-        rows = self._db.execute("SELECT * FROM servers ORDER BY name").fetchall()
+        rows = self._engine.execute("SELECT * FROM servers ORDER BY name").fetchall()
         return [_server(row) for row in rows]
 
     # Databases and copies ----------------------------------------------------------
@@ -316,12 +208,12 @@ class Directory:
         if "mailbox" not in host.roles:
             raise UserError(f"server {server} does not have the mailbox role")
         with self._transaction() as db:
-            if db.execute("SELECT 1 FROM databases WHERE name = ?", (name,)).fetchone():
+            if db.execute("SELECT 1 FROM databases WHERE name = $1", (name,)).fetchone():
                 raise UserError(f"database {name} already exists")
-            db.execute("INSERT INTO databases (name, created) VALUES (?, ?)", (name, time.time()))
+            db.execute("INSERT INTO databases (name, created) VALUES ($1, $2)", (name, time.time()))
             db.execute(
                 "INSERT INTO database_copies (database, server, activation_preference, "
-                "is_active) VALUES (?, ?, 1, 1)",
+                "is_active) VALUES ($1, $2, 1, 1)",
                 (name, host.name),
             )
         return DatabaseCopy(name, host.name, 1, True)
@@ -336,13 +228,13 @@ class Directory:
             raise UserError("activation preference must be 1 or more")
         with self._transaction() as db:
             if db.execute(
-                "SELECT 1 FROM database_copies WHERE database = ? AND server = ?",
+                "SELECT 1 FROM database_copies WHERE database = $1 AND server = $2",
                 (database, host.name),
             ).fetchone():
                 raise UserError(f"database {database} already has a copy on {host.name}")
             db.execute(
                 "INSERT INTO database_copies (database, server, activation_preference, "
-                "is_active) VALUES (?, ?, ?, 0)",
+                "is_active) VALUES ($1, $2, $3, 0)",
                 (database, host.name, activation_preference),
             )
 
@@ -351,7 +243,7 @@ class Directory:
         database = self._require_database(database)
         with self._transaction() as db:
             row = db.execute(
-                "SELECT is_active FROM database_copies WHERE database = ? AND server = ?",
+                "SELECT is_active FROM database_copies WHERE database = $1 AND server = $2",
                 (database, server),
             ).fetchone()
             if row is None:
@@ -362,7 +254,8 @@ class Directory:
                     "copy first (move-activemailboxdatabase)"
                 )
             db.execute(
-                "DELETE FROM database_copies WHERE database = ? AND server = ?", (database, server)
+                "DELETE FROM database_copies WHERE database = $1 AND server = $2",
+                (database, server),
             )
 
     # Moves: claimed, then finished or released, so two at once cannot both win.
@@ -372,8 +265,8 @@ class Directory:
         now = time.time()
         with self._transaction() as db:
             claimed = db.execute(
-                "UPDATE databases SET move_claim = ?, move_claimed = ? WHERE name = ? "
-                "AND (move_claim IS NULL OR move_claimed < ?)",
+                "UPDATE databases SET move_claim = $1, move_claimed = $2 WHERE name = $3 "
+                "AND (move_claim IS NULL OR move_claimed < $4)",
                 (claimant, now, database, now - MOVE_CLAIM_TIMEOUT),
             ).rowcount
         if not claimed:
@@ -391,11 +284,13 @@ class Directory:
         move, in one transaction; only if the move is still ours and `source` still
         the active copy."""
         with self._transaction() as db:
-            row = db.execute("SELECT move_claim FROM databases WHERE name = ?", (database,))
-            if row.fetchone()[0] != claimant:
+            claim = db.execute(
+                "SELECT move_claim FROM databases WHERE name = $1", (database,)
+            ).fetchone()
+            if claim is None or claim[0] != claimant:
                 raise UserError(f"the move of {database} was taken over by another command")
             active = db.execute(
-                "SELECT server FROM database_copies WHERE database = ? AND is_active = 1",
+                "SELECT server FROM database_copies WHERE database = $1 AND is_active = 1",
                 (database,),
             ).fetchone()
             if active is None or active[0].lower() != source.lower():
@@ -403,18 +298,18 @@ class Directory:
             self._activate(db, database, server)
             for report in reports:
                 self._write_copy_status(db, report)
-            db.execute("UPDATE databases SET move_claim = NULL WHERE name = ?", (database,))
+            db.execute("UPDATE databases SET move_claim = NULL WHERE name = $1", (database,))
 
     def release_move(self, database: str, claimant: str) -> None:
         with self._transaction() as db:
             db.execute(
-                "UPDATE databases SET move_claim = NULL WHERE name = ? AND move_claim = ?",
+                "UPDATE databases SET move_claim = NULL WHERE name = $1 AND move_claim = $2",
                 (database, claimant),
             )
 
     def move_in_progress(self, database: str) -> bool:
-        row = self._db.execute(
-            "SELECT move_claim, move_claimed FROM databases WHERE name = ?", (database,)
+        row = self._engine.execute(
+            "SELECT move_claim, move_claimed FROM databases WHERE name = $1", (database,)
         ).fetchone()
         return bool(row and row[0] and row[1] >= time.time() - MOVE_CLAIM_TIMEOUT)
 
@@ -425,31 +320,34 @@ class Directory:
             self._activate(db, database, server)
 
     @staticmethod
-    def _activate(db: sqlite3.Connection, database: str, server: str) -> None:
+    def _activate(db: Executor, database: str, server: str) -> None:
         target = db.execute(
-            "SELECT 1 FROM database_copies WHERE database = ? AND server = ?",
+            "SELECT 1 FROM database_copies WHERE database = $1 AND server = $2",
             (database, server),
         ).fetchone()
         if target is None:
             raise UserError(f"database {database} has no copy on {server}")
-        db.execute("UPDATE database_copies SET is_active = 0 WHERE database = ?", (database,))
+        db.execute("UPDATE database_copies SET is_active = 0 WHERE database = $1", (database,))
         db.execute(
-            "UPDATE database_copies SET is_active = 1 WHERE database = ? AND server = ?",
+            "UPDATE database_copies SET is_active = 1 WHERE database = $1 AND server = $2",
             (database, server),
         )
 
     def list_databases(self) -> list[str]:
-        rows = self._db.execute("SELECT name FROM databases ORDER BY name").fetchall()
+        rows = self._engine.execute("SELECT name FROM databases ORDER BY name").fetchall()
         return [row["name"] for row in rows]
 
     def database_copies(self, database: str | None = None) -> list[DatabaseCopy]:
-        if database is not None:
-            self._require_database(database)
-        rows = self._db.execute(
-            "SELECT * FROM database_copies WHERE ?1 IS NULL OR database = ?1 "
-            "ORDER BY database, activation_preference",
-            (database,),
-        ).fetchall()
+        if database is None:
+            rows = self._engine.execute(
+                "SELECT * FROM database_copies ORDER BY database, activation_preference"
+            ).fetchall()
+        else:
+            database = self._require_database(database)  # its spelling in the directory
+            rows = self._engine.execute(
+                "SELECT * FROM database_copies WHERE database = $1 ORDER BY activation_preference",
+                (database,),
+            ).fetchall()
         return [
             DatabaseCopy(
                 r["database"], r["server"], r["activation_preference"], bool(r["is_active"])
@@ -458,16 +356,18 @@ class Directory:
         ]
 
     def active_server(self, database: str) -> str:
-        row = self._db.execute(
-            "SELECT server FROM database_copies WHERE database = ? AND is_active = 1", (database,)
+        row = self._engine.execute(
+            "SELECT server FROM database_copies WHERE database = $1 AND is_active = 1", (database,)
         ).fetchone()
         if row is None:
-            self._require_database(database)
+            spelled = self._require_database(database)
+            if spelled != database:  # a name in another case: SQLite compares copies' exactly
+                return self.active_server(spelled)
             raise UserError(f"database {database} has no active copy")
         return str(row["server"])
 
     def _require_database(self, name: str) -> str:
-        row = self._db.execute("SELECT name FROM databases WHERE name = ?", (name,)).fetchone()
+        row = self._engine.execute("SELECT name FROM databases WHERE name = $1", (name,)).fetchone()
         if row is None:
             known = ", ".join(self.list_databases()) or "none"
             raise NotFoundError(f"no database named {name!r} (databases: {known})")
@@ -480,17 +380,23 @@ class Directory:
             self._write_copy_status(db, report)
 
     @staticmethod
-    def _write_copy_status(db: sqlite3.Connection, report: CopyStatusReport) -> None:
+    def _write_copy_status(db: Executor, report: CopyStatusReport) -> None:
         exists = db.execute(
-            "SELECT 1 FROM database_copies WHERE database = ? AND server = ?",
+            "SELECT 1 FROM database_copies WHERE database = $1 AND server = $2",
             (report.database, report.server),
         ).fetchone()
         if exists is None:  # the copy was removed meanwhile
             return
         db.execute(
-            "INSERT OR REPLACE INTO copy_status (database, server, status, "
-            "copy_queue_length, replay_queue_length, applied_lsn, last_inspected_log_time, "
-            "error, reported) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            "INSERT INTO copy_status (database, server, status, copy_queue_length, "
+            "replay_queue_length, applied_lsn, last_inspected_log_time, error, reported) "
+            "VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9) "
+            "ON CONFLICT (database, server) DO UPDATE SET status = excluded.status, "
+            "copy_queue_length = excluded.copy_queue_length, "
+            "replay_queue_length = excluded.replay_queue_length, "
+            "applied_lsn = excluded.applied_lsn, "
+            "last_inspected_log_time = excluded.last_inspected_log_time, "
+            "error = excluded.error, reported = excluded.reported",
             (
                 report.database, report.server, report.status, report.copy_queue_length,
                 report.replay_queue_length, report.applied_lsn,
@@ -499,7 +405,7 @@ class Directory:
         )  # fmt: skip
 
     def copy_status_reports(self) -> dict[tuple[str, str], CopyStatusReport]:
-        rows = self._db.execute("SELECT * FROM copy_status").fetchall()
+        rows = self._engine.execute("SELECT * FROM copy_status").fetchall()
         return {
             (r["database"], r["server"]): CopyStatusReport(
                 database=r["database"],
@@ -527,13 +433,13 @@ class Directory:
         with self._transaction() as db:
             if activation_disabled is not None:
                 db.execute(
-                    "UPDATE servers SET activation_disabled = ? WHERE name = ?",
+                    "UPDATE servers SET activation_disabled = $1 WHERE name = $2",
                     (int(activation_disabled), host.name),
                 )
             if auto_activation_policy is not None:
                 policy = _choice(auto_activation_policy, ACTIVATION_POLICIES, "policy")
                 db.execute(
-                    "UPDATE servers SET auto_activation_policy = ? WHERE name = ?",
+                    "UPDATE servers SET auto_activation_policy = $1 WHERE name = $2",
                     (policy, host.name),
                 )
         return self.get_server(host.name)
@@ -544,24 +450,30 @@ class Directory:
         if override.server is not None:
             self.get_server(override.server)
         with self._transaction() as db:
-            cursor = db.execute(
+            row = db.execute(
                 "INSERT INTO monitoring_overrides (server, identity, item_type, property_name, "
-                "property_value, created, expires) VALUES (?, ?, ?, ?, ?, ?, ?)",
+                "property_value, created, expires) VALUES ($1, $2, $3, $4, $5, $6, $7) "
+                "RETURNING id",
                 (
                     override.server, override.identity, override.item_type,
                     override.property_name, override.property_value, override.created,
                     override.expires,
                 ),
-            )  # fmt: skip
-            return int(cursor.lastrowid or 0)
+            ).fetchone()  # fmt: skip
+            return 0 if row is None else int(row[0])
 
     def monitoring_overrides(self, server: str | None, now: float) -> list[MonitoringOverride]:
         """Unexpired overrides for `server` (its own and the global ones), or all with None."""
-        rows = self._db.execute(
-            "SELECT * FROM monitoring_overrides WHERE expires > ? AND "
-            "(?2 IS NULL OR server IS NULL OR server = ?2 COLLATE NOCASE) ORDER BY id",
-            (now, server),
-        ).fetchall()
+        if server is None:
+            rows = self._engine.execute(
+                "SELECT * FROM monitoring_overrides WHERE expires > $1 ORDER BY id", (now,)
+            ).fetchall()
+        else:
+            rows = self._engine.execute(
+                "SELECT * FROM monitoring_overrides WHERE expires > $1 AND "
+                "(server IS NULL OR lower(server) = lower($2)) ORDER BY id",
+                (now, server),
+            ).fetchall()
         return [
             MonitoringOverride(
                 r["server"], r["identity"], r["item_type"], r["property_name"],
@@ -573,34 +485,41 @@ class Directory:
     def remove_monitoring_override(
         self, server: str | None, identity: str, item_type: str, property_name: str
     ) -> int:
+        matching = (
+            "DELETE FROM monitoring_overrides WHERE identity = $1 AND item_type = $2 "
+            "AND lower(property_name) = lower($3) AND "
+        )
         with self._transaction() as db:
-            return int(
-                db.execute(
-                    "DELETE FROM monitoring_overrides WHERE identity = ? AND item_type = ? "
-                    "AND property_name = ? COLLATE NOCASE AND "
-                    "((?4 IS NULL AND server IS NULL) OR server = ?4 COLLATE NOCASE)",
+            if server is None:
+                result = db.execute(
+                    matching + "server IS NULL", (identity, item_type, property_name)
+                )
+            else:
+                result = db.execute(
+                    matching + "lower(server) = lower($4)",
                     (identity, item_type, property_name, server),
-                ).rowcount
-            )
+                )
+            return int(result.rowcount)
 
     def set_monitor_repairing(self, server: str, identity: str, repairing: bool) -> None:
         name = self.get_server(server).name
         with self._transaction() as db:
             if repairing:
                 db.execute(
-                    "INSERT OR REPLACE INTO monitor_repairing (server, identity, since) "
-                    "VALUES (?, ?, ?)",
+                    "INSERT INTO monitor_repairing (server, identity, since) "
+                    "VALUES ($1, $2, $3) ON CONFLICT (server, identity) "
+                    "DO UPDATE SET since = excluded.since",
                     (name, identity, time.time()),
                 )
             else:
                 db.execute(
-                    "DELETE FROM monitor_repairing WHERE server = ? AND identity = ?",
+                    "DELETE FROM monitor_repairing WHERE server = $1 AND identity = $2",
                     (name, identity),
                 )
 
     def monitors_repairing(self, server: str) -> set[str]:
-        rows = self._db.execute(
-            "SELECT identity FROM monitor_repairing WHERE server = ? COLLATE NOCASE", (server,)
+        rows = self._engine.execute(
+            "SELECT identity FROM monitor_repairing WHERE lower(server) = lower($1)", (server,)
         ).fetchall()
         return {str(r["identity"]).lower() for r in rows}
 
@@ -609,18 +528,19 @@ class Directory:
     def record_repair(self, server: str, role: str, kind: str, service: str, at: float) -> None:
         with self._transaction() as db:
             db.execute(
-                "INSERT INTO repairs (server, role, kind, service, started) VALUES (?, ?, ?, ?, ?)",
+                "INSERT INTO repairs (server, role, kind, service, started) "
+                "VALUES ($1, $2, $3, $4, $5)",
                 (self.get_server(server).name, role, kind, service, at),
             )
 
     def prune_repairs(self, server: str, before: float) -> None:
         with self._transaction() as db:
-            db.execute("DELETE FROM repairs WHERE server = ? AND started < ?", (server, before))
+            db.execute("DELETE FROM repairs WHERE server = $1 AND started < $2", (server, before))
 
     def repairs_since(self, role: str, since: float) -> list[tuple[str, str, str, float]]:
         """(server, kind, service, started) of the repairs on servers of `role`, oldest first."""
-        rows = self._db.execute(
-            "SELECT server, kind, service, started FROM repairs WHERE role = ? AND started >= ? "
+        rows = self._engine.execute(
+            "SELECT server, kind, service, started FROM repairs WHERE role = $1 AND started >= $2 "
             "ORDER BY started",
             (role, since),
         ).fetchall()
@@ -633,18 +553,18 @@ class Directory:
         database = self._require_database(database)
         now = time.time()
         with self._transaction() as db:
-            if db.execute("SELECT 1 FROM mailboxes WHERE address = ?", (address,)).fetchone():
+            if db.execute("SELECT 1 FROM mailboxes WHERE address = $1", (address,)).fetchone():
                 raise UserError(f"mailbox {address} already exists")
             db.execute(
                 "INSERT INTO mailboxes (address, database, password_hash, created, "
-                "password_changed) VALUES (?, ?, ?, ?, ?)",
+                "password_changed) VALUES ($1, $2, $3, $4, $5)",
                 (address, database, password_hash, now, now),
             )
         return self.get_mailbox(address)
 
     def find_mailbox(self, address: str) -> Mailbox | None:
-        row = self._db.execute(
-            "SELECT * FROM mailboxes WHERE address = ?", (address.strip().lower(),)
+        row = self._engine.execute(
+            "SELECT * FROM mailboxes WHERE address = $1", (address.strip().lower(),)
         ).fetchone()
         return None if row is None else _mailbox(row)
 
@@ -655,16 +575,18 @@ class Directory:
         return mailbox
 
     def list_mailboxes(self, database: str | None = None) -> list[Mailbox]:
-        rows = self._db.execute(
-            "SELECT * FROM mailboxes WHERE ?1 IS NULL OR database = ?1 ORDER BY address",
-            (database,),
-        ).fetchall()
+        if database is None:
+            rows = self._engine.execute("SELECT * FROM mailboxes ORDER BY address").fetchall()
+        else:
+            rows = self._engine.execute(
+                "SELECT * FROM mailboxes WHERE database = $1 ORDER BY address", (database,)
+            ).fetchall()
         return [_mailbox(row) for row in rows]
 
     def set_password_hash(self, address: str, password_hash: str) -> None:
         with self._transaction() as db:
             updated = db.execute(
-                "UPDATE mailboxes SET password_hash = ?, password_changed = ? WHERE address = ?",
+                "UPDATE mailboxes SET password_hash = $1, password_changed = $2 WHERE address = $3",
                 (password_hash, time.time(), address.strip().lower()),
             ).rowcount
         if not updated:
@@ -673,7 +595,7 @@ class Directory:
     def remove_mailbox(self, address: str) -> Mailbox:
         mailbox = self.get_mailbox(address)
         with self._transaction() as db:
-            db.execute("DELETE FROM mailboxes WHERE address = ?", (mailbox.address,))
+            db.execute("DELETE FROM mailboxes WHERE address = $1", (mailbox.address,))
         return mailbox
 
     # Server component states ------------------------------------------------------------
@@ -686,15 +608,15 @@ class Directory:
         with self._transaction() as db:
             db.execute(
                 "INSERT INTO component_states (server, component, requester, state, updated) "
-                "VALUES (?, ?, ?, ?, ?) ON CONFLICT(server, component, requester) "
+                "VALUES ($1, $2, $3, $4, $5) ON CONFLICT(server, component, requester) "
                 "DO UPDATE SET state = excluded.state, updated = excluded.updated",
                 (name, component, requester, state, time.time()),
             )
 
     def component_states(self, server: str) -> list[ComponentState]:
         name = self.get_server(server).name
-        rows = self._db.execute(
-            "SELECT component, requester, state FROM component_states WHERE server = ?", (name,)
+        rows = self._engine.execute(
+            "SELECT component, requester, state FROM component_states WHERE server = $1", (name,)
         ).fetchall()
         states = []
         for component in COMPONENTS:
@@ -714,8 +636,8 @@ class Directory:
     def pop_settings(self, server: str) -> tuple[PopSettings, int]:
         """The server's settings and a revision that grows with every change."""
         name = self.get_server(server).name
-        row = self._db.execute(
-            "SELECT settings, revision FROM pop_settings WHERE server = ?", (name,)
+        row = self._engine.execute(
+            "SELECT settings, revision FROM pop_settings WHERE server = $1", (name,)
         ).fetchone()
         if row is None:
             return PopSettings(), 0
@@ -726,11 +648,11 @@ class Directory:
         stored = settings.model_dump_json(exclude_defaults=True)
         with self._transaction() as db:
             row = db.execute(
-                "SELECT revision FROM pop_settings WHERE server = ?", (name,)
+                "SELECT revision FROM pop_settings WHERE server = $1", (name,)
             ).fetchone()
             revision = (row["revision"] if row else 0) + 1
             db.execute(
-                "INSERT INTO pop_settings (server, settings, revision) VALUES (?, ?, ?) "
+                "INSERT INTO pop_settings (server, settings, revision) VALUES ($1, $2, $3) "
                 "ON CONFLICT(server) DO UPDATE SET settings = excluded.settings, "
                 "revision = excluded.revision",
                 (name, stored, revision),
@@ -778,7 +700,7 @@ def _choice(value: str, allowed: tuple[str, ...], what: str) -> str:
     raise UserError(f"unknown {what} {value!r}; one of: {', '.join(allowed)}")
 
 
-def _server(row: sqlite3.Row) -> Server:
+def _server(row: Row) -> Server:
     return Server(
         name=row["name"],
         roles=tuple(json.loads(row["roles"])),
@@ -789,7 +711,7 @@ def _server(row: sqlite3.Row) -> Server:
     )
 
 
-def _mailbox(row: sqlite3.Row) -> Mailbox:
+def _mailbox(row: Row) -> Mailbox:
     return Mailbox(
         address=row["address"],
         database=row["database"],
@@ -797,3 +719,13 @@ def _mailbox(row: sqlite3.Row) -> Mailbox:
         created=row["created"],
         password_changed=row["password_changed"],
     )
+
+
+def open_engine(location: DirectoryLocation) -> Engine:
+    if isinstance(location, SqliteLocation):
+        return SqliteEngine(location.path)
+    # psycopg is loaded only where a PostgreSQL directory is used.
+    from popguard.directory.sql.postgres_engine import PostgresEngine
+
+    assert isinstance(location, PostgresLocation)
+    return PostgresEngine(location)

@@ -1,0 +1,255 @@
+"""The directory in PostgreSQL: one directory for every host of the organization.
+
+psycopg 3 with a connection pool per process (shared by the directory handles and
+threads of that process). Writers take one advisory lock per transaction, so
+directory writes are serialized as SQLite's single writer serializes them: every
+read-then-write of directory.py stays correct without a retry loop, and directory
+writes are rare and short (moves, settings, copy status every few seconds).
+
+Another process's change is noticed through LISTEN/NOTIFY: triggers on the tables a
+running service caches from send a notification at commit; one listener thread per
+process counts them. A notification is a hint: after the listener reconnects it
+counts once more, since whatever was sent while it was away is lost, so caches are
+read again in full.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Any
+
+import psycopg
+import psycopg_pool
+
+from popguard.directory.location import PostgresLocation
+from popguard.directory.schema import NOTIFY_CHANNEL
+from popguard.directory.sql.engine import (
+    DirectoryUnavailable,
+    Migration,
+    Result,
+    psycopg_statement,
+)
+from popguard.errors import UserError
+
+# Any constant: the key of the one lock every directory writer takes.
+WRITERS_LOCK = 0x706F70_6775617264 & 0x7FFFFFFFFFFFFFFF
+CONNECT_TIMEOUT = 5  # seconds, libpq's connect_timeout and the pool's wait
+POOL_SIZE = 4
+
+# The pool reports connection failures as warnings; with no handler of its own,
+# Python would print them to a command's stderr beside popguard's one line.
+logging.getLogger("psycopg.pool").addHandler(logging.NullHandler())
+
+
+class PgRow:
+    """A row by column name or position, like sqlite3.Row."""
+
+    __slots__ = ("_index", "_values")
+
+    def __init__(self, values: Sequence[Any], index: dict[str, int]) -> None:
+        self._values = values
+        self._index = index
+
+    def __getitem__(self, key: int | str) -> Any:
+        return self._values[key if isinstance(key, int) else self._index[key]]
+
+    def keys(self) -> list[str]:
+        return list(self._index)
+
+
+def _rows(cursor: Any) -> Any:
+    index = {column.name: i for i, column in enumerate(cursor.description or ())}
+    return lambda values: PgRow(values, index)
+
+
+@dataclass
+class PgResult:
+    rows: list[PgRow]
+    rowcount: int
+
+    def fetchone(self) -> PgRow | None:
+        return self.rows[0] if self.rows else None
+
+    def fetchall(self) -> list[PgRow]:
+        return self.rows
+
+
+def _run(connection: psycopg.Connection[Any], sql: str, params: Sequence[object]) -> PgResult:
+    statement, ordered = psycopg_statement(sql, params)
+    cursor = connection.execute(statement, ordered)
+    rows = cursor.fetchall() if cursor.description is not None else []
+    return PgResult(rows, cursor.rowcount)
+
+
+class _Transaction:
+    def __init__(self, connection: psycopg.Connection[Any]) -> None:
+        self._connection = connection
+
+    def execute(self, sql: str, params: Sequence[object] = ()) -> Result:
+        return _run(self._connection, sql, params)
+
+
+def _unavailable(location: PostgresLocation, exc: psycopg.Error) -> DirectoryUnavailable:
+    if isinstance(exc, psycopg_pool.PoolTimeout):
+        why = f"no connection within {CONNECT_TIMEOUT} s"
+    else:
+        why = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        why = why.removeprefix("connection failed: ")
+    return DirectoryUnavailable(f"directory unreachable ({location.describe()}): {why}")
+
+
+def connection_kwargs(location: PostgresLocation) -> dict[str, Any]:
+    kwargs: dict[str, Any] = {
+        "autocommit": True,
+        "connect_timeout": CONNECT_TIMEOUT,
+        "application_name": "popguard",
+        # A host cut off silently is noticed in about 11 s rather than the kernel's hours.
+        "keepalives": 1,
+        "keepalives_idle": 5,
+        "keepalives_interval": 2,
+        "keepalives_count": 3,
+    }
+    password = location.password()
+    if password is not None:
+        kwargs["password"] = password
+    return kwargs
+
+
+_pools: dict[PostgresLocation, psycopg_pool.ConnectionPool[Any]] = {}
+_listeners: dict[PostgresLocation, ChangeListener] = {}
+_shared_lock = threading.Lock()
+
+
+def _pool(location: PostgresLocation) -> psycopg_pool.ConnectionPool[Any]:
+    with _shared_lock:
+        pool = _pools.get(location)
+        if pool is not None:
+            return pool
+        kwargs = connection_kwargs(location)
+        # One connection made here, so that a wrong URL or password is reported with
+        # libpq's own reason rather than as a pool's time-out.
+        try:
+            psycopg.connect(location.url, **kwargs).close()
+        except psycopg.Error as exc:
+            raise _unavailable(location, exc) from None
+        pool = psycopg_pool.ConnectionPool(
+            location.url,
+            kwargs=kwargs | {"row_factory": _rows},
+            min_size=1,
+            max_size=POOL_SIZE,
+            timeout=CONNECT_TIMEOUT,
+            name="popguard-directory",
+            open=True,
+        )
+        _pools[location] = pool
+        return pool
+
+
+class ChangeListener:
+    """Counts NOTIFYs on the directory's channel, in a thread of its own."""
+
+    def __init__(self, location: PostgresLocation) -> None:
+        self._location = location
+        self.count = 0
+        self._stopping = threading.Event()
+        self._thread = threading.Thread(
+            target=self._listen, name="popguard-directory-listener", daemon=True
+        )
+        self._thread.start()
+
+    def _listen(self) -> None:
+        while not self._stopping.is_set():
+            try:
+                kwargs = connection_kwargs(self._location)
+                with psycopg.connect(self._location.url, **kwargs) as connection:
+                    connection.execute(f"LISTEN {NOTIFY_CHANNEL}")
+                    self.count += 1  # (re)connected: what was sent meanwhile is lost
+                    while not self._stopping.is_set():
+                        # Waits on the socket, a second at a time so that stop() is
+                        # heard; nothing is sent to the server while nothing changes.
+                        for _ in connection.notifies(timeout=1.0):
+                            self.count += 1
+            except (psycopg.Error, OSError, UserError):  # password file gone, too
+                self.count += 1
+                self._stopping.wait(1.0)
+
+    def stop(self) -> None:
+        self._stopping.set()
+
+
+class PostgresEngine:
+    name = "postgresql"
+
+    def __init__(self, location: PostgresLocation) -> None:
+        self.location = location
+        self._pool = _pool(location)
+
+    def describe(self) -> str:
+        return f"directory {self.location.describe()}"
+
+    def execute(self, sql: str, params: Sequence[object] = ()) -> Result:
+        # A read may meet a connection that died while idle in the pool (PostgreSQL
+        # restarted): the pool drops it and one more try gets a fresh one.
+        for attempt in (1, 2):
+            try:
+                with self._pool.connection() as connection:
+                    return _run(connection, sql, params)
+            except psycopg.OperationalError as exc:
+                if attempt == 2 or isinstance(exc, psycopg_pool.PoolTimeout):
+                    raise _unavailable(self.location, exc) from None
+        raise AssertionError("unreachable")
+
+    @contextmanager
+    def transaction(self) -> Iterator[_Transaction]:
+        try:
+            with self._pool.connection() as connection, connection.transaction():
+                connection.execute("SELECT pg_advisory_xact_lock(%s)", (WRITERS_LOCK,))
+                yield _Transaction(connection)
+        except psycopg.OperationalError as exc:
+            raise _unavailable(self.location, exc) from None
+
+    def migrate(self, migrations: Sequence[Migration]) -> None:
+        with self.transaction() as tx:
+            tx.execute("CREATE TABLE IF NOT EXISTS popguard_schema (version BIGINT NOT NULL)")
+            row = tx.execute("SELECT version FROM popguard_schema").fetchone()
+            if row is None:
+                tx.execute("INSERT INTO popguard_schema (version) VALUES (0)")
+                version = 0
+            else:
+                version = int(row[0])
+            if version > len(migrations):
+                raise UserError(
+                    f"{self.describe()} has schema version {version}, newer than this "
+                    f"popguard ({len(migrations)}); upgrade popguard"
+                )
+            if version < len(migrations):
+                # The column words ({name}, {ref}) are citext here: a trusted extension
+                # since PostgreSQL 13, which the directory database's owner may create.
+                self._script(tx, "CREATE EXTENSION IF NOT EXISTS citext")
+            for target in range(version, len(migrations)):
+                # A script without parameters goes as one simple query: several statements.
+                self._script(tx, migrations[target].script(self.name))
+                tx.execute("UPDATE popguard_schema SET version = $1", (target + 1,))
+
+    @staticmethod
+    def _script(tx: _Transaction, script: str) -> None:
+        tx._connection.execute(script.encode())  # bytes: no placeholder parsing at all
+
+    def schema_version(self) -> int:
+        row = self.execute("SELECT version FROM popguard_schema").fetchone()
+        return 0 if row is None else int(row[0])
+
+    def change_counter(self) -> int:
+        with _shared_lock:
+            listener = _listeners.get(self.location)
+            if listener is None:
+                listener = _listeners[self.location] = ChangeListener(self.location)
+        return listener.count
+
+    def close(self) -> None:
+        """The pool and listener are the process's, shared by every handle: they end
+        with it."""
