@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Install the real POP3 clients, Postfix and Dovecot that tests/realclients.py and
+# Install the real POP3 clients, Postfix, Dovecot and PostgreSQL that tests/realclients.py and
 # tests/test_realclients_dovecot.py drive.  Idempotent; run as root on Debian 12.
 #
 # - Fast re-runs: when every binary is already present, apt is not touched at all.
@@ -15,12 +15,15 @@ set -euo pipefail
 export PATH="$PATH:/usr/local/sbin:/usr/sbin:/sbin"
 
 BINARIES=(curl fetchmail mpop getmail postfix postconf dovecot)
-PACKAGES=(curl fetchmail mpop getmail6 postfix dovecot-core dovecot-pop3d ca-certificates)
+PACKAGES=(curl fetchmail mpop getmail6 postfix dovecot-core dovecot-pop3d ca-certificates
+    postgresql)
 
 missing=()
 for bin in "${BINARIES[@]}"; do
     command -v "$bin" >/dev/null 2>&1 || missing+=("$bin")
 done
+# The PostgreSQL server's tools are not on PATH (Debian keeps them per version).
+compgen -G "/usr/lib/postgresql/*/bin/initdb" >/dev/null || missing+=("postgresql")
 [ -e /etc/ssl/certs/ca-certificates.crt ] || missing+=("ca-certificates")
 
 if [ "${#missing[@]}" -eq 0 ] && [ -z "${INSTALL_TEST_DEPS_FORCE:-}" ]; then
@@ -75,6 +78,7 @@ stop_service() {
 }
 stop_service postfix
 stop_service dovecot
+stop_service postgresql
 if postfix status >/dev/null 2>&1; then
     postfix stop || true
 fi
@@ -86,4 +90,6 @@ fi
 for bin in "${BINARIES[@]}"; do
     command -v "$bin" >/dev/null 2>&1 || { echo "install-test-deps: $bin still missing" >&2; exit 1; }
 done
+compgen -G "/usr/lib/postgresql/*/bin/initdb" >/dev/null \
+    || { echo "install-test-deps: postgresql still missing" >&2; exit 1; }
 echo "install-test-deps: done"

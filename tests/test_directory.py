@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import re
 import sqlite3
+import subprocess
+import sys
 import threading
 import time
 from pathlib import Path
@@ -325,3 +327,114 @@ def test_numbered_parameters_take_their_values_in_order(numbers: list[int], text
     read_back = re.sub(r"%%|%s", lambda m: "%" if m.group() == "%%" else "$?", statement)
     assert read_back == re.sub(r"\$\d+", "$?", sql)
     assert re.findall(r"\?(\d+)", sqlite_statement(sql)) == [str(n) for n in numbers]
+
+
+# port-directory ----------------------------------------------------------------------
+
+
+def run_popguard(data: Path, *argv: str, timeout: float = 120) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "popguard", "--data", str(data), *argv],
+        capture_output=True, text=True, timeout=timeout, check=False,
+    )  # fmt: skip
+
+
+def filled_sqlite_directory(data: Path) -> str:
+    with Directory(data) as directory:
+        small_organization(directory)
+        for n in range(30):
+            directory.new_mailbox(f"user{n}@example.test", "DB01", f"hash-{n}")
+        directory.set_pop_settings("mbx1", PopSettings().with_changes({"MaxConnections": 9}))
+        directory.set_component_state("cas1", "PopProxy", "Inactive", "Maintenance")
+        now = time.time()
+        directory.add_monitoring_override(
+            MonitoringOverride(None, "POP\\PopSelfTestProbe", "Probe", "Enabled", "False",
+                               now, now + 3600)
+        )  # fmt: skip
+        directory.record_repair("mbx1", "mailbox", "restart", "pop3be", now)
+        return directory.organization_id()
+
+
+@pytest.mark.timeout(300)
+def test_port_directory_copies_everything_resumes_and_refuses_another_organization(
+    postgres: PostgresServer, tmp_path: Path
+) -> None:
+    data = tmp_path / "one-machine"
+    organization = filled_sqlite_directory(data)
+    url = postgres.new_database()
+    port = ("port-directory", "--to", url, "--password-file", str(postgres.password_file))
+
+    # Cut short: a lock held on one table stops the copy there; kill -9 it then.
+    locker = psycopg.connect(url, password=postgres.password, autocommit=True)
+    Directory(tmp_path / "schema-only", PostgresLocation(url, postgres.password_file)).close()
+    locker.execute("BEGIN")
+    locker.execute("LOCK TABLE component_states IN ACCESS EXCLUSIVE MODE")
+    process = subprocess.Popen(
+        [sys.executable, "-m", "popguard", "--data", str(data), *port],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+    )  # fmt: skip
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        waiting = locker.execute(
+            "SELECT count(*) FROM pg_locks WHERE NOT granted AND relation = "
+            "'component_states'::regclass"
+        ).fetchone()
+        if waiting and waiting[0]:
+            break
+        time.sleep(0.05)
+    process.kill()
+    process.wait(30)
+    locker.execute("ROLLBACK")
+    locker.close()
+
+    again = run_popguard(data, *port)
+    assert again.returncode == 0, again.stderr
+    lines = {line.split()[0]: line.split() for line in again.stdout.splitlines() if line}
+    assert lines["servers"][1:4] == ["0", "new", "3"]  # copied before the kill
+    assert lines["mailboxes"][1] == "0"
+    assert lines["component_states"][1] == "1"  # the rest only now
+    assert lines["repairs"][1] == "1"
+    assert f'url = "{url}"' in again.stdout
+
+    ported = tmp_path / "ported"
+    ported.mkdir()
+    (ported / "popguard.toml").write_text(postgres.directory_section(url))
+    with Directory(ported) as directory, Directory(data) as original:
+        assert directory.engine == "postgresql"
+        assert directory.organization_id() == organization
+        assert directory.list_mailboxes() == original.list_mailboxes()
+        assert directory.database_copies() == original.database_copies()
+        assert directory.pop_settings("mbx1") == original.pop_settings("mbx1")
+        assert directory.component_state("cas1", "PopProxy") == "Inactive"
+        assert len(directory.monitoring_overrides(None, time.time())) == 1
+        # New generated ids come after the copied ones.
+        directory.record_repair("mbx2", "mailbox", "restart", "pop3be", time.time())
+        assert len(directory.repairs_since("mailbox", 0)) == 2
+        original.new_mailbox("late@example.test", "DB01", "hash-late")
+
+    third = run_popguard(data, *port)
+    assert third.returncode == 0, third.stderr
+    assert "copied 1 rows" in third.stdout  # only what changed since
+
+    other = tmp_path / "other-organization"
+    filled_sqlite_directory(other)
+    refused = run_popguard(other, *port)
+    assert refused.returncode == 1
+    assert "holds another organization" in refused.stderr
+    assert refused.stderr.count("\n") == 1
+
+
+def test_port_directory_bad_input_is_one_line(postgres: PostgresServer, tmp_path: Path) -> None:
+    empty = run_popguard(tmp_path / "nothing", "port-directory", "--to", postgres.url("x"))
+    assert empty.returncode == 1 and "no SQLite directory to copy" in empty.stderr
+    filled_sqlite_directory(tmp_path / "d")
+    wrong = run_popguard(tmp_path / "d", "port-directory", "--to", "postgresql://u:pw@h/db")
+    assert wrong.returncode == 1 and "must not hold a password" in wrong.stderr
+    unreachable = run_popguard(
+        tmp_path / "d", "port-directory", "--to",
+        f"postgresql://popguard@127.0.0.1:{free_port()}/popguard",
+    )  # fmt: skip
+    assert unreachable.returncode == 1
+    assert "directory unreachable" in unreachable.stderr
+    for result in (empty, wrong, unreachable):
+        assert result.stderr.count("\n") == 1 and "Traceback" not in result.stderr

@@ -50,6 +50,7 @@ COMMAND_MODULES = {
     "new-mailbox": "mailboxes",
     "new-mailboxdatabase": "servers",
     "new-server": "servers",
+    "port-directory": "directory",
     "remove-globalmonitoringoverride": "overrides",
     "remove-mailbox": "mailboxes",
     "remove-mailboxdatabasecopy": "copies",

@@ -2,6 +2,8 @@
 
 Every section is optional and the defaults need no file at all:
 
+- `[directory]`: where the directory lives (directory/location.py): SQLite in the
+  data folder when absent, PostgreSQL with `url`.
 - `[faults]`: whether `inject-fault` may act (off by default: a production
   service must not be breakable by a typo).
 - `[escalation]`: where alerts go once the responders could not repair
@@ -36,6 +38,7 @@ from pydantic import (
 )
 
 from popguard.directory.directory import normalize_address
+from popguard.directory.location import DirectorySection
 from popguard.errors import UserError
 
 CONFIG_FILE = "popguard.toml"
@@ -133,6 +136,7 @@ class Demo(Section):
 
 
 class Config(Section):
+    directory: DirectorySection = DirectorySection()
     faults: Faults = Faults()
     host: Host = Host()
     escalation: Escalation = Escalation()

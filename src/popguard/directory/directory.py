@@ -125,6 +125,10 @@ class Directory:
     def describe(self) -> str:
         return self._engine.describe()
 
+    def raw_engine(self) -> Engine:
+        """The engine under this handle, for whole-table work (port-directory) only."""
+        return self._engine
+
     def organization_id(self) -> str:
         """The organization's random name, the same for every server of it."""
         row = self._engine.execute("SELECT id FROM organization").fetchone()

@@ -24,6 +24,8 @@ class Row(Protocol):
 
     def __getitem__(self, key: int | str, /) -> Any: ...
 
+    def keys(self) -> list[str]: ...
+
 
 class Result(Protocol):
     @property
