@@ -34,7 +34,8 @@ from popguard.control.service_control import (
     supervisor_dir,
 )
 from popguard.directory.config import Config, config_file, install_config, load_config, parse_config
-from popguard.directory.directory import Server
+from popguard.directory.directory import Directory, Server
+from popguard.directory.location import location_of
 from popguard.directory.organization import (
     DEFAULT_FRONTEND_ADDRESS,
     DEFAULT_MAILBOX_ADDRESS,
@@ -296,7 +297,9 @@ def up(
         )
     if not config.servers:
         check_default_demo(config.demo, source)
-    with app.directory() as directory:
+    # The directory the configuration names: a --config file's [directory] is not
+    # installed yet.
+    with Directory(app.data, location_of(config.directory, app.data)) as directory:
         if config.servers:
             topology = config
         else:

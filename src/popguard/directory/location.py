@@ -115,7 +115,12 @@ def read_section(data: Path) -> DirectorySection:
 
 
 def directory_location(data: Path) -> DirectoryLocation:
-    section = read_section(data)
+    return location_of(read_section(data), data)
+
+
+def location_of(section: DirectorySection, data: Path) -> DirectoryLocation:
+    """Where `section` (of DATA/popguard.toml, or of a file `up --config` is given)
+    puts the directory; relative paths are the data folder's."""
     if section.url is not None and section.path is not None:
         raise UserError(f"{data / CONFIG_FILE}: directory: give url or path, not both")
     if section.url is not None:

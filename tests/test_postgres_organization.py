@@ -1,0 +1,110 @@
+"""A whole organization on a PostgreSQL directory: `popguard up` with [directory] url."""
+
+from __future__ import annotations
+
+import json
+import poplib
+import re
+import ssl
+import time
+from pathlib import Path
+
+import pytest
+
+from popguard.testing.net import free_loopback_address
+from popguard.testing.organization import popguard
+from popguard.testing.postgres import PostgresServer
+
+from .conftest import processes_matching
+
+
+def topology(addresses: list[str], directory_section: str) -> str:
+    cas1, mbx1, mbx2 = addresses
+    return f"""{directory_section}
+[[servers]]
+name = "cas1"
+roles = ["frontend"]
+address = "{cas1}"
+
+[[servers]]
+name = "mbx1"
+roles = ["mailbox"]
+address = "{mbx1}"
+
+[[servers]]
+name = "mbx2"
+roles = ["mailbox"]
+address = "{mbx2}"
+
+[[databases]]
+name = "DB01"
+copies = ["mbx1", "mbx2"]
+"""
+
+
+def read_all(address: str, ca: Path, user: str, password: str) -> list[bytes]:
+    context = ssl.create_default_context(cafile=str(ca))
+    client = poplib.POP3_SSL(address, 10995, context=context, timeout=15)
+    try:
+        client.user(user)
+        client.pass_(password)
+        count, _ = client.stat()
+        return [b"\r\n".join(client.retr(n + 1)[1]) for n in range(count)]
+    finally:
+        client.quit()
+
+
+def wait_healthy(data: Path, identity: str) -> dict[str, object]:
+    deadline = time.monotonic() + 60
+    row: dict[str, object] = {}
+    while time.monotonic() < deadline:
+        shown = popguard(data, "get-mailboxdatabasecopystatus", "--identity", identity,
+                         "--format", "json")  # fmt: skip
+        assert shown.returncode == 0, shown.stderr
+        row = json.loads(shown.stdout)[0]
+        if row["Status"] == "Healthy" and row["CopyQueueLength"] == 0:
+            return row
+        time.sleep(0.5)
+    raise AssertionError(f"{identity} never became Healthy: {row}")
+
+
+@pytest.mark.timeout(300)
+def test_an_organization_on_postgresql_serves_moves_and_delivers(
+    postgres: PostgresServer, tmp_path: Path
+) -> None:
+    addresses = [free_loopback_address() for _ in range(3)]
+    cas1 = addresses[0]
+    url = postgres.new_database()
+    config = tmp_path / "organization.toml"
+    config.write_text(topology(addresses, postgres.directory_section(url)))
+    data = tmp_path / "data"
+    started = popguard(data, "up", "--detach", "--config", str(config))
+    try:
+        assert started.returncode == 0, started.stderr
+        assert not (data / "directory.sqlite").exists()  # the directory is PostgreSQL's
+        match = re.search(r"demo mailbox (\S+) \(in DB01\)\s+password (\S+)", started.stdout)
+        assert match, started.stdout
+        user, password = match.groups()
+        ca = data / "tls" / "ca.pem"
+        (welcome,) = read_all(cas1, ca, user, password)
+        assert b"Subject: Welcome to popguard" in welcome
+        wait_healthy(data, "DB01\\mbx2")
+
+        moved = popguard(data, "move-activemailboxdatabase", "DB01", "--activate-on-server",
+                         "mbx2", "--format", "json")  # fmt: skip
+        assert moved.returncode == 0, moved.stderr
+        organization = popguard(data, "get-mailboxdatabase", "--format", "json")
+        assert organization.returncode == 0, organization.stderr
+        message = tmp_path / "message.eml"
+        message.write_bytes(b"Subject: after the move\r\n\r\nDB01 now lives on mbx2.\r\n")
+        sent = popguard(data, "send-message", "--to", user, "--file", str(message))
+        assert sent.returncode == 0, sent.stderr
+        # The front end follows the move (the directory's NOTIFY reached it).
+        messages = read_all(cas1, ca, user, password)
+        assert len(messages) == 2 and b"Subject: after the move" in messages[1]
+        health = popguard(data, "get-serverhealth", "mbx1", "--format", "json")
+        assert health.returncode == 0, health.stderr
+    finally:
+        down = popguard(data, "down")
+    assert down.returncode == 0, down.stderr
+    assert processes_matching(f"popguard --data {data} serve") == []
