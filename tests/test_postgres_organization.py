@@ -108,3 +108,85 @@ def test_an_organization_on_postgresql_serves_moves_and_delivers(
         down = popguard(data, "down")
     assert down.returncode == 0, down.stderr
     assert processes_matching(f"popguard --data {data} serve") == []
+
+
+def lmtp_replies(address: str, recipients: list[str]) -> list[int]:
+    """One LMTP transaction straight to a delivery service; each recipient's code
+    (RCPT's when it refused, else DATA's)."""
+    import smtplib
+
+    with smtplib.LMTP(address, 2424, timeout=15) as client:
+        client.ehlo("test.example")
+        client.mail("sender@example.test")
+        codes: dict[str, int] = {}
+        for recipient in recipients:
+            code, _ = client.rcpt(recipient)
+            if code != 250:
+                codes[recipient] = code
+        accepted = [r for r in recipients if r not in codes]
+        if accepted:
+            code, _ = client.data(b"Subject: in the outage\r\n\r\nstill here\r\n")
+            for recipient in accepted:
+                codes[recipient] = code
+        return [codes[r] for r in recipients]
+
+
+@pytest.mark.timeout(400)
+def test_services_ride_out_a_directory_outage_and_resume_by_themselves(
+    postgres: PostgresServer, tmp_path: Path
+) -> None:
+    addresses = [free_loopback_address() for _ in range(3)]
+    cas1, mbx1, _ = addresses
+    url = postgres.new_database()
+    config = tmp_path / "organization.toml"
+    config.write_text(topology(addresses, postgres.directory_section(url)))
+    data = tmp_path / "data"
+    started = popguard(data, "up", "--detach", "--config", str(config))
+    try:
+        assert started.returncode == 0, started.stderr
+        match = re.search(r"demo mailbox (\S+) \(in DB01\)\s+password (\S+)", started.stdout)
+        assert match, started.stdout
+        user, password = match.groups()
+        ca = data / "tls" / "ca.pem"
+        assert len(read_all(cas1, ca, user, password)) == 1
+        services = processes_matching(f"popguard --data {data} serve")
+
+        postgres.pg_ctl("stop")
+        try:
+            outage_ends = time.monotonic() + 45
+            # A login this organization has seen before keeps working.
+            assert len(read_all(cas1, ca, user, password)) == 1
+            # Mail for a known mailbox is taken; for one never seen, 451, never 550.
+            assert lmtp_replies(mbx1, [user, "stranger@popguard.test"]) == [250, 451]
+            refused = popguard(data, "get-server")
+            assert refused.returncode == 1
+            assert "directory unreachable" in refused.stderr
+            assert refused.stderr.count("\n") == 1, refused.stderr
+            while time.monotonic() < outage_ends:
+                time.sleep(5)
+                assert len(read_all(cas1, ca, user, password)) == 2
+        finally:
+            postgres.pg_ctl("start")
+
+        # Back by itself: a mailbox made now is served within seconds.
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            made = popguard(data, "new-mailbox", "late@popguard.test", "--password-stdin",
+                            stdin="a password long enough\n")  # fmt: skip
+            if made.returncode == 0:
+                break
+            time.sleep(1)
+        assert made.returncode == 0, made.stderr
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            try:
+                read_all(cas1, ca, "late@popguard.test", "a password long enough")
+                break
+            except poplib.error_proto:
+                time.sleep(1)
+        assert read_all(cas1, ca, "late@popguard.test", "a password long enough") == []
+        # Nothing restarted: the same processes serve as before the outage.
+        assert processes_matching(f"popguard --data {data} serve") == services
+    finally:
+        down = popguard(data, "down")
+    assert down.returncode == 0, down.stderr

@@ -6,10 +6,10 @@ ones read."""
 from __future__ import annotations
 
 import logging
-import sqlite3
 from pathlib import Path
 
 from popguard.directory.directory import Directory, MonitoringOverride, Server
+from popguard.directory.sql.engine import DIRECTORY_ERRORS, DirectoryUnavailable
 from popguard.errors import UserError
 from popguard.health.clock import Clock
 from popguard.health.external import ExternalPop3Server, load_external
@@ -38,8 +38,9 @@ class Controls:
         try:
             self.overrides = self.directory.monitoring_overrides(self.server.name, now)
             self.repairing = self.directory.monitors_repairing(self.server.name)
-        except sqlite3.Error as exc:  # a busy directory: keep the last ones
-            log.warning("reading overrides failed: %s", exc)
+        except DIRECTORY_ERRORS as exc:  # a busy or unreachable directory: keep the last ones
+            if not isinstance(exc, DirectoryUnavailable):  # an outage is logged once, there
+                log.warning("reading overrides failed: %s", exc)
             return
         try:
             self.external = [

@@ -15,6 +15,7 @@ import zlib
 from collections.abc import Awaitable, Callable
 
 from popguard.control.service_control import control_for, services_of
+from popguard.directory.sql.engine import DirectoryUnavailable
 from popguard.errors import UserError
 from popguard.health.clock import sleep_unless_stopped
 from popguard.health.definitions import HealthSet, ProbeDefinition
@@ -244,6 +245,8 @@ class ProbeRuns:
             if enabled:
                 try:
                     await self.run_now(health_set, effective)
+                except DirectoryUnavailable as exc:  # its targets are not known here yet
+                    log.warning("%s not run: %s", identity, exc)
                 except Exception:
                     log.exception("running %s failed", identity)
             pause = max(0.0, effective.recurrence - (self.clock.now() - began))

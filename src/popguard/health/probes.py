@@ -25,6 +25,7 @@ from popguard.pop3.session import redact
 NETWORKING, TLS, POP3, AUTH, STORE, BACKEND, DELIVERY, COUNTERS, PROCESS = (
     "Networking", "TLS", "POP3", "Auth", "Store", "Backend", "Delivery", "Counters", "Process",
 )  # fmt: skip
+DIRECTORY = "Directory"
 MAX_MULTILINE = 64 * 1024 * 1024
 
 
@@ -228,6 +229,9 @@ async def capabilities_probe(
     return Outcome()
 
 
+# Words of a login refusal that name the directory (services/pop3_service.py's
+# DIRECTORY_UNREACHABLE) as what failed: POP3 itself works.
+DIRECTORY_WORDS = ("directory",)
 # Words of a login refusal that name the store as what failed: the back end's "mailbox
 # database is not available here now" and "mailbox store error".
 STORE_WORDS = ("database", "store")
@@ -244,6 +248,8 @@ def _login_component(reply: StatusLine, through_front_end: bool) -> str:
     if reply.code not in ("SYS/TEMP", "SYS/PERM"):
         return POP3
     text = reply.text.lower()
+    if any(word in text for word in DIRECTORY_WORDS):
+        return DIRECTORY
     if any(word in text for word in STORE_WORDS):
         return STORE
     if through_front_end and FRONT_END_OWN not in text:

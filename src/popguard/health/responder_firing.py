@@ -13,6 +13,7 @@ import sqlite3
 from collections.abc import Coroutine
 from typing import Any
 
+from popguard.directory.sql.engine import DIRECTORY_ERRORS
 from popguard.errors import UserError
 from popguard.health.definitions import HealthSet, MonitorDefinition, ResponderDefinition
 from popguard.health.engine_state import EngineState
@@ -153,7 +154,7 @@ class ResponderFiring:
         try:
             repairs = self.directory.repairs_since(role, now - 86_400)
             servers = self.directory.list_servers()
-        except sqlite3.Error as exc:  # cannot count: do not act blind
+        except DIRECTORY_ERRORS as exc:  # cannot count: do not act blind
             return f"the group's repairs cannot be read: {exc}"
         service = responder.service or ""
         same = [r for r in repairs if (r[1], r[2]) == (responder.kind, service)]
@@ -240,7 +241,7 @@ class ResponderFiring:
                 role = self._role_of(responder)
                 service = responder.service or ""
                 self.directory.record_repair(self.server.name, role, responder.kind, service, now)
-            except sqlite3.Error as exc:
+            except DIRECTORY_ERRORS as exc:
                 log.warning("recording the repair in the directory failed: %s", exc)
 
     def _not_here(

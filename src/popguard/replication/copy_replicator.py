@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import TypeVar
 
 from popguard.directory.directory import CopyStatusReport, Directory
+from popguard.directory.sql.engine import DirectoryUnavailable
 from popguard.errors import UserError
 from popguard.replication.peer import (
     Diverged,
@@ -254,6 +255,8 @@ class CopyReplicator:
                     reported=now,
                 )
             )
+        except DirectoryUnavailable:
+            return  # logged once for the whole outage; reported again once it ends
         except Exception:
             log.exception("%s: reporting copy status failed", self._name)
             return

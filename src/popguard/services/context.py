@@ -9,14 +9,37 @@ data folder today) is decided in one place.
 
 from __future__ import annotations
 
+import logging
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
 from popguard import paths
 from popguard.directory.directory import Directory, Server
+from popguard.directory.sql.engine import DirectoryUnavailable
 from popguard.errors import UserError
 from popguard.net.tls import TlsMaterial
 from popguard.paths import ServerFolder
+
+log = logging.getLogger("popguard.context")
+
+DIRECTORY_RETRY = 2.0  # seconds between tries of an unreachable directory at start
+
+
+def _wait_for_directory(data: Path) -> Directory:
+    waited = False
+    while True:
+        try:
+            directory = Directory(data)
+        except DirectoryUnavailable as exc:
+            if not waited:
+                log.error("%s; waiting for it", exc)
+                waited = True
+            time.sleep(DIRECTORY_RETRY)
+            continue
+        if waited:
+            log.info("the directory is reachable again")
+        return directory
 
 
 @dataclass
@@ -33,8 +56,12 @@ class ServerContext:
     @classmethod
     def open(cls, data: Path, server_name: str, role: str | None = None) -> ServerContext:
         """The context of `server_name`, which must have `role` if one is named; the
-        caller closes it."""
-        directory = Directory(data)
+        caller closes it.
+
+        A service started while the directory cannot be reached waits for it here
+        rather than exit: under a supervisor, exiting would be a crash loop that ends
+        with the service given up (FATAL) by the time the directory is back."""
+        directory = _wait_for_directory(data)
         try:
             server = directory.get_server(server_name)
             if role is not None and role not in server.roles:

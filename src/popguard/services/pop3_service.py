@@ -35,6 +35,7 @@ from typing import ClassVar
 
 from popguard.control.faults import Fault, read_fault
 from popguard.directory.directory import Mailbox, Server
+from popguard.directory.sql.engine import DirectoryUnavailable
 from popguard.net import tls
 from popguard.net.byte_stream import TLS_HANDSHAKE_TIMEOUT, ByteStream
 from popguard.net.serving import every, listen
@@ -65,6 +66,10 @@ log = logging.getLogger("popguard.pop3")
 
 DIRECTORY_POLL_INTERVAL = 1.0
 SHUTDOWN_GRACE = 5.0
+
+# A login the directory cannot judge now (PostgreSQL unreachable, this mailbox never
+# seen by this process): the health probes read "directory" as the failing part.
+DIRECTORY_UNREACHABLE = "the directory is unreachable; try again later"
 # Connections from the server's own address (its monitoring probes) admitted even
 # at MaxConnections and never evicted, so that a flood does not blind the health
 # engine into restarting the service; this many at most, so the exemption is bounded.
@@ -221,14 +226,20 @@ class Pop3Service(abc.ABC):
         connection: Connection,
         timer: CommandTimer,
     ) -> Mailbox | None:
-        """The mailbox whose password the client gave, or None after answering [AUTH]."""
-        mailbox = await self.authenticator.verify(
-            request.user,
-            request.password,
-            connection.client_ip,
-            connection.client_endpoint,
-            request.mechanism,
-        )
+        """The mailbox whose password the client gave, or None after answering [AUTH]
+        (or [SYS/TEMP] when the directory cannot say)."""
+        try:
+            mailbox = await self.authenticator.verify(
+                request.user,
+                request.password,
+                connection.client_ip,
+                connection.client_endpoint,
+                request.mechanism,
+            )
+        except DirectoryUnavailable:
+            timer.context = "DirectoryUnreachable"
+            session.login_failed(DIRECTORY_UNREACHABLE, ResponseCode.SYS_TEMP)
+            return None
         if mailbox is None:
             timer.context = "AuthFailed"
             session.login_failed("authentication failed", ResponseCode.AUTH)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+import sqlite3
 from collections.abc import Iterator, Sequence
 from contextlib import AbstractContextManager
 from dataclasses import dataclass
@@ -17,6 +18,11 @@ class DirectoryUnavailable(UserError):
     A UserError so that a command says it in one line; services catch it and go on
     with what they already know.
     """
+
+
+# What a reader of the directory may meet and live with (a busy SQLite file, a
+# PostgreSQL it cannot reach), as opposed to a bug.
+DIRECTORY_ERRORS: tuple[type[Exception], ...] = (sqlite3.Error, DirectoryUnavailable)
 
 
 class Row(Protocol):

@@ -6,6 +6,13 @@ directory writes are serialized as SQLite's single writer serializes them: every
 read-then-write of directory.py stays correct without a retry loop, and directory
 writes are rare and short (moves, settings, copy status every few seconds).
 
+While PostgreSQL cannot be reached, a read answers with what the same read last
+returned in this process (a bounded memory of them), at once: POP3 logins and
+deliveries for mailboxes this process has seen go on through a directory outage, and
+a read it never made, or a write, fails at once with DirectoryUnavailable instead of
+each caller waiting out a connection time-out. A thread of its own tries PostgreSQL
+again every RETRY_INTERVAL; its first success ends the outage for all.
+
 Another process's change is noticed through LISTEN/NOTIFY: triggers on the tables a
 running service caches from send a notification at commit; one listener thread per
 process counts them. A notification is a hint: after the listener reconnects it
@@ -15,9 +22,12 @@ read again in full.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import threading
-from collections.abc import Iterator, Sequence
+import time
+from collections import OrderedDict
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
@@ -39,10 +49,15 @@ from popguard.errors import UserError
 WRITERS_LOCK = 0x706F70_6775617264 & 0x7FFFFFFFFFFFFFFF
 CONNECT_TIMEOUT = 5  # seconds, libpq's connect_timeout and the pool's wait
 POOL_SIZE = 4
+RETRY_INTERVAL = 2.0  # seconds between tries while the directory is unreachable
+REMEMBERED_READS = 50_000  # about 200 bytes each: a mailbox row per user seen
 
-# The pool reports connection failures as warnings; with no handler of its own,
-# Python would print them to a command's stderr beside popguard's one line.
+# The pool reports every failed connection attempt as a warning: a command would print
+# them beside popguard's one line, a service once a second through an outage. The
+# outage's start and end are logged once, below.
+logging.getLogger("psycopg.pool").setLevel(logging.ERROR)
 logging.getLogger("psycopg.pool").addHandler(logging.NullHandler())
+log = logging.getLogger("popguard.directory")
 
 
 class PgRow:
@@ -119,7 +134,67 @@ def connection_kwargs(location: PostgresLocation) -> dict[str, Any]:
     return kwargs
 
 
+class Reachability:
+    """Whether this process can reach the directory, and what it read last.
+
+    Shared by every handle and thread of the process on one directory."""
+
+    def __init__(self, location: PostgresLocation, on_back: Callable[[], None]) -> None:
+        self._location = location
+        self._on_back = on_back
+        self._lock = threading.Lock()
+        self._reads: OrderedDict[tuple[str, tuple[object, ...]], PgResult] = OrderedDict()
+        self.down_since: float | None = None
+        self.last_error: DirectoryUnavailable | None = None
+
+    @property
+    def up(self) -> bool:
+        return self.down_since is None
+
+    def failed(self, error: DirectoryUnavailable) -> None:
+        with self._lock:
+            self.last_error = error
+            if self.down_since is not None:
+                return
+            self.down_since = time.monotonic()
+        log.error("%s; serving from what this process read last until it is back", error)
+        threading.Thread(target=self._wait_until_back, name="popguard-directory-retry",
+                         daemon=True).start()  # fmt: skip
+
+    def _wait_until_back(self) -> None:
+        while True:
+            time.sleep(RETRY_INTERVAL)
+            try:
+                psycopg.connect(self._location.url, **connection_kwargs(self._location)).close()
+                self._on_back()
+            except (psycopg.Error, OSError, UserError):
+                continue
+            with self._lock:
+                lasted = time.monotonic() - (self.down_since or time.monotonic())
+                self.down_since = None
+                self.last_error = None
+            log.warning("the directory is reachable again, after %.0f s", lasted)
+            return
+
+    def remember(self, key: tuple[str, tuple[object, ...]], result: PgResult) -> None:
+        with self._lock:
+            self._reads[key] = result
+            self._reads.move_to_end(key)
+            while len(self._reads) > REMEMBERED_READS:
+                self._reads.popitem(last=False)
+
+    def recall(self, key: tuple[str, tuple[object, ...]]) -> PgResult | None:
+        with self._lock:
+            return self._reads.get(key)
+
+    def unavailable(self) -> DirectoryUnavailable:
+        return self.last_error or DirectoryUnavailable(
+            f"directory unreachable ({self._location.describe()})"
+        )
+
+
 _pools: dict[PostgresLocation, psycopg_pool.ConnectionPool[Any]] = {}
+_reachability: dict[PostgresLocation, Reachability] = {}
 _listeners: dict[PostgresLocation, ChangeListener] = {}
 _shared_lock = threading.Lock()
 
@@ -187,32 +262,70 @@ class PostgresEngine:
     def __init__(self, location: PostgresLocation) -> None:
         self.location = location
         self._pool = _pool(location)
+        with _shared_lock:
+            reachability = _reachability.get(location)
+            if reachability is None:
+                # Back: connections the pool held from before are dead; test them all.
+                reachability = Reachability(location, self._pool.check)
+                _reachability[location] = reachability
+            self._reachability = reachability
 
     def describe(self) -> str:
         return f"directory {self.location.describe()}"
 
     def execute(self, sql: str, params: Sequence[object] = ()) -> Result:
-        # A read may meet a connection that died while idle in the pool (PostgreSQL
-        # restarted): the pool drops it and one more try gets a fresh one.
-        for attempt in (1, 2):
+        key = (sql, tuple(params))
+        reachability = self._reachability
+        if reachability.up:
             try:
-                with self._pool.connection() as connection:
-                    return _run(connection, sql, params)
+                result = self._read(sql, params)
             except psycopg.OperationalError as exc:
-                if attempt == 2 or isinstance(exc, psycopg_pool.PoolTimeout):
-                    raise _unavailable(self.location, exc) from None
-        raise AssertionError("unreachable")
+                reachability.failed(_unavailable(self.location, exc))
+            else:
+                reachability.remember(key, result)
+                return result
+        remembered = reachability.recall(key)
+        if remembered is None:
+            raise reachability.unavailable()
+        return remembered
+
+    def _read(self, sql: str, params: Sequence[object]) -> PgResult:
+        try:
+            with self._pool.connection() as connection:
+                return _run(connection, sql, params)
+        except psycopg_pool.PoolTimeout:
+            raise
+        except psycopg.OperationalError:
+            # A connection that died while idle in the pool (PostgreSQL restarted):
+            # have the pool test the others, and try once more on a fresh one.
+            self._pool.check()
+            with self._pool.connection(timeout=1.0) as connection:
+                return _run(connection, sql, params)
+
+    def reachable(self) -> bool:
+        """False while this process finds the directory unreachable."""
+        return self._reachability.up
 
     @contextmanager
     def transaction(self) -> Iterator[_Transaction]:
+        reachability = self._reachability
+        if not reachability.up:
+            raise reachability.unavailable()
         try:
             with self._pool.connection() as connection, connection.transaction():
                 connection.execute("SELECT pg_advisory_xact_lock(%s)", (WRITERS_LOCK,))
                 yield _Transaction(connection)
         except psycopg.OperationalError as exc:
-            raise _unavailable(self.location, exc) from None
+            error = _unavailable(self.location, exc)
+            reachability.failed(error)
+            raise error from None
 
     def migrate(self, migrations: Sequence[Migration]) -> None:
+        # Up to date is one read (remembered through an outage): a service thread that
+        # opens a handle while PostgreSQL is away still gets one.
+        with contextlib.suppress(psycopg.errors.UndefinedTable):
+            if self.schema_version() == len(migrations):
+                return
         with self.transaction() as tx:
             tx.execute("CREATE TABLE IF NOT EXISTS popguard_schema (version BIGINT NOT NULL)")
             row = tx.execute("SELECT version FROM popguard_schema").fetchone()
