@@ -110,7 +110,7 @@ def test_an_organization_on_postgresql_serves_moves_and_delivers(
     assert processes_matching(f"popguard --data {data} serve") == []
 
 
-def lmtp_replies(address: str, recipients: list[str]) -> list[int]:
+def lmtp_replies(address: str, recipients: list[str]) -> list[tuple[int, bytes]]:
     """One LMTP transaction straight to a delivery service; each recipient's code
     (RCPT's when it refused, else DATA's)."""
     import smtplib
@@ -118,17 +118,17 @@ def lmtp_replies(address: str, recipients: list[str]) -> list[int]:
     with smtplib.LMTP(address, 2424, timeout=15) as client:
         client.ehlo("test.example")
         client.mail("sender@example.test")
-        codes: dict[str, int] = {}
+        replies: dict[str, tuple[int, bytes]] = {}
         for recipient in recipients:
-            code, _ = client.rcpt(recipient)
+            code, text = client.rcpt(recipient)
             if code != 250:
-                codes[recipient] = code
-        accepted = [r for r in recipients if r not in codes]
+                replies[recipient] = (code, text)
+        accepted = [r for r in recipients if r not in replies]
         if accepted:
-            code, _ = client.data(b"Subject: in the outage\r\n\r\nstill here\r\n")
+            code, text = client.data(b"Subject: in the outage\r\n\r\nstill here\r\n")
             for recipient in accepted:
-                codes[recipient] = code
-        return [codes[r] for r in recipients]
+                replies[recipient] = (code, text)
+        return [replies[r] for r in recipients]
 
 
 @pytest.mark.timeout(400)
@@ -157,7 +157,9 @@ def test_services_ride_out_a_directory_outage_and_resume_by_themselves(
             # A login this organization has seen before keeps working.
             assert len(read_all(cas1, ca, user, password)) == 1
             # Mail for a known mailbox is taken; for one never seen, 451, never 550.
-            assert lmtp_replies(mbx1, [user, "stranger@popguard.test"]) == [250, 451]
+            known, stranger = lmtp_replies(mbx1, [user, "stranger@popguard.test"])
+            assert known[0] == 250, known
+            assert stranger[0] == 451 and stranger[1].startswith(b"4.4.3"), stranger
             refused = popguard(data, "get-server")
             assert refused.returncode == 1
             assert "directory unreachable" in refused.stderr

@@ -26,6 +26,7 @@ from aiosmtpd.lmtp import LMTP
 from aiosmtpd.smtp import Envelope, Session, syntax
 
 from popguard.directory.directory import Server
+from popguard.directory.sql.engine import DirectoryUnavailable
 from popguard.errors import UserError
 from popguard.net.serving import every, listen
 from popguard.services.context import ServerContext
@@ -312,7 +313,10 @@ class DeliveryHandler:
     ) -> str:  # fmt: skip
         if len(envelope.rcpt_tos) >= MAX_RECIPIENTS:
             return "452 4.5.3 Too many recipients"
-        mailbox = self._service.directory.find_mailbox(address)
+        try:
+            mailbox = self._service.directory.find_mailbox(address)
+        except DirectoryUnavailable:  # unknown is not the same as absent: never 550 here
+            return f"451 4.4.3 <{address}>: the directory is unreachable, try again later"
         if mailbox is None:
             return f"550 5.1.1 <{address}>: no such mailbox"
         duplicate = mailbox.address in envelope.rcpt_tos
@@ -359,6 +363,8 @@ class DeliveryService:
             uid = await self.databases.write(
                 mailbox.database, lambda store: store.deliver(mailbox.address, message)
             )
+        except DirectoryUnavailable:
+            return f"451 4.4.3 <{recipient}>: the directory is unreachable, try again later"
         except NotMountedError as exc:
             log.warning("not delivering to %s: %s", recipient, exc)
             return f"451 4.3.0 <{recipient}>: mailbox database not mounted here, try again later"
