@@ -53,6 +53,9 @@ class PostgresServer:
     port: int
     password: str
     run_as: str | None  # the user PostgreSQL runs as, when the caller is root
+    # What the server's commands run inside: ["ip", "netns", "exec", NS] for a
+    # PostgreSQL on a host of its own (popguard.testing.hosts).
+    prefix: tuple[str, ...] = ()
 
     @property
     def data_dir(self) -> Path:
@@ -63,12 +66,15 @@ class PostgresServer:
         return self.folder / "password"
 
     @classmethod
-    def start(cls, host: str = "127.0.0.1", port: int | None = None) -> Self:
+    def start(
+        cls, host: str = "127.0.0.1", port: int | None = None, prefix: tuple[str, ...] = ()
+    ) -> Self:
         run_as = None
         if os.geteuid() == 0:
             run_as = "postgres" if _user_exists("postgres") else "nobody"
         folder = Path(tempfile.mkdtemp(prefix="popguard-pg-", dir="/tmp"))
-        server = cls(folder, host, port or free_port(host), secrets.token_urlsafe(18), run_as)
+        port = port or (5432 if prefix else free_port(host))
+        server = cls(folder, host, port, secrets.token_urlsafe(18), run_as, prefix)
         try:
             server._init()
             server.pg_ctl("start")
@@ -79,10 +85,11 @@ class PostgresServer:
         return server
 
     def _run(self, *argv: str) -> None:
-        prefix = ["runuser", "-u", self.run_as, "--"] if self.run_as else []
+        user = ["runuser", "-u", self.run_as, "--"] if self.run_as else []
         result = subprocess.run(
-            [*prefix, *argv], capture_output=True, text=True, timeout=120, check=False
-        )
+            [*self.prefix, *user, *argv], capture_output=True, text=True, timeout=120,
+            check=False,
+        )  # fmt: skip
         if result.returncode != 0:
             raise RuntimeError(f"{argv[0]} failed: {result.stderr.strip() or result.stdout}")
 

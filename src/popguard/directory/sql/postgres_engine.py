@@ -122,11 +122,14 @@ def connection_kwargs(location: PostgresLocation) -> dict[str, Any]:
         "autocommit": True,
         "connect_timeout": CONNECT_TIMEOUT,
         "application_name": "popguard",
-        # A host cut off silently is noticed in about 11 s rather than the kernel's hours.
+        # A directory host cut off silently is noticed in seconds rather than the
+        # kernel's hours: keepalives on an idle connection, and a bound on how long
+        # sent data may stay unacknowledged while a query waits for its answer.
         "keepalives": 1,
         "keepalives_idle": 5,
         "keepalives_interval": 2,
         "keepalives_count": 3,
+        "tcp_user_timeout": CONNECT_TIMEOUT * 1000,
     }
     password = location.password()
     if password is not None:
