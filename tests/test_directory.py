@@ -230,6 +230,64 @@ def test_writers_of_two_threads_take_turns(directory_data: Path) -> None:
     assert sorted(revisions) == list(range(1, 46))
 
 
+def test_leases_are_judged_by_the_directorys_clock(directory_data: Path) -> None:
+    with Directory(directory_data) as directory:
+        small_organization(directory)
+        assert 9.0 < directory.renew_lease("MBX1") <= 10.0
+        assert 0 < directory.renew_lease("mbx2", seconds=0.3) <= 0.3
+        time.sleep(0.5)
+        leases = directory.leases()
+        assert leases["mbx1"] > 8.0 and leases["mbx2"] < 0
+        assert "cas1" not in leases
+        with pytest.raises(UserError, match="at most 3600 seconds"):
+            directory.renew_lease("mbx1", seconds=0)
+
+        assert directory.claim_role("ActiveManager", "mbx1", seconds=0.3)
+        assert not directory.claim_role("ActiveManager", "mbx2")
+        assert directory.claim_role("activemanager", "MBX1", seconds=0.3)  # its own, again
+        time.sleep(0.5)
+        assert directory.claim_role("ActiveManager", "mbx2")
+        holder = directory.role_holder("ActiveManager")
+        assert holder is not None and holder[0] == "mbx2" and holder[1] > 8
+
+
+def test_a_failover_is_one_compare_and_set_on_an_expired_lease(directory_data: Path) -> None:
+    with Directory(directory_data) as directory:
+        small_organization(directory)
+        epoch = directory.database_epoch("DB01")
+        directory.renew_lease("mbx1", seconds=0.4)
+        with pytest.raises(UserError, match=r"lease has .* left"):
+            directory.fail_over("DB01", "mbx1", "mbx2", epoch)
+        time.sleep(0.6)
+        with pytest.raises(UserError, match="activated again meanwhile"):
+            directory.fail_over("DB01", "mbx1", "mbx2", epoch + 7)
+        with pytest.raises(UserError, match="no longer active on mbx2"):
+            directory.fail_over("DB01", "mbx2", "mbx1", epoch)
+
+        # Two deciders at once: exactly one activation.
+        outcomes: list[str] = []
+
+        def decide() -> None:
+            with Directory(directory_data) as own:
+                try:
+                    outcomes.append(f"epoch {own.fail_over('DB01', 'mbx1', 'mbx2', epoch)}")
+                except UserError as exc:
+                    outcomes.append(str(exc))
+
+        threads = [threading.Thread(target=decide) for _ in range(4)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(60)
+        assert f"epoch {epoch + 1}" in outcomes
+        assert sum(o.startswith("epoch") for o in outcomes) == 1, outcomes
+        assert all("no longer active on mbx1" in o for o in outcomes if o[0] != "e"), outcomes
+        assert directory.active_server("DB01") == "mbx2"
+        assert directory.database_epoch("db01") == epoch + 1
+        directory.activate_copy("DB01", "mbx1")  # a switchover is an activation too
+        assert directory.database_epoch("DB01") == epoch + 2
+
+
 def test_a_sqlite_directory_from_before_replication_gets_its_ports_and_columns(
     tmp_path: Path,
 ) -> None:

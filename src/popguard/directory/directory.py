@@ -28,6 +28,11 @@ from popguard.directory.sql.engine import Engine, Executor, Row
 from popguard.directory.sql.sqlite_engine import SqliteEngine
 from popguard.errors import NotFoundError, UserError
 
+# A mailbox server's lease: renewed every LEASE_RENEWAL seconds, it lapses LEASE_SECONDS
+# after the last renewal by the directory's clock.
+LEASE_SECONDS = 10.0
+LEASE_RENEWAL = 2.0
+
 # Longer than the longest move can take (catch-up at most 120 s, plus dismount and mount).
 MOVE_CLAIM_TIMEOUT = 300.0
 ACTIVATION_POLICIES = ("Unrestricted", "Blocked")
@@ -336,6 +341,109 @@ class Directory:
             "UPDATE database_copies SET is_active = 1 WHERE database = $1 AND server = $2",
             (database, server),
         )
+        db.execute("UPDATE databases SET epoch = epoch + 1 WHERE name = $1", (database,))
+
+    def database_epoch(self, database: str) -> int:
+        """The fencing token of `database`'s active copy: it grows with every activation."""
+        row = self._engine.execute(
+            "SELECT epoch FROM databases WHERE name = $1", (self._require_database(database),)
+        ).fetchone()
+        return 0 if row is None else int(row[0])
+
+    # Leases (Active Manager), judged by the directory's clock ---------------------------
+
+    def renew_lease(self, server: str, seconds: float = LEASE_SECONDS) -> float:
+        """Extend `server`'s lease to `seconds` from now by the directory's clock; the
+        seconds it has left (`seconds`, less the statement's own time)."""
+        return self._take_lease("server", server, server, seconds, steal=True)
+
+    def claim_role(self, role: str, server: str, seconds: float = LEASE_SECONDS) -> bool:
+        """Hold `role` (one server at a time, e.g. the one that decides failovers) for
+        `seconds`: granted when nobody holds it, its holder's lease expired, or
+        `server` holds it already."""
+        return self._take_lease("role", role, server, seconds, steal=False) > 0
+
+    def _take_lease(self, kind: str, name: str, holder: str, seconds: float, steal: bool) -> float:
+        if not 0 < seconds <= 3600:
+            raise UserError(f"a lease lasts more than 0 and at most 3600 seconds, not {seconds}")
+        holder = self.get_server(holder).name
+        if kind == "server":
+            name = holder  # its spelling in the directory
+        clock = self._engine.clock_sql
+        with self._transaction() as db:
+            current = db.execute(
+                f"SELECT holder, expires - {clock} AS remaining FROM leases "
+                "WHERE kind = $1 AND name = $2",
+                (kind, name),
+            ).fetchone()
+            if (
+                current is not None
+                and not steal
+                and current["holder"].lower() != holder.lower()
+                and current["remaining"] > 0
+            ):
+                return 0.0
+            db.execute(
+                f"INSERT INTO leases (kind, name, holder, expires, renewed) "
+                f"VALUES ($1, $2, $3, {clock} + $4, {clock}) "
+                "ON CONFLICT (kind, name) DO UPDATE SET holder = excluded.holder, "
+                "expires = excluded.expires, renewed = excluded.renewed",
+                (kind, name, holder, float(seconds)),
+            )
+            row = db.execute(
+                f"SELECT expires - {clock} FROM leases WHERE kind = $1 AND name = $2",
+                (kind, name),
+            ).fetchone()
+        return 0.0 if row is None else float(row[0])
+
+    def leases(self) -> dict[str, float]:
+        """Each server's lease: the seconds it has left by the directory's clock
+        (negative: expired that long ago). A server that never held one is absent."""
+        rows = self._engine.execute(
+            f"SELECT name, expires - {self._engine.clock_sql} AS remaining FROM leases "
+            "WHERE kind = 'server' ORDER BY name"
+        ).fetchall()
+        return {str(r["name"]): float(r["remaining"]) for r in rows}
+
+    def role_holder(self, role: str) -> tuple[str, float] | None:
+        row = self._engine.execute(
+            f"SELECT holder, expires - {self._engine.clock_sql} AS remaining FROM leases "
+            "WHERE kind = 'role' AND name = $1",
+            (role,),
+        ).fetchone()
+        return None if row is None else (str(row["holder"]), float(row["remaining"]))
+
+    def fail_over(self, database: str, source: str, target: str, epoch: int) -> int:
+        """Activate `database`'s copy on `target` in place of `source`'s, in one
+        compare-and-set: only while `source` still holds the active copy at `epoch` and
+        its lease has expired by the directory's clock. The new epoch; UserError with
+        the reason when any of that no longer holds (another decider was first, the
+        server came back)."""
+        database = self._require_database(database)
+        clock = self._engine.clock_sql
+        with self._transaction() as db:
+            row = db.execute(
+                "SELECT d.epoch, c.server FROM databases d JOIN database_copies c "
+                "ON c.database = d.name AND c.is_active = 1 WHERE d.name = $1",
+                (database,),
+            ).fetchone()
+            if row is None or str(row["server"]).lower() != source.lower():
+                raise UserError(f"{database} is no longer active on {source}; not failed over")
+            if int(row["epoch"]) != epoch:
+                raise UserError(
+                    f"{database} was activated again meanwhile (epoch {row['epoch']}, "
+                    f"not {epoch}); not failed over"
+                )
+            lease = db.execute(
+                f"SELECT expires - {clock} FROM leases WHERE kind = 'server' AND name = $1",
+                (source,),
+            ).fetchone()
+            if lease is not None and float(lease[0]) > 0:
+                raise UserError(
+                    f"{source}'s lease has {float(lease[0]):.1f} s left; not failed over"
+                )
+            self._activate(db, database, target)
+            return epoch + 1
 
     def list_databases(self) -> list[str]:
         rows = self._engine.execute("SELECT name FROM databases ORDER BY name").fetchall()

@@ -195,6 +195,23 @@ MIGRATIONS: tuple[Migration, ...] = (
             for table in CACHED_TABLES
         ),
     ),
+    Migration(
+        common="""
+        -- Active Manager. A lease per mailbox server, renewed by its replication
+        -- service, and per deciding role ('ActiveManager'); expiry is judged by the
+        -- directory's clock only, so no host's clock can make or stop a failover.
+        CREATE TABLE leases (
+            kind TEXT NOT NULL,                  -- server | role
+            name {name} NOT NULL,                -- the server, or the role
+            holder {ref} NOT NULL REFERENCES servers(name) ON DELETE CASCADE,
+            expires {real} NOT NULL,             -- directory clock, seconds
+            renewed {real} NOT NULL,
+            PRIMARY KEY (kind, name)
+        );
+        -- The fencing token of a database's active copy: every activation adds one.
+        ALTER TABLE databases ADD COLUMN epoch {int} NOT NULL DEFAULT 0;
+        """
+    ),
 )
 
 SCHEMA_VERSION = len(MIGRATIONS)

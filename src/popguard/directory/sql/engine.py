@@ -50,6 +50,9 @@ class Engine(Executor, Protocol):
     """One handle on a directory: reads outside a transaction see every commit."""
 
     name: str  # "sqlite" | "postgresql"
+    # The directory's own clock in seconds since the epoch, as an SQL expression: what
+    # leases are judged by, whatever the clocks of the hosts say.
+    clock_sql: str
 
     def describe(self) -> str: ...
 

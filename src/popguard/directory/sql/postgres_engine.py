@@ -261,6 +261,10 @@ class ChangeListener:
 
 class PostgresEngine:
     name = "postgresql"
+    # clock_timestamp(), not now(): the time of this statement, not of the transaction's
+    # start (a transaction that waited for the writers' lock must not judge a lease by
+    # the moment it began waiting).
+    clock_sql = "extract(epoch FROM clock_timestamp())::double precision"
 
     def __init__(self, location: PostgresLocation) -> None:
         self.location = location

@@ -13,6 +13,8 @@ from popguard.directory.sql.engine import Migration, Result, sqlite_statement
 
 class SqliteEngine:
     name = "sqlite"
+    # One machine: the directory's clock is that machine's (julianday has milliseconds).
+    clock_sql = "((julianday('now') - 2440587.5) * 86400.0)"
 
     def __init__(self, path: Path) -> None:
         self.path = path
