@@ -141,6 +141,12 @@ MIGRATIONS: tuple[str, ...] = (
     );
     INSERT INTO organization (id) VALUES (lower(hex(randomblob(8))));
     """,
+    """
+    -- Mail in follows the active copy: a mailbox server hands mail for a database active
+    -- elsewhere to that server's delivery on this port (LMTP over mutual TLS).
+    UPDATE servers SET ports = json_set(ports, '$."lmtp-peer"', 2425)
+        WHERE roles LIKE '%"mailbox"%';
+    """,
 )
 
 # Longer than the longest move can take (catch-up at most 120 s, plus dismount and mount).
@@ -165,6 +171,9 @@ DEFAULT_PORTS: dict[str, dict[str, int]] = {
         "pop3be": 1110,
         "pop3be-tls": 1995,
         "lmtp": 2424,
+        # LMTP from the other mailbox servers only, TLS from the first octet with a
+        # client certificate: mail they accepted for a copy active here.
+        "lmtp-peer": 2425,
         "replication": 64327,
         "health": 8480,
     },
