@@ -39,7 +39,7 @@ MAX_REPLY_LINES = 100
 # is sent anew, as the content's own size.
 FORWARDED_MAIL_PARAMETERS = ("BODY=", "SMTPUTF8")
 
-_REPLY_LINE = re.compile(rb"^([245]\d\d)([ -])(.*)\r?\n$", re.DOTALL)
+_REPLY_LINE = re.compile(rb"^([2-5]\d\d)([ -])(.*)\r?\n$", re.DOTALL)
 
 
 @dataclass(frozen=True)
