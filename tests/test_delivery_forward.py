@@ -7,16 +7,20 @@ from __future__ import annotations
 
 import contextlib
 import signal
+import smtplib
 import socket
 import sqlite3
 import ssl
 import time
+from pathlib import Path
 
 import pytest
 
 from popguard import paths
 from popguard.net.tls import TlsMaterial
+from popguard.testing.net import free_loopback_address
 from popguard.testing.organization import popguard
+from tests import realclients
 
 from .conftest import MailboxServer, Organization, message
 from .test_delivery import LmtpConversation, send_data
@@ -256,3 +260,100 @@ def test_the_peer_port_takes_only_mailbox_servers(organization: Organization) ->
         anonymous = PeerConversation(mbx2, material.client_context())
         said = anonymous.file.readline()
     assert said == b""
+
+
+# -- with the real Postfix: both mailbox servers as LMTP next hops
+
+
+def postfix_to_both(
+    org: Organization, workdir: Path, extra_main_cf: str = ""
+) -> tuple[realclients.PostfixInstance, str]:
+    """A private Postfix for example.test whose LMTP next hops are mbx1, then mbx2; the
+    address its SMTP server listens on."""
+    smtp_host = free_loopback_address((SMTP_PORT,))
+    mbx1, mbx2 = org.mailbox["mbx1"], org.mailbox["mbx2"]
+    postfix = realclients.start_postfix_to_lmtp(
+        workdir,
+        smtp_host,
+        SMTP_PORT,
+        mbx1.address,
+        mbx1.lmtp_port,
+        "example.test",
+        more_lmtp_hops=[(mbx2.address, mbx2.lmtp_port)],
+        extra_main_cf=extra_main_cf,
+    )
+    return postfix, smtp_host
+
+
+SMTP_PORT = 10025
+
+
+@pytest.mark.timeout(300)
+def test_postfix_with_both_mailbox_servers_as_next_hops_delivers_across(
+    organization: Organization, tmp_path: Path
+) -> None:
+    org = organization
+    user = org.add_mailbox("via-postfix@example.test", "DB02")  # active on mbx2
+    postfix, smtp_host = postfix_to_both(org, tmp_path)
+    try:
+        realclients.send_via_smtp(
+            smtp_host, SMTP_PORT, "sender@example.test", user, message("through mbx1")
+        )
+        (sent,) = realclients.wait_for_postfix_delivery(postfix, 1)
+        # The first next hop took it: mbx1, which handed it to mbx2, whose 250 it relayed.
+        assert f"relay={org.mailbox['mbx1'].address}" in sent.replace("[", "").replace("]", "")
+        assert "delivered as uid 1" in sent, sent
+        # mbx1's delivery down: Postfix goes on to the next hop in its list, mbx2.
+        org.mailbox["mbx1"].kill("delivery")
+        realclients.send_via_smtp(
+            smtp_host, SMTP_PORT, "sender@example.test", user, message("straight to mbx2")
+        )
+        second = realclients.wait_for_postfix_delivery(postfix, 2, timeout=60)[1]
+        assert f"relay={org.mailbox['mbx2'].address}" in second.replace("[", "").replace("]", "")
+    finally:
+        postfix.stop()
+    assert subjects_through_frontend(org, user) == [b"through mbx1", b"straight to mbx2"]
+
+
+# The README's recipient check: Postfix asks popguard's LMTP at RCPT time (a probe that
+# stops after RCPT), and refuses an unknown user while the sender is still connected.
+RECIPIENT_CHECK = """\
+smtpd_recipient_restrictions = reject_unauth_destination, reject_unverified_recipient
+unverified_recipient_reject_code = 550
+address_verify_poll_delay = 1s
+"""
+
+
+@pytest.mark.timeout(300)
+def test_postfix_refuses_an_unknown_user_at_smtp_time(
+    organization: Organization, tmp_path: Path
+) -> None:
+    org = organization
+    user = org.add_mailbox("known@example.test", "DB02")
+    postfix, smtp_host = postfix_to_both(org, tmp_path, RECIPIENT_CHECK)
+    try:
+        with smtplib.SMTP(smtp_host, SMTP_PORT, timeout=60) as smtp:
+            smtp.ehlo("client.example.test")
+            smtp.mail("sender@example.test")
+            code, text = smtp.rcpt("nobody@example.test")
+            # The first answer may be "verification in progress" (450): as an MTA would,
+            # ask again; the answer comes from popguard's 550 5.1.1 at RCPT.
+            for _ in range(10):
+                if code != 450:
+                    break
+                time.sleep(1)
+                code, text = smtp.rcpt("nobody@example.test")
+            assert code == 550, text
+            assert b"5.1.1" in text and b"no such mailbox" in text, text
+            code, text = smtp.rcpt(user)
+            for _ in range(10):
+                if code != 450:
+                    break
+                time.sleep(1)
+                code, text = smtp.rcpt(user)
+            assert code == 250, text
+            smtp.data(message("checked at RCPT"))
+        realclients.wait_for_postfix_delivery(postfix, 1, timeout=60)
+    finally:
+        postfix.stop()
+    assert subjects_through_frontend(org, user) == [b"checked at RCPT"]
