@@ -133,7 +133,7 @@ class PerRecipientLMTP(LMTP):
         self._command_timer: asyncio.TimerHandle | None = None
         self._reading_data = False
         self._answering_lhlo = False
-        # Who may use this listener: None lets them in, a text says why not.
+        # Who may use this listener: None lets them in, else the reply that refuses.
         self._admit = admit
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -143,7 +143,7 @@ class PerRecipientLMTP(LMTP):
             peer = transport.get_extra_info("peername")
             log.warning("refusing LMTP connection from %s: %s", peer, refusal)
             # Before the greeting, which aiosmtpd's task has not sent yet.
-            self._writer.write(f"554 5.7.1 {self.hostname} {refusal}\r\n".encode())
+            self._writer.write(f"{refusal}\r\n".encode())
             transport.close()
 
     # -- timers
@@ -416,6 +416,10 @@ class DeliveryService:
         except UserError as exc:  # no active copy, or a server the directory lost
             log.warning("no route for %s: %s", address, exc)
             return f"451 4.3.0 <{address}>: {exc}, try again later"
+        except Exception:
+            # Never raised: after DATA it would cost every recipient its own reply.
+            log.exception("no route for %s: the directory failed", address)
+            return f"451 4.3.0 <{address}>: directory unavailable, try again later"
 
     async def forward(self, target: Server, transaction: Transaction) -> dict[str, str]:
         replies = await self._forwarder.forward(target, transaction)
@@ -431,18 +435,22 @@ class DeliveryService:
 
     def admit_peer(self, transport: asyncio.BaseTransport) -> str | None:
         """None when the client of an `lmtp-peer` connection is a mailbox server of this
-        organization (its verified certificate says which), else why not."""
+        organization (its verified certificate says which), else the reply to close with."""
         ssl_object = transport.get_extra_info("ssl_object")
         certificate = ssl_object.getpeercert() if ssl_object is not None else None
         name, unit = tls.peer_name(certificate), tls.peer_unit(certificate)
+        refused = f"554 5.7.1 {self.server.name}"
         if name is None or unit != tls.REPLICATION_UNIT:
-            return "takes mail from this organization's mailbox servers only"
+            return f"{refused} takes mail from this organization's mailbox servers only"
         try:
             peer = self.directory.get_server(name)
         except UserError:
-            return f"{name} is not a server of this organization"
+            return f"{refused}: {name} is not a server of this organization"
+        except Exception:
+            log.exception("cannot look %s up in the directory", name)
+            return f"421 4.3.0 {self.server.name} cannot read the directory now, try again later"
         if "mailbox" not in peer.roles:
-            return f"{name} is not a mailbox server"
+            return f"{refused}: {name} is not a mailbox server"
         return None
 
     async def deliver(self, recipient: str, message: bytes) -> str:
