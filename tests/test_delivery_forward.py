@@ -11,6 +11,8 @@ import smtplib
 import socket
 import sqlite3
 import ssl
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -18,7 +20,7 @@ import pytest
 
 from popguard import paths
 from popguard.net.tls import TlsMaterial
-from popguard.testing.net import free_loopback_address
+from popguard.testing.net import free_loopback_address, wait_port
 from popguard.testing.organization import popguard
 from tests import realclients
 
@@ -210,6 +212,44 @@ def test_kill_9_of_the_target_mid_forward_gives_451_and_never_250(
     lmtp.close()
     assert subjects_through_frontend(org, there) == [b"first, straight to mbx2", b"retried"]
     assert len(read_through_frontend(org, here)) == 1
+
+
+def restart_delivery(server: MailboxServer, *options: str) -> None:
+    """`serve delivery` of `server` again, with `options`, its log where it was."""
+    server.kill("delivery")
+    log = server.logs["delivery"]
+    with open(log, "ab") as out:
+        process = subprocess.Popen(
+            [sys.executable, "-m", "popguard", "--data", str(server.data), "serve", "delivery",
+             "--server", server.name, *options],
+            stdout=out, stderr=out,
+        )  # fmt: skip
+    server.processes["delivery"] = process
+    wait_port(server.address, server.lmtp_port, process=process)
+
+
+def test_a_kept_connection_that_went_away_is_replaced(organization: Organization) -> None:
+    """mbx1 keeps its connection to mbx2 for the next hand-over. When mbx2's delivery
+    restarts, or cuts the kept connection as idle, the next hand-over still succeeds:
+    a closed connection is not used, and one that fails at MAIL (which stores nothing)
+    is replaced by a new one."""
+    org = organization
+    mbx2 = org.mailbox["mbx2"]
+    user = org.add_mailbox("there@example.test", "DB02")
+    lmtp = lmtp_to(org, "mbx1")
+    for number in range(3):
+        if number == 1:  # restarted, and quick to cut idle connections from now on
+            restart_delivery(mbx2, "--idle-timeout", "0.5")
+        if number == 2:  # the connection mbx1 kept after hand-over 1 is cut by now
+            wait_for_log(mbx2, "delivery", "idle for too long", 0)
+        if number:
+            assert lmtp.command(SENDER)[0].startswith(b"250")
+        assert rcpt(lmtp, user).startswith(b"250 2.1.5")
+        send_data(lmtp, message(f"hand-over {number}"))
+        (reply,) = lmtp.reply()
+        assert reply.startswith(b"250 2.0.0 <there@example.test>"), (number, reply)
+    lmtp.close()
+    assert subjects_through_frontend(org, user) == [b"hand-over 0", b"hand-over 1", b"hand-over 2"]
 
 
 class PeerConversation(LmtpConversation):

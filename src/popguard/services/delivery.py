@@ -386,6 +386,7 @@ class DeliveryService:
         self._peer_tls = context.tls.mutual_server_context(identity)
         self._forwarder = Forwarder(
             helo=self.server.name,
+            source=self.server.address,
             context=context.tls.mutual_client_context(identity),
             organization=self.organization,
             data_timeout=self.limits.data_timeout,
@@ -522,6 +523,7 @@ class DeliveryService:
         await stop.wait()
         for listener in listeners:
             listener.close()
+        self._forwarder.close()
         await publisher
         self.databases.close()
         self.directory.close()

@@ -16,13 +16,17 @@ import asyncio
 import logging
 import re
 import ssl
+from collections.abc import Awaitable
 from dataclasses import dataclass
+from typing import TypeVar
 
 from popguard.directory.directory import Server
 from popguard.net import tls
 from popguard.services.lmtp_client import lmtp_ident
 
 log = logging.getLogger("popguard.delivery")
+
+T = TypeVar("T")
 
 # Between servers of one organization, so far below RFC 5321 section 4.5.3.2's
 # minimums (5 minutes for the greeting and each command, 10 for DATA's end): a target
@@ -38,6 +42,10 @@ MAX_REPLY_LINES = 100
 # What of MAIL's parameters the target needs to see again (RFC 6152, RFC 6531); SIZE
 # is sent anew, as the content's own size.
 FORWARDED_MAIL_PARAMETERS = ("BODY=", "SMTPUTF8")
+# A connection kept for the next transaction to the same server: far below the target's
+# idle timeout (120 s by default), like Postfix's smtp_connection_cache_time_limit (2 s).
+IDLE_KEEP = 5.0
+IDLE_PER_SERVER = 4
 
 _REPLY_LINE = re.compile(rb"^([2-5]\d\d)([ -])(.*)\r?\n$", re.DOTALL)
 
@@ -61,15 +69,32 @@ class ForwardFailed(Exception):
         self.why = why
 
 
-@dataclass
 class Forwarder:
     """Hands transactions from this server (`helo`, `context` with its certificate) to
-    the other mailbox servers of `organization`."""
+    the other mailbox servers of `organization`.
 
-    helo: str
-    context: ssl.SSLContext
-    organization: str
-    data_timeout: float  # to send the content, as long as we give an MTA to send it
+    A connection that ended its transaction well is kept for IDLE_KEEP seconds for the
+    next one to the same server (at most IDLE_PER_SERVER each), as Postfix's connection
+    cache does: it saves the TCP and TLS handshakes, the greeting and LHLO. A kept
+    connection that turns out closed (the target restarted, or cut it as idle) fails at
+    MAIL, which stores nothing, so the transaction starts again on a new connection.
+    """
+
+    def __init__(
+        self,
+        helo: str,
+        source: str,
+        context: ssl.SSLContext,
+        organization: str,
+        data_timeout: float,
+    ) -> None:
+        self.helo = helo
+        # This server's own address, as the target's logs and firewalls expect.
+        self.source = source
+        self.context = context
+        self.organization = organization
+        self.data_timeout = data_timeout  # to send the content: what an MTA gets for it
+        self._idle: dict[tuple[str, str, int], list[_Peer]] = {}
 
     async def forward(self, target: Server, transaction: Transaction) -> dict[str, str]:
         """The reply line for each of `transaction`'s recipients. Never raises."""
@@ -82,6 +107,12 @@ class Forwarder:
             log.exception("forwarding to %s failed", target.name)
             self._fail(target, transaction, replies, ForwardFailed("4.3.0", "local error"))
         return replies
+
+    def close(self) -> None:
+        for peers in self._idle.values():
+            for peer in peers:
+                peer.abort()
+        self._idle.clear()
 
     @staticmethod
     def _fail(
@@ -104,48 +135,104 @@ class Forwarder:
     async def _transact(
         self, target: Server, transaction: Transaction, replies: dict[str, str]
     ) -> None:
+        options = [
+            option
+            for option in transaction.mail_options
+            if option.upper().startswith(FORWARDED_MAIL_PARAMETERS)
+        ]
+        options.append(f"SIZE={len(transaction.content)}")
+        mail = f"MAIL FROM:<{transaction.sender}> {' '.join(options)}"
+        peer = self._kept(target)
+        if peer is not None:
+            try:
+                await _within(REPLY_TIMEOUT, target, peer.command(mail, "MAIL"))
+            except ForwardFailed as stale:
+                log.info("a kept connection to %s is gone (%s): a new one", target.name, stale)
+                peer.abort()
+                peer = None
+        if peer is None:
+            peer = await self._open(target)
+            try:
+                await _within(REPLY_TIMEOUT, target, peer.command(mail, "MAIL"))
+            except BaseException:
+                peer.abort()
+                raise
+        try:
+            await self._deliver(peer, target, transaction, replies)
+        except BaseException:
+            peer.abort()
+            raise
+        self._keep(target, peer)
+
+    async def _deliver(
+        self, peer: _Peer, target: Server, transaction: Transaction, replies: dict[str, str]
+    ) -> None:
+        """After MAIL: the recipients, the content, and each accepted one's reply."""
+        accepted = []
+        for recipient in transaction.recipients:
+            rcpt = peer.send(f"RCPT TO:<{recipient}>", "RCPT")
+            answer = await _within(REPLY_TIMEOUT, target, rcpt)
+            if answer.ok:
+                accepted.append(recipient)
+            else:
+                replies[recipient] = answer.text
+        if not accepted:
+            # A transaction with no recipient ends with RSET (RFC 5321 section 4.1.1.5).
+            await _within(REPLY_TIMEOUT, target, peer.command("RSET", "RSET"))
+            return
+        await _within(REPLY_TIMEOUT, target, peer.command("DATA", "DATA", expect=b"3"))
+        await _within(self.data_timeout, target, peer.send_content(transaction.content))
+
+        async def final_replies() -> None:
+            # RFC 2033 section 4.2: one reply per accepted RCPT, in RCPT order; each is
+            # final as soon as it comes, whatever happens to the others.
+            for recipient in accepted:
+                replies[recipient] = (await peer.reply("the end of DATA")).text
+
+        await _within(FINAL_REPLY_TIMEOUT, target, final_replies())
+
+    def _key(self, target: Server) -> tuple[str, str, int]:
+        return (target.name.lower(), target.address, target.port("lmtp-peer"))
+
+    def _kept(self, target: Server) -> _Peer | None:
+        peers = self._idle.get(self._key(target), [])
+        while peers:
+            peer = peers.pop()
+            peer.cancel_expiry()
+            if not peer.reader.at_eof() and not peer.writer.transport.is_closing():
+                return peer
+            peer.abort()
+        return None
+
+    def _keep(self, target: Server, peer: _Peer) -> None:
+        peers = self._idle.setdefault(self._key(target), [])
+        if len(peers) >= IDLE_PER_SERVER:
+            peer.quit()
+            return
+
+        def expire() -> None:
+            if peer in peers:
+                peers.remove(peer)
+                peer.quit()
+
+        peer.expiry = asyncio.get_running_loop().call_later(IDLE_KEEP, expire)
+        peers.append(peer)
+
+    async def _open(self, target: Server) -> _Peer:
+        """A verified connection to `target`, greeted and past LHLO."""
         reader, writer = await self._connect(target)
         peer = _Peer(target, reader, writer)
         try:
-            async with asyncio.timeout(REPLY_TIMEOUT):
-                greeting = await peer.reply("the greeting")
+            greeting = await _within(REPLY_TIMEOUT, target, peer.reply("the greeting"))
             if not greeting.ok or not greeting.text.endswith(lmtp_ident(self.organization)):
                 raise ForwardFailed(
                     "4.7.0", f"its greeting {greeting.last_line!r} is not this organization's"
                 )
-            options = [
-                option
-                for option in transaction.mail_options
-                if option.upper().startswith(FORWARDED_MAIL_PARAMETERS)
-            ]
-            options.append(f"SIZE={len(transaction.content)}")
-            accepted = []
-            async with asyncio.timeout(REPLY_TIMEOUT * (2 + len(transaction.recipients))):
-                await peer.command(f"LHLO {self.helo}", "LHLO")
-                await peer.command(f"MAIL FROM:<{transaction.sender}> {' '.join(options)}", "MAIL")
-                for recipient in transaction.recipients:
-                    answer = await peer.send(f"RCPT TO:<{recipient}>", "RCPT")
-                    if answer.ok:
-                        accepted.append(recipient)
-                    else:
-                        replies[recipient] = answer.text
-                if accepted:
-                    await peer.command("DATA", "DATA", expect=b"3")
-            if accepted:
-                async with asyncio.timeout(self.data_timeout):
-                    await peer.send_content(transaction.content)
-                # RFC 2033 section 4.2: one reply per accepted RCPT, in RCPT order; each
-                # is final as soon as it comes, whatever happens to the others.
-                async with asyncio.timeout(FINAL_REPLY_TIMEOUT):
-                    for recipient in accepted:
-                        replies[recipient] = (await peer.reply("the end of DATA")).text
-            # Every recipient has its reply by now: QUIT's answer adds nothing to wait for.
-            peer.quit()
-        except TimeoutError:
-            raise ForwardFailed("4.4.2", f"{target.name} did not answer in time") from None
-        finally:
-            if not writer.transport.is_closing():
-                writer.transport.abort()
+            await _within(REPLY_TIMEOUT, target, peer.command(f"LHLO {self.helo}", "LHLO"))
+        except BaseException:
+            peer.abort()
+            raise
+        return peer
 
     async def _connect(self, target: Server) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
         where = f"{target.address}:{target.port('lmtp-peer')}"
@@ -159,6 +246,7 @@ class Forwarder:
                     server_hostname=target.address,
                     ssl_handshake_timeout=CONNECT_TIMEOUT,
                     limit=MAX_REPLY_LINE,
+                    local_addr=(self.source, 0),
                 )
         except ssl.SSLError as exc:
             raise ForwardFailed("4.7.0", f"TLS with {where} failed: {exc.reason}") from None
@@ -175,6 +263,14 @@ class Forwarder:
                 f"{where} shows the certificate of {name!r} ({unit!r}), not {target.name}'s",
             )
         return reader, writer
+
+
+async def _within(seconds: float, target: Server, step: Awaitable[T]) -> T:
+    try:
+        async with asyncio.timeout(seconds):
+            return await step
+    except TimeoutError:
+        raise ForwardFailed("4.4.2", f"{target.name} did not answer in time") from None
 
 
 @dataclass(frozen=True)
@@ -203,6 +299,17 @@ class _Peer:
         self.name = target.name
         self.reader = reader
         self.writer = writer
+        self.expiry: asyncio.TimerHandle | None = None  # while kept for the next transaction
+
+    def cancel_expiry(self) -> None:
+        if self.expiry is not None:
+            self.expiry.cancel()
+            self.expiry = None
+
+    def abort(self) -> None:
+        self.cancel_expiry()
+        if not self.writer.transport.is_closing():
+            self.writer.transport.abort()
 
     async def reply(self, what: str) -> _Reply:
         lines: list[bytes] = []
@@ -245,8 +352,11 @@ class _Peer:
         await self._write(stuffed + b".\r\n")
 
     def quit(self) -> None:
-        self.writer.write(b"QUIT\r\n")
-        self.writer.close()
+        """Say goodbye and close; QUIT's answer adds nothing to wait for."""
+        self.cancel_expiry()
+        if not self.writer.transport.is_closing():
+            self.writer.write(b"QUIT\r\n")
+            self.writer.close()
 
     async def _write(self, data: bytes) -> None:
         try:
