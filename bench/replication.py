@@ -47,7 +47,7 @@ from popguard.testing.organization import popguard_output, serve
 from popguard.testing.processes import stop_processes
 
 USER = "bench@popguard.test"
-MAILBOX_PORTS = (1110, 1995, 2424, 64327)  # a mailbox server's, on its own address
+MAILBOX_PORTS = (1110, 1995, 2424, 2425, 64327)  # a mailbox server's, on its own address
 
 
 def popguard(data: Path, *args: str, stdin: str | None = None) -> str:

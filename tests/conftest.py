@@ -111,6 +111,7 @@ class MailboxServer(DataFolder):
     pop3_port: int = 1110
     pop3s_port: int = 1995
     lmtp_port: int = 2424
+    lmtp_peer_port: int = 2425
     replication_port: int = 64327
 
     def add_mailbox(self, address: str, password: str = PASSWORD) -> str:

@@ -860,8 +860,14 @@ def start_postfix_to_lmtp(
     domain: str,
     *,
     timeout: float = 20.0,
+    more_lmtp_hops: Sequence[tuple[str, int]] = (),
+    extra_main_cf: str = "",
 ) -> PostfixInstance:
     """Start a private Postfix that relays mail for ``domain`` over LMTP.
+
+    ``more_lmtp_hops`` are further LMTP next hops after ``lmtp_host:lmtp_port``, tried in
+    order when one does not answer (Postfix 3.5's list of next hops). ``extra_main_cf``
+    is appended to main.cf (recipient checks, ...).
 
     Runs as root (``postfix start`` needs it).  The instance has its own
     ``config_directory`` (``postfix -c DIR``: root may use any directory, no
@@ -871,7 +877,7 @@ def start_postfix_to_lmtp(
     ``smtp_host:smtp_port`` (an explicit master.cf address, so any 127/8 address
     works; ``inet_interfaces = loopback-only`` because Postfix requires that value to
     name configured interface addresses).  ``relay_domains = domain`` with
-    ``relay_transport = lmtp:inet:[lmtp_host]:lmtp_port``; everything else is
+    ``relay_transport = lmtp:[lmtp_host]:lmtp_port``; everything else is
     rejected at RCPT, there is no local delivery, no DNS
     (``*_dns_support_level = disabled``, ``*_host_lookup = native``), and the log
     goes to ``maillog_file`` (via postlogd).  Retries are fast (1-2 s backoff).
@@ -903,8 +909,12 @@ def start_postfix_to_lmtp(
     os.chown(data_dir, pf.pw_uid, pf.pw_gid)
     data_dir.chmod(0o700)
     maillog = root / "maillog"
-    relay = f"lmtp:inet:[{lmtp_host}]:{lmtp_port}"
-    main_cf = f"""\
+    # Postfix reads "inet:" on a list's first next hop only; TCP is the LMTP client's
+    # default, so every hop is written without it.
+    hops = [(lmtp_host, lmtp_port), *more_lmtp_hops]
+    relay = "lmtp:" + ", ".join(f"[{host}]:{port}" for host, port in hops)
+    main_cf = (
+        f"""\
 compatibility_level = 3.6
 queue_directory = {queue_dir}
 data_directory = {data_dir}
@@ -941,6 +951,8 @@ minimal_backoff_time = 1s
 maximal_backoff_time = 2s
 lmtp_connect_timeout = 5s
 """
+        + extra_main_cf
+    )
     master_cf = (
         f"{_smtp_host_port(smtp_host, smtp_port)} inet n - n - - smtpd\n" + _POSTFIX_SERVICES
     )

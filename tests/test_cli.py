@@ -35,6 +35,7 @@ def test_get_server_json_has_exchange_keys(organization: Path) -> None:
         "pop3be": 1110,
         "pop3be-tls": 1995,
         "lmtp": 2424,
+        "lmtp-peer": 2425,
         "replication": 64327,
         "health": 8480,
     }

@@ -5,7 +5,6 @@ codes, and the timeouts that bound a connection."""
 from __future__ import annotations
 
 import contextlib
-import os
 import poplib
 import re
 import socket
@@ -122,16 +121,12 @@ def test_message_over_the_size_limit_is_refused(mailbox_server: MailboxServer) -
 
 
 @contextlib.contextmanager
-def delivery_with(
-    server: MailboxServer, *options: str, **environment: str
-) -> Iterator[subprocess.Popen[bytes]]:
-    """mbx1's delivery restarted as `popguard serve delivery --server mbx1 OPTIONS` with
-    `environment` added to its own."""
+def delivery_with(server: MailboxServer, *options: str) -> Iterator[subprocess.Popen[bytes]]:
+    """mbx1's delivery restarted as `popguard serve delivery --server mbx1 OPTIONS`."""
     server.kill("delivery")
     process = subprocess.Popen(
         [sys.executable, "-m", "popguard", "--data", str(server.data), "serve", "delivery",
          "--server", "mbx1", *options],
-        env={**os.environ, **environment},
     )  # fmt: skip
     server.processes["delivery"] = process
     wait_port(server.address, server.lmtp_port, process=process)
@@ -327,7 +322,7 @@ def test_too_much_mail_data_is_refused_with_an_enhanced_code(
         lmtp.close()
 
 
-TIMEOUTS = {"POPGUARD_LMTP_COMMAND_TIMEOUT": "2", "POPGUARD_LMTP_IDLE_TIMEOUT": "5"}
+TIMEOUTS = ("--command-timeout", "2", "--idle-timeout", "5")
 # Bounds on the slow clients below: far beyond any timeout under test.
 TRICKLE_STEPS = 30
 
@@ -351,7 +346,7 @@ def cut_after(lmtp: LmtpConversation, piece: bytes) -> tuple[int, bytes]:
 
 
 def test_a_trickling_command_line_is_cut(mailbox_server: MailboxServer) -> None:
-    with delivery_with(mailbox_server, **TIMEOUTS):
+    with delivery_with(mailbox_server, *TIMEOUTS):
         lmtp = LmtpConversation(mailbox_server)
         assert lmtp.command(b"LHLO client")[-1].startswith(b"250 ")
         sent, said = cut_after(lmtp, b"N")
@@ -360,7 +355,7 @@ def test_a_trickling_command_line_is_cut(mailbox_server: MailboxServer) -> None:
 
 
 def test_an_idle_connection_is_closed(mailbox_server: MailboxServer) -> None:
-    with delivery_with(mailbox_server, **TIMEOUTS):
+    with delivery_with(mailbox_server, *TIMEOUTS):
         lmtp = LmtpConversation(mailbox_server)
         assert lmtp.command(b"LHLO client")[-1].startswith(b"250 ")
         lmtp.sock.settimeout(60)
@@ -370,7 +365,7 @@ def test_an_idle_connection_is_closed(mailbox_server: MailboxServer) -> None:
 
 def test_a_trickling_data_is_cut_and_a_busy_client_is_not(mailbox_server: MailboxServer) -> None:
     alice = mailbox_server.add_mailbox("alice@example.test")
-    with delivery_with(mailbox_server, "--max-message-size", "10000", **TIMEOUTS):
+    with delivery_with(mailbox_server, "--max-message-size", "10000", *TIMEOUTS):
         # Commands for longer than the idle timeout in all, each well within it: not cut.
         lmtp = LmtpConversation(mailbox_server)
         for _ in range(TRICKLE_STEPS):
@@ -386,25 +381,40 @@ def test_a_trickling_data_is_cut_and_a_busy_client_is_not(mailbox_server: Mailbo
 
 
 @pytest.mark.parametrize(
-    ("variable", "value"),
+    ("option", "value"),
     [
-        ("POPGUARD_LMTP_IDLE_TIMEOUT", "soon"),
-        ("POPGUARD_LMTP_COMMAND_TIMEOUT", "0"),
-        ("POPGUARD_LMTP_MAX_LINE_LENGTH", "100"),
-        ("POPGUARD_LMTP_MAX_LINE_LENGTH", "2000.5"),
+        ("--idle-timeout", "soon"),
+        ("--idle-timeout", "nan"),
+        ("--command-timeout", "0"),
+        ("--command-timeout", "inf"),
+        ("--max-line-length", "100"),
+        ("--max-line-length", "2000.5"),
     ],
 )
-def test_a_bad_limit_in_the_environment_is_one_line_on_stderr(
-    tmp_path: Path, variable: str, value: str
-) -> None:
+def test_a_bad_limit_is_one_line_on_stderr(tmp_path: Path, option: str, value: str) -> None:
     done = subprocess.run(
         [sys.executable, "-m", "popguard", "--data", str(tmp_path), "serve", "delivery",
-         "--server", "mbx1"],
-        env={**os.environ, variable: value}, capture_output=True, text=True, timeout=60,
+         "--server", "mbx1", option, value],
+        capture_output=True, text=True, timeout=60,
     )  # fmt: skip
     assert done.returncode == 1
     lines = done.stderr.strip().splitlines()
-    assert len(lines) == 1 and variable in lines[0] and repr(value) in lines[0], lines
+    assert len(lines) == 1 and option in lines[0] and value in lines[0], lines
+
+
+def test_the_limits_are_in_the_help() -> None:
+    done = subprocess.run(
+        [sys.executable, "-m", "popguard", "serve", "delivery", "--help"],
+        capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+    assert done.returncode == 0
+    shown = " ".join(done.stdout.split())  # as click wraps it
+    for option, default in (
+        ("--max-line-length", "65536"),
+        ("--idle-timeout", "120"),
+        ("--command-timeout", "60"),
+    ):
+        assert f"{option} " in shown and f"[default: {default}" in shown
 
 
 def test_popguards_own_clients_deliver_only_to_their_own_organization(

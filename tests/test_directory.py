@@ -304,6 +304,7 @@ def test_a_sqlite_directory_from_before_replication_gets_its_ports_and_columns(
     with Directory(tmp_path) as directory:
         mbx1, cas1 = directory.get_server("mbx1"), directory.get_server("cas1")
     assert mbx1.port("replication") == 64327 and "replication" not in cas1.ports
+    assert mbx1.port("lmtp-peer") == 2425 and "lmtp-peer" not in cas1.ports
     assert mbx1.may_activate_copies and mbx1.auto_activation_policy == "Unrestricted"
 
 

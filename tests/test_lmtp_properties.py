@@ -1,5 +1,5 @@
 """Property-based tests (hypothesis) of LMTP delivery's parsers: the RCPT argument, the
-DATA content, the enhanced status codes on replies, and the limits from the environment."""
+DATA content, the enhanced status codes on replies, and the limits `serve delivery` takes."""
 
 from __future__ import annotations
 
@@ -7,17 +7,13 @@ import asyncio
 import itertools
 import re
 
+import click
 import pytest
 from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
-from popguard.errors import UserError
-from popguard.services.delivery import (
-    MAX_LINE_LENGTH,
-    MIN_LINE_LENGTH,
-    TUNABLES,
-    LmtpLimits,
-)
+from popguard.cli.serve import serve_delivery
+from popguard.services.delivery import MAX_LINE_LENGTH, MAX_TIMEOUT, MIN_LINE_LENGTH, MIN_TIMEOUT
 from popguard.services.lmtp_data import MessageData, read_message_data
 from popguard.services.lmtp_path import (
     MAX_LOCAL_PART,
@@ -201,17 +197,28 @@ def test_each_line_of_a_multiline_reply_gets_its_code(lines: list[str]) -> None:
     assert all(ENHANCED.match(line) for line in coded if line)
 
 
+LIMIT_OPTIONS = {
+    param.name: param
+    for param in serve_delivery.params
+    if param.name in ("max_line_length", "idle_timeout", "command_timeout")
+}
+
+
 @settings(max_examples=300)
 @given(
-    variable=st.sampled_from([tunable.variable for tunable in TUNABLES.values()]),
+    name=st.sampled_from(sorted(LIMIT_OPTIONS)),
     text=st.text(max_size=12) | st.floats(allow_nan=True).map(str) | st.integers().map(str),
 )
-def test_a_limit_from_the_environment_is_in_range_or_a_user_error(variable: str, text: str) -> None:
+def test_a_limit_option_is_in_range_or_refused_in_one_line(name: str, text: str) -> None:
+    option = LIMIT_OPTIONS[name]
+    context = click.Context(serve_delivery)
     try:
-        limits = LmtpLimits.from_environment({variable: text}, 10_000)
-    except UserError as refused:
-        assert variable in str(refused) and "\n" not in str(refused)
+        value = option.process_value(context, text)
+    except click.BadParameter as refused:
+        message = refused.format_message()
+        assert "--" + name.replace("_", "-") in message and "\n" not in message
         return
-    assert MIN_LINE_LENGTH <= limits.max_line_length <= MAX_LINE_LENGTH
-    assert 0 < limits.idle_timeout <= 3600 and 0 < limits.command_timeout <= 3600
-    assert limits.data_timeout > limits.command_timeout
+    if name == "max_line_length":
+        assert isinstance(value, int) and MIN_LINE_LENGTH <= value <= MAX_LINE_LENGTH
+    else:
+        assert MIN_TIMEOUT <= value <= MAX_TIMEOUT

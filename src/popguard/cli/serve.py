@@ -30,6 +30,16 @@ def serve_pop3(app: AppContext, server: str) -> None:
     frontend.serve(app.data, server)
 
 
+def _finite(ctx: click.Context, param: click.Parameter, value: float) -> float:
+    # click's FloatRange lets NaN through: no comparison with a bound is true for it.
+    if value != value:
+        raise click.BadParameter(f"{value} is not a number of seconds", ctx, param)
+    return value
+
+
+_SECONDS = click.FloatRange(delivery.MIN_TIMEOUT, delivery.MAX_TIMEOUT)
+
+
 @serve.command("delivery")
 @click.option("--server", required=True, help="The mailbox server to deliver on.")
 @click.option(
@@ -39,10 +49,51 @@ def serve_pop3(app: AppContext, server: str) -> None:
     show_default=True,
     help="Largest message accepted, in octets.",
 )
+@click.option(
+    "--max-line-length",
+    type=click.IntRange(delivery.MIN_LINE_LENGTH, delivery.MAX_LINE_LENGTH),
+    default=delivery.DEFAULT_MAX_LINE_LENGTH,
+    show_default=True,
+    help="Longest message line accepted, in octets (RFC 5321 asks for 1000).",
+)
+@click.option(
+    "--idle-timeout",
+    type=_SECONDS,
+    callback=_finite,
+    default=delivery.DEFAULT_IDLE_TIMEOUT,
+    show_default=True,
+    help="Seconds a connection may wait between commands before it is closed.",
+)
+@click.option(
+    "--command-timeout",
+    type=_SECONDS,
+    callback=_finite,
+    default=delivery.DEFAULT_COMMAND_TIMEOUT,
+    show_default=True,
+    help="Seconds from a command line's first octet to its end; DATA may take this "
+    "plus the size limit at 64 KiB/s.",
+)
 @pass_app
-def serve_delivery(app: AppContext, server: str, max_message_size: int) -> None:
-    """LMTP delivery into the mailbox databases active on a mailbox server."""
-    delivery.serve(app.data, server, max_message_size)
+def serve_delivery(
+    app: AppContext,
+    server: str,
+    max_message_size: int,
+    max_line_length: int,
+    idle_timeout: float,
+    command_timeout: float,
+) -> None:
+    """LMTP delivery on a mailbox server, for a mailbox of any database.
+
+    Mail for a database active here is written here; mail for one active on another
+    mailbox server is handed to that server (LMTP over TLS, its lmtp-peer port), and
+    each recipient gets that server's reply."""
+    limits = delivery.LmtpLimits(
+        max_message_size=max_message_size,
+        max_line_length=max_line_length,
+        idle_timeout=idle_timeout,
+        command_timeout=command_timeout,
+    )
+    delivery.serve(app.data, server, limits)
 
 
 @serve.command("replication")

@@ -147,7 +147,8 @@ def _server_line(server: Server) -> str:
     if "mailbox" in server.roles:
         parts.append(
             f"back end ports {server.port('pop3be')} and {server.port('pop3be-tls')}, "
-            f"LMTP {server.port('lmtp')}, replication {server.port('replication')}"
+            f"LMTP {server.port('lmtp')} (from other mailbox servers {server.port('lmtp-peer')}), "
+            f"replication {server.port('replication')}"
         )
     parts.append(f"health {server.port('health')}")
     kind = " and ".join(

@@ -53,6 +53,9 @@ DEFAULT_PORTS: dict[str, dict[str, int]] = {
         "pop3be": 1110,
         "pop3be-tls": 1995,
         "lmtp": 2424,
+        # LMTP from the other mailbox servers only, TLS from the first octet with a
+        # client certificate: mail they accepted for a copy active here.
+        "lmtp-peer": 2425,
         "replication": 64327,
         "health": 8480,
     },

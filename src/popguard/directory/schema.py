@@ -212,6 +212,18 @@ MIGRATIONS: tuple[Migration, ...] = (
         ALTER TABLE databases ADD COLUMN epoch {int} NOT NULL DEFAULT 0;
         """
     ),
+    Migration(
+        # Mail in follows the active copy: a mailbox server hands mail for a database
+        # active elsewhere to that server's delivery on this port (LMTP, mutual TLS).
+        sqlite="""
+        UPDATE servers SET ports = json_set(ports, '$."lmtp-peer"', 2425)
+            WHERE roles LIKE '%"mailbox"%';
+        """,
+        postgresql="""
+        UPDATE servers SET ports = (ports::jsonb || '{"lmtp-peer": 2425}'::jsonb)::text
+            WHERE roles LIKE '%"mailbox"%';
+        """,
+    ),
 )
 
 SCHEMA_VERSION = len(MIGRATIONS)

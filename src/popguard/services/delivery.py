@@ -1,9 +1,23 @@
 """LMTP delivery (`popguard serve delivery`): RFC 2033 with aiosmtpd.
 
-Each recipient is checked at RCPT time (550 5.1.1 when unknown). After DATA the
-message is written, durably, into the active copy of each recipient's mailbox
-database, and the server answers once per accepted RCPT, in RCPT order, as RFC 2033
-section 4.2 requires; a recipient named twice is stored once and answered twice.
+Delivery on any mailbox server takes mail for a mailbox of any database. Each
+recipient is decided at RCPT: unknown (550 5.1.1), its database being moved or without
+an active copy (451 4.3.0), or accepted, for the active copy here or on another
+mailbox server. After DATA the route is decided again (a move may have happened in
+between): recipients whose copy is active here are written, durably, as before; the
+others are handed, one LMTP transaction per server (`lmtp_forward`), to the server with
+the active copy, and each gets that server's own reply. The server answers once per
+accepted RCPT, in RCPT order, as RFC 2033 section 4.2 requires; a recipient named twice
+is stored once and answered twice.
+
+Two listeners: `lmtp` for the MTAs, and `lmtp-peer` for the other mailbox servers,
+TLS from the first octet with a mailbox server's certificate required. What comes in
+on `lmtp-peer` is only ever written here (451 when the copy is not active here), so a
+message is forwarded at most once and never in a loop. A port of its own rather than
+STARTTLS on `lmtp`: the whole connection is encrypted and authenticated before the
+first command (no cleartext phase to strip or inject into), being on that port is
+what says "from a mailbox server, do not forward", and the MTAs' port is unchanged.
+
 DATA is read here rather than by aiosmtpd, so that a refused message (too big, a line
 too long, a NUL) is also answered once per RCPT, and long lines are kept byte-exact.
 Every reply carries an enhanced status code (`lmtp_replies`), and every connection is
@@ -17,7 +31,7 @@ import collections
 import functools
 import logging
 import os
-from collections.abc import Mapping
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -28,11 +42,14 @@ from aiosmtpd.smtp import Envelope, Session, syntax
 from popguard.directory.directory import Server
 from popguard.directory.sql.engine import DirectoryUnavailable
 from popguard.errors import UserError
+from popguard.net import tls
+from popguard.net.byte_stream import TLS_HANDSHAKE_TIMEOUT
 from popguard.net.serving import every, listen
 from popguard.services.context import ServerContext
 from popguard.services.counters import PUBLISH_INTERVAL, ServiceCounters
 from popguard.services.lmtp_client import lmtp_ident
 from popguard.services.lmtp_data import read_message_data
+from popguard.services.lmtp_forward import Forwarder, Transaction
 from popguard.services.lmtp_path import PathError, parse_rcpt_argument
 from popguard.services.lmtp_replies import with_enhanced_codes
 from popguard.store.mailbox_database import NotMountedError
@@ -68,28 +85,9 @@ MAX_TIMEOUT = 3600.0
 
 
 @dataclass(frozen=True)
-class Tunable:
-    """A limit `popguard serve delivery` reads from the environment."""
-
-    variable: str
-    minimum: float
-    maximum: float
-    whole: bool
-
-
-TUNABLES = {
-    "max_line_length": Tunable(
-        "POPGUARD_LMTP_MAX_LINE_LENGTH", MIN_LINE_LENGTH, MAX_LINE_LENGTH, whole=True
-    ),
-    "idle_timeout": Tunable("POPGUARD_LMTP_IDLE_TIMEOUT", MIN_TIMEOUT, MAX_TIMEOUT, whole=False),
-    "command_timeout": Tunable(
-        "POPGUARD_LMTP_COMMAND_TIMEOUT", MIN_TIMEOUT, MAX_TIMEOUT, whole=False
-    ),
-}
-
-
-@dataclass(frozen=True)
 class LmtpLimits:
+    """The limits of one delivery service; `popguard serve delivery` sets them."""
+
     max_message_size: int = DEFAULT_MAX_MESSAGE_SIZE
     max_line_length: int = DEFAULT_MAX_LINE_LENGTH
     idle_timeout: float = DEFAULT_IDLE_TIMEOUT
@@ -98,33 +96,6 @@ class LmtpLimits:
     @property
     def data_timeout(self) -> float:
         return self.command_timeout + self.max_message_size / DATA_MIN_RATE
-
-    @classmethod
-    def from_environment(cls, environ: Mapping[str, str], max_message_size: int) -> LmtpLimits:
-        """The limits that `TUNABLES`' variables set, the defaults for the others."""
-        values: dict[str, Any] = {"max_message_size": max_message_size}
-        for field, tunable in TUNABLES.items():
-            text = environ.get(tunable.variable)
-            if text is not None:
-                values[field] = _tuned(tunable, text)
-        return cls(**values)
-
-
-def _tuned(tunable: Tunable, text: str) -> float:
-    try:
-        number = float(text)
-    except ValueError:
-        number = float("nan")
-    # `not (a <= x <= b)` also refuses NaN.
-    if not tunable.minimum <= number <= tunable.maximum or (
-        tunable.whole and not number.is_integer()
-    ):
-        kind = "a whole number" if tunable.whole else "a number"
-        raise UserError(
-            f"{tunable.variable} must be {kind} from {tunable.minimum:g} to "
-            f"{tunable.maximum:g}, not {text!r}"
-        )
-    return int(number) if tunable.whole else number
 
 
 class PerRecipientLMTP(LMTP):
@@ -136,7 +107,13 @@ class PerRecipientLMTP(LMTP):
     connection with 421 4.4.2. None runs while the server itself is working.
     """
 
-    def __init__(self, handler: DeliveryHandler, limits: LmtpLimits, **options: Any) -> None:
+    def __init__(
+        self,
+        handler: DeliveryHandler,
+        limits: LmtpLimits,
+        admit: Callable[[asyncio.BaseTransport], str | None] | None = None,
+        **options: Any,
+    ) -> None:
         # aiosmtpd sizes its stream buffer from line_length_limit in __init__; command
         # lines stay bounded by command_size_limit (512, RFC 5321 section 4.5.3.1.4).
         self.line_length_limit = limits.max_line_length
@@ -157,6 +134,18 @@ class PerRecipientLMTP(LMTP):
         self._command_timer: asyncio.TimerHandle | None = None
         self._reading_data = False
         self._answering_lhlo = False
+        # Who may use this listener: None lets them in, else the reply that refuses.
+        self._admit = admit
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        super().connection_made(transport)
+        refusal = self._admit(transport) if self._admit is not None else None
+        if refusal is not None:
+            peer = transport.get_extra_info("peername")
+            log.warning("refusing LMTP connection from %s: %s", peer, refusal)
+            # Before the greeting, which aiosmtpd's task has not sent yet.
+            self._writer.write(f"{refusal}\r\n".encode())
+            transport.close()
 
     # -- timers
 
@@ -277,7 +266,7 @@ class PerRecipientLMTP(LMTP):
             return
         finally:
             self._reading_data = False
-        envelope, self.envelope = self.envelope, Envelope()
+        envelope, self.envelope = self.envelope, self._create_envelope()
         if data.refusal is not None:
             # RFC 2033 section 4.2: one reply per accepted RCPT, refusals too.
             await self.push("\r\n".join([data.refusal] * len(envelope.rcpt_tos)))
@@ -287,8 +276,11 @@ class PerRecipientLMTP(LMTP):
 
 
 class DeliveryHandler:
-    def __init__(self, service: DeliveryService) -> None:
+    """The hooks of one listener: `may_forward` on the MTAs' one, not on `lmtp-peer`'s."""
+
+    def __init__(self, service: DeliveryService, may_forward: bool) -> None:
         self._service = service
+        self._may_forward = may_forward
 
     async def handle_EHLO(
         self, server: Any, session: Session, envelope: Envelope, hostname: str,
@@ -313,34 +305,71 @@ class DeliveryHandler:
     ) -> str:  # fmt: skip
         if len(envelope.rcpt_tos) >= MAX_RECIPIENTS:
             return "452 4.5.3 Too many recipients"
-        try:
-            mailbox = self._service.directory.find_mailbox(address)
-        except DirectoryUnavailable:  # unknown is not the same as absent: never 550 here
-            return f"451 4.4.3 <{address}>: the directory is unreachable, try again later"
-        if mailbox is None:
-            return f"550 5.1.1 <{address}>: no such mailbox"
-        duplicate = mailbox.address in envelope.rcpt_tos
+        route = self._service.route(address, self._may_forward)
+        if isinstance(route, str):
+            return route
+        duplicate = route.address in envelope.rcpt_tos
         # Kept once per RCPT: each one is answered after DATA (RFC 2033 section 4.2).
-        envelope.rcpt_tos.append(mailbox.address)
+        envelope.rcpt_tos.append(route.address)
         if duplicate:
-            return f"250 2.1.5 <{mailbox.address}> OK, already a recipient: stored once"
+            return f"250 2.1.5 <{route.address}> OK, already a recipient: stored once"
+        if route.server is not None:
+            return f"250 2.1.5 OK, for the active copy of {route.database} on {route.server.name}"
         return "250 2.1.5 OK"
 
     async def handle_DATA(self, server: Any, session: Session, envelope: Envelope) -> str:
         content: bytes = envelope.original_content or b""
         sender = (envelope.mail_from or "").strip("<>")
-        # RFC 5321 section 4.4: the final delivery adds the Return-Path.
-        message = f"Return-Path: <{sender}>\r\n".encode() + content
+        recipients = list(dict.fromkeys(envelope.rcpt_tos))
+        log.info(
+            "DATA of %d octets from %s for %d recipient(s)",
+            len(content),
+            session.peer,
+            len(recipients),
+        )
         replies: dict[str, str] = {}
-        for recipient in envelope.rcpt_tos:
-            if recipient not in replies:
+        here: list[str] = []
+        elsewhere: dict[str, tuple[Server, list[str]]] = {}
+        for recipient in recipients:
+            route = self._service.route(recipient, self._may_forward)
+            if isinstance(route, str):
+                replies[recipient] = route
+            elif route.server is None:
+                here.append(recipient)
+            else:
+                elsewhere.setdefault(route.server.name, (route.server, []))[1].append(recipient)
+
+        async def write_here() -> None:
+            # RFC 5321 section 4.4: the final delivery adds the Return-Path.
+            message = f"Return-Path: <{sender}>\r\n".encode() + content
+            for recipient in here:
                 replies[recipient] = await self._service.deliver(recipient, message)
+
+        async def hand_over(target: Server, their_recipients: list[str]) -> None:
+            transaction = Transaction(
+                sender, tuple(envelope.mail_options), tuple(their_recipients), content
+            )
+            replies.update(await self._service.forward(target, transaction))
+
+        await asyncio.gather(
+            write_here(), *(hand_over(target, rs) for target, rs in elsewhere.values())
+        )
         return "\r\n".join(replies[recipient] for recipient in envelope.rcpt_tos)
 
     async def handle_exception(self, error: Exception) -> str:
         # aiosmtpd would put the exception's name and text on the wire.
         log.error("LMTP command failed", exc_info=error)
         return "451 4.3.0 Local error in processing, try again later"
+
+
+@dataclass(frozen=True)
+class Route:
+    """Where one recipient's mail goes: the active copy of `database`, here (`server`
+    None) or on `server`."""
+
+    address: str
+    database: str
+    server: Server | None
 
 
 class DeliveryService:
@@ -352,6 +381,81 @@ class DeliveryService:
         self.databases = MountedDatabases(context.folder, self.server.name, self.directory)
         self.counters = ServiceCounters("delivery")
         self.limits = limits or LmtpLimits()
+        # This server's certificate for the other mailbox servers (replication's): it
+        # shows it on `lmtp-peer` and when it hands mail over.
+        identity = context.tls.replication_identity(self.server.name, self.server.address)
+        self._peer_tls = context.tls.mutual_server_context(identity)
+        self._forwarder = Forwarder(
+            helo=self.server.name,
+            source=self.server.address,
+            context=context.tls.mutual_client_context(identity),
+            organization=self.organization,
+            data_timeout=self.limits.data_timeout,
+        )
+
+    def route(self, address: str, may_forward: bool) -> Route | str:
+        """Where mail for `address` goes now, or the reply that refuses it for now."""
+        try:
+            mailbox = self.directory.find_mailbox(address)
+            if mailbox is None:
+                return f"550 5.1.1 <{address}>: no such mailbox"
+            database = mailbox.database
+            if self.directory.move_in_progress(database):
+                return (
+                    f"451 4.3.0 <{mailbox.address}>: mailbox database {database} is being "
+                    "moved, try again later"
+                )
+            active = self.directory.active_server(database)
+            if active.lower() == self.server.name.lower():
+                return Route(mailbox.address, database, None)
+            if not may_forward:
+                return (
+                    f"451 4.3.0 <{mailbox.address}>: mailbox database {database} is active on "
+                    f"{active}, not here, and forwarded mail is not forwarded again; try "
+                    "again later"
+                )
+            return Route(mailbox.address, database, self.directory.get_server(active))
+        except DirectoryUnavailable:  # unknown is not the same as absent: never 550 here
+            return f"451 4.4.3 <{address}>: the directory is unreachable, try again later"
+        except UserError as exc:  # no active copy, or a server the directory lost
+            log.warning("no route for %s: %s", address, exc)
+            return f"451 4.3.0 <{address}>: {exc}, try again later"
+        except Exception:
+            # Never raised: after DATA it would cost every recipient its own reply.
+            log.exception("no route for %s: the directory failed", address)
+            return f"451 4.3.0 <{address}>: directory unavailable, try again later"
+
+    async def forward(self, target: Server, transaction: Transaction) -> dict[str, str]:
+        replies = await self._forwarder.forward(target, transaction)
+        accepted = sum(reply.startswith("2") for reply in replies.values())
+        log.info(
+            "handed %d octets to %s for %d recipient(s): %d accepted",
+            len(transaction.content),
+            target.name,
+            len(transaction.recipients),
+            accepted,
+        )
+        return replies
+
+    def admit_peer(self, transport: asyncio.BaseTransport) -> str | None:
+        """None when the client of an `lmtp-peer` connection is a mailbox server of this
+        organization (its verified certificate says which), else the reply to close with."""
+        ssl_object = transport.get_extra_info("ssl_object")
+        certificate = ssl_object.getpeercert() if ssl_object is not None else None
+        name, unit = tls.peer_name(certificate), tls.peer_unit(certificate)
+        refused = f"554 5.7.1 {self.server.name}"
+        if name is None or unit != tls.REPLICATION_UNIT:
+            return f"{refused} takes mail from this organization's mailbox servers only"
+        try:
+            peer = self.directory.get_server(name)
+        except UserError:
+            return f"{refused}: {name} is not a server of this organization"
+        except Exception:
+            log.exception("cannot look %s up in the directory", name)
+            return f"421 4.3.0 {self.server.name} cannot read the directory now, try again later"
+        if "mailbox" not in peer.roles:
+            return f"{refused}: {name} is not a mailbox server"
+        return None
 
     async def deliver(self, recipient: str, message: bytes) -> str:
         """Store one copy for one recipient; the LMTP reply line for it. Never raises:
@@ -375,33 +479,46 @@ class DeliveryService:
         log.info("delivered to %s as uid %d (%d octets)", recipient, uid, len(message))
         return f"250 2.0.0 <{recipient}> delivered as uid {uid}"
 
+    def _protocol(self, handler: DeliveryHandler, peers_only: bool) -> PerRecipientLMTP:
+        return PerRecipientLMTP(
+            handler,
+            self.limits,
+            admit=self.admit_peer if peers_only else None,
+            enable_SMTPUTF8=True,
+            decode_data=False,
+            hostname=self.server.name,
+            ident=lmtp_ident(self.organization),
+        )
+
     async def run(self, stop: asyncio.Event) -> None:
-        handler = DeliveryHandler(self)
         loop = asyncio.get_running_loop()
-        address, port = self.server.address, self.server.port("lmtp")
-        listener = await listen(
-            functools.partial(
-                loop.create_server,
-                lambda: PerRecipientLMTP(
-                    handler,
-                    self.limits,
-                    enable_SMTPUTF8=True,
-                    decode_data=False,
-                    hostname=self.server.name,
-                    ident=lmtp_ident(self.organization),
+        address = self.server.address
+        listeners = []
+        for endpoint, handler, peers_only in (
+            ("lmtp", DeliveryHandler(self, may_forward=True), False),
+            ("lmtp-peer", DeliveryHandler(self, may_forward=False), True),
+        ):
+            port = self.server.port(endpoint)
+            listener = await listen(
+                functools.partial(
+                    loop.create_server,
+                    functools.partial(self._protocol, handler, peers_only),
+                    address,
+                    port,
+                    reuse_address=True,
+                    ssl=self._peer_tls if peers_only else None,
+                    ssl_handshake_timeout=TLS_HANDSHAKE_TIMEOUT if peers_only else None,
                 ),
+                endpoint,
                 address,
                 port,
-                reuse_address=True,
-            ),
-            "lmtp",
-            address,
-            port,
-        )
+            )
+            listeners.append(listener)
         log.info(
-            "LMTP listening on %s:%d, pid %d",
-            self.server.address,
+            "LMTP listening on %s:%d, from other mailbox servers on %d, pid %d",
+            address,
             self.server.port("lmtp"),
+            self.server.port("lmtp-peer"),
             os.getpid(),
         )
         counters_file = self.context.folder.counters_file("delivery")
@@ -409,16 +526,17 @@ class DeliveryService:
             every(PUBLISH_INTERVAL, lambda: self.counters.publish(counters_file), stop)
         )
         await stop.wait()
-        listener.close()
+        for listener in listeners:
+            listener.close()
+        self._forwarder.close()
         await publisher
         self.databases.close()
         self.directory.close()
 
 
-def serve(data: Path, server_name: str, max_message_size: int) -> None:
+def serve(data: Path, server_name: str, limits: LmtpLimits) -> None:
     from popguard.net.serving import run_until_stopped, setup_logging
 
     setup_logging("delivery", server_name)
-    limits = LmtpLimits.from_environment(os.environ, max_message_size)
     service = DeliveryService(ServerContext.open(data, server_name, "mailbox"), limits)
     run_until_stopped(service.run)

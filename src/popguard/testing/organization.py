@@ -36,8 +36,8 @@ DEFAULT_ADDRESSES = ("127.0.11.1", "127.0.12.1", "127.0.13.1")
 SERVERS = ("cas1", "mbx1", "mbx2")  # in the order of the addresses
 PORTS = {
     "cas1": (10110, 10995, 8480),
-    "mbx1": (1110, 1995, 2424, 64327, 8480),
-    "mbx2": (1110, 1995, 2424, 64327, 8480),
+    "mbx1": (1110, 1995, 2424, 2425, 64327, 8480),
+    "mbx2": (1110, 1995, 2424, 2425, 64327, 8480),
 }
 CLI_TIMEOUT = 120.0  # seconds for one popguard command (up and down wait up to 60 s each)
 API_TIMEOUT = 10.0  # seconds for one health API request
