@@ -254,12 +254,6 @@ class Postgres:
             found[key] = (old[0] + int(calls), old[1] + float(total))
         return found
 
-    def commits(self) -> int:
-        (row,) = self.query(
-            f"SELECT xact_commit FROM pg_stat_database WHERE datname = '{self.database}'"
-        )
-        return int(row[0])
-
     def remove(self) -> None:
         self.server.remove()
 
@@ -568,7 +562,6 @@ class Counted:
     operations: int
     seconds: float
     idle_seconds: float
-    commits_per_op: float  # pg_stat_database.xact_commit, background subtracted
     statements_per_op: float
     by_statement: list[dict[str, Any]]  # query, per op, calls, idle calls, mean ms
 
@@ -577,17 +570,13 @@ def count_statements(pg: Postgres, what: str, operations: int, run: Any) -> Coun
     pg.counting(True)
     try:
         pg.reset()
-        commits0 = pg.commits()
         time.sleep(IDLE_WINDOW)
         idle = pg.statements()
-        idle_commits = pg.commits() - commits0
         pg.reset()
-        commits1 = pg.commits()
         started = time.monotonic()
         done = run()
         seconds = time.monotonic() - started
         busy = pg.statements()
-        busy_commits = pg.commits() - commits1
     finally:
         pg.counting(False)
     if done != operations:
@@ -613,7 +602,6 @@ def count_statements(pg: Postgres, what: str, operations: int, run: Any) -> Coun
         operations=operations,
         seconds=round(seconds, 2),
         idle_seconds=IDLE_WINDOW,
-        commits_per_op=round((busy_commits - idle_commits * scale) / operations, 3),
         statements_per_op=round(sum(max(0.0, float(r["per_op"])) for r in rows), 3),
         by_statement=rows,
     )
@@ -645,6 +633,35 @@ def counted_deliveries(org: Organization, users: Sequence[str], count: int, mess
     if run.errors:
         raise RuntimeError(f"counted deliveries: {run.error_samples}")
     return run.ops
+
+
+def read_latency(org: Organization, user: str, reads: int) -> dict[str, float | None]:
+    """Microseconds of one directory read as a popguard process makes it (the same
+    Directory class, its engine, its pool), nothing else running: what each statement
+    of a login or a delivery costs its service's event loop."""
+    from popguard.directory.directory import Directory
+
+    out: dict[str, float | None] = {}
+    with Directory(org.data) as directory:
+        for name, read in (
+            ("find_mailbox", lambda: directory.find_mailbox(user)),
+            ("active_server", lambda: directory.active_server("DB01")),
+        ):
+            for _ in range(20):  # psycopg prepares a statement after a few runs
+                read()
+            times = []
+            for _ in range(reads):
+                began = time.perf_counter()
+                read()
+                times.append(time.perf_counter() - began)
+            out[f"{name}_us_p50"] = _us(percentile(times, 0.50))
+            out[f"{name}_us_p99"] = _us(percentile(times, 0.99))
+            out[f"{name}_us_mean"] = _us(sum(times) / len(times))
+    return out
+
+
+def _us(seconds: float | None) -> float | None:
+    return None if seconds is None else round(seconds * 1e6, 1)
 
 
 # The run -------------------------------------------------------------------------------
@@ -711,12 +728,24 @@ def markdown(report: dict[str, Any]) -> str:
             f"| {row['figure']} | {row['sqlite_org_ms']:.2f} | "
             f"{row['postgresql_org_ms']:.2f} | {row['postgresql_pg_ms']:.2f} |"
         )
+    sqlite_us = report["read_latency"]["sqlite"]["find_mailbox_us_p50"]
+    pg_us = report["read_latency"]["postgresql"]["find_mailbox_us_p50"]
+    lines += [
+        "",
+        "One directory read (find_mailbox, in a process of its own through popguard's "
+        f"Directory, no load): SQLite {sqlite_us} µs, PostgreSQL {pg_us} µs (p50); "
+        f"active_server: SQLite {report['read_latency']['sqlite']['active_server_us_p50']} "
+        f"µs, PostgreSQL {report['read_latency']['postgresql']['active_server_us_p50']} µs.",
+    ]
     for counted in report["counted"]:
+        added = counted["statements_per_op"] * ((pg_us or 0.0) - (sqlite_us or 0.0)) / 1000.0
         lines += [
             "",
             f"Directory statements per {counted['what']} ({counted['operations']} counted, "
             f"one at a time, background subtracted): {counted['statements_per_op']:.2f} "
-            f"statements, {counted['commits_per_op']:.2f} transactions.",
+            "statements; mean ms is PostgreSQL's own execution time. At the read latency "
+            f"above that is about {added:.2f} ms more per {counted['what']} on PostgreSQL, "
+            "spent waiting in the service's event loop.",
             "",
             "| per op | mean ms | statement |",
             "|---:|---:|---|",
@@ -797,6 +826,7 @@ def main(argv: list[str] | None = None) -> int:
         "--count", type=int, default=200, help="logins and deliveries whose statements are counted"
     )
     parser.add_argument("--message-size", type=int, default=2048)
+    parser.add_argument("--reads", type=int, default=2000, help="timed reads per engine")
     parser.add_argument("--keep", action="store_true", help="keep the data folders")
     args = parser.parse_args(argv)
     from popguard.directory.passwords import AUTH_CACHE_TTL
@@ -820,6 +850,13 @@ def main(argv: list[str] | None = None) -> int:
             order = [orgs[e] for e in ENGINES]
             return order if repeat % 2 == 0 else order[::-1]
 
+        latency = {e: read_latency(orgs[e], users[0], args.reads) for e in ENGINES}
+        for engine, values in latency.items():
+            print(
+                f"one directory read, {engine}: "
+                + ", ".join(f"{k} {v}" for k, v in values.items()),
+                flush=True,
+            )
         print("logins/s through cas1 (warm caches)", flush=True)
         for repeat in range(args.repeat):
             for clients in login_levels:
@@ -885,6 +922,7 @@ def main(argv: list[str] | None = None) -> int:
         "cpu_per_op": cpu_table(figures),
         "goal": {"logins_ratio_at_least": GOAL},
         "counted": [asdict(c) for c in counted],
+        "read_latency": latency,
         "wall_seconds": round(time.monotonic() - started, 1),
     }
     print()
@@ -899,12 +937,12 @@ def main(argv: list[str] | None = None) -> int:
         )
     for c in counted:
         print(
-            f"per {c.what}: {c.statements_per_op:.2f} directory statements, "
-            f"{c.commits_per_op:.2f} transactions"
+            f"per {c.what}: {c.statements_per_op:.2f} directory statements "
+            "(per op, statement, PostgreSQL's mean execution ms)"
         )
         for row in c.by_statement:
             if float(row["per_op"]) >= 0.05:
-                print(f"  {row['per_op']:6.2f}  {row['query'][:120]}")
+                print(f"  {row['per_op']:6.2f}  {row['query'][:100]}  {row['mean_ms']}")
     RESULTS.mkdir(exist_ok=True)
     stem = RESULTS / f"directory_engines-{now:%Y%m%d-%H%M%S}"
     stem.with_suffix(".json").write_text(json.dumps(report, indent=2))
