@@ -209,6 +209,25 @@ def test_another_handles_commit_moves_the_change_counter(directory_data: Path) -
         assert reader.active_server("DB01") == "mbx2"
 
 
+def test_a_services_cached_reads_end_with_any_change(directory_data: Path) -> None:
+    with Directory(directory_data) as service, Directory(directory_data) as operator:
+        small_organization(operator)
+        service.cache_reads()
+        assert service.find_mailbox("late@example.test") is None
+        assert service.active_server("DB01") == "mbx1"
+        operator.new_mailbox("late@example.test", "DB01", "hash-1")
+        operator.activate_copy("DB01", "mbx2")
+        deadline = time.monotonic() + 10
+        while service.find_mailbox("late@example.test") is None and time.monotonic() < deadline:
+            time.sleep(0.02)
+        assert service.find_mailbox("late@example.test") is not None
+        assert service.active_server("DB01") == "mbx2"
+        # The service's own write is seen by its next read, NOTIFY or not.
+        service.set_password_hash("late@example.test", "hash-2")
+        mailbox = service.find_mailbox("late@example.test")
+        assert mailbox is not None and mailbox.password_hash == "hash-2"
+
+
 def test_writers_of_two_threads_take_turns(directory_data: Path) -> None:
     """set_pop_settings reads a revision and writes the next: concurrent writers must
     not give two changes one revision."""

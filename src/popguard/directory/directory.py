@@ -33,6 +33,10 @@ from popguard.errors import NotFoundError, UserError
 LEASE_SECONDS = 10.0
 LEASE_RENEWAL = 2.0
 
+# A service's cache of hot reads (cache_reads) starts again past this many rows: one per
+# mailbox seen since the last change, about 300 bytes each.
+MAX_CACHED_READS = 100_000
+
 # Longer than the longest move can take (catch-up at most 120 s, plus dismount and mount).
 MOVE_CLAIM_TIMEOUT = 300.0
 ACTIVATION_POLICIES = ("Unrestricted", "Blocked")
@@ -120,6 +124,8 @@ class Directory:
         self.location = location if location is not None else directory_location(data)
         data.mkdir(parents=True, exist_ok=True)
         self._engine = open_engine(self.location)
+        self._cached_reads: dict[tuple[str, tuple[object, ...]], Row | None] | None = None
+        self._cached_version = -1
         try:
             self._engine.migrate(MIGRATIONS)
         except BaseException:
@@ -136,6 +142,33 @@ class Directory:
     def raw_engine(self) -> Engine:
         """The engine under this handle, for whole-table work (port-directory) only."""
         return self._engine
+
+    def cache_reads(self) -> None:
+        """Keep the rows of the reads on a service's hot path (a mailbox, a server, the
+        active copy, settings, a move) until the directory changes.
+
+        For a long-running service on PostgreSQL: there each read is a network round
+        trip that holds up the event loop (three per login), while a change is told by
+        NOTIFY and ends the whole cache at once (change_counter). SQLite's reads cost
+        microseconds, so it reads every time."""
+        if self._engine.name == "postgresql":
+            self._cached_reads = {}
+            self._cached_version = self._engine.change_counter()
+
+    def _read_one(self, sql: str, params: tuple[object, ...]) -> Row | None:
+        cache = self._cached_reads
+        if cache is None:
+            return self._engine.execute(sql, params).fetchone()
+        version = self._engine.change_counter()
+        if version != self._cached_version or len(cache) > MAX_CACHED_READS:
+            cache.clear()
+            self._cached_version = version
+        key = (sql, params)
+        try:
+            return cache[key]
+        except KeyError:
+            row = cache[key] = self._engine.execute(sql, params).fetchone()
+            return row
 
     def organization_id(self) -> str:
         """The organization's random name, the same for every server of it."""
@@ -154,6 +187,10 @@ class Directory:
         self.close()
 
     def _transaction(self) -> AbstractContextManager[Executor]:
+        # This handle's own write is seen by its next read at once, not only once its
+        # NOTIFY comes back.
+        if self._cached_reads is not None:
+            self._cached_reads.clear()
         return self._engine.transaction()
 
     def schema_version(self) -> int:
@@ -201,7 +238,7 @@ class Directory:
         return self.get_server(name)
 
     def get_server(self, name: str) -> Server:
-        row = self._engine.execute("SELECT * FROM servers WHERE name = $1", (name,)).fetchone()
+        row = self._read_one("SELECT * FROM servers WHERE name = $1", (name,))
         if row is None:
             raise NotFoundError(f"no server named {name!r}")
         return _server(row)
@@ -320,9 +357,9 @@ class Directory:
             )
 
     def move_in_progress(self, database: str) -> bool:
-        row = self._engine.execute(
+        row = self._read_one(
             "SELECT move_claim, move_claimed FROM databases WHERE name = $1", (database,)
-        ).fetchone()
+        )
         return bool(row and row[0] and row[1] >= time.time() - MOVE_CLAIM_TIMEOUT)
 
     def activate_copy(self, database: str, server: str) -> None:
@@ -471,9 +508,9 @@ class Directory:
         ]
 
     def active_server(self, database: str) -> str:
-        row = self._engine.execute(
+        row = self._read_one(
             "SELECT server FROM database_copies WHERE database = $1 AND is_active = 1", (database,)
-        ).fetchone()
+        )
         if row is None:
             spelled = self._require_database(database)
             if spelled != database:  # a name in another case: SQLite compares copies' exactly
@@ -678,9 +715,9 @@ class Directory:
         return self.get_mailbox(address)
 
     def find_mailbox(self, address: str) -> Mailbox | None:
-        row = self._engine.execute(
+        row = self._read_one(
             "SELECT * FROM mailboxes WHERE address = $1", (address.strip().lower(),)
-        ).fetchone()
+        )
         return None if row is None else _mailbox(row)
 
     def get_mailbox(self, address: str) -> Mailbox:
@@ -751,9 +788,9 @@ class Directory:
     def pop_settings(self, server: str) -> tuple[PopSettings, int]:
         """The server's settings and a revision that grows with every change."""
         name = self.get_server(server).name
-        row = self._engine.execute(
+        row = self._read_one(
             "SELECT settings, revision FROM pop_settings WHERE server = $1", (name,)
-        ).fetchone()
+        )
         if row is None:
             return PopSettings(), 0
         return PopSettings.model_validate_json(row["settings"]), int(row["revision"])

@@ -62,6 +62,7 @@ class ServerContext:
         rather than exit: under a supervisor, exiting would be a crash loop that ends
         with the service given up (FATAL) by the time the directory is back."""
         directory = _wait_for_directory(data)
+        directory.cache_reads()
         try:
             server = directory.get_server(server_name)
             if role is not None and role not in server.roles:
