@@ -92,8 +92,14 @@ class Switched:
 def copy_status(
     copy: DatabaseCopy, reports: dict[tuple[str, str], CopyStatusReport], now: float
 ) -> str:
-    """A copy's status as its replication service last reported it, if recently."""
+    """A copy's status as its replication service last reported it, if recently.
+
+    FailedAndSuspended stays whatever its age: it is not a report of liveness but a
+    mark (by the active copy: too far behind, to be reseeded) that holds until the
+    copy's own replication service reports again."""
     report = reports.get((copy.database, copy.server))
+    if report is not None and report.status == "FailedAndSuspended":
+        return report.status
     if report is None or report.reported < now - STATUS_FRESH:
         return "ServiceDown"
     return report.status
