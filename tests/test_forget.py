@@ -19,7 +19,7 @@ from popguard.testing.organization import popguard
 
 from .conftest import Organization, running_organization
 from .test_frontend import login
-from .test_replication import caught_up, stored, wait_for
+from .test_replication import caught_up, failover_loses_nothing, stored, wait_for
 
 MESSAGES = 300
 MESSAGE_SIZE = 50_000
@@ -189,3 +189,18 @@ def test_a_copy_too_far_behind_is_suspended_then_reseeded_from_a_snapshot(
             if ".snapshot-" in p.name or ".seeding" in p.name
         ]
         assert leftovers == []
+
+
+@pytest.mark.timeout(300)
+def test_failover_loses_nothing_while_logs_are_trimmed_every_second(tmp_path: Path) -> None:
+    """Trimming must keep, on both sides, what finding the parting point and giving
+    back the old active copy's own messages needs."""
+    with forgetful_organization(tmp_path, "forget_interval = 1") as org:
+        failover_loses_nothing(org)
+        for server in ("mbx1", "mbx2"):
+            file = paths.server_folder(org.data, server).database_copy_file("DB01")
+            store = MailboxDatabase(file, "DB01")
+            try:
+                assert store.base().lsn > 0, server  # trimming did run meanwhile
+            finally:
+                store.close()

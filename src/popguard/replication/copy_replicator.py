@@ -92,6 +92,7 @@ class CopyReplicator:
         # log may be trimmed: the rest may be changes only this copy has (after a
         # failover), which the resynchronization needs to find and give back.
         self.confirmed: tuple[str, int] | None = None
+        self._fenced_while_mounted = False
         # Messages only this copy had when it was found diverged, kept until the active
         # copy has taken them back (see _redeliver_pending).
         self.pending_file = pending_file
@@ -200,6 +201,8 @@ class CopyReplicator:
                 raise NotMountedError(f"{self._name} is the active copy now")
             head = await self._run(self.store.fence)
             self.confirmed = None
+            # It took writes as the active copy that the new one may never have had.
+            self._fenced_while_mounted = head.lsn > 0
             if head.lsn:  # not a brand-new, empty copy
                 log.warning(
                     "%s was mounted, but %s is active now: fenced at LSN %d",
@@ -214,6 +217,10 @@ class CopyReplicator:
         try:
             batch = await peer.log_after(self.database, head, LONG_POLL)
         except LogTrimmed as trimmed:
+            if self._fenced_while_mounted:
+                # An old active copy back after the new one trimmed past it: what only
+                # it had cannot be told from what both have. A duplicate, not a loss.
+                await self._give_back(peer, active, (await self._run(self.store.base)).lsn)
             await self._seed_from_snapshot(peer, active, head.lsn, trimmed.base_lsn)
             return
         if batch.entries:
@@ -258,11 +265,24 @@ class CopyReplicator:
         self._publish(force=True)
         peer = self._peer_for(active)
         mine = await self._run(self.store.head)
-        # Checksums chain, so they agree up to some LSN and differ after it. This copy's
-        # log was trimmed only behind what every copy that counted had applied, so
-        # they agree at least up to its base.
-        low = (await self._run(self.store.base)).lsn
+        mine_base = (await self._run(self.store.base)).lsn
+        peer_base = _int_or_zero((await peer.head(self.database)).get("base_lsn"))
+        # Checksums chain, so they agree up to some LSN and differ after it: found by
+        # bisection over what both logs still hold, if they agree where that starts.
+        low = max(mine_base, peer_base)
         high = max(low, min(mine.lsn, peer_head))
+        theirs = await peer.checksum_at(self.database, low) if low <= mine.lsn else None
+        ours = await self._run(self.store.checksum_at, low)
+        if theirs is None or theirs != ours:
+            # They part before anything both logs hold (the active copy trimmed past
+            # the parting point: this copy was away longer than the limits): every
+            # message still here may be missing there. A duplicate, not a loss.
+            log.warning(
+                "%s: the logs part before LSN %d, which the active copy trimmed: every "
+                "message delivered here after LSN %d is given back",
+                self._name, low, mine_base,
+            )  # fmt: skip
+            low = high = mine_base
         while low < high:
             middle = (low + high + 1) // 2
             theirs = await peer.checksum_at(self.database, middle)
@@ -271,18 +291,26 @@ class CopyReplicator:
                 low = middle
             else:
                 high = middle - 1
-        lost = await self._run(self.store.delivered_after, low)
         log.warning(
-            "%s: log diverged after LSN %d (this copy had %d, the active copy %d): "
-            "%d messages only here go to %s",
-            self._name, low, mine.lsn, peer_head, len(lost), active,
+            "%s: log diverged after LSN %d (this copy had %d, the active copy %d)",
+            self._name, low, mine.lsn, peer_head,
+        )  # fmt: skip
+        await self._give_back(peer, active, low)
+        await self._run(self.store.reset)
+        self.applied_lsn = 0
+        self._seeding = True
+
+    async def _give_back(self, peer: ReplicationPeer, active: str, after: int) -> None:
+        """Give the active copy the messages delivered here after `after` and still here."""
+        lost = await self._run(self.store.delivered_after, after)
+        log.warning(
+            "%s: %d messages delivered here after LSN %d go to %s",
+            self._name, len(lost), after, active,
         )  # fmt: skip
         if lost:
             _write_durably(self.pending_file, b"".join(change_log.encode(lost)))
             await self._redeliver_pending(peer, active)
-        await self._run(self.store.reset)
-        self.applied_lsn = 0
-        self._seeding = True
+        self._fenced_while_mounted = False
 
     async def _redeliver_pending(self, peer: ReplicationPeer, active: str) -> None:
         entries = change_log.decode(self.pending_file.read_bytes())
@@ -328,6 +356,14 @@ class CopyReplicator:
             return
         self._reported, self._reported_at = state, now
         self._progress = (self.applied_lsn, self.copy_queue_length)
+
+
+def _int_or_zero(value: object) -> int:
+    """A peer's optional count (a peer of an older popguard sends none)."""
+    try:
+        return max(0, int(str(value)))
+    except ValueError:
+        return 0
 
 
 def _write_durably(path: Path, content: bytes) -> None:

@@ -249,9 +249,11 @@ class ReplicationService:
 
     async def _head(self, request: web.Request) -> web.Response:
         _, store = await self._store_for(request)
-        head = await self._run(store.head)
+        head, base = await self._run(store.head), await self._run(store.base)
         role = await self._run(store.role)
-        return web.json_response({"lsn": head.lsn, "checksum": head.checksum.hex(), "role": role})
+        return web.json_response(
+            {"lsn": head.lsn, "checksum": head.checksum.hex(), "role": role, "base_lsn": base.lsn}
+        )
 
     async def _snapshot(self, request: web.Request) -> web.StreamResponse:
         """A consistent snapshot of this copy, for seeding another: made by VACUUM INTO

@@ -83,8 +83,17 @@ class Switched:
         if self.fenced is not None:
             reports.append(report(self.source, "Healthy", self.fenced.lsn, None))
         else:
+            # The new active copy's LSN at mount is the last one both copies are known
+            # to share: the new active copy keeps its log from there for the old one
+            # (log_retention), so that the old one, back, finds where they part and
+            # gives back what only it had.
             reports.append(
-                report(self.source, "ServiceDown", 0, "its server did not answer at failover")
+                report(
+                    self.source,
+                    "ServiceDown",
+                    self.mounted.lsn,
+                    "its server did not answer at failover",
+                )
             )
         return reports
 
