@@ -204,3 +204,68 @@ def test_failover_loses_nothing_while_logs_are_trimmed_every_second(tmp_path: Pa
                 assert store.base().lsn > 0, server  # trimming did run meanwhile
             finally:
                 store.close()
+
+
+def suspend_mbx2(org: Organization, user: str, messages: int) -> None:
+    """Stop mbx2's replication and deliver enough that the active copy suspends it."""
+    org.mailbox["mbx2"].kill("replication")
+    for number in range(messages):
+        org.deliver(user, with_word(f"while-away-{number}", MESSAGE_SIZE))
+
+    def suspended() -> bool:
+        with org.directory() as directory:
+            report = directory.copy_status_reports().get(("DB01", "mbx2"))
+        return report is not None and report.status == "FailedAndSuspended"
+
+    wait_for(suspended, "DB01\\mbx2 to be suspended for a reseed", timeout=60)
+
+
+def leftovers(org: Organization) -> list[str]:
+    return [
+        f"{server}/{p.name}"
+        for server in ("mbx1", "mbx2")
+        for p in paths.server_folder(org.data, server).database_copy_file("DB01").parent.iterdir()
+        if ".snapshot-" in p.name or ".seeding" in p.name
+    ]
+
+
+def wait_for_seeding(org: Organization, server: str) -> None:
+    """Until mbx2 says it is seeding (the kill that follows lands while it downloads,
+    loads or has just loaded the snapshot: each must come out whole)."""
+    log = org.mailbox[server].logs["replication"]
+    wait_for(
+        lambda: "seeding from a snapshot" in log.read_text(errors="replace")
+        or (paths.server_folder(org.data, server).database_copy_file("DB01").parent
+            / "DB01.seeding").exists(),
+        f"{server} to start seeding",
+        timeout=60,
+    )  # fmt: skip
+
+
+@pytest.mark.timeout(300)
+@pytest.mark.parametrize("killed", ["mbx2", "mbx1"])
+def test_kill_9_during_seeding_leaves_no_half_copy_and_seeding_starts_again(
+    tmp_path: Path, killed: str
+) -> None:
+    with forgetful_organization(
+        tmp_path, "forget_interval = 1\nmax_copy_lag_bytes = 200000"
+    ) as org:
+        user = org.add_mailbox("erin@example.test")
+        org.deliver(user, with_word("first"))
+        wait_for(caught_up(org, "DB01"), "DB01's copies to agree")
+        before = stored(org, "mbx2", "DB01", user)
+        suspend_mbx2(org, user, messages=200)  # 10 MB to snapshot and ship
+        mbx2 = org.mailbox["mbx2"]
+        mbx2.logs["replication"].write_text("")
+        mbx2.start("replication")
+        wait_for_seeding(org, "mbx2")
+        org.mailbox[killed].kill("replication")
+        if killed == "mbx2":
+            # Never half seeded: as it was, or the whole snapshot.
+            now = stored(org, "mbx2", "DB01", user)
+            assert now == before or len(now) == 201, (len(before), len(now))
+        org.mailbox[killed].start("replication")
+        wait_for(caught_up(org, "DB01"), "mbx2's copy to be seeded after all", timeout=120)
+        assert stored(org, "mbx2", "DB01", user) == stored(org, "mbx1", "DB01", user)
+        assert len(stored(org, "mbx2", "DB01", user)) == 201
+        wait_for(lambda: leftovers(org) == [], f"no snapshot file left ({leftovers(org)})")

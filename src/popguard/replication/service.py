@@ -272,14 +272,20 @@ class ReplicationService:
                     "X-Snapshot-Lsn": str(head.lsn),
                 }
             )
-            await response.prepare(request)
             source = await asyncio.to_thread(out.open, "rb")
             try:
+                await response.prepare(request)
                 while chunk := await asyncio.to_thread(source.read, SNAPSHOT_CHUNK):
                     await response.write(chunk)
+                await response.write_eof()
+            except ConnectionError as exc:  # the seeding copy went away: it starts again
+                log.warning(
+                    "%s\\%s: snapshot for %s cut short: %s",
+                    database, self.server.name, request["peer"], exc,
+                )  # fmt: skip
+                return response
             finally:
                 source.close()
-            await response.write_eof()
             log.warning(
                 "%s\\%s: snapshot at LSN %d sent to %s",
                 database, self.server.name, head.lsn, request["peer"],

@@ -563,6 +563,7 @@ class MailboxDatabase:
         out.unlink(missing_ok=True)
         connection = sqlite3.connect(self.path, timeout=30.0, isolation_level=None)
         try:
+            connection.execute("PRAGMA temp_store = MEMORY")  # no mail in temporary files
             connection.execute("VACUUM INTO ?", (str(out),))
         finally:
             connection.close()
