@@ -35,6 +35,7 @@ from aiohttp import web
 
 from popguard.directory.config import Store, load_config
 from popguard.directory.directory import CopyStatusReport, Server
+from popguard.directory.sql.engine import DirectoryUnavailable
 from popguard.errors import UserError
 from popguard.net import tls
 from popguard.net.serving import listen
@@ -371,6 +372,8 @@ class ReplicationService:
             self._forgotten_at[database] = now
             try:
                 await self._maintain(database, settings)
+            except DirectoryUnavailable:
+                pass  # logged once for the whole outage; done on the next run after it
             except Exception:
                 log.exception("%s\\%s: trimming or forgetting failed", database, self.server.name)
 
@@ -396,8 +399,13 @@ class ReplicationService:
         plan = plan_trim(head.lsn, base.lsn, others, limits, time.time())
         through: int | None = plan.through
         if active:
-            for server, why in plan.reseed:
-                self._suspend(reports[(database, server)], why)
+            try:
+                for server, why in plan.reseed:
+                    self._suspend(reports[(database, server)], why)
+            except DirectoryUnavailable:
+                # A copy is trimmed past only once the directory says why; until then
+                # the log stays, and forgetting goes on regardless.
+                through = None
         else:
             replicator, _ = self._replicators[database]
             confirmed = None if mounted else replicator.trimmable_through(active_server)
