@@ -372,8 +372,10 @@ class ReplicationService:
             self._forgotten_at[database] = now
             try:
                 await self._maintain(database, settings)
-            except DirectoryUnavailable:
-                pass  # logged once for the whole outage; done on the next run after it
+            except DirectoryUnavailable:  # logged once for the whole outage
+                # No trimming without the copies' reports; deleted mail is forgotten anyway.
+                store = await self._run(self._open, database)
+                await self._run(store.forget)
             except Exception:
                 log.exception("%s\\%s: trimming or forgetting failed", database, self.server.name)
 
