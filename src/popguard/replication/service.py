@@ -374,10 +374,16 @@ class ReplicationService:
                 await self._maintain(database, settings)
             except DirectoryUnavailable:  # logged once for the whole outage
                 # No trimming without the copies' reports; deleted mail is forgotten anyway.
-                store = await self._run(self._open, database)
-                await self._run(store.forget)
+                await self._forget_only(database)
             except Exception:
                 log.exception("%s\\%s: trimming or forgetting failed", database, self.server.name)
+
+    async def _forget_only(self, database: str) -> None:
+        try:
+            store = await self._run(self._open, database)
+            await self._run(store.forget)
+        except Exception:
+            log.exception("%s\\%s: forgetting failed", database, self.server.name)
 
     async def _maintain(self, database: str, settings: Store) -> None:
         """Trim this copy's log, mark copies too far behind (on the active copy), then
