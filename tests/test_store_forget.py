@@ -225,3 +225,25 @@ def test_a_payload_that_does_not_match_its_digest_is_refused(real: bytes, other:
     with contextlib.suppress(LogFormatError):
         decoded = change_log.decode(swapped + b"\n" + other)
         assert decoded[0].payload == real  # only if it was the same payload after all
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        (
+            "forget_interval = 600",
+            "store.forget_interval: Input should be less than or equal to 300",
+        ),
+        ("forget_interval = 0", "store.forget_interval: Input should be greater than 0"),
+        ("max_copy_lag_bytes = -1", "store.max_copy_lag_bytes: Input should be greater than 0"),
+        ("forget = 1", "store.forget: Extra inputs are not permitted"),
+    ],
+)
+def test_bad_store_settings_are_refused_with_one_line(text: str, message: str) -> None:
+    from popguard.directory.config import parse_config
+    from popguard.errors import UserError
+
+    assert parse_config("", "popguard.toml").store.forget_interval == 60.0
+    with pytest.raises(UserError) as refused:
+        parse_config(f"[store]\n{text}\n", "popguard.toml")
+    assert str(refused.value) == f"popguard.toml: {message}"
