@@ -523,6 +523,12 @@ class MailboxDatabase:
         CHECKPOINT_PATIENCE_MS) says so and is done again on the next run.
         """
         freed = 0
+        if self._db.execute("PRAGMA auto_vacuum").fetchone()[0] == 0:  # NONE
+            # A file made before popguard gave space back is converted once: a VACUUM,
+            # which holds the write lock while it copies the file (deliveries wait for
+            # it, reads go on), then it shrinks like a new file.
+            self._db.execute("PRAGMA auto_vacuum = INCREMENTAL")
+            self._db.execute("VACUUM")
         if self._db.execute("PRAGMA auto_vacuum").fetchone()[0] == 2:  # INCREMENTAL
             while self._db.execute("PRAGMA freelist_count").fetchone()[0]:
                 with self._transaction() as db:
@@ -623,8 +629,7 @@ def _forgetful(db: sqlite3.Connection) -> None:
     db.execute(f"PRAGMA journal_size_limit = {JOURNAL_SIZE_LIMIT}")
     if db.execute("SELECT COUNT(*) FROM sqlite_master").fetchone()[0] == 0:
         # Only a file with no tables yet can choose cheaply (VACUUM of an empty file);
-        # older files keep reusing their free pages (zeroed) without giving them back
-        # to the file system.
+        # an older file is converted by its first `forget`.
         db.execute("PRAGMA auto_vacuum = INCREMENTAL")
         db.execute("VACUUM")
 
