@@ -159,7 +159,7 @@ def main() -> None:
     parser.add_argument("--forget-wait", type=float, default=75.0,
                         help="seconds to wait after deletion (default 75: the 60 s forget "
                              "interval and some)")  # fmt: skip
-    parser.add_argument("--addresses", default="127.0.71.1,127.0.72.1,127.0.73.1",
+    parser.add_argument("--addresses", default="127.0.141.1,127.0.142.1,127.0.143.1",
                         help="cas1, mbx1 and mbx2's loopback addresses")  # fmt: skip
     parser.add_argument("--keep", action="store_true", help="keep the data folder")
     args = parser.parse_args()
