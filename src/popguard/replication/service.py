@@ -222,6 +222,12 @@ class ReplicationService:
                 status=410,
             )
         mine = await self._run(store.checksum_at, after)
+        if mine is None and after < (base := await self._run(store.base)).lsn:
+            # Trimmed between the two looks: the asker is behind, not diverged.
+            return web.json_response(
+                {"error": f"log trimmed: it starts after LSN {base.lsn}", "base_lsn": base.lsn},
+                status=410,
+            )
         if mine != checksum:
             head = await self._run(store.head)
             return web.json_response({"error": "log diverged", "last_lsn": head.lsn}, status=409)

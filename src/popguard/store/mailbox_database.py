@@ -415,13 +415,6 @@ class MailboxDatabase:
         ).fetchone()
         return LogLag(oldest, int(octets or 0))
 
-    def log_octets(self) -> int:
-        """The log's own size: what its entries hold (no messages)."""
-        row = self._db.execute(
-            "SELECT COUNT(*), SUM(LENGTH(address) + COALESCE(LENGTH(payload), 0)) FROM change_log"
-        ).fetchone()
-        return int(row[0]) * 100 + int(row[1] or 0)  # ~100 octets of fixed fields an entry
-
     def trim(self, through: int) -> int:
         """Remove the log's entries up to `through` (never past the head), in short
         transactions; the number removed."""
