@@ -164,7 +164,8 @@ def set_mailbox(app: AppContext, address: str, password_stdin: bool) -> None:
 @click.option("--confirm/--no-confirm", default=True, help="Ask before removing.")
 @pass_app
 def remove_mailbox(app: AppContext, address: str, confirm: bool) -> None:
-    """Remove a mailbox and every message in it."""
+    """Remove a mailbox and every message in it (in no file of any copy once each copy
+    has applied it and run its forgetting: [store] forget_interval, 60 s by default)."""
     with app.directory() as directory:
         mailbox = directory.get_mailbox(address)
         if confirm and sys.stdin.isatty():

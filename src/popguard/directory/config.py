@@ -9,6 +9,9 @@ Every section is optional and the defaults need no file at all:
 - `[escalation]`: where alerts go once the responders could not repair
   something: e-mail over SMTP and an Alertmanager-compatible JSON webhook, and how
   often one problem may be sent again.
+- `[store]`: how soon deleted mail leaves every file of a copy (`forget_interval`),
+  and how far a copy may fall behind before it is reseeded from a snapshot instead
+  of the log being kept for it (`max_copy_lag_seconds`, `max_copy_lag_bytes`).
 - `[[servers]]`, `[[databases]]`, `[demo]`: the topology `popguard up` starts;
   without servers, the organization of DESIGN.md section 3 (cas1, mbx1, mbx2, DB01,
   DB02).
@@ -118,6 +121,21 @@ class Escalation(Section):
     send_resolved: bool = True
 
 
+class Store(Section):
+    # Seconds between two runs of each copy's forgetting (log trimming, free pages given
+    # back, WAL checkpointed and truncated). Deleted mail is in no file of a copy at
+    # most this long after the copy applied the deletion. 60 s: a privacy promise
+    # measured in one minute, for the cost of one checkpoint (an fsync) a minute per
+    # copy; at most 300 s ("a few minutes").
+    forget_interval: float = Field(default=60.0, gt=0, le=300)
+    # A copy whose oldest unapplied change is older than this, or that would need more
+    # than max_copy_lag_bytes shipped to catch up, is marked FailedAndSuspended and
+    # reseeded from a snapshot, and the log is no longer kept for it. A day covers a
+    # server down for maintenance; the log holds no messages, so a day of it is small.
+    max_copy_lag_seconds: float = Field(default=86400.0, gt=0)
+    max_copy_lag_bytes: int = Field(default=1024**3, gt=0)
+
+
 class ServerEntry(Section):
     name: str = Field(pattern=r"^[A-Za-z][A-Za-z0-9-]{0,62}$")
     roles: tuple[Literal["frontend", "mailbox"], ...] = Field(min_length=1)
@@ -140,6 +158,7 @@ class Config(Section):
     faults: Faults = Faults()
     host: Host = Host()
     escalation: Escalation = Escalation()
+    store: Store = Store()
     servers: tuple[ServerEntry, ...] = ()
     databases: tuple[DatabaseEntry, ...] = ()
     demo: Demo = Demo()

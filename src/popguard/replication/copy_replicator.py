@@ -8,6 +8,13 @@ that never reached the new active copy are found by comparing checksums, the
 messages they delivered are given to the new active copy (once, by key), and
 the copy is emptied and seeded again from LSN 1.
 
+When the active copy's log no longer has what this copy needs (trimmed, see
+log_retention), the copy is seeded from a snapshot of the active copy instead:
+downloaded over the replication channel into a `.seeding` file, checked against its
+SHA-256, then loaded in one transaction (a copy is never half seeded), and the log
+replayed from the snapshot's LSN. A kill -9 on either side leaves at most a stray
+file, which the next start removes; seeding then starts again.
+
 While this server holds the active copy, the replicator only reports on it.
 """
 
@@ -28,6 +35,7 @@ from popguard.directory.sql.engine import DirectoryUnavailable
 from popguard.errors import UserError
 from popguard.replication.peer import (
     Diverged,
+    LogTrimmed,
     PeerProtocolError,
     PeerRefused,
     PeerUnavailable,
@@ -40,6 +48,7 @@ from popguard.store.mailbox_database import (
     LogIntegrityError,
     MailboxDatabase,
     NotMountedError,
+    SnapshotError,
 )
 
 log = logging.getLogger("popguard.replication")
@@ -78,14 +87,31 @@ class CopyReplicator:
         self._progress = (0, 0)
         self._reported_at = 0.0
         self._seeding = False
+        # (active server, LSN): this copy's log up to LSN is known to be a prefix of that
+        # server's (it accepted our checksum there). Only that much of a passive copy's
+        # log may be trimmed: the rest may be changes only this copy has (after a
+        # failover), which the resynchronization needs to find and give back.
+        self.confirmed: tuple[str, int] | None = None
+        self._fenced_while_mounted = False
         # Messages only this copy had when it was found diverged, kept until the active
         # copy has taken them back (see _redeliver_pending).
         self.pending_file = pending_file
+        self.seeding_file = pending_file.with_suffix(".seeding")
 
     async def _run(self, function: Callable[..., T], *args: object) -> T:
         return await asyncio.get_running_loop().run_in_executor(self._executor, function, *args)
 
+    def trimmable_through(self, active: str) -> int | None:
+        """How far this passive copy's own log may be trimmed (None: not at all)."""
+        if self.confirmed is None or self.confirmed[0].lower() != active.lower():
+            return None
+        return self.confirmed[1]
+
     async def run(self, stop: asyncio.Event) -> None:
+        # Report where the copy is from the first report on, not LSN 0: the active copy
+        # trims behind the reports, and a copy that seemed to be at 0 would be taken
+        # for one past help.
+        self.applied_lsn = (await self._run(self.store.head)).lsn
         while not stop.is_set():
             pause = 0.0
             active = ""
@@ -118,7 +144,13 @@ class CopyReplicator:
                 # The copy was mounted while a pull was on its way (a switchover to it):
                 # the replay was refused, as it must be; the directory will name it next.
                 pause = 0.2
-            except (PeerRefused, PeerProtocolError, LogFormatError, LogIntegrityError) as exc:
+            except (
+                PeerRefused,
+                PeerProtocolError,
+                LogFormatError,
+                LogIntegrityError,
+                SnapshotError,
+            ) as exc:
                 # Nothing of a bad batch was applied (apply is one transaction).
                 log.error("%s failed: %s", self._name, exc)
                 self._set("Failed", str(exc))
@@ -168,6 +200,9 @@ class CopyReplicator:
             if self.directory.active_server(self.database).lower() == self.server.lower():
                 raise NotMountedError(f"{self._name} is the active copy now")
             head = await self._run(self.store.fence)
+            self.confirmed = None
+            # It took writes as the active copy that the new one may never have had.
+            self._fenced_while_mounted = head.lsn > 0
             if head.lsn:  # not a brand-new, empty copy
                 log.warning(
                     "%s was mounted, but %s is active now: fenced at LSN %d",
@@ -179,9 +214,18 @@ class CopyReplicator:
         head = await self._run(self.store.head)
         if head.lsn == 0:
             self._seeding = True
-        batch = await peer.log_after(self.database, head, LONG_POLL)
+        try:
+            batch = await peer.log_after(self.database, head, LONG_POLL)
+        except LogTrimmed as trimmed:
+            if self._fenced_while_mounted:
+                # An old active copy back after the new one trimmed past it: what only
+                # it had cannot be told from what both have. A duplicate, not a loss.
+                await self._give_back(peer, active, (await self._run(self.store.base)).lsn)
+            await self._seed_from_snapshot(peer, active, head.lsn, trimmed.base_lsn)
+            return
         if batch.entries:
             head = await self._run(self.store.apply, batch.entries)
+        self.confirmed = (active, head.lsn)
         self.applied_lsn = head.lsn
         self.copy_queue_length = max(0, batch.source_head - head.lsn)
         self.last_inspected = time.time()
@@ -189,14 +233,56 @@ class CopyReplicator:
             self._seeding = False
         self._set("Seeding" if self._seeding else "Healthy")
 
+    async def _seed_from_snapshot(
+        self, peer: ReplicationPeer, active: str, mine: int, base: int
+    ) -> None:
+        self._seeding = True
+        why = (
+            f"seeding from a snapshot of {active}'s copy: its log starts after LSN {base}, "
+            f"this copy is at LSN {mine}"
+        )
+        self._set("Seeding", why)
+        self._publish(force=True)
+        log.warning("%s: %s", self._name, why)
+        started = time.monotonic()
+        try:
+            snapshot = await peer.snapshot(self.database, self.seeding_file)
+            head = await self._run(self.store.load_snapshot, self.seeding_file)
+        finally:
+            # Whatever happened, no copy of mail stays behind in a stray file.
+            await self._run(self.seeding_file.unlink, True)
+        self.applied_lsn = head.lsn
+        self.last_inspected = time.time()
+        log.warning(
+            "%s: seeded from %s's snapshot at LSN %d (%d octets, %.1fs); replaying from there",
+            self._name, active, head.lsn, snapshot.octets, time.monotonic() - started,
+        )  # fmt: skip
+
     async def _resynchronize(self, active: str, peer_head: int) -> None:
         """Give back what only this copy had, then seed it again from the active copy."""
+        self.confirmed = None
         self._set("Resynchronizing")
         self._publish(force=True)
         peer = self._peer_for(active)
         mine = await self._run(self.store.head)
-        # Checksums chain, so they agree up to some LSN and differ after it.
-        low, high = 0, min(mine.lsn, peer_head)
+        mine_base = (await self._run(self.store.base)).lsn
+        peer_base = _int_or_zero((await peer.head(self.database)).get("base_lsn"))
+        # Checksums chain, so they agree up to some LSN and differ after it: found by
+        # bisection over what both logs still hold, if they agree where that starts.
+        low = max(mine_base, peer_base)
+        high = max(low, min(mine.lsn, peer_head))
+        theirs = await peer.checksum_at(self.database, low) if low <= mine.lsn else None
+        ours = await self._run(self.store.checksum_at, low)
+        if theirs is None or theirs != ours:
+            # They part before anything both logs hold (the active copy trimmed past
+            # the parting point: this copy was away longer than the limits): every
+            # message still here may be missing there. A duplicate, not a loss.
+            log.warning(
+                "%s: the logs part before LSN %d, which the active copy trimmed: every "
+                "message delivered here after LSN %d is given back",
+                self._name, low, mine_base,
+            )  # fmt: skip
+            low = high = mine_base
         while low < high:
             middle = (low + high + 1) // 2
             theirs = await peer.checksum_at(self.database, middle)
@@ -205,18 +291,26 @@ class CopyReplicator:
                 low = middle
             else:
                 high = middle - 1
-        lost = await self._run(self.store.delivered_after, low)
         log.warning(
-            "%s: log diverged after LSN %d (this copy had %d, the active copy %d): "
-            "%d messages only here go to %s",
-            self._name, low, mine.lsn, peer_head, len(lost), active,
+            "%s: log diverged after LSN %d (this copy had %d, the active copy %d)",
+            self._name, low, mine.lsn, peer_head,
+        )  # fmt: skip
+        await self._give_back(peer, active, low)
+        await self._run(self.store.reset)
+        self.applied_lsn = 0
+        self._seeding = True
+
+    async def _give_back(self, peer: ReplicationPeer, active: str, after: int) -> None:
+        """Give the active copy the messages delivered here after `after` and still here."""
+        lost = await self._run(self.store.delivered_after, after)
+        log.warning(
+            "%s: %d messages delivered here after LSN %d go to %s",
+            self._name, len(lost), after, active,
         )  # fmt: skip
         if lost:
             _write_durably(self.pending_file, b"".join(change_log.encode(lost)))
             await self._redeliver_pending(peer, active)
-        await self._run(self.store.reset)
-        self.applied_lsn = 0
-        self._seeding = True
+        self._fenced_while_mounted = False
 
     async def _redeliver_pending(self, peer: ReplicationPeer, active: str) -> None:
         entries = change_log.decode(self.pending_file.read_bytes())
@@ -262,6 +356,14 @@ class CopyReplicator:
             return
         self._reported, self._reported_at = state, now
         self._progress = (self.applied_lsn, self.copy_queue_length)
+
+
+def _int_or_zero(value: object) -> int:
+    """A peer's optional count (a peer of an older popguard sends none)."""
+    try:
+        return max(0, int(str(value)))
+    except ValueError:
+        return 0
 
 
 def _write_durably(path: Path, content: bytes) -> None:

@@ -7,11 +7,15 @@ from one that answers with something that is not the protocol (never applied).
 
 from __future__ import annotations
 
+import asyncio
+import hashlib
 import json
+import os
 import ssl
 from dataclasses import dataclass
+from pathlib import Path
 from types import TracebackType
-from typing import Any
+from typing import Any, BinaryIO
 
 import httpx
 
@@ -23,6 +27,9 @@ from popguard.store.mailbox_database import LogHead
 CONNECT_TIMEOUT = 3.0
 REQUEST_TIMEOUT = 30.0
 MAX_BATCH_BYTES = 8 * 1024 * 1024
+# How long a snapshot download may wait for the peer (to make the snapshot, then
+# between two chunks): making one reads the whole database once.
+SNAPSHOT_CHUNK_PATIENCE = 120.0
 
 
 class PeerUnavailable(Exception):
@@ -49,6 +56,21 @@ class Diverged(Exception):
     def __init__(self, peer_head: int) -> None:
         super().__init__(f"log diverged from the active copy's (its last LSN {peer_head})")
         self.peer_head = peer_head
+
+
+class LogTrimmed(Exception):
+    """The peer's log no longer has the entries after our head: we need a snapshot."""
+
+    def __init__(self, base_lsn: int) -> None:
+        super().__init__(f"the active copy's log starts after LSN {base_lsn}")
+        self.base_lsn = base_lsn
+
+
+@dataclass(frozen=True)
+class Snapshot:
+    lsn: int
+    octets: int
+    sha256: str
 
 
 class ReplicationPeer:
@@ -116,6 +138,8 @@ class ReplicationPeer:
         )
         if response.status_code == 409:
             raise Diverged(_int(_json(response).get("last_lsn"), "last_lsn"))
+        if response.status_code == 410:
+            raise LogTrimmed(_int(_json(response).get("base_lsn"), "base_lsn"))
         _expect_ok(response)
         try:
             entries = change_log.decode(response.content)
@@ -123,6 +147,45 @@ class ReplicationPeer:
             raise PeerProtocolError(f"{self.server.name} sent a malformed log: {exc}") from None
         source_head = _int(response.headers.get("X-Last-Lsn"), "X-Last-Lsn header")
         return LogBatch(entries, source_head)
+
+    async def snapshot(self, database: str, out: Path) -> Snapshot:
+        """Download a snapshot of the peer's copy into `out` (owner-only, fsynced),
+        checked against the SHA-256 the peer sent before it: PeerProtocolError if it does
+        not match or is cut short."""
+        name = self.server.name
+        digest, octets = hashlib.sha256(), 0
+        timeout = httpx.Timeout(SNAPSHOT_CHUNK_PATIENCE, connect=CONNECT_TIMEOUT)
+        try:
+            async with self._client.stream(
+                "GET", f"databases/{database}/snapshot", timeout=timeout
+            ) as response:
+                if response.status_code != 200:
+                    await response.aread()
+                    if response.status_code in (401, 403):
+                        raise PeerRefused(f"{name} refused our credential: {_reason(response)}")
+                    _expect_ok(response)
+                expected = response.headers.get("X-Snapshot-Sha256", "")
+                lsn = _int(response.headers.get("X-Snapshot-Lsn"), "X-Snapshot-Lsn header")
+                sink = await asyncio.to_thread(_create_owner_only, out)
+                try:
+                    async for chunk in response.aiter_bytes(1 << 20):
+                        digest.update(chunk)
+                        octets += len(chunk)
+                        await asyncio.to_thread(sink.write, chunk)
+                    await asyncio.to_thread(_sync, sink)
+                finally:
+                    sink.close()
+        except httpx.TimeoutException:
+            raise PeerUnavailable(f"{name} did not send its snapshot in time") from None
+        except httpx.TransportError as exc:
+            raise PeerUnavailable(
+                f"{name}: snapshot cut short: {exc or type(exc).__name__}"
+            ) from None
+        if digest.hexdigest() != expected:
+            raise PeerProtocolError(
+                f"{name}'s snapshot of {database} fails its SHA-256 ({octets} octets received)"
+            )
+        return Snapshot(lsn, octets, expected)
 
     async def checksum_at(self, database: str, lsn: int) -> bytes | None:
         response = await self._request("GET", f"databases/{database}/checksum/{lsn}")
@@ -169,6 +232,16 @@ class ReplicationPeer:
         )
         _expect_ok(response)
         return _int(_json(response).get("stored"), "stored")
+
+
+def _create_owner_only(path: Path) -> BinaryIO:
+    """A new file only its owner can read: a snapshot holds mail."""
+    return open(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600), "wb")
+
+
+def _sync(sink: BinaryIO) -> None:
+    sink.flush()
+    os.fsync(sink.fileno())
 
 
 def _host(address: str) -> str:

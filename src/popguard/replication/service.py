@@ -6,6 +6,13 @@ the organization's CA: a peer must be a mailbox server of the directory, or the
 operator's admin identity), runs one CopyReplicator per copy, and carries out
 the dismount and mount steps of a switchover when a move asks for them.
 
+It also keeps every copy on this server small and forgetful: every
+`[store] forget_interval` seconds it trims each copy's log behind the slowest copy
+that still counts (log_retention), marks copies too far behind for a reseed (when
+this server holds the active copy), and runs the copy's `forget` (free pages given
+back, WAL checkpointed and truncated). It serves snapshots for seeding (VACUUM INTO,
+shipped with its SHA-256) and removes the snapshot files a killed process left.
+
 All store work runs on one worker thread, in order, with one connection per copy.
 """
 
@@ -17,6 +24,7 @@ import functools
 import logging
 import os
 import re
+import secrets
 import time
 from collections.abc import Awaitable, Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -25,20 +33,32 @@ from typing import TypeVar
 
 from aiohttp import web
 
-from popguard.directory.directory import Server
+from popguard.directory.config import Store, load_config
+from popguard.directory.directory import CopyStatusReport, Server
+from popguard.directory.sql.engine import DirectoryUnavailable
 from popguard.errors import UserError
 from popguard.net import tls
 from popguard.net.serving import listen
 from popguard.replication.copy_replicator import CopyReplicator
+from popguard.replication.log_retention import (
+    SUSPENDED,
+    CopyProgress,
+    RetentionLimits,
+    plan_trim,
+)
 from popguard.replication.peer import ReplicationPeer
 from popguard.services.context import ServerContext
 from popguard.store import change_log
 from popguard.store.change_log import LogFormatError
 from popguard.store.mailbox_database import (
+    ACTIVE,
     LogHead,
     LogIntegrityError,
+    LogLag,
+    LogTrimmedError,
     MailboxDatabase,
     NotMountedError,
+    remove_leftovers,
 )
 
 log = logging.getLogger("popguard.replication")
@@ -49,6 +69,7 @@ MAX_WAIT = 30.0
 MAX_CATCH_UP = 120.0
 MAX_REQUEST_BODY = 512 * 1024 * 1024
 POLL = 0.02  # how often a held pull or a catch-up looks at the log again
+SNAPSHOT_CHUNK = 1 << 20
 _SERVER_NAME = re.compile(r"^[A-Za-z][A-Za-z0-9-]{0,62}$")
 
 
@@ -69,6 +90,7 @@ class ReplicationService:
         self._replicators: dict[str, tuple[CopyReplicator, asyncio.Task[None]]] = {}
         self._peers: dict[str, ReplicationPeer] = {}
         self._stop = asyncio.Event()
+        self._forgotten_at: dict[str, float] = {}  # database -> monotonic time of last run
 
     # Stores and peers ---------------------------------------------------------------
 
@@ -136,6 +158,7 @@ class ReplicationService:
                 web.get("/v1/databases/{database}/log", self._log),
                 web.get("/v1/databases/{database}/checksum/{lsn}", self._checksum),
                 web.get("/v1/databases/{database}/head", self._head),
+                web.get("/v1/databases/{database}/snapshot", self._snapshot),
                 web.post("/v1/databases/{database}/dismount", self._dismount),
                 web.post("/v1/databases/{database}/mount", self._mount),
                 web.post("/v1/databases/{database}/redeliver", self._redeliver),
@@ -192,13 +215,28 @@ class ReplicationService:
         checksum = bytes.fromhex(request.query["checksum"])
         wait = min(max(float(request.query.get("wait", "0")), 0.0), MAX_WAIT)
         max_bytes = min(max(int(request.query.get("max_bytes", "1")), 1), 64 * 1024 * 1024)
+        base = await self._run(store.base)
+        if after < base.lsn:
+            return web.json_response(
+                {"error": f"log trimmed: it starts after LSN {base.lsn}", "base_lsn": base.lsn},
+                status=410,
+            )
         mine = await self._run(store.checksum_at, after)
+        if mine is None and after < (base := await self._run(store.base)).lsn:
+            # Trimmed between the two looks: the asker is behind, not diverged.
+            return web.json_response(
+                {"error": f"log trimmed: it starts after LSN {base.lsn}", "base_lsn": base.lsn},
+                status=410,
+            )
         if mine != checksum:
             head = await self._run(store.head)
             return web.json_response({"error": "log diverged", "last_lsn": head.lsn}, status=409)
         deadline = time.monotonic() + wait
         while True:
-            entries = await self._run(store.entries_after, after, max_bytes)
+            try:
+                entries = await self._run(store.entries_after, after, max_bytes)
+            except LogTrimmedError as exc:  # trimmed while the pull was held
+                return web.json_response({"error": str(exc), "base_lsn": exc.base_lsn}, status=410)
             if entries or time.monotonic() >= deadline or self._stop.is_set():
                 break
             await asyncio.sleep(POLL)
@@ -218,9 +256,50 @@ class ReplicationService:
 
     async def _head(self, request: web.Request) -> web.Response:
         _, store = await self._store_for(request)
-        head = await self._run(store.head)
+        head, base = await self._run(store.head), await self._run(store.base)
         role = await self._run(store.role)
-        return web.json_response({"lsn": head.lsn, "checksum": head.checksum.hex(), "role": role})
+        return web.json_response(
+            {"lsn": head.lsn, "checksum": head.checksum.hex(), "role": role, "base_lsn": base.lsn}
+        )
+
+    async def _snapshot(self, request: web.Request) -> web.StreamResponse:
+        """A consistent snapshot of this copy, for seeding another: made by VACUUM INTO
+        in a thread of its own (a read transaction: deliveries go on), its SHA-256 and
+        LSN sent first, then its octets; the file goes as soon as it is sent."""
+        database, store = await self._store_for(request)
+        folder = self.context.folder.database_copy_file(database).parent
+        out = folder / f"{database}.snapshot-{secrets.token_hex(6)}.sqlite"
+        try:
+            head, sha256 = await asyncio.to_thread(store.snapshot, out)
+            response = web.StreamResponse(
+                headers={
+                    "Content-Type": "application/octet-stream",
+                    "Content-Length": str(out.stat().st_size),
+                    "X-Snapshot-Sha256": sha256,
+                    "X-Snapshot-Lsn": str(head.lsn),
+                }
+            )
+            source = await asyncio.to_thread(out.open, "rb")
+            try:
+                await response.prepare(request)
+                while chunk := await asyncio.to_thread(source.read, SNAPSHOT_CHUNK):
+                    await response.write(chunk)
+                await response.write_eof()
+            except ConnectionError as exc:  # the seeding copy went away: it starts again
+                log.warning(
+                    "%s\\%s: snapshot for %s cut short: %s",
+                    database, self.server.name, request["peer"], exc,
+                )  # fmt: skip
+                return response
+            finally:
+                source.close()
+            log.warning(
+                "%s\\%s: snapshot at LSN %d sent to %s",
+                database, self.server.name, head.lsn, request["peer"],
+            )  # fmt: skip
+            return response
+        finally:
+            out.unlink(missing_ok=True)
 
     async def _dismount(self, request: web.Request) -> web.Response:
         database, store = await self._store_for(request)
@@ -281,6 +360,97 @@ class ReplicationService:
         )  # fmt: skip
         return web.json_response({"stored": stored})
 
+    # Keeping copies small and forgetful ---------------------------------------------------
+
+    def _store_settings(self) -> Store:
+        try:
+            return load_config(self.context.data).store
+        except UserError as exc:  # a bad popguard.toml: say so, keep to the defaults
+            log.error("%s; forgetting with the default [store] settings", exc)
+            return Store()
+
+    async def _maintain_all(self) -> None:
+        settings = self._store_settings()
+        now = time.monotonic()
+        for database in list(self._replicators):
+            if now - self._forgotten_at.get(database, -1e18) < settings.forget_interval:
+                continue
+            self._forgotten_at[database] = now
+            try:
+                await self._maintain(database, settings)
+            except DirectoryUnavailable:  # logged once for the whole outage
+                # No trimming without the copies' reports; deleted mail is forgotten anyway.
+                await self._forget_only(database)
+            except Exception:
+                log.exception("%s\\%s: trimming or forgetting failed", database, self.server.name)
+
+    async def _forget_only(self, database: str) -> None:
+        try:
+            store = await self._run(self._open, database)
+            await self._run(store.forget)
+        except Exception:
+            log.exception("%s\\%s: forgetting failed", database, self.server.name)
+
+    async def _maintain(self, database: str, settings: Store) -> None:
+        """Trim this copy's log, mark copies too far behind (on the active copy), then
+        make what was deleted unreadable from this copy's files."""
+        store = await self._run(self._open, database)
+        head, base = await self._run(store.head), await self._run(store.base)
+        active_server = self.directory.active_server(database)
+        mounted = await self._run(store.role) == ACTIVE
+        active = mounted and active_server.lower() == self.server.name.lower()
+        reports = self.directory.copy_status_reports()
+        others = []
+        for copy in self.directory.database_copies(database):
+            report = reports.get((copy.database, copy.server))
+            if copy.server.lower() == self.server.name.lower() or report is None:
+                continue
+            lag = LogLag(None, 0)
+            if base.lsn <= report.applied_lsn < head.lsn:
+                lag = await self._run(store.lag, report.applied_lsn)
+            others.append(CopyProgress(copy.server, report.status, report.applied_lsn, lag))
+        limits = RetentionLimits(settings.max_copy_lag_seconds, settings.max_copy_lag_bytes)
+        plan = plan_trim(head.lsn, base.lsn, others, limits, time.time())
+        through: int | None = plan.through
+        if active:
+            try:
+                for server, why in plan.reseed:
+                    self._suspend(reports[(database, server)], why)
+            except DirectoryUnavailable:
+                # A copy is trimmed past only once the directory says why; until then
+                # the log stays, and forgetting goes on regardless.
+                through = None
+        else:
+            replicator, _ = self._replicators[database]
+            confirmed = None if mounted else replicator.trimmable_through(active_server)
+            through = None if confirmed is None else min(plan.through, confirmed)
+        trimmed = 0 if through is None else await self._run(store.trim, through)
+        forgotten = await self._run(store.forget)
+        if trimmed or forgotten.pages_freed or not forgotten.wal_emptied:
+            log.info(
+                "%s\\%s: %d log entries trimmed (through LSN %d; kept for %s), %d pages "
+                "given back, WAL %s",
+                database, self.server.name, trimmed, through or 0, plan.held_for or "no copy",
+                forgotten.pages_freed,
+                "emptied" if forgotten.wal_emptied else "busy: emptied on the next run",
+            )  # fmt: skip
+
+    def _suspend(self, report: CopyStatusReport, why: str) -> None:
+        log.warning("%s\\%s: %s", report.database, report.server, why)
+        self.directory.report_copy_status(
+            CopyStatusReport(
+                database=report.database,
+                server=report.server,
+                status=SUSPENDED,
+                copy_queue_length=report.copy_queue_length,
+                replay_queue_length=report.replay_queue_length,
+                applied_lsn=report.applied_lsn,
+                last_inspected_log_time=report.last_inspected_log_time,
+                error=f"suspended by {self.server.name}: {why}",
+                reported=time.time(),
+            )
+        )
+
     # Running --------------------------------------------------------------------------------
 
     async def run(self, stop: asyncio.Event) -> None:
@@ -289,6 +459,8 @@ class ReplicationService:
         address, port = self.server.address, self.server.port("replication")
         site = web.TCPSite(runner, address, port, ssl_context=self._server_tls, reuse_address=True)
 
+        for leftover in remove_leftovers(self.context.folder.database_copy_file("x").parent):
+            log.warning("removed %s, left by a process that did not finish", leftover)
         await listen(site.start, "replication", address, port)
         log.info("replication listening on %s:%d, pid %d", address, port, os.getpid())
         try:
@@ -297,6 +469,7 @@ class ReplicationService:
                     await self._reconcile()
                 except Exception:
                     log.exception("reading this server's copies from the directory failed")
+                await self._maintain_all()
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(stop.wait(), 1.0)
         finally:

@@ -83,8 +83,17 @@ class Switched:
         if self.fenced is not None:
             reports.append(report(self.source, "Healthy", self.fenced.lsn, None))
         else:
+            # The new active copy's LSN at mount is the last one both copies are known
+            # to share: the new active copy keeps its log from there for the old one
+            # (log_retention), so that the old one, back, finds where they part and
+            # gives back what only it had.
             reports.append(
-                report(self.source, "ServiceDown", 0, "its server did not answer at failover")
+                report(
+                    self.source,
+                    "ServiceDown",
+                    self.mounted.lsn,
+                    "its server did not answer at failover",
+                )
             )
         return reports
 
@@ -92,8 +101,14 @@ class Switched:
 def copy_status(
     copy: DatabaseCopy, reports: dict[tuple[str, str], CopyStatusReport], now: float
 ) -> str:
-    """A copy's status as its replication service last reported it, if recently."""
+    """A copy's status as its replication service last reported it, if recently.
+
+    FailedAndSuspended stays whatever its age: it is not a report of liveness but a
+    mark (by the active copy: too far behind, to be reseeded) that holds until the
+    copy's own replication service reports again."""
     report = reports.get((copy.database, copy.server))
+    if report is not None and report.status == "FailedAndSuspended":
+        return report.status
     if report is None or report.reported < now - STATUS_FRESH:
         return "ServiceDown"
     return report.status

@@ -6,6 +6,14 @@ copy whose last checksum matches the active copy's at the same LSN holds exactly
 the same history, and a corrupt, missing, reordered or foreign entry is found
 before it is applied.
 
+The checksum covers a payload by its SHA-256 digest, not its octets, so that an
+entry whose payload is gone still chains: a delivery's message lives only in the
+copy's message table (the log never holds a second copy of it), and once the message
+is deleted the entry that delivered it is shipped "forgotten", with its digest and
+no payload. A copy replaying a forgotten delivery stores no message: a later entry
+of the same log deletes it. That is what lets a deletion reach every file of every
+copy in bounded time (see mailbox_database.forget).
+
 Framing (the body of a log response, and of a redelivery request): per entry one
 header line of JSON ending in LF, then `payload_length` octets of payload.
 """
@@ -40,11 +48,35 @@ class LogEntry:
     size: int | None
     payload: bytes | None
     checksum: bytes
+    # Only for an entry whose payload is gone (a delivery of a message deleted since):
+    # the digest of the payload it had. With a payload it is None (the payload says it).
+    forgotten_digest: bytes | None = None
+
+    @property
+    def payload_digest(self) -> bytes | None:
+        if self.payload is not None:
+            return payload_digest(self.payload)
+        return self.forgotten_digest
+
+    @property
+    def forgotten(self) -> bool:
+        return self.payload is None and self.forgotten_digest is not None
 
     def chained_checksum(self, previous: bytes) -> bytes:
-        return entry_checksum(
-            previous, self.lsn, self.at, self.kind, self.address, self.uid, self.size, self.payload
+        return digest_checksum(
+            previous,
+            self.lsn,
+            self.at,
+            self.kind,
+            self.address,
+            self.uid,
+            self.size,
+            self.payload_digest,
         )
+
+
+def payload_digest(payload: bytes) -> bytes:
+    return hashlib.sha256(payload).digest()
 
 
 def entry_checksum(
@@ -57,14 +89,30 @@ def entry_checksum(
     size: int | None,
     payload: bytes | None,
 ) -> bytes:
-    """SHA-256 over the previous checksum and every field of the entry."""
-    digest = hashlib.sha256(previous)
-    digest.update(
+    """The chain's checksum of an entry with this payload (see digest_checksum)."""
+    digest = None if payload is None else payload_digest(payload)
+    return digest_checksum(previous, lsn, at, kind, address, uid, size, digest)
+
+
+def digest_checksum(
+    previous: bytes,
+    lsn: int,
+    at: float,
+    kind: str,
+    address: str,
+    uid: int | None,
+    size: int | None,
+    digest: bytes | None,
+) -> bytes:
+    """SHA-256 over the previous checksum and every field of the entry, the payload by
+    its digest."""
+    chained = hashlib.sha256(previous)
+    chained.update(
         struct.pack(">qdqq", lsn, at, -1 if uid is None else uid, -1 if size is None else size)
     )
-    digest.update(kind.encode() + b"\0" + address.encode() + b"\0")
-    digest.update(b"\1" + payload if payload is not None else b"\0")
-    return digest.digest()
+    chained.update(kind.encode() + b"\0" + address.encode() + b"\0")
+    chained.update(b"\1" + digest if digest is not None else b"\0")
+    return chained.digest()
 
 
 def encode(entries: Iterable[LogEntry]) -> Iterator[bytes]:
@@ -77,6 +125,7 @@ def encode(entries: Iterable[LogEntry]) -> Iterator[bytes]:
             "uid": entry.uid,
             "size": entry.size,
             "payload_length": None if entry.payload is None else len(entry.payload),
+            "digest": None if (digest := entry.payload_digest) is None else digest.hex(),
             "checksum": entry.checksum.hex(),
         }
         yield json.dumps(header, separators=(",", ":")).encode() + b"\n"
@@ -96,7 +145,10 @@ def decode(body: bytes) -> list[LogEntry]:
         if length is not None:
             if len(body) - position < length:
                 raise LogFormatError(f"entry {entry.lsn} truncated in its payload")
-            entry = dataclasses.replace(entry, payload=body[position : position + length])
+            payload = body[position : position + length]
+            if payload_digest(payload) != entry.forgotten_digest:
+                raise LogFormatError(f"entry {entry.lsn}: payload does not match its digest")
+            entry = dataclasses.replace(entry, payload=payload, forgotten_digest=None)
             position += length
         entries.append(entry)
     return entries
@@ -125,14 +177,29 @@ def _header(line: bytes) -> tuple[LogEntry, int | None]:
             raise LogFormatError(f"entry {lsn}: {name} is not a count")
     if length is not None and length > MAX_PAYLOAD:
         raise LogFormatError(f"entry {lsn}: payload larger than {MAX_PAYLOAD} octets")
-    checksum = header["checksum"]
-    if not (isinstance(checksum, str) and re.fullmatch("[0-9a-f]{64}", checksum)):
+    checksum, digest = header["checksum"], header["digest"]
+    if not (isinstance(checksum, str) and _HEX_256.fullmatch(checksum)):
         raise LogFormatError(f"entry {lsn}: checksum is not 64 lowercase hex digits")
-    entry = LogEntry(lsn, float(at), kind, address, uid, size, None, bytes.fromhex(checksum))
+    if digest is not None and not (isinstance(digest, str) and _HEX_256.fullmatch(digest)):
+        raise LogFormatError(f"entry {lsn}: digest is not 64 lowercase hex digits")
+    if length is not None and digest is None:
+        raise LogFormatError(f"entry {lsn}: a payload without its digest")
+    entry = LogEntry(
+        lsn,
+        float(at),
+        kind,
+        address,
+        uid,
+        size,
+        None,
+        bytes.fromhex(checksum),
+        None if digest is None else bytes.fromhex(digest),
+    )
     return entry, length
 
 
-_FIELDS = {"lsn", "at", "kind", "address", "uid", "size", "payload_length", "checksum"}
+_FIELDS = {"lsn", "at", "kind", "address", "uid", "size", "payload_length", "digest", "checksum"}
+_HEX_256 = re.compile("[0-9a-f]{64}")
 
 
 def _whole(value: object) -> bool:

@@ -6,6 +6,17 @@ the change log, in the same transaction, which is what replication ships; a
 passive copy applies the same entries with the same LSNs and checksums, so every
 copy holds the same messages under the same UIDs.
 
+The log holds no message: a delivery's entry carries the message's digest, and the
+message itself is read from the message table when the entry is shipped (see
+change_log). The log is trimmed from its start (`trim`) once every copy that still
+counts has applied it; `copy_state` keeps the LSN and checksum of the last entry
+trimmed, the base the log goes on from.
+
+Deleted means gone: connections zero what they delete (`secure_delete`), keep
+temporary tables in memory, and `forget` gives freed pages back and empties the
+WAL, so that a message deleted here is in no file of this copy once `forget` has run
+after the deletion.
+
 A copy knows its own role. Only an `active` (mounted) copy takes deliveries and
 deletions, and the role is checked inside the writing transaction: once a
 switchover has fenced the copy (made it `passive`), no write that was already on
@@ -14,7 +25,10 @@ its way can land in it.
 
 from __future__ import annotations
 
+import contextlib
+import hashlib
 import json
+import os
 import sqlite3
 import time
 from collections.abc import Callable, Sequence
@@ -25,7 +39,13 @@ from typing import Any
 
 from popguard import sqlite_util
 from popguard.pop3.message_format import to_wire
-from popguard.store.change_log import GENESIS, LogEntry, entry_checksum
+from popguard.store.change_log import (
+    GENESIS,
+    LogEntry,
+    digest_checksum,
+    entry_checksum,
+    payload_digest,
+)
 
 ACTIVE, PASSIVE = "active", "passive"
 
@@ -41,6 +61,28 @@ def _add_checksums(db: sqlite3.Connection) -> None:
         payload = None if payload is None else bytes(payload)
         previous = entry_checksum(previous, lsn, at, kind, address, uid, size, payload)
         db.execute("UPDATE change_log SET checksum = ? WHERE lsn = ?", (previous, lsn))
+
+
+def _bodies_out_of_the_log(db: sqlite3.Connection) -> None:
+    """Version 3 -> 4: deliveries' entries keep the message's digest, not the message
+    (the message table has it), the chain covers payloads by digest, and the log has a
+    base to be trimmed behind. Every copy computes the same new chain from the same
+    entries, so copies that agreed before agree after."""
+    db.execute("ALTER TABLE change_log ADD COLUMN digest BLOB")
+    db.execute("ALTER TABLE copy_state ADD COLUMN base_lsn INTEGER NOT NULL DEFAULT 0")
+    db.execute("ALTER TABLE copy_state ADD COLUMN base_checksum BLOB")  # NULL: GENESIS
+    previous = GENESIS
+    rows = db.execute(
+        "SELECT lsn, at, kind, address, uid, size, payload FROM change_log ORDER BY lsn"
+    ).fetchall()
+    for lsn, at, kind, address, uid, size, payload in rows:
+        digest = None if payload is None else payload_digest(bytes(payload))
+        previous = digest_checksum(previous, lsn, at, kind, address, uid, size, digest)
+        db.execute(
+            "UPDATE change_log SET checksum = ?, digest = ?, "
+            "payload = CASE WHEN kind = 'deliver' THEN NULL ELSE payload END WHERE lsn = ?",
+            (previous, digest, lsn),
+        )
 
 
 MIGRATIONS: tuple[str | Callable[[sqlite3.Connection], None], ...] = (
@@ -84,7 +126,22 @@ MIGRATIONS: tuple[str | Callable[[sqlite3.Connection], None], ...] = (
         uid INTEGER NOT NULL
     );
     """,
+    _bodies_out_of_the_log,
 )
+
+# The tables a snapshot carries, in the order they are copied.
+_SNAPSHOT_TABLES = ("mailboxes", "messages", "change_log", "redelivered")
+# How many entries one trimming transaction removes, and how many free pages one
+# incremental-vacuum transaction gives back: each holds the write lock, so each is kept
+# to a few milliseconds, and deliveries and QUITs go between them.
+TRIM_STEP = 2000
+VACUUM_STEP = 256
+# The WAL is cut back to this after a checkpoint (it stays at its high-water mark
+# otherwise); `forget` empties it.
+JOURNAL_SIZE_LIMIT = 4 * 1024 * 1024
+# How long `forget`'s checkpoint waits for readers and writers before giving up until
+# its next run: it holds the write lock while it waits, and deliveries must not.
+CHECKPOINT_PATIENCE_MS = 1000
 
 
 class NotMountedError(Exception):
@@ -93,6 +150,19 @@ class NotMountedError(Exception):
 
 class LogIntegrityError(Exception):
     """Log entries that do not follow this copy's log: a gap, a fork or a corruption."""
+
+
+class LogTrimmedError(Exception):
+    """The entries asked for were trimmed from this copy's log: the asker needs a
+    snapshot, not the log."""
+
+    def __init__(self, base_lsn: int) -> None:
+        super().__init__(f"the log starts after LSN {base_lsn}: entries before it are trimmed")
+        self.base_lsn = base_lsn
+
+
+class SnapshotError(Exception):
+    """A snapshot file that is not a whole, matching copy of a mailbox database."""
 
 
 @dataclass(frozen=True)
@@ -108,6 +178,23 @@ class LogHead:
     checksum: bytes
 
 
+@dataclass(frozen=True)
+class LogLag:
+    """What a copy at some LSN still needs of this log: the time of the oldest entry it
+    has not applied (None: it needs nothing) and the octets that shipping it all takes."""
+
+    oldest: float | None
+    octets: int
+
+
+@dataclass(frozen=True)
+class Forgotten:
+    """What one `forget` did: pages given back, and whether the WAL is empty now."""
+
+    pages_freed: int
+    wal_emptied: bool
+
+
 class MailboxDatabase:
     """One copy of one mailbox database, opened by one process."""
 
@@ -118,6 +205,7 @@ class MailboxDatabase:
         # FULL sync (in connect): a message is on disk, not only in the OS cache,
         # before delivery says 250.
         self._db = sqlite_util.connect(path, timeout=30.0, check_same_thread=False)
+        _forgetful(self._db)
         sqlite_util.migrate(self._db, MIGRATIONS, f"mailbox database copy {path}")
 
     def close(self) -> None:
@@ -181,7 +269,7 @@ class MailboxDatabase:
             "INSERT INTO messages (address, uid, size, received, wire) VALUES (?, ?, ?, ?, ?)",
             (address, uid, size, received, wire),
         )
-        self._append(db, received, "deliver", address, uid, size, wire)
+        self._append(db, received, "deliver", address, uid, size, None, payload_digest(wire))
         return uid
 
     def redeliver(self, key: str, address: str, wire: bytes, size: int, received: float) -> int:
@@ -206,7 +294,9 @@ class MailboxDatabase:
                 [(address, uid) for uid in uids],
             ).rowcount
             payload = json.dumps(sorted(uids)).encode()
-            self._append(db, time.time(), "expunge", address, None, None, payload)
+            self._append(
+                db, time.time(), "expunge", address, None, None, payload, payload_digest(payload)
+            )
         return int(removed)
 
     def purge(self, address: str) -> int:
@@ -214,7 +304,7 @@ class MailboxDatabase:
         with self._transaction() as db:
             self._require_active(db)
             removed = db.execute("DELETE FROM messages WHERE address = ?", (address,)).rowcount
-            self._append(db, time.time(), "purge", address, None, None, None)
+            self._append(db, time.time(), "purge", address, None, None, None, None)
         return int(removed)
 
     def _append(
@@ -226,14 +316,16 @@ class MailboxDatabase:
         uid: int | None,
         size: int | None,
         payload: bytes | None,
+        digest: bytes | None,
     ) -> None:
+        """Log a change; a delivery's `payload` is None (the message table has it)."""
         head = self._head(db)
         lsn = head.lsn + 1
-        checksum = entry_checksum(head.checksum, lsn, at, kind, address, uid, size, payload)
+        checksum = digest_checksum(head.checksum, lsn, at, kind, address, uid, size, digest)
         db.execute(
-            "INSERT INTO change_log (lsn, at, kind, address, uid, size, payload, checksum) "
-            "VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
-            (lsn, at, kind, address, uid, size, payload, checksum),
+            "INSERT INTO change_log (lsn, at, kind, address, uid, size, payload, digest, "
+            "checksum) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            (lsn, at, kind, address, uid, size, payload, digest, checksum),
         )
 
     # Reads --------------------------------------------------------------------------
@@ -261,35 +353,83 @@ class MailboxDatabase:
     def head(self) -> LogHead:
         return self._head(self._db)
 
+    def base(self) -> LogHead:
+        """Where the log starts: the last entry trimmed (LSN 0 and GENESIS: none)."""
+        return self._base(self._db)
+
     @staticmethod
-    def _head(db: sqlite3.Connection) -> LogHead:
+    def _base(db: sqlite3.Connection) -> LogHead:
+        lsn, checksum = db.execute("SELECT base_lsn, base_checksum FROM copy_state").fetchone()
+        return LogHead(int(lsn), GENESIS if checksum is None else bytes(checksum))
+
+    @classmethod
+    def _head(cls, db: sqlite3.Connection) -> LogHead:
         row = db.execute(
             "SELECT lsn, checksum FROM change_log ORDER BY lsn DESC LIMIT 1"
         ).fetchone()
-        return LogHead(0, GENESIS) if row is None else LogHead(int(row[0]), bytes(row[1]))
+        return cls._base(db) if row is None else LogHead(int(row[0]), bytes(row[1]))
 
     def checksum_at(self, lsn: int) -> bytes | None:
-        if lsn == 0:
-            return GENESIS
+        """The chain's checksum at `lsn`; None if the log does not have it (any more)."""
+        base = self.base()
+        if lsn == base.lsn:
+            return base.checksum
         row = self._db.execute("SELECT checksum FROM change_log WHERE lsn = ?", (lsn,)).fetchone()
         return None if row is None else bytes(row[0])
 
     def entries_after(self, lsn: int, max_bytes: int, max_entries: int = 10_000) -> list[LogEntry]:
-        """Entries after `lsn` in order: at least one, then up to `max_bytes` of payload."""
+        """Entries after `lsn` in order: at least one, then up to `max_bytes` of payload.
+
+        A delivery's message comes from the message table; one deleted since is shipped
+        forgotten (its digest, no message). LogTrimmedError if `lsn` is before the base.
+        """
         entries: list[LogEntry] = []
         total = 0
-        cursor = self._db.execute(
-            "SELECT lsn, at, kind, address, uid, size, payload, checksum FROM change_log "
-            "WHERE lsn > ? ORDER BY lsn LIMIT ?",
+        # One statement, so one read snapshot: a message missing here was deleted by an
+        # entry that is in the log too.
+        rows = self._db.execute(
+            "SELECT c.lsn, c.at, c.kind, c.address, c.uid, c.size, "
+            "CASE WHEN c.kind = 'deliver' THEN m.wire ELSE c.payload END, c.checksum, c.digest, "
+            "s.base_lsn FROM copy_state s LEFT JOIN change_log c ON c.lsn > ? "
+            "LEFT JOIN messages m ON c.kind = 'deliver' AND m.address = c.address "
+            "AND m.uid = c.uid ORDER BY c.lsn LIMIT ?",
             (lsn, max_entries),
-        )
-        for row in cursor:
-            entry = _entry(row)
+        ).fetchall()
+        if rows and lsn < rows[0][-1]:
+            raise LogTrimmedError(int(rows[0][-1]))
+        for row in rows:
+            if row[0] is None:  # an empty log after `lsn` (the LEFT JOIN's one row)
+                break
+            entry = _entry(row[:-1])
             total += len(entry.payload or b"")
             if entries and total > max_bytes:
                 break
             entries.append(entry)
         return entries
+
+    def lag(self, lsn: int) -> LogLag:
+        """What a copy that has applied up to `lsn` still needs of this log."""
+        oldest, octets = self._db.execute(
+            "SELECT MIN(at), SUM(COALESCE(size, LENGTH(payload), 0)) FROM change_log WHERE lsn > ?",
+            (lsn,),
+        ).fetchone()
+        return LogLag(oldest, int(octets or 0))
+
+    def trim(self, through: int) -> int:
+        """Remove the log's entries up to `through` (never past the head), in short
+        transactions; the number removed."""
+        removed = 0
+        while True:
+            with self._transaction() as db:
+                base, head = self._base(db), self._head(db)
+                end = min(through, head.lsn, base.lsn + TRIM_STEP)
+                if end <= base.lsn:
+                    return removed
+                (checksum,) = db.execute(
+                    "SELECT checksum FROM change_log WHERE lsn = ?", (end,)
+                ).fetchone()
+                removed += db.execute("DELETE FROM change_log WHERE lsn <= ?", (end,)).rowcount
+                db.execute("UPDATE copy_state SET base_lsn = ?, base_checksum = ?", (end, checksum))
 
     def apply(self, entries: Sequence[LogEntry]) -> LogHead:
         """Replay entries shipped from the active copy, all in one transaction.
@@ -311,12 +451,13 @@ class MailboxDatabase:
                         f"entry {entry.lsn} fails its checksum: corrupt, or from another log"
                     )
                 self._replay(db, entry)
+                logged = None if entry.kind == "deliver" else entry.payload
                 db.execute(
                     "INSERT INTO change_log (lsn, at, kind, address, uid, size, payload, "
-                    "checksum) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                    "digest, checksum) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
                     (
                         entry.lsn, entry.at, entry.kind, entry.address, entry.uid, entry.size,
-                        entry.payload, entry.checksum,
+                        logged, entry.payload_digest, entry.checksum,
                     ),
                 )  # fmt: skip
                 head = LogHead(entry.lsn, entry.checksum)
@@ -325,13 +466,15 @@ class MailboxDatabase:
     @staticmethod
     def _replay(db: sqlite3.Connection, entry: LogEntry) -> None:
         if entry.kind == "deliver":
-            if entry.uid is None or entry.size is None or entry.payload is None:
+            if entry.uid is None or entry.size is None or entry.payload_digest is None:
                 raise LogIntegrityError(f"deliver entry {entry.lsn} lacks its uid, size or message")
             db.execute(
                 "INSERT INTO mailboxes (address, next_uid) VALUES (?, ?) ON CONFLICT(address) "
                 "DO UPDATE SET next_uid = MAX(next_uid, excluded.next_uid)",
                 (entry.address, entry.uid + 1),
             )
+            if entry.payload is None:
+                return  # forgotten: deleted on the active copy, by an entry still to come
             db.execute(
                 "INSERT INTO messages (address, uid, size, received, wire) VALUES (?, ?, ?, ?, ?)",
                 (entry.address, entry.uid, entry.size, entry.at, entry.payload),
@@ -353,12 +496,47 @@ class MailboxDatabase:
     def delivered_after(self, lsn: int) -> list[LogEntry]:
         """Deliveries logged after `lsn` whose message is still here (not deleted since)."""
         rows = self._db.execute(
-            "SELECT c.lsn, c.at, c.kind, c.address, c.uid, c.size, c.payload, c.checksum "
+            "SELECT c.lsn, c.at, c.kind, c.address, c.uid, c.size, m.wire, c.checksum, c.digest "
             "FROM change_log c JOIN messages m ON m.address = c.address AND m.uid = c.uid "
             "WHERE c.kind = 'deliver' AND c.lsn > ? ORDER BY c.lsn",
             (lsn,),
         ).fetchall()
         return [_entry(row) for row in rows]
+
+    # Forgetting -----------------------------------------------------------------------
+
+    def forget(self) -> Forgotten:
+        """Make what was deleted unreadable from this copy's files, and give space back.
+
+        Deleted rows are zeroed as they go (`secure_delete`), but older versions of
+        their pages stay in the WAL and, until a checkpoint overwrites them, in the
+        database file. So: give free pages back to the file system (incremental vacuum,
+        a few pages a transaction), then checkpoint and truncate the WAL. A checkpoint
+        that cannot finish (a reader or writer in the way for longer than
+        CHECKPOINT_PATIENCE_MS) says so and is done again on the next run.
+        """
+        freed = 0
+        if self._db.execute("PRAGMA auto_vacuum").fetchone()[0] == 0:  # NONE
+            # A file made before popguard gave space back is converted once: a VACUUM,
+            # which holds the write lock while it copies the file (deliveries wait for
+            # it, reads go on), then it shrinks like a new file.
+            self._db.execute("PRAGMA auto_vacuum = INCREMENTAL")
+            self._db.execute("VACUUM")
+        if self._db.execute("PRAGMA auto_vacuum").fetchone()[0] == 2:  # INCREMENTAL
+            while self._db.execute("PRAGMA freelist_count").fetchone()[0]:
+                with self._transaction() as db:
+                    before = db.execute("PRAGMA freelist_count").fetchone()[0]
+                    db.execute(f"PRAGMA incremental_vacuum({VACUUM_STEP})").fetchall()
+                    after = db.execute("PRAGMA freelist_count").fetchone()[0]
+                freed += before - after
+                if after >= before:
+                    break
+        self._db.execute(f"PRAGMA busy_timeout = {CHECKPOINT_PATIENCE_MS}")
+        try:
+            busy, _, _ = self._db.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchone()
+        finally:
+            self._db.execute("PRAGMA busy_timeout = 30000")
+        return Forgotten(freed, busy == 0)
 
     # Seeding ------------------------------------------------------------------------
 
@@ -370,13 +548,109 @@ class MailboxDatabase:
         with self._transaction() as db:
             if db.execute("SELECT role FROM copy_state").fetchone()[0] == ACTIVE:
                 raise NotMountedError(f"refusing to empty the mounted copy of {self.name}")
-            for table in ("mailboxes", "messages", "change_log", "redelivered"):
+            for table in _SNAPSHOT_TABLES:
                 db.execute(f"DELETE FROM {table}")
             db.execute("DELETE FROM sqlite_sequence WHERE name = 'change_log'")
+            db.execute("UPDATE copy_state SET base_lsn = 0, base_checksum = NULL")
+
+    def snapshot(self, out: Path) -> tuple[LogHead, str]:
+        """Write a consistent copy of this database to `out` (VACUUM INTO: one read
+        transaction, so deliveries go on) and return its log head and SHA-256.
+
+        The snapshot is compact: it holds live rows only, none of what was deleted.
+        """
+        out.unlink(missing_ok=True)
+        connection = sqlite3.connect(self.path, timeout=30.0, isolation_level=None)
+        try:
+            connection.execute("PRAGMA temp_store = MEMORY")  # no mail in temporary files
+            connection.execute("VACUUM INTO ?", (str(out),))
+        finally:
+            connection.close()
+        copy = sqlite3.connect(out, isolation_level=None)
+        try:
+            # One file, no WAL beside it: what is shipped is the whole snapshot.
+            copy.execute("PRAGMA journal_mode=DELETE")
+            head = self._head(copy)
+        finally:
+            copy.close()
+        return head, file_sha256(out)
+
+    def load_snapshot(self, snapshot: Path) -> LogHead:
+        """Make this passive copy what `snapshot` holds, in one transaction: a copy is
+        either as it was or wholly the snapshot, never half of it (a kill -9 during the
+        load rolls it back). The file stays, so other processes' connections stay valid.
+        """
+        try:
+            check = sqlite3.connect(f"file:{snapshot}?mode=ro", uri=True, isolation_level=None)
+        except sqlite3.Error as exc:
+            raise SnapshotError(f"snapshot {snapshot} cannot be opened: {exc}") from None
+        try:
+            version = check.execute("PRAGMA user_version").fetchone()[0]
+            if version != len(MIGRATIONS):
+                raise SnapshotError(
+                    f"snapshot has schema version {version}, this copy {len(MIGRATIONS)}"
+                )
+            (verdict,) = check.execute("PRAGMA quick_check").fetchone()
+            if verdict != "ok":
+                raise SnapshotError(f"snapshot fails SQLite's check: {verdict}")
+            base = self._base(check)
+        except sqlite3.Error as exc:
+            raise SnapshotError(f"snapshot {snapshot} is not a mailbox database: {exc}") from None
+        finally:
+            check.close()
+        self._db.execute("ATTACH DATABASE ? AS snapshot", (str(snapshot),))
+        try:
+            with self._transaction() as db:
+                if db.execute("SELECT role FROM copy_state").fetchone()[0] == ACTIVE:
+                    raise NotMountedError(f"refusing to overwrite the mounted copy of {self.name}")
+                for table in _SNAPSHOT_TABLES:
+                    db.execute(f"DELETE FROM main.{table}")
+                    db.execute(f"INSERT INTO main.{table} SELECT * FROM snapshot.{table}")
+                db.execute(
+                    "UPDATE main.copy_state SET base_lsn = ?, base_checksum = ?",
+                    (base.lsn, None if base.lsn == 0 else base.checksum),
+                )
+                return self._head(db)
+        finally:
+            self._db.execute("DETACH DATABASE snapshot")
+
+
+def _forgetful(db: sqlite3.Connection) -> None:
+    """What every connection to a mailbox database sets so deletions leave nothing."""
+    db.execute("PRAGMA secure_delete = ON")  # zero deleted content and freed pages
+    db.execute("PRAGMA temp_store = MEMORY")  # no temporary files with mail in them
+    db.execute(f"PRAGMA journal_size_limit = {JOURNAL_SIZE_LIMIT}")
+    if db.execute("SELECT COUNT(*) FROM sqlite_master").fetchone()[0] == 0:
+        # Only a file with no tables yet can choose cheaply (VACUUM of an empty file);
+        # an older file is converted by its first `forget`.
+        db.execute("PRAGMA auto_vacuum = INCREMENTAL")
+        db.execute("VACUUM")
+
+
+def file_sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as source:
+        while chunk := source.read(1 << 20):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def remove_leftovers(folder: Path) -> list[Path]:
+    """Remove the snapshot and seeding files a killed process left in a databases
+    folder: they may hold messages deleted since."""
+    removed: list[Path] = []
+    if not folder.is_dir():
+        return removed
+    for leftover in folder.iterdir():
+        if ".snapshot-" in leftover.name or ".seeding" in leftover.name:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(leftover)
+                removed.append(leftover)
+    return removed
 
 
 def _entry(row: Any) -> LogEntry:
-    lsn, at, kind, address, uid, size, payload, checksum = row
+    lsn, at, kind, address, uid, size, payload, checksum, digest = row
     return LogEntry(
         lsn=lsn,
         at=at,
@@ -386,4 +660,6 @@ def _entry(row: Any) -> LogEntry:
         size=size,
         payload=None if payload is None else bytes(payload),
         checksum=bytes(checksum),
+        # Carried only when the payload is gone; otherwise the payload says it.
+        forgotten_digest=None if payload is not None or digest is None else bytes(digest),
     )
