@@ -7,6 +7,8 @@ Every section is optional and the defaults need no file at all:
 - `[escalation]`: where alerts go once the responders could not repair
   something: e-mail over SMTP and an Alertmanager-compatible JSON webhook, and how
   often one problem may be sent again.
+- `[directory]`: `path`, the SQLite directory of another host's data folder, for a
+  host that runs only some of the organization's servers (`up --servers`).
 - `[[servers]]`, `[[databases]]`, `[demo]`: the topology `popguard up` starts;
   without servers, the organization of DESIGN.md section 3 (cas1, mbx1, mbx2, DB01,
   DB02).
@@ -115,6 +117,12 @@ class Escalation(Section):
     send_resolved: bool = True
 
 
+class DirectorySection(Section):
+    # An absolute path to the SQLite directory another host's data folder holds
+    # (paths.directory_location reads it; every process of this host opens it).
+    path: str | None = Field(default=None, pattern=r"^/")
+
+
 class ServerEntry(Section):
     name: str = Field(pattern=r"^[A-Za-z][A-Za-z0-9-]{0,62}$")
     roles: tuple[Literal["frontend", "mailbox"], ...] = Field(min_length=1)
@@ -135,6 +143,7 @@ class Demo(Section):
 class Config(Section):
     faults: Faults = Faults()
     host: Host = Host()
+    directory: DirectorySection | None = None
     escalation: Escalation = Escalation()
     servers: tuple[ServerEntry, ...] = ()
     databases: tuple[DatabaseEntry, ...] = ()
