@@ -310,6 +310,18 @@ def test_a_server_added_later_starts_where_it_lives(tmp_path: Path) -> None:
         assert {r["Status"] for r in services} == {"Running"}, services
         # supervisord's own file has it now: a restart of the host keeps it.
         assert "[group:mbx3]" in (data / "supervisor" / "supervisord.conf").read_text()
+        # `up --servers` adds to a host already up, too.
+        mbx4 = free_loopback_address()
+        made = popguard(data, "new-server", "mbx4", "--role", "mailbox", "--address", mbx4)
+        assert made.returncode == 0, made.stderr
+        grown = popguard(data, "up", "--detach", "--servers", "mbx4")
+        assert grown.returncode == 0, grown.stderr
+        assert "popguard added mbx4 to this host" in grown.stdout
+        assert f"mailbox server mbx4 on {mbx4}" in grown.stdout
+        assert "mailbox server mbx1" not in grown.stdout
+        assert {r["Status"] for r in _json(data, "get-service", "--server", "mbx4")} == {"Running"}
+        again = popguard(data, "up", "--detach", "--servers", "mbx4,MBX3")
+        assert again.returncode == 1 and "already up" in again.stderr
     finally:
         down = popguard(data, "down")
     assert down.returncode == 0, down.stderr
