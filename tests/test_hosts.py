@@ -199,6 +199,15 @@ def test_two_hosts_each_run_their_own_servers_and_share_the_directory(tmp_path: 
             # the credentials).
             health = _json(host_a, "get-serverhealth", "mbx2")
             assert health and all(r["Server"] == "mbx2" for r in health)
+            # The health API speaks HTTPS: a command trusting another CA (a folder whose
+            # directory also has an mbx2 at that address) gets no answer, nor the token.
+            token = (host_a / "health" / "api-token").read_text()
+            (other / "health").mkdir(mode=0o700, exist_ok=True)
+            (other / "health" / "api-token").write_text(token)
+            stranger_asks = popguard(other, "get-serverhealth", "mbx2")
+            assert stranger_asks.returncode == 1
+            assert "CERTIFICATE_VERIFY_FAILED" in stranger_asks.stderr, stranger_asks.stderr
+            assert "\n" not in stranger_asks.stderr.strip()
             # Each host logs in with a health mailbox of its own: host B's start took
             # nothing from host A's probes.
             for server in ("mbx1", "mbx2"):

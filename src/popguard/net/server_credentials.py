@@ -2,11 +2,12 @@
 
 The host holding the organization's CA key writes, for one server, every certificate
 that server's services show (its POP3 certificate, a mailbox server's replication
-certificate), the operator's client certificate that the commands of a host show to
-replication services, their keys, the CA certificate and the organization's health
-API token, into one JSON file of mode 0600. The host that runs the server installs
-them in its own data folder, where `TlsMaterial` finds them. The CA's key is never in
-the file: a host without it uses the certificates it was given and makes none.
+certificate, its health API's), the operator's client certificate that the commands
+of a host show to replication services, their keys, the CA certificate and the
+organization's health API token, into one JSON file of mode 0600. The host that runs
+the server installs them in its own data folder, where `TlsMaterial` finds them. The
+CA's key is never in the file: a host without it uses the certificates it was given
+and makes none.
 """
 
 from __future__ import annotations
@@ -56,6 +57,7 @@ def server_pairs(
     pairs = [(certificate_name or name, "", tls.pop3_identity(name, address, certificate_name))]
     if "mailbox" in roles:
         pairs.append((name, "replication", tls.replication_identity(name, address)))
+    pairs.append((name, "health", tls.health_identity(name, address)))
     pairs.append(("popguard-admin", "client", tls.admin_identity()))
     return pairs
 

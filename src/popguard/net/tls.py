@@ -190,6 +190,7 @@ def server_context(pair: CertificatePair) -> ssl.SSLContext:
 ADMIN_IDENTITY = "popguard-admin"
 ADMIN_UNIT = "popguard admin"
 REPLICATION_UNIT = "popguard replication"
+HEALTH_UNIT = "popguard health"
 
 
 def peer_name(certificate: dict[str, object] | None) -> str | None:
@@ -403,6 +404,12 @@ class TlsMaterial:
             server_name, [server_name.lower()], [address], purpose="replication",
             unit=REPLICATION_UNIT,
         )  # fmt: skip
+
+    def health_identity(self, server_name: str, address: str) -> CertificatePair:
+        """What a health API shows its callers (the commands, on this host or another)."""
+        return self.ensure_server_certificate(
+            server_name, [server_name.lower()], [address], purpose="health", unit=HEALTH_UNIT
+        )
 
     def admin_identity(self) -> CertificatePair:
         """The operator's client certificate: readable only by whoever can read the data folder."""
