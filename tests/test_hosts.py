@@ -222,9 +222,17 @@ def test_two_hosts_each_run_their_own_servers_and_share_the_directory(tmp_path: 
             assert elsewhere.returncode == 1
             assert (f"mbx2 runs on no supervisor of this host: the supervisord of "
                     f"{host_a.resolve()} runs cas1, mbx1") in elsewhere.stderr  # fmt: skip
+            # mbx2's active copy of DB02 lives in host B's folder: host A does not start
+            # an empty mbx2 of its own (its ports would be free once host B is down).
             restart = popguard(host_a, "restart-service", "pop3be", "--server", "mbx2")
             assert restart.returncode == 1
             assert "mbx2 runs on no supervisor of this host" in restart.stderr
+            assert "holds the active copy of DB02 with no files in" in restart.stderr
+            assert "\n" not in restart.stderr.strip()
+            # cas1 holds no copy, but its ports are host A's.
+            restart = popguard(host_b, "restart-service", "pop3", "--server", "cas1")
+            assert restart.returncode == 1
+            assert "cas1 runs on no supervisor of this host" in restart.stderr
             assert "cannot run here" in restart.stderr and "is in use by" in restart.stderr
             assert "\n" not in restart.stderr.strip()
             again_up = popguard(host_b, "up", "--detach", "--servers", "mbx2")

@@ -8,6 +8,7 @@ from typing import TYPE_CHECKING, Any
 
 import click
 
+from popguard import paths
 from popguard.cli.context import AppContext, pass_app
 from popguard.cli.render import format_option, render
 from popguard.control.ports import Endpoint, in_use
@@ -69,6 +70,19 @@ def control_here(
     )
     if not add:
         raise UserError(f"{not_here} (start it here with start-service, or on its own host)")
+    with app.directory() as directory:
+        active = [
+            c.database
+            for c in directory.database_copies()
+            if c.is_active and c.server.lower() == server.name.lower()
+        ]
+    if active and not paths.server_folder(app.data, server.name).root.exists():
+        # Its active copies' files are on the host it ran on: started here, it would
+        # serve empty databases.
+        raise UserError(
+            f"{not_here}, and it holds the active copy of {', '.join(active)} with no files "
+            f"in {data}: start it on its own host (`popguard up --servers {server.name}` there)"
+        )
     busy = [
         why
         for endpoint, port in sorted(server.ports.items())

@@ -365,7 +365,12 @@ def up(
         if config_path is not None:
             install_config(app.data, text, str(config_path), replace=replace_config)
         here = {name.lower() for name in names} if names else None
+        new_organization = not directory.list_servers()
         org = ensure_topology(directory, topology, source, here)
+        if new_organization:
+            # The host whose `up` makes the organization keeps its CA, wherever the
+            # directory lives; other hosts get certificates from it (export/import).
+            tls.TlsMaterial(paths.tls_dir(data)).ensure_ca()
         known = {s.name.lower(): s for s in directory.list_servers()}
         chosen = [known[name.lower()] for name in names] if names else org.servers
         chosen_names = {s.name.lower() for s in chosen}

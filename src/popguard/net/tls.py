@@ -289,6 +289,13 @@ class TlsMaterial:
         organization: it gets its certificates from the CA's host, never a CA."""
         return cls(paths.tls_dir(data), may_make_ca=not paths.directory_elsewhere(data))
 
+    def ensure_ca(self) -> Path:
+        """Make the organization's CA here if this folder has none: what the host that
+        makes the organization does (its first `popguard up`), whatever its directory."""
+        with _locked(self.folder):
+            _ensure_ca(self.folder, may_make=True)
+        return self.ca_certificate_file
+
     @property
     def ca_key_file(self) -> Path:
         return self.folder / CA_KEY
