@@ -235,6 +235,14 @@ def test_two_hosts_each_run_their_own_servers_and_share_the_directory(tmp_path: 
             assert "cas1 runs on no supervisor of this host" in restart.stderr
             assert "cannot run here" in restart.stderr and "is in use by" in restart.stderr
             assert "\n" not in restart.stderr.strip()
+            # A mailbox's messages are removed where its active copy's file is.
+            refused = popguard(host_a, "remove-mailbox", user, "--no-confirm")
+            assert refused.returncode == 1, refused.stdout
+            assert "the active copy of DB02 is on mbx2, whose files are not in" in refused.stderr
+            removed = popguard(host_b, "remove-mailbox", user, "--no-confirm")
+            assert removed.returncode == 0, removed.stderr
+            assert f"removed {user} and 1 messages" in removed.stdout
+            assert not (host_a / "servers" / "mbx2").exists()
             again_up = popguard(host_b, "up", "--detach", "--servers", "mbx2")
             assert again_up.returncode == 1 and "already up" in again_up.stderr
         finally:

@@ -52,6 +52,10 @@ def _store(app: AppContext, database: str, server: str) -> Iterator[MailboxDatab
         store.close()
 
 
+def _active_copy_here(app: AppContext, database: str, server: str) -> bool:
+    return paths.server_folder(app.data, server).database_copy_file(database).exists()
+
+
 def read_password_from_stdin() -> str:
     password = sys.stdin.read().rstrip("\r\n")
     if not password:
@@ -120,10 +124,13 @@ def new_mailbox(
         mailbox = directory.new_mailbox(address, database, hash_password(password))
         server = directory.active_server(mailbox.database)
     # A delivery that was in flight when an earlier mailbox of this address was
-    # removed may have left messages behind: a new mailbox starts empty.
-    with _store(app, mailbox.database, server) as store:
-        if store.maildrop(mailbox.address):
-            store.purge(mailbox.address)
+    # removed may have left messages behind: a new mailbox starts empty. Only where the
+    # active copy's file is in this data folder: another host's is not opened (nor
+    # made, empty, here).
+    if _active_copy_here(app, mailbox.database, server):
+        with _store(app, mailbox.database, server) as store:
+            if store.maildrop(mailbox.address):
+                store.purge(mailbox.address)
     row = mailbox_row(mailbox)
     if not password_stdin:
         row["Password"] = password
@@ -170,6 +177,13 @@ def remove_mailbox(app: AppContext, address: str, confirm: bool) -> None:
         if confirm and sys.stdin.isatty():
             click.confirm(f"Remove {mailbox.address} and all its mail?", abort=True)
         server = directory.active_server(mailbox.database)
+        if not _active_copy_here(app, mailbox.database, server):
+            # Its messages are in a file of another host's data folder: removed from the
+            # directory alone, they would stay there.
+            raise UserError(
+                f"the active copy of {mailbox.database} is on {server}, whose files are not "
+                f"in {app.data}: run remove-mailbox on the host of {server}"
+            )
         directory.remove_mailbox(mailbox.address)
     with _store(app, mailbox.database, server) as store:
         removed = store.purge(mailbox.address)
