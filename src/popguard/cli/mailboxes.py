@@ -56,6 +56,19 @@ def _active_copy_here(app: AppContext, database: str, server: str) -> bool:
     return paths.server_folder(app.data, server).database_copy_file(database).exists()
 
 
+def _on_another_host(app: AppContext, server: str) -> bool:
+    """`server` has no folder here, and this host is one of several: its directory is
+    another host's, or its supervisord runs other servers but not this one."""
+    if paths.server_folder(app.data, server).root.exists():
+        return False
+    if paths.directory_elsewhere(app.data):
+        return True
+    from popguard.control.service_control import SupervisorControl
+
+    control = SupervisorControl(app.data)
+    return control.alive() and not control.runs(server)
+
+
 def read_password_from_stdin() -> str:
     password = sys.stdin.read().rstrip("\r\n")
     if not password:
@@ -177,7 +190,8 @@ def remove_mailbox(app: AppContext, address: str, confirm: bool) -> None:
         if confirm and sys.stdin.isatty():
             click.confirm(f"Remove {mailbox.address} and all its mail?", abort=True)
         server = directory.active_server(mailbox.database)
-        if not _active_copy_here(app, mailbox.database, server):
+        here = _active_copy_here(app, mailbox.database, server)
+        if not here and _on_another_host(app, server):
             # Its messages are in a file of another host's data folder: removed from the
             # directory alone, they would stay there.
             raise UserError(
@@ -185,8 +199,10 @@ def remove_mailbox(app: AppContext, address: str, confirm: bool) -> None:
                 f"in {app.data}: run remove-mailbox on the host of {server}"
             )
         directory.remove_mailbox(mailbox.address)
-    with _store(app, mailbox.database, server) as store:
-        removed = store.purge(mailbox.address)
+    removed = 0  # no copy file yet: nothing was ever delivered to it
+    if here:
+        with _store(app, mailbox.database, server) as store:
+            removed = store.purge(mailbox.address)
     click.echo(f"removed {mailbox.address} and {removed} messages")
 
 
