@@ -337,7 +337,7 @@ def write_section(data: Path, text: str) -> None:
 
 def test_no_section_is_sqlite_in_the_data_folder(tmp_path: Path) -> None:
     assert directory_location(tmp_path) == SqliteLocation(tmp_path / "directory.sqlite")
-    write_section(tmp_path, '[directory]\npath = "shared/dir.sqlite"\n')
+    write_section(tmp_path, f'[directory]\npath = "{tmp_path}/shared/dir.sqlite"\n')
     assert directory_location(tmp_path) == SqliteLocation(tmp_path / "shared/dir.sqlite")
 
 

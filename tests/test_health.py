@@ -180,7 +180,9 @@ def test_metrics_for_prometheus_and_a_token_for_the_rest(
     org = watched_organization
     invoke(org, "POP.Protocol\\PopDeepTestProbe", "mbx1")
     address = org.mailbox["mbx1"].address
-    metrics = subprocess.run(["curl", "-sS", f"http://{address}:8480/metrics"],
+    # HTTPS with the organization's certificates: curl trusts the CA file alone.
+    ca = str(org.data / "tls" / "ca.pem")
+    metrics = subprocess.run(["curl", "-sS", "--cacert", ca, f"https://{address}:8480/metrics"],
                              capture_output=True, text=True, timeout=30)  # fmt: skip
     assert metrics.returncode == 0, metrics.stderr
     wanted = 'popguard_probe_success{probe="POP.Protocol\\\\PopDeepTestProbe",resource="DB01",'
@@ -188,11 +190,18 @@ def test_metrics_for_prometheus_and_a_token_for_the_rest(
     assert "popguard_monitor_alert_value{" in metrics.stdout
     assert "popguard_monitor_severity{" in metrics.stdout
     refused = subprocess.run(
-        ["curl", "-sS", "-o", "/dev/null", "-w", "%{http_code}",
-         f"http://{address}:8480/v1/serverhealth"],
+        ["curl", "-sS", "--cacert", ca, "-o", "/dev/null", "-w", "%{http_code}",
+         f"https://{address}:8480/v1/serverhealth"],
         capture_output=True, text=True, timeout=30,
     )  # fmt: skip
     assert refused.stdout == "401"
+    # Plain HTTP is not served: the token would travel in clear.
+    plain = subprocess.run(
+        ["curl", "-sS", "-o", "/dev/null", "-w", "%{http_code}",
+         f"http://{address}:8480/metrics"],
+        capture_output=True, text=True, timeout=30,
+    )  # fmt: skip
+    assert plain.stdout != "200", plain
 
 
 def test_faults_that_outlast_a_restart_are_seen_for_what_they_are(

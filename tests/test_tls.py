@@ -118,6 +118,7 @@ def test_a_valid_certificate_is_used_without_the_ca_key(tmp_path: Path) -> None:
     made = material.ensure_server_certificate("mbx1", ["mbx1"], [NAME])
     (material.folder / tls.CA_KEY).unlink()
     assert material.ensure_server_certificate("mbx1", ["mbx1"], [NAME]) == made
-    with pytest.raises(UserError, match=r"cannot sign a certificate: .*ca\.key: No such file"):
+    with pytest.raises(UserError, match=r"^no certificate for server mbx2 on this host .*"
+                       r"import-server-credentials"):  # fmt: skip
         material.ensure_server_certificate("mbx2", ["mbx2"], ["127.0.3.1"])
     assert not (material.folder / tls.CA_KEY).exists()

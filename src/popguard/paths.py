@@ -21,6 +21,8 @@ def default_data_dir() -> Path:
 
 
 def directory_file(data: Path) -> Path:
+    """The SQLite directory of a data folder that names none elsewhere (a [directory]
+    section: directory/location.py)."""
     return data / "directory.sqlite"
 
 

@@ -7,6 +7,7 @@ from __future__ import annotations
 import fnmatch
 import http.client
 import json
+import ssl
 from concurrent.futures import ThreadPoolExecutor
 from typing import TYPE_CHECKING, Any
 
@@ -35,7 +36,24 @@ def _token(app: AppContext) -> str:
         ) from None
 
 
-def _request(server: Server, token: str, method: str, path: str, body: Any = None) -> Any:
+def _tls(app: AppContext) -> ssl.SSLContext:
+    """Trusts the organization's CA alone: the health API speaks HTTPS with the
+    organization's certificates, on this host or another."""
+    ca = paths.tls_dir(app.data) / "ca.pem"
+    try:
+        context = ssl.create_default_context(cafile=str(ca))
+    except OSError:
+        raise UserError(
+            f"no organization CA certificate in {ca}: has popguard run here, or were this "
+            "host's credentials imported (import-server-credentials)?"
+        ) from None
+    context.minimum_version = ssl.TLSVersion.TLSv1_2
+    return context
+
+
+def _request(
+    server: Server, token: str, tls: ssl.SSLContext, method: str, path: str, body: Any = None
+) -> Any:
     """One call of SERVER's health API. http.client, not httpx: this runs in every
     health command, and httpx's import alone costs more than the whole request."""
     address, port = server.address, server.port("health")
@@ -45,7 +63,7 @@ def _request(server: Server, token: str, method: str, path: str, body: Any = Non
     if body is not None:
         payload = json.dumps(body).encode()
         headers["Content-Type"] = "application/json"
-    connection = http.client.HTTPConnection(address, port, timeout=timeout)
+    connection = http.client.HTTPSConnection(address, port, timeout=timeout, context=tls)
     try:
         connection.request(method, f"/v1/{path}", body=payload, headers=headers)
         response = connection.getresponse()
@@ -73,7 +91,7 @@ def _request(server: Server, token: str, method: str, path: str, body: Any = Non
 def _ask(app: AppContext, server_name: str, method: str, path: str, body: Any = None) -> Any:
     with app.directory() as directory:
         server = directory.get_server(server_name)
-    return _request(server, _token(app), method, path, body)
+    return _request(server, _token(app), _tls(app), method, path, body)
 
 
 def _ask_each(app: AppContext, server_name: str | None, path: str) -> list[dict[str, Any]]:
@@ -85,11 +103,11 @@ def _ask_each(app: AppContext, server_name: str | None, path: str) -> list[dict[
         return rows
     with app.directory() as directory:
         servers = directory.list_servers()
-    token = _token(app)
+    token, tls = _token(app), _tls(app)
 
     def one(server: Server) -> list[dict[str, Any]]:
         try:
-            answer: list[dict[str, Any]] = _request(server, token, "GET", path)
+            answer: list[dict[str, Any]] = _request(server, token, tls, "GET", path)
         except UserError as exc:
             return [{"Server": server.name, "Error": str(exc)}]
         return answer

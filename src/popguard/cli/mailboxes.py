@@ -16,6 +16,7 @@ from popguard import paths
 from popguard.cli.context import AppContext, pass_app
 from popguard.cli.render import format_option, render
 from popguard.directory.directory import Directory, Mailbox
+from popguard.directory.location import directory_elsewhere
 from popguard.directory.passwords import generate_password, hash_password
 from popguard.errors import UserError
 from popguard.store.mailbox_database import MailboxDatabase
@@ -50,6 +51,23 @@ def _store(app: AppContext, database: str, server: str) -> Iterator[MailboxDatab
         yield store
     finally:
         store.close()
+
+
+def _active_copy_here(app: AppContext, database: str, server: str) -> bool:
+    return paths.server_folder(app.data, server).database_copy_file(database).exists()
+
+
+def _on_another_host(app: AppContext, server: str) -> bool:
+    """`server` has no folder here, and this host is one of several: its directory is
+    another host's, or its supervisord runs other servers but not this one."""
+    if paths.server_folder(app.data, server).root.exists():
+        return False
+    if directory_elsewhere(app.data):
+        return True
+    from popguard.control.service_control import SupervisorControl
+
+    control = SupervisorControl(app.data)
+    return control.alive() and not control.runs(server)
 
 
 def read_password_from_stdin() -> str:
@@ -120,10 +138,13 @@ def new_mailbox(
         mailbox = directory.new_mailbox(address, database, hash_password(password))
         server = directory.active_server(mailbox.database)
     # A delivery that was in flight when an earlier mailbox of this address was
-    # removed may have left messages behind: a new mailbox starts empty.
-    with _store(app, mailbox.database, server) as store:
-        if store.maildrop(mailbox.address):
-            store.purge(mailbox.address)
+    # removed may have left messages behind: a new mailbox starts empty. Only where the
+    # active copy's file is in this data folder: another host's is not opened (nor
+    # made, empty, here).
+    if _active_copy_here(app, mailbox.database, server):
+        with _store(app, mailbox.database, server) as store:
+            if store.maildrop(mailbox.address):
+                store.purge(mailbox.address)
     row = mailbox_row(mailbox)
     if not password_stdin:
         row["Password"] = password
@@ -171,9 +192,19 @@ def remove_mailbox(app: AppContext, address: str, confirm: bool) -> None:
         if confirm and sys.stdin.isatty():
             click.confirm(f"Remove {mailbox.address} and all its mail?", abort=True)
         server = directory.active_server(mailbox.database)
+        here = _active_copy_here(app, mailbox.database, server)
+        if not here and _on_another_host(app, server):
+            # Its messages are in a file of another host's data folder: removed from the
+            # directory alone, they would stay there.
+            raise UserError(
+                f"the active copy of {mailbox.database} is on {server}, whose files are not "
+                f"in {app.data}: run remove-mailbox on the host of {server}"
+            )
         directory.remove_mailbox(mailbox.address)
-    with _store(app, mailbox.database, server) as store:
-        removed = store.purge(mailbox.address)
+    removed = 0  # no copy file yet: nothing was ever delivered to it
+    if here:
+        with _store(app, mailbox.database, server) as store:
+            removed = store.purge(mailbox.address)
     click.echo(f"removed {mailbox.address} and {removed} messages")
 
 

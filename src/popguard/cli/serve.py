@@ -113,19 +113,14 @@ def serve_replication(app: AppContext, server: str) -> None:
     show_default=True,
     help="exchange2013: Exchange 2013's probe intervals, timeouts and thresholds.",
 )
-@click.option(
-    "--allow-remote-api",
-    is_flag=True,
-    help="Serve the health API on a server address that is not a loopback address.",
-)
 @pass_app
-def serve_health(app: AppContext, server: str, profile: str, allow_remote_api: bool) -> None:
+def serve_health(app: AppContext, server: str, profile: str) -> None:
     """Run this server's probes and monitors, and the health API.
 
     Health sets of your own (DATA/health/sets/*.toml) run beside popguard's."""
     from popguard.health import service
 
-    service.serve(app.data, server, profile, allow_remote_api)
+    service.serve(app.data, server, profile)
 
 
 COMMANDS = [serve]

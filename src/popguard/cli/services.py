@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import datetime
 import subprocess
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import click
 
+from popguard import paths
 from popguard.cli.context import AppContext, pass_app
 from popguard.cli.render import format_option, render
+from popguard.control.ports import Endpoint, in_use
 from popguard.control.service_control import (
     SERVICES,
     ServiceStatus,
@@ -20,6 +22,9 @@ from popguard.control.service_control import (
 )
 from popguard.directory.config import config_file, load_config
 from popguard.errors import UserError
+
+if TYPE_CHECKING:
+    from popguard.directory.directory import Server
 
 FRONTEND_ROLE = "frontend"  # one of directory.ROLES: the servers clients connect to
 
@@ -37,12 +42,57 @@ def status_row(status: ServiceStatus, supervisor: str) -> dict[str, Any]:
     }
 
 
-def _service_of(app: AppContext, server: str, service: str) -> str:
+def _service_of(app: AppContext, server: str, service: str) -> Server:
     with app.directory() as directory:
         host = directory.get_server(server)
     if service not in services_of(host.roles):
         raise UserError(f"{host.name} runs {', '.join(services_of(host.roles))}; not {service}")
-    return host.name
+    return host
+
+
+def control_here(
+    app: AppContext, server: Server, add: bool = False
+) -> SupervisorControl | SystemdControl:
+    """The supervisor of this host, which must run `server`.
+
+    A host runs only its own servers (`up --servers`): one its supervisord does not
+    run is another host's, said in one line, unless `add` and it can run here (its
+    address is this machine's and its ports are free): a server made after `up`
+    (new-server) then joins this host's supervisord, all its services with it.
+    """
+    control = control_for(app.data)
+    if not isinstance(control, SupervisorControl) or control.runs(server.name):
+        return control
+    data = app.data.resolve()
+    mine = ", ".join(control.servers()) or "no server"
+    not_here = (
+        f"{server.name} runs on no supervisor of this host: the supervisord of {data} runs {mine}"
+    )
+    if not add:
+        raise UserError(f"{not_here} (start it here with start-service, or on its own host)")
+    with app.directory() as directory:
+        active = [
+            c.database
+            for c in directory.database_copies()
+            if c.is_active and c.server.lower() == server.name.lower()
+        ]
+    if active and not paths.server_folder(app.data, server.name).root.exists():
+        # Its active copies' files are on the host it ran on: started here, it would
+        # serve empty databases.
+        raise UserError(
+            f"{not_here}, and it holds the active copy of {', '.join(active)} with no files "
+            f"in {data}: start it on its own host (`popguard up --servers {server.name}` there)"
+        )
+    busy = [
+        why
+        for endpoint, port in sorted(server.ports.items())
+        if (why := in_use(Endpoint(server.name, endpoint, server.address, port)))
+    ]
+    if busy:
+        raise UserError(f"{not_here}, and it cannot run here: {busy[0]}")
+    control.add_servers({server.name: services_of(server.roles)})
+    click.echo(f"added {server.name} ({', '.join(services_of(server.roles))}) to {data}", err=True)
+    return control
 
 
 def _action(verb: str, help_text: str) -> click.Command:
@@ -52,9 +102,9 @@ def _action(verb: str, help_text: str) -> click.Command:
     @format_option
     @pass_app
     def command(app: AppContext, service: str, server: str, output_format: str) -> None:
-        server = _service_of(app, server, service)
-        control = control_for(app.data)
-        status = getattr(control, verb)(server, service)
+        host = _service_of(app, server, service)
+        control = control_here(app, host, add=verb in ("start", "restart"))
+        status = getattr(control, verb)(host.name, service)
         render([status_row(status, control.name)], output_format)
 
     return command
@@ -75,7 +125,7 @@ def get_service(app: AppContext, server: str, output_format: str) -> None:
     """Each service of a server: running or not, process id, uptime."""
     with app.directory() as directory:
         host = directory.get_server(server)
-    control = control_for(app.data)
+    control = control_here(app, host)
     statuses = control.status(host.name, services_of(host.roles))
     render([status_row(s, control.name) for s in statuses], output_format)
 
@@ -119,7 +169,7 @@ def restart_server(
             f"{host.name} is the only front end: no client reaches any mailbox while it "
             "restarts; add another front end first, or --force"
         )
-    control = control_for(app.data)
+    control = control_here(app, host)
     services = services_of(host.roles)
     for service in services:
         control.stop(host.name, service)

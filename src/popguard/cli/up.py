@@ -12,6 +12,7 @@ one there first), or the default one (cas1, mbx1, mbx2) when it lists no servers
 
 from __future__ import annotations
 
+import contextlib
 import ipaddress
 import os
 import shlex
@@ -20,22 +21,29 @@ import socket
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import click
 
+from popguard import paths
 from popguard.cli.context import AppContext, pass_app
 from popguard.control import permissions
 from popguard.control.ports import Endpoint, in_use, listener_pids
 from popguard.control.service_control import (
     SupervisorControl,
     services_of,
-    supervisor_config,
     supervisor_dir,
+    write_supervisor_config,
 )
 from popguard.directory.config import Config, config_file, install_config, load_config, parse_config
-from popguard.directory.directory import Directory, Server
-from popguard.directory.location import location_of
+from popguard.directory.directory import Server
+from popguard.directory.location import (
+    DirectoryLocation,
+    SqliteLocation,
+    directory_location,
+    location_of,
+)
 from popguard.directory.organization import (
     DEFAULT_FRONTEND_ADDRESS,
     DEFAULT_MAILBOX_ADDRESS,
@@ -171,39 +179,69 @@ def _database_lines(org: Organization) -> list[str]:
 
 
 def _summary(
-    app: AppContext, org: Organization, others: list[str], welcome: str, detach: bool
+    app: AppContext,
+    org: Organization,
+    running: list[Server],
+    others: list[str],
+    welcome: str,
+    detach: bool,
+    added: list[str] | None = None,
 ) -> str:
     """What runs where, and commands that name real servers of this organization."""
-    cas, mbx, demo = org.frontends[0], org.mailbox_servers[0], org.demo
+    here = {s.name.lower() for s in running}
+    local_frontends = [s for s in org.frontends if s.name.lower() in here]
+    local_mailboxes = [s for s in running if "mailbox" in s.roles]
+    cas = (local_frontends or org.frontends)[0]
+    mbx = (local_mailboxes or org.mailbox_servers)[0]
+    demo = org.demo
     ca = tls.TlsMaterial.of(app.data).ca_certificate_file.resolve()
     pop3, pop3s = cas.port("pop3"), cas.port("pop3-tls")
     host = _host(cas.address)
     command = f"{shlex.quote(sys.argv[0])} --data {shlex.quote(str(app.data))}"
     credentials = f"'{demo.address}:{demo.password}'"
-    lines = ["", "popguard is up"]
-    lines += [_server_line(server) for server in org.servers]
+    if added is not None:
+        lines = ["", f"popguard added {', '.join(added) or 'nothing'} to this host"]
+    else:
+        lines = ["", "popguard is up"]
+    lines += [_server_line(server) for server in running]
     lines += _database_lines(org)
-    if others:
-        lines.append(f"  not started (in the directory, not in the topology): {', '.join(others)}")
-    lines += [
-        f"  CA file     {ca}",
-        f"  demo mailbox {demo.address} (in {demo.database})  password {demo.password}{welcome}",
-        "",
-    ]
-    if len(org.frontends) > 1:
-        names = ", ".join(s.name for s in org.frontends)
+    topology = {s.name.lower() for s in org.servers}
+    elsewhere = [name for name in others if name.lower() in topology]
+    unlisted = [name for name in others if name.lower() not in topology]
+    if elsewhere:
+        lines.append(f"  not started here (for other hosts, --servers): {', '.join(elsewhere)}")
+    if unlisted:
         lines.append(
-            f"Read the demo mailbox through front end {cas.name} (any of {names} serves it) "
-            "with curl (list, then fetch message 1):"
+            f"  not started (in the directory, not in the topology): {', '.join(unlisted)}"
+        )
+    lines.append(f"  CA file     {ca}")
+    if demo.here:
+        lines.append(
+            f"  demo mailbox {demo.address} (in {demo.database})  password {demo.password}{welcome}"
         )
     else:
         lines.append(
-            f"Read the demo mailbox through front end {cas.name} with curl "
-            "(list, then fetch message 1):"
+            f"  demo mailbox {demo.address} (in {demo.database}): kept by the host that runs "
+            f"{demo.active_server}, where {demo.database} is active; not by this one"
         )
+    lines.append("")
+    if demo.here:
+        if len(org.frontends) > 1:
+            names = ", ".join(s.name for s in org.frontends)
+            lines.append(
+                f"Read the demo mailbox through front end {cas.name} (any of {names} serves "
+                "it) with curl (list, then fetch message 1):"
+            )
+        else:
+            lines.append(
+                f"Read the demo mailbox through front end {cas.name} with curl "
+                "(list, then fetch message 1):"
+            )
+        lines += [
+            f"  curl --ssl-reqd --cacert {ca} -u {credentials} pop3://{host}:{pop3}/",
+            f"  curl --cacert {ca} -u {credentials} pop3s://{host}:{pop3s}/1",
+        ]
     lines += [
-        f"  curl --ssl-reqd --cacert {ca} -u {credentials} pop3://{host}:{pop3}/",
-        f"  curl --cacert {ca} -u {credentials} pop3s://{host}:{pop3s}/1",
         "Deliver another message:",
         f"  {command} send-message --to {demo.address} --file message.eml",
         f"See the health of {mbx.name}'s POP3 service, and run a probe now:",
@@ -220,10 +258,12 @@ def _summary(
         ]
     else:
         lines += ["See the copies:", f"  {command} get-mailboxdatabasecopystatus"]
+    restartable = (local_mailboxes or running or [mbx])[0]
     lines += [
         "Restart a service (a real restart: see the new process id), and see what the",
         "health engine repaired by itself, and the alerts it sent:",
-        f"  {command} restart-service pop3be --server {mbx.name}",
+        f"  {command} restart-service {services_of(restartable.roles)[0]} "
+        f"--server {restartable.name}",
         f"  {command} get-recoveryactions --server {mbx.name}",
         f"  {command} get-alerts --server {mbx.name}",
         "`popguard down` stops it." if detach else "Press Ctrl-C to stop.",
@@ -244,6 +284,13 @@ def _summary(
     help="Replace a DATA/popguard.toml whose content differs from --config's.",
 )
 @click.option(
+    "--servers",
+    "server_names",
+    metavar="NAME[,NAME...]",
+    help="Run only these servers here (the others run on other hosts); on a host already "
+    "up, add them. Default: every server of the topology.",
+)
+@click.option(
     "--frontend-address",
     help=f"cas1's [default: {DEFAULT_FRONTEND_ADDRESS}] (default organization only).",
 )
@@ -262,6 +309,7 @@ def up(
     app: AppContext,
     config_path: Path | None,
     replace_config: bool,
+    server_names: str | None,
     frontend_address: str | None,
     address: str | None,
     second_address: str | None,
@@ -271,7 +319,9 @@ def up(
     two mailbox servers (mbx1, mbx2); with a demo mailbox."""
     data = app.data.resolve()
     control = SupervisorControl(data)
-    if control.alive():
+    names = _parse_servers(server_names)
+    already_up = control.alive()
+    if already_up and not names:
         raise UserError(f"popguard is already up for {data} (`popguard down` stops it)")
     # A new data folder is made 0700 by the umask, once the configuration is checked.
     permissions.check_owner_only(data)
@@ -298,9 +348,10 @@ def up(
         )
     if not config.servers:
         check_default_demo(config.demo, source)
-    # The directory the configuration names: a --config file's [directory] is not
-    # installed yet.
-    with Directory(app.data, location_of(config.directory, app.data)) as directory:
+    # A file that names another directory ([directory] path) is installed first, so
+    # that the checks below read that directory; a refusal puts the old file back.
+    checking = _config_for_checks(app.data, config_path, config, replace_config)
+    with checking, app.directory() as directory:
         if config.servers:
             topology = config
         else:
@@ -310,13 +361,38 @@ def up(
             source = DEFAULT_TOPOLOGY_SOURCE
         # Everything is checked before anything is written.
         check_against_directory(directory, topology, source)
+        in_directory = {s.name.lower(): s for s in directory.list_servers()}
+        in_topology = {s.name.lower() for s in topology.servers}
+        for name in names:
+            if name.lower() not in in_topology | set(in_directory):
+                raise UserError(
+                    f"--servers: {name} is not a server of {source} nor of the directory"
+                )
+    with app.directory() as directory:
         if config_path is not None:
             install_config(app.data, text, str(config_path), replace=replace_config)
-        org = ensure_topology(directory, topology, source)
-        topology_names = {s.name.lower() for s in org.servers}
-        others = [s.name for s in directory.list_servers() if s.name.lower() not in topology_names]
+        here = {name.lower() for name in names} if names else None
+        new_organization = not directory.list_servers()
+        org = ensure_topology(directory, topology, source, here)
+        if new_organization:
+            # The host whose `up` makes the organization keeps its CA, wherever the
+            # directory lives; other hosts get certificates from it (export/import).
+            tls.TlsMaterial(paths.tls_dir(data)).ensure_ca()
+        known = {s.name.lower(): s for s in directory.list_servers()}
+        chosen = [known[name.lower()] for name in names] if names else org.servers
+        chosen_names = {s.name.lower() for s in chosen}
+        others = [s.name for s in directory.list_servers() if s.name.lower() not in chosen_names]
     # Mailbox servers first: the front ends' first logins find their back ends up.
-    running = [*org.mailbox_servers, *(s for s in org.frontends if "mailbox" not in s.roles)]
+    running = [s for s in chosen if "mailbox" in s.roles]
+    running += [s for s in chosen if "mailbox" not in s.roles]
+    if already_up:
+        supervised = {name.lower() for name in control.servers()}
+        running = [s for s in running if s.name.lower() not in supervised]
+        if not running:
+            raise UserError(
+                f"popguard is already up for {data} with {', '.join(names)} "
+                "(`popguard down` stops it)"
+            )
     servers = {s.name: services_of(s.roles) for s in running}
     # Every address and port is checked before anything starts: a second organization on
     # addresses in use would otherwise crash-loop and be taken for the first.
@@ -329,15 +405,19 @@ def up(
     if busy:
         more = f" (and {len(busy) - 1} more)" if len(busy) > 1 else ""
         raise UserError(f"cannot start: {busy[0]}{more}")
-    folder = supervisor_dir(data)
-    (folder / "logs").mkdir(parents=True, exist_ok=True)
-    supervisor_file = folder / "supervisord.conf"
-    supervisor_file.write_text(supervisor_config(data, servers, daemon=detach))
     endpoints = [
         (s.name, service, s.address, s.port(ENDPOINTS[service]))
         for s in running
         for service in servers[s.name]
     ]
+    if already_up:
+        added = control.add_servers(servers)
+        _wait_until_up(control, None, endpoints)
+        welcome = _welcome(app, org)
+        click.echo(_summary(app, org, running, others, welcome, detach=True, added=added))
+        return
+    folder = supervisor_dir(data)
+    supervisor_file = write_supervisor_config(data, servers, daemon=detach)
     # SIGTERM (from a script or a supervisor) stops everything as Ctrl-C does.
     signal.signal(signal.SIGTERM, signal.default_int_handler)
     supervisord: subprocess.Popen[bytes] | None = None
@@ -354,17 +434,8 @@ def up(
                 )
             supervisord = None
         _wait_until_up(control, supervisord, endpoints)
-        welcome = ""
-        if org.demo.new:
-            with app.directory() as directory:
-                result = deliver(
-                    directory,
-                    org.demo.address,
-                    welcome_message(org.demo),
-                    "postmaster@popguard.test",
-                )
-            welcome = f"\n  welcome message: {result.reply}"
-        click.echo(_summary(app, org, others, welcome, detach))
+        welcome = _welcome(app, org)
+        click.echo(_summary(app, org, running, others, welcome, detach))
         if detach:
             return
         while supervisord is not None and supervisord.poll() is None:
@@ -383,6 +454,68 @@ def up(
         raise
     _stop_supervisord(control, supervisord)
     click.echo("stopped")
+
+
+def _parse_servers(value: str | None) -> list[str]:
+    """--servers NAME[,NAME...]: the names once each, in the order given."""
+    if value is None:
+        return []
+    names = [name.strip() for name in value.split(",")]
+    if not all(names):
+        raise UserError(f"--servers wants NAME[,NAME...], got {value!r}")
+    return list({name.lower(): name for name in names}.values())
+
+
+@contextlib.contextmanager
+def _config_for_checks(
+    data: Path, config_path: Path | None, config: Config, replace: bool
+) -> Iterator[None]:
+    """The new file in place while the checks run, when it moves the directory; the
+    old one (or none) back if they refuse. A SQLite directory named elsewhere must
+    exist: a host joins an organization that another host's `up` made."""
+    current = directory_location(data)
+    wanted = location_of(config.directory, data)
+    if config_path is None or wanted == current:
+        _check_directory_exists(data, current)
+        yield
+        return
+    if not replace and config_file(data).exists():
+        # install_config refuses this below anyway; say so before anything is written.
+        install_config(data, config_path.read_text(), str(config_path), replace=False)
+    _check_directory_exists(data, wanted, str(config_path))
+    target = config_file(data)
+    before = target.read_text() if target.exists() else None
+    install_config(data, config_path.read_text(), str(config_path), replace=True)
+    try:
+        yield
+    except BaseException:
+        if before is None:
+            target.unlink(missing_ok=True)
+        else:
+            install_config(data, before, str(target), replace=True)
+        raise
+
+
+def _check_directory_exists(
+    data: Path, location: DirectoryLocation, source: str | None = None
+) -> None:
+    named = isinstance(location, SqliteLocation) and location.path != data / "directory.sqlite"
+    if named and isinstance(location, SqliteLocation) and not location.path.exists():
+        raise UserError(
+            f"{source or config_file(data)}: directory.path: {location.path} does not exist: "
+            "a host joins an organization that `popguard up` made on its first host"
+        )
+
+
+def _welcome(app: AppContext, org: Organization) -> str:
+    """A first message for a demo mailbox made just now (on the host that keeps it)."""
+    if not org.demo.new:
+        return ""
+    with app.directory() as directory:
+        result = deliver(
+            directory, org.demo.address, welcome_message(org.demo), "postmaster@popguard.test"
+        )
+    return f"\n  welcome message: {result.reply}"
 
 
 @click.command("down")

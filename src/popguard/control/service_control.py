@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import hashlib
 import http.client
+import json
 import os
 import shutil
 import subprocess
@@ -156,6 +157,35 @@ def supervisor_config(data: Path, servers: dict[str, list[str]], daemon: bool = 
     return "\n".join(lines)
 
 
+def supervisor_config_file(data: Path) -> Path:
+    return supervisor_dir(data) / "supervisord.conf"
+
+
+def _supervised_file(data: Path) -> Path:
+    """What the configuration was made from: this host's servers and their services."""
+    return supervisor_dir(data) / "servers.json"
+
+
+def write_supervisor_config(data: Path, servers: dict[str, list[str]], daemon: bool) -> Path:
+    """supervisord.conf for these servers, and what it was made from beside it (so that
+    a server added to a running host joins the same file)."""
+    folder = supervisor_dir(data)
+    (folder / "logs").mkdir(parents=True, exist_ok=True)
+    path = supervisor_config_file(data)
+    path.write_text(supervisor_config(data, servers, daemon=daemon))
+    _supervised_file(data).write_text(json.dumps({"servers": servers, "daemon": daemon}))
+    return path
+
+
+def supervised_servers(data: Path) -> dict[str, list[str]]:
+    """The servers (and their services) in this data folder's supervisord.conf."""
+    try:
+        stored = json.loads(_supervised_file(data).read_text())
+    except (OSError, ValueError):
+        return {}
+    return {str(name): [str(s) for s in services] for name, services in stored["servers"].items()}
+
+
 class SupervisorControl:
     name = "supervisord"
 
@@ -199,9 +229,48 @@ class SupervisorControl:
         return [self._status(server, service) for service in services]
 
     def start(self, server: str, service: str) -> ServiceStatus:
-        if self._status(server, service).state != "Running":
+        status = self._status(server, service)
+        deadline = time.monotonic() + KILL_RESTART_TIMEOUT
+        while status.state == "Starting" and time.monotonic() < deadline:
+            # Starting already (a group just added starts its programs): its own start
+            # decides, within startsecs; a second startProcess would be refused.
+            time.sleep(0.2)
+            status = self._status(server, service)
+        if status.state != "Running":
             self._call("startProcess", f"{server}:{program_name(server, service)}", True)
         return self._status(server, service)
+
+    def runs(self, server: str) -> bool:
+        """Whether this supervisord has `server`'s programs (a group of its own)."""
+        infos = self._call("getAllProcessInfo")
+        assert isinstance(infos, list)
+        return any(str(info["group"]).lower() == server.lower() for info in infos)
+
+    def servers(self) -> list[str]:
+        infos = self._call("getAllProcessInfo")
+        assert isinstance(infos, list)
+        groups = {str(info["group"]) for info in infos if info["group"] != info["name"]}
+        return sorted(groups)
+
+    def add_servers(self, servers: dict[str, list[str]]) -> list[str]:
+        """Add servers' programs to the running supervisord: its configuration file is
+        made again with them (a restarted supervisord keeps them), reread, and each new
+        group added, which starts its programs (supervisorctl's `update`)."""
+        try:
+            stored = json.loads(_supervised_file(self.data).read_text())
+        except (OSError, ValueError):
+            raise UserError(
+                f"{_supervised_file(self.data)} is missing: this supervisord was started "
+                "by an older popguard; `popguard down`, then `popguard up` again"
+            ) from None
+        merged = supervised_servers(self.data) | servers
+        write_supervisor_config(self.data, merged, daemon=bool(stored["daemon"]))
+        result = self._call("reloadConfig")
+        assert isinstance(result, list)
+        added = [str(name) for name in result[0][0]]
+        for name in added:
+            self._call("addProcessGroup", name)
+        return added
 
     def stop(self, server: str, service: str) -> ServiceStatus:
         if self._status(server, service).state in ("Running", "Starting", "Failed"):

@@ -55,6 +55,14 @@ class DirectorySection(BaseModel):
             raise ValueError("url names no database (postgresql://USER@HOST:PORT/DB)")
         return value
 
+    @field_validator("path")
+    @classmethod
+    def _absolute(cls, value: Path | None) -> Path | None:
+        # Relative to what? Each process may run in another working folder.
+        if value is not None and not value.is_absolute():
+            raise ValueError(f"an absolute path, got {str(value)!r}")
+        return value
+
 
 @dataclass(frozen=True)
 class SqliteLocation:
@@ -105,13 +113,24 @@ def read_section(data: Path) -> DirectorySection:
         raise UserError(f"{path}: {exc.strerror}") from None
     except tomllib.TOMLDecodeError as exc:
         raise UserError(f"{path}: not valid TOML: {exc}") from None
+    section = raw.get("directory", {})
+    if not isinstance(section, dict):
+        raise UserError(f"{path}: directory: a table ([directory])")
     try:
-        return DirectorySection.model_validate(raw.get("directory", {}))
+        return DirectorySection.model_validate(section)
     except ValidationError as exc:
         error = exc.errors()[0]
         where = ".".join(str(part) for part in error["loc"])
         message = str(error["msg"]).removeprefix("Value error, ")
         raise UserError(f"{path}: directory.{where}: {message}") from None
+
+
+def directory_elsewhere(data: Path) -> bool:
+    """Whether DATA/popguard.toml names a directory ([directory] url or path): a host
+    that joined an organization, or one on PostgreSQL, rather than the one-machine
+    folder that made its directory and holds its CA."""
+    section = read_section(data)
+    return section.url is not None or section.path is not None
 
 
 def directory_location(data: Path) -> DirectoryLocation:
@@ -131,5 +150,5 @@ def location_of(section: DirectorySection, data: Path) -> DirectoryLocation:
     if section.password_file is not None:
         raise UserError(f"{data / CONFIG_FILE}: directory.password_file needs a url")
     if section.path is not None:
-        return SqliteLocation(section.path if section.path.is_absolute() else data / section.path)
+        return SqliteLocation(section.path)
     return SqliteLocation(paths.directory_file(data))

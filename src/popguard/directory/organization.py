@@ -38,8 +38,12 @@ DEFAULT_TOPOLOGY_SOURCE = "the default organization"
 class DemoMailbox:
     address: str
     database: str
-    password: str
+    password: str  # "" when it is another host's (here is False)
     new: bool  # made by this call: it gets a welcome message
+    # Whether this host runs the server of its database's active copy: only that host
+    # makes the demo mailbox and keeps its password (DATA/demo-mailbox.txt).
+    here: bool = True
+    active_server: str = ""
 
 
 def _demo_file(data: Path) -> Path:
@@ -160,11 +164,16 @@ def check_against_directory(directory: Directory, topology: Config, source: str)
             )
 
 
-def ensure_topology(directory: Directory, topology: Config, source: str) -> Organization:
+def ensure_topology(
+    directory: Directory, topology: Config, source: str, here: set[str] | None = None
+) -> Organization:
     """The topology's servers, databases, copies and demo mailbox; made once, reused later.
 
     The demo mailbox's password is kept in a 0600 file so `up` can show it again:
-    a convenience for the demo mailbox only; real mailboxes keep only a hash.
+    a convenience for the demo mailbox only; real mailboxes keep only a hash. With
+    `here` (the lower-case names of the servers this host runs), the demo mailbox is
+    made only when its database's active copy is on one of them: the host that runs
+    that server keeps the password; another host's `up` leaves it alone.
     """
     check_topology(topology, source)
     check_against_directory(directory, topology, source)
@@ -180,7 +189,16 @@ def ensure_topology(directory: Directory, topology: Config, source: str) -> Orga
     # The directory's spelling of each name, which may differ from the file's in case.
     spelled = {d.lower(): d for d in directory.list_databases()}
     demo_database = spelled[(topology.demo.database or topology.databases[0].name).lower()]
-    demo = _ensure_demo_mailbox(directory, topology.demo.address, demo_database)
+    demo_address = normalize_address(topology.demo.address)
+    found = directory.find_mailbox(demo_address)
+    # An existing demo mailbox stays in its database: it is judged where it is.
+    active = directory.active_server(found.database if found else demo_database)
+    if here is None or active.lower() in here:
+        demo = _ensure_demo_mailbox(directory, demo_address, demo_database, active)
+    else:
+        demo = DemoMailbox(
+            demo_address, found.database if found else demo_database, "", False, False, active
+        )
     databases = {
         spelled[d.name.lower()]: directory.database_copies(spelled[d.name.lower()])
         for d in topology.databases
@@ -201,7 +219,9 @@ def _ensure_database(directory: Directory, name: str, copies: list[str]) -> None
             directory.add_database_copy(name, server, preference)
 
 
-def _ensure_demo_mailbox(directory: Directory, address: str, database: str) -> DemoMailbox:
+def _ensure_demo_mailbox(
+    directory: Directory, address: str, database: str, active_server: str
+) -> DemoMailbox:
     address = normalize_address(address)
     demo_file = _demo_file(directory.data)
     stored = demo_file.read_text().splitlines() if demo_file.exists() else []
@@ -218,7 +238,7 @@ def _ensure_demo_mailbox(directory: Directory, address: str, database: str) -> D
             out.write(f"{address}\n{password}\n")
         stored = [address, password]
     # An existing demo mailbox stays in its database: it is shown where it is.
-    return DemoMailbox(address, mailbox.database, stored[1], new)
+    return DemoMailbox(address, mailbox.database, stored[1], new, True, active_server)
 
 
 def _ip(address: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address | str:

@@ -216,6 +216,8 @@ def _remove_test_message(test: ConnectivityTest, uid: int) -> None:
         mailbox = directory.get_mailbox(test.credential.address)
         active = directory.active_server(mailbox.database)
     path = paths.server_folder(test.data, active).database_copy_file(mailbox.database)
+    if not path.exists():  # another host's copy: never an empty one made here
+        return
     store = MailboxDatabase(path, mailbox.database)
     try:
         store.expunge(mailbox.address, [uid])

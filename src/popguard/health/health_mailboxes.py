@@ -5,6 +5,11 @@ its owner (`DATA/health/mailboxes.json`, mode 0600). A password older than
 ROTATE_AFTER is replaced: the new one is written to the file before the directory
 takes its hash, so a probe reading the file in between fails once at worst.
 Health services on several servers may start at once: a file lock serializes them.
+
+Each host (data folder) keeps its own passwords, so each host has its own health
+mailbox per database: a host that finds the first one made by another host (the
+directory has it, its own file does not) makes `healthmailbox-DB-TAG@...` for itself
+rather than take the other's password away from under its probes.
 """
 
 from __future__ import annotations
@@ -12,6 +17,7 @@ from __future__ import annotations
 import fcntl
 import json
 import os
+import secrets
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -25,8 +31,9 @@ DOMAIN = "monitoring.popguard.local"
 ROTATE_AFTER = 7 * 24 * 3600.0
 
 
-def address_for(database: str) -> str:
-    return f"healthmailbox-{database.lower()}@{DOMAIN}"
+def address_for(database: str, tag: str = "") -> str:
+    suffix = f"-{tag}" if tag else ""
+    return f"healthmailbox-{database.lower()}{suffix}@{DOMAIN}"
 
 
 def credentials_file(data: Path) -> Path:
@@ -79,9 +86,13 @@ def ensure_health_mailboxes(
             entries = {}
         for database in directory.list_databases():
             key = database.lower()
-            address = address_for(database)
             entry = entries.get(key)
+            address = str(entry["address"]) if entry else address_for(database)
             mailbox = directory.find_mailbox(address)
+            if entry is None and mailbox is not None:
+                # Another host's (or a lost file's): a mailbox of this host's own.
+                address = address_for(database, secrets.token_hex(4))
+                mailbox = directory.find_mailbox(address)
             fresh = entry is not None and now - float(entry.get("changed", 0)) < ROTATE_AFTER
             if mailbox is not None and mailbox.database != database:
                 continue  # someone else's mailbox under this name: leave it alone

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import ipaddress
 import logging
 import os
 from pathlib import Path
@@ -16,6 +15,7 @@ from popguard.health.clock import SystemClock
 from popguard.health.engine import HealthEngine
 from popguard.health.loader import load_folder, shipped_health_sets
 from popguard.net.serving import listen
+from popguard.net.tls import server_context
 from popguard.services.context import ServerContext
 
 log = logging.getLogger("popguard.health")
@@ -26,29 +26,25 @@ def extra_sets_folder(data: Path) -> Path:
     return data / "health" / "sets"
 
 
-async def run_health(
-    data: Path, server_name: str, profile: str, stop: asyncio.Event, allow_remote_api: bool = False
-) -> None:
+async def run_health(data: Path, server_name: str, profile: str, stop: asyncio.Event) -> None:
     sets = shipped_health_sets(profile) + load_folder(extra_sets_folder(data), profile)
     names = [s.name.lower() for s in sets]
     if len(names) != len(set(names)):
         raise UserError(f"two health sets have the same name in {extra_sets_folder(data)}")
-    engine = HealthEngine(ServerContext.open(data, server_name), SystemClock(), sets)
-    address = engine.server.address
-    if not ipaddress.ip_address(address).is_loopback and not allow_remote_api:
-        engine.close()
-        raise UserError(
-            f"{engine.server.name}'s address {address} is not a loopback address: the health "
-            "API would be reachable from the network; pass --allow-remote-api to allow it"
-        )
+    context = ServerContext.open(data, server_name)
+    engine = HealthEngine(context, SystemClock(), sets)
     try:
+        # HTTPS always, with the organization's certificates: the bearer token and the
+        # transcripts never cross a network (or a loopback) in clear, and a command on
+        # another host verifies the server with the CA alone.
+        address, port = engine.server.address, engine.server.port("health")
+        tls_context = server_context(context.tls.health_identity(engine.server.name, address))
         # Argon2 hashing and directory writes: off the event loop.
         await asyncio.to_thread(_prepare_mailboxes, data, server_name)
         api = HealthApi(engine, ensure_token(data))
         runner = web.AppRunner(api.app(), access_log=None, handle_signals=False)
         await runner.setup()
-        address, port = engine.server.address, engine.server.port("health")
-        site = web.TCPSite(runner, address, port, reuse_address=True)
+        site = web.TCPSite(runner, address, port, reuse_address=True, ssl_context=tls_context)
         await listen(site.start, "the health API", address, port)
         log.info(
             "health engine (profile %s) running %d probes; API on %s:%d, pid %d",
@@ -70,8 +66,8 @@ def _prepare_mailboxes(data: Path, server_name: str) -> None:
         ensure_health_mailboxes(directory, data)
 
 
-def serve(data: Path, server_name: str, profile: str, allow_remote_api: bool = False) -> None:
+def serve(data: Path, server_name: str, profile: str) -> None:
     from popguard.net.serving import run_until_stopped, setup_logging
 
     setup_logging("health", server_name)
-    run_until_stopped(lambda stop: run_health(data, server_name, profile, stop, allow_remote_api))
+    run_until_stopped(lambda stop: run_health(data, server_name, profile, stop))

@@ -24,6 +24,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from popguard import paths
+from popguard.directory.location import directory_elsewhere
 from popguard.errors import UserError
 
 # A session from a full handshake, in which the server's certificate was verified,
@@ -102,11 +103,19 @@ def _load_ca_key(folder: Path) -> ec.EllipticCurvePrivateKey:
     return key
 
 
-def _ensure_ca(folder: Path) -> x509.Certificate:
-    """The CA's certificate; the CA is made (key and certificate) when it has none."""
+def _ensure_ca(folder: Path, may_make: bool = True) -> x509.Certificate:
+    """The CA's certificate; the CA is made (key and certificate) when it has none and
+    `may_make` (a host that joined an organization never makes a CA of its own: its
+    servers' certificates would be a stranger's to every other host)."""
     cert_file = folder / CA_CERTIFICATE
     if cert_file.exists():
         return x509.load_pem_x509_certificate(cert_file.read_bytes())
+    if not may_make:
+        raise UserError(
+            f"no organization CA certificate on this host ({cert_file}); run "
+            "`popguard import-server-credentials FILE` with a file made by "
+            "`popguard export-server-credentials` on the host that holds the CA"
+        )
     key = ec.generate_private_key(ec.SECP256R1())
     name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "popguard organization CA")])
     now = _now()
@@ -182,6 +191,7 @@ def server_context(pair: CertificatePair) -> ssl.SSLContext:
 ADMIN_IDENTITY = "popguard-admin"
 ADMIN_UNIT = "popguard admin"
 REPLICATION_UNIT = "popguard replication"
+HEALTH_UNIT = "popguard health"
 
 
 def peer_name(certificate: dict[str, object] | None) -> str | None:
@@ -269,13 +279,33 @@ class TlsMaterial:
     trust the organization's CA and nothing else.
     """
 
-    def __init__(self, folder: Path) -> None:
+    def __init__(self, folder: Path, may_make_ca: bool = True) -> None:
         self.folder = folder
+        self.may_make_ca = may_make_ca
 
     @classmethod
     def of(cls, data: Path) -> TlsMaterial:
-        """The material in a data folder."""
-        return cls(paths.tls_dir(data))
+        """The material in a data folder. A data folder whose directory lives elsewhere
+        (a `[directory]` in its popguard.toml) belongs to a host that joined the
+        organization: it gets its certificates from the CA's host, never a CA."""
+        return cls(paths.tls_dir(data), may_make_ca=not directory_elsewhere(data))
+
+    def ensure_ca(self) -> Path:
+        """Make the organization's CA here if this folder has none: what the host that
+        makes the organization does (its first `popguard up`), whatever its directory."""
+        with _locked(self.folder):
+            _ensure_ca(self.folder, may_make=True)
+        return self.ca_certificate_file
+
+    @property
+    def ca_key_file(self) -> Path:
+        return self.folder / CA_KEY
+
+    def certificate_pair(self, name: str, purpose: str = "") -> CertificatePair:
+        """Where the certificate of `name` for `purpose` is kept (made or not)."""
+        folder = self.folder / "servers"
+        stem = f"{name}-{purpose}" if purpose else name
+        return CertificatePair(folder / f"{stem}.pem", folder / f"{stem}.key")
 
     @property
     def ca_certificate_file(self) -> Path:
@@ -293,22 +323,34 @@ class TlsMaterial:
 
         `purpose` keeps certificates of one name for different uses in separate files.
         """
-        folder = self.folder / "servers"
-        stem = f"{name}-{purpose}" if purpose else name
-        pair = CertificatePair(folder / f"{stem}.pem", folder / f"{stem}.key")
+        pair = self.certificate_pair(name, purpose)
+        folder = pair.certificate.parent
         wanted = set(dns_names) | set(ip_addresses)
         with _locked(self.folder):
-            ca_certificate = _ensure_ca(self.folder)
+            ca_certificate = _ensure_ca(self.folder, self.may_make_ca)
+            usable = False
             if pair.certificate.exists() and pair.key.exists():
                 current = x509.load_pem_x509_certificate(pair.certificate.read_bytes())
-                fresh = current.not_valid_after_utc - _now() > RENEW_BEFORE
-                if (
-                    fresh
+                usable = (
+                    current.not_valid_after_utc > _now()
                     and _subject_names(current) == wanted
                     and current.subject == _subject(name, unit)
                     and _issued_by(current, ca_certificate)
-                ):
+                )
+                if usable and current.not_valid_after_utc - _now() > RENEW_BEFORE:
                     return pair
+            if not self.ca_key_file.exists():
+                # A host without the CA's key (it joined with import-server-credentials):
+                # an imported certificate serves until it expires; renewing it, or making
+                # one for a new name, is the CA host's.
+                if usable:
+                    return pair
+                what = f"{name} ({purpose})" if purpose else name
+                raise UserError(
+                    f"no certificate for server {what} on this host (and no CA key to make "
+                    "one); run `popguard export-server-credentials SERVER --out FILE` on the "
+                    "host holding the CA, then `popguard import-server-credentials FILE` here"
+                )
             ca_key = _load_ca_key(self.folder)
             folder.mkdir(parents=True, exist_ok=True)
             key = ec.generate_private_key(ec.SECP256R1())
@@ -347,7 +389,7 @@ class TlsMaterial:
         """Trusts the organization's CA and nothing else (made here if it is not yet)."""
         if not self.ca_certificate_file.exists():
             with _locked(self.folder):
-                _ensure_ca(self.folder)
+                _ensure_ca(self.folder, self.may_make_ca)
         context = ssl.create_default_context(cafile=str(self.ca_certificate_file))
         context.minimum_version = ssl.TLSVersion.TLSv1_2
         return context
@@ -370,6 +412,12 @@ class TlsMaterial:
             server_name, [server_name.lower()], [address], purpose="replication",
             unit=REPLICATION_UNIT,
         )  # fmt: skip
+
+    def health_identity(self, server_name: str, address: str) -> CertificatePair:
+        """What a health API shows its callers (the commands, on this host or another)."""
+        return self.ensure_server_certificate(
+            server_name, [server_name.lower()], [address], purpose="health", unit=HEALTH_UNIT
+        )
 
     def admin_identity(self) -> CertificatePair:
         """The operator's client certificate: readable only by whoever can read the data folder."""

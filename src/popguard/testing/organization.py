@@ -20,6 +20,7 @@ import shutil
 import signal
 import socket
 import sqlite3
+import ssl
 import subprocess
 import sys
 import tempfile
@@ -110,7 +111,7 @@ class UpOrganization:
         self.addresses = dict(zip(SERVERS, addresses, strict=True))
         self._token = ""
         self.demo = ("", "")  # the demo mailbox's address and password, once up
-        self._http = httpx.Client(timeout=API_TIMEOUT)
+        self._http: httpx.Client | None = None  # once up: it trusts the organization's CA
 
     # The CLI -------------------------------------------------------------------------
 
@@ -130,17 +131,24 @@ class UpOrganization:
         self.cli("up", "--detach", "--frontend-address", cas, "--address", mbx1,
                  "--second-address", mbx2)  # fmt: skip
         self._token = (self.data / "health" / "api-token").read_text().strip()
+        # The health API speaks HTTPS with the organization's certificates.
+        self._http = httpx.Client(
+            timeout=API_TIMEOUT, verify=ssl.create_default_context(cafile=str(self.ca_file()))
+        )
         address, password = (self.data / "demo-mailbox.txt").read_text().split()[:2]
         self.demo = (address, password)
 
     def down(self) -> None:
-        self._http.close()
+        if self._http is not None:
+            self._http.close()
         self.cli("down")
 
     # The health API ------------------------------------------------------------------
 
     def api(self, server: str, method: str, path: str, **kwargs: Any) -> Any:
-        url = f"http://{self.addresses[server]}:8480/v1/{path}"
+        url = f"https://{self.addresses[server]}:8480/v1/{path}"
+        if self._http is None:
+            raise OrganizationError(f"{server} {path}: the organization is not up")
         response = self._http.request(
             method, url, headers={"Authorization": f"Bearer {self._token}"}, **kwargs
         )

@@ -1,0 +1,148 @@
+"""Several hosts in network namespaces of the tests' own, the directory across them.
+
+Every host is a Linux network namespace on a bridge, with an address from
+198.18.0.0/15 (popguard.testing.hosts); all of it is deleted at the end.
+"""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from popguard.testing.hosts import Host, HostNetwork
+from popguard.testing.postgres import PostgresServer
+
+
+def run(argv: list[str], timeout: float = 120) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(argv, capture_output=True, text=True, timeout=timeout, check=False)
+
+
+def namespaces() -> str:
+    return run(["ip", "netns", "list"]).stdout
+
+
+CONNECT = "import socket, sys; socket.create_connection((sys.argv[1], 4242), 2).close()"
+LISTEN = (
+    "import socket, time; s = socket.socket(); s.bind(('0.0.0.0', 4242)); s.listen(); "
+    "time.sleep(120)"
+)
+
+
+def connects(host: Host, address: str) -> bool:
+    return run(host.command(sys.executable, "-c", CONNECT, address), timeout=30).returncode == 0
+
+
+def test_hosts_reach_each_other_only_over_their_network_and_are_deleted() -> None:
+    with HostNetwork.make(["a", "b"]) as network:
+        a, b = network["a"], network["b"]
+        assert a.address.startswith(("198.18.", "198.19."))
+        listener = subprocess.Popen(b.command(sys.executable, "-c", LISTEN))
+        try:
+            deadline = time.monotonic() + 10
+            while not connects(a, b.address) and time.monotonic() < deadline:
+                time.sleep(0.2)
+            assert connects(a, b.address)
+            assert not connects(a, "127.0.0.1")  # b's loopback is b's own
+            network.cut("b")
+            assert not connects(a, b.address)
+            network.mend("b")
+            assert connects(a, b.address)
+        finally:
+            listener.kill()
+            listener.wait()
+        names = [host.namespace for host in network.hosts.values()]
+        bridge = network.bridge
+    assert not any(name in namespaces() for name in names)
+    assert run(["ip", "link", "show", bridge]).returncode != 0
+
+
+@pytest.fixture
+def network_with_directory() -> Iterator[tuple[HostNetwork, PostgresServer]]:
+    with HostNetwork.make(["db", "mail"]) as network:
+        db = network["db"]
+        server = PostgresServer.start(host=db.address, prefix=tuple(db.command()))
+        try:
+            yield network, server
+        finally:
+            server.remove()
+
+
+def topology(directory_section: str) -> str:
+    # One host holds the whole organization here, on its own loopback addresses.
+    return f"""{directory_section}
+[[servers]]
+name = "cas1"
+roles = ["frontend"]
+address = "127.0.1.1"
+
+[[servers]]
+name = "mbx1"
+roles = ["mailbox"]
+address = "127.0.2.1"
+
+[[servers]]
+name = "mbx2"
+roles = ["mailbox"]
+address = "127.0.3.1"
+
+[[databases]]
+name = "DB01"
+copies = ["mbx1", "mbx2"]
+"""
+
+
+def curl_retr(
+    command: list[str], ca: Path, user: str, password: str
+) -> subprocess.CompletedProcess[str]:
+    return run([*command, "curl", "--silent", "--show-error", "--max-time", "20",
+                "--ssl-reqd", "--cacert", str(ca), "--user", f"{user}:{password}",
+                "pop3s://127.0.1.1:10995/1"])  # fmt: skip
+
+
+@pytest.mark.timeout(400)
+def test_an_organization_uses_a_directory_on_another_host_and_rides_out_losing_it(
+    network_with_directory: tuple[HostNetwork, PostgresServer], tmp_path: Path
+) -> None:
+    network, postgres = network_with_directory
+    mail = network["mail"]
+    config = tmp_path / "organization.toml"
+    config.write_text(topology(postgres.directory_section(postgres.new_database())))
+    data = tmp_path / "data"
+    popguard = mail.command(sys.executable, "-m", "popguard", "--data", str(data))
+    started = run([*popguard, "up", "--detach", "--config", str(config)], timeout=180)
+    try:
+        assert started.returncode == 0, started.stderr
+        user = started.stdout.split("demo mailbox ")[1].split()[0]
+        password = started.stdout.split("password ")[1].split()[0]
+        ca = data / "tls" / "ca.pem"
+        first = curl_retr(mail.command(), ca, user, password)
+        assert first.returncode == 0 and "Welcome to popguard" in first.stdout, first.stderr
+
+        network.cut("db")  # the directory's host is gone, silently: no refusal, no reset
+        try:
+            time.sleep(8)  # the keepalives and time-outs notice the loss
+            during = curl_retr(mail.command(), ca, user, password)
+            assert during.returncode == 0 and "Welcome" in during.stdout, during.stderr
+            refused = run([*popguard, "get-server"], timeout=60)
+            assert refused.returncode == 1
+            assert "directory unreachable" in refused.stderr, refused.stderr
+            assert refused.stderr.count("\n") == 1
+        finally:
+            network.mend("db")
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            back = run([*popguard, "get-server"], timeout=60)
+            if back.returncode == 0:
+                break
+            time.sleep(1)
+        assert back.returncode == 0, back.stderr
+        after = curl_retr(mail.command(), ca, user, password)
+        assert after.returncode == 0 and "Welcome" in after.stdout, after.stderr
+    finally:
+        down = run([*popguard, "down"], timeout=120)
+    assert down.returncode == 0, down.stderr
