@@ -6,6 +6,8 @@ Every host is a Linux network namespace on a bridge, with an address from
 
 from __future__ import annotations
 
+import json
+import re
 import subprocess
 import sys
 import time
@@ -146,3 +148,154 @@ def test_an_organization_uses_a_directory_on_another_host_and_rides_out_losing_i
     finally:
         down = run([*popguard, "down"], timeout=120)
     assert down.returncode == 0, down.stderr
+
+
+LMTP_TO = """
+import smtplib, sys
+with smtplib.LMTP(sys.argv[1], 2424, timeout=30) as client:
+    client.ehlo("test.example")
+    client.mail("sender@example.test")
+    code, text = client.rcpt(sys.argv[2])
+    assert code == 250, (code, text)
+    code, text = client.data(sys.stdin.buffer.read())
+    print(code, text.decode())
+    sys.exit(0 if code == 250 else 1)
+"""
+
+
+def three_host_topology(cas1: str, mbx1: str, mbx2: str, directory_section: str) -> str:
+    return f"""{directory_section}
+[[servers]]
+name = "cas1"
+roles = ["frontend"]
+address = "{cas1}"
+
+[[servers]]
+name = "mbx1"
+roles = ["mailbox"]
+address = "{mbx1}"
+
+[[servers]]
+name = "mbx2"
+roles = ["mailbox"]
+address = "{mbx2}"
+
+[[databases]]
+name = "DB01"
+copies = ["mbx1", "mbx2"]
+"""
+
+
+def pop3s_retr(host: Host, cas1: str, ca: Path, user: str, password: str, number: int) -> str:
+    done = run([*host.command("curl", "--silent", "--show-error", "--max-time", "20",
+                              "--ssl-reqd", "--cacert", str(ca), "--user", f"{user}:{password}",
+                              f"pop3s://{cas1}:10995/{number}")])  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    return done.stdout
+
+
+@pytest.mark.timeout(600)
+def test_three_hosts_serve_move_and_take_mail_for_the_active_copy(tmp_path: Path) -> None:
+    """The several-hosts issue's 'done when': PostgreSQL on a host of its own, a front
+    end and two mailbox servers each on a host of its own with its own data folder and
+    its own `up --servers NAME`."""
+    with HostNetwork.make(["db", "cas1", "mbx1", "mbx2"]) as network:
+        db = network["db"]
+        postgres = PostgresServer.start(host=db.address, prefix=tuple(db.command()))
+        hosts = {name: network[name] for name in ("cas1", "mbx1", "mbx2")}
+        folders = {name: tmp_path / name for name in hosts}
+        for folder in folders.values():
+            folder.mkdir(mode=0o700)
+        config = tmp_path / "organization.toml"
+        config.write_text(three_host_topology(
+            hosts["cas1"].address, hosts["mbx1"].address, hosts["mbx2"].address,
+            postgres.directory_section(postgres.new_database()),
+        ))  # fmt: skip
+
+        def popguard_on(name: str, *argv: str, stdin: str | None = None) -> str:
+            done = subprocess.run(
+                hosts[name].command(sys.executable, "-m", "popguard", "--data",
+                                    str(folders[name]), *argv),
+                input=stdin, capture_output=True, text=True, timeout=240, check=False,
+            )  # fmt: skip
+            assert done.returncode == 0, f"{name}: popguard {' '.join(argv)}: {done.stderr}"
+            return done.stdout
+
+        started: list[str] = []
+        try:
+            # The first host makes the organization (and keeps its CA key).
+            first = popguard_on("mbx1", "up", "--detach", "--config", str(config),
+                                "--servers", "mbx1")  # fmt: skip
+            started.append("mbx1")
+            match = re.search(r"demo mailbox (\S+) \(in DB01\)\s+password (\S+)", first)
+            assert match, first
+            user, password = match.groups()
+            for name in ("mbx2", "cas1"):
+                bundle = tmp_path / f"{name}.credentials"
+                popguard_on("mbx1", "export-server-credentials", name, "--out", str(bundle))
+                (folders[name] / "popguard.toml").write_text(config.read_text())
+                popguard_on(name, "import-server-credentials", str(bundle))
+                popguard_on(name, "up", "--detach", "--servers", name)
+                started.append(name)
+            ca = folders["mbx1"] / "tls" / "ca.pem"
+
+            client = hosts["cas1"]
+            cas1 = hosts["cas1"].address
+            welcome = pop3s_retr(client, cas1, ca, user, password, 1)
+            assert "Welcome to popguard" in welcome
+
+            deadline = time.monotonic() + 90
+            status: dict[str, object] = {}
+            while time.monotonic() < deadline:
+                shown = json.loads(
+                    popguard_on(
+                        "mbx1",
+                        "get-mailboxdatabasecopystatus",
+                        "--identity",
+                        "DB01\\mbx2",
+                        "--format",
+                        "json",
+                    )
+                )
+                status = shown[0]
+                if status["Status"] == "Healthy" and status["CopyQueueLength"] == 0:
+                    break
+                time.sleep(1)
+            assert status["Status"] == "Healthy", status
+
+            popguard_on("mbx1", "move-activemailboxdatabase", "DB01", "--activate-on-server",
+                        "mbx2")  # fmt: skip
+            shown = json.loads(popguard_on("cas1", "get-mailboxdatabase", "DB01",
+                                           "--format", "json"))  # fmt: skip
+            assert "mbx2" in json.dumps(shown), shown
+
+            # Mail handed to mbx1 for a DB01 mailbox now lands in mbx2's active copy.
+            handed = subprocess.run(
+                hosts["mbx2"].command(sys.executable, "-c", LMTP_TO, hosts["mbx1"].address,
+                                      user),
+                input=b"Subject: handed to mbx1\r\n\r\nDB01 is active on mbx2 now.\r\n",
+                capture_output=True, timeout=60, check=False,
+            )  # fmt: skip
+            assert handed.returncode == 0, handed.stderr
+            deadline = time.monotonic() + 30
+            while True:
+                try:
+                    second = pop3s_retr(client, cas1, ca, user, password, 2)
+                    break
+                except AssertionError:
+                    if time.monotonic() > deadline:
+                        raise
+                    time.sleep(1)
+            assert "Subject: handed to mbx1" in second
+            assert "Welcome to popguard" in pop3s_retr(client, cas1, ca, user, password, 1)
+            health = json.loads(popguard_on("cas1", "get-serverhealth", "mbx2", "--format",
+                                            "json"))  # fmt: skip
+            assert health, "the health API of mbx2 answers a command run on cas1's host"
+        finally:
+            for name in reversed(started):
+                subprocess.run(
+                    hosts[name].command(sys.executable, "-m", "popguard", "--data",
+                                        str(folders[name]), "down"),
+                    capture_output=True, timeout=120, check=False,
+                )  # fmt: skip
+            postgres.remove()
