@@ -1,8 +1,9 @@
 """Probe runs: each probe of this server on its schedule, its targets resolved afresh
 at each run (the databases active here change with moves), every target run side by
 side within the definition's timeout, enforced from outside the probe, and every
-result stored before the probe's monitors are evaluated. Time comes from the
-injected clock only."""
+result stored before the probe's monitors are evaluated. A target that has just
+begun to fail runs again within seconds, as often as its definition's `retries` say,
+before the next recurrence. Time comes from the injected clock only."""
 
 from __future__ import annotations
 
