@@ -581,11 +581,15 @@ ladder = [{ state = "Degraded", after = 0 }, { state = "Unhealthy", after = 5 }]
 
 
 async def run_scheduled(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, down: list[tuple[float, float]], span: float
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    down: list[tuple[float, float]],
+    span: float,
+    slow: float = 0.0,
 ) -> tuple[HealthEngine, list[tuple[float, bool]], float]:
     """The probe on its own schedule for `span` seconds, failing within the `down`
-    spells (seconds since its first run); its results as (seconds since the first
-    run, succeeded)."""
+    spells (seconds since its first run) after `slow` seconds; its results as (seconds
+    since the first run, succeeded)."""
     clock = ManualClock(start=time.time())
     runs: list[float] = []
 
@@ -593,6 +597,7 @@ async def run_scheduled(
         runs.append(clock.now())
         at = clock.now() - runs[0]
         if any(start <= at < end for start, end in down):
+            await clock.sleep(slow)
             raise ProbeFailure("POP3", "scripted", "down in this spell")
         return Outcome()
 
@@ -641,4 +646,19 @@ async def test_a_blip_shorter_than_the_re_runs_raises_no_alert(
     ]  # fmt: skip
     (row,) = engine.monitor_rows()
     assert row.alert_value == "Healthy" and row.state is not None and not row.state.is_alert
+    engine.close()
+
+
+async def test_re_runs_that_outlast_the_recurrence_are_not_followed_at_once(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Failures that take 2 s each: the re-runs end 12 s after the scheduled run, past
+    its recurrence; the next scheduled run still waits the retry interval rather than
+    sampling the same instant as the last re-run (a service just started again after
+    a restart needs those seconds to listen)."""
+    engine, results, _ = await run_scheduled(tmp_path, monkeypatch, [(20, 1000)], 55, slow=2)
+    assert results == [
+        (0, True), (10, True), (20, False), (25, False), (30, False), (35, False),
+        (45, False), (55, False),
+    ]  # fmt: skip
     engine.close()

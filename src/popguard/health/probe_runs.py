@@ -258,25 +258,31 @@ class ProbeRuns:
         probe: ProbeDefinition,
         results: list[ProbeResult],
         stop: asyncio.Event,
-    ) -> None:
+    ) -> float:
         """Run the targets of a new failure again, `retries` times at most, each
         `retry_interval` after the failed run ended, until they succeed. The retry
-        interval never exceeds the recurrence (an override may shorten that)."""
+        interval never exceeds the recurrence (an override may shorten that). Returns
+        the least pause before the next scheduled run: the retry interval after a
+        re-run (re-runs that outlasted the recurrence must not be followed at once by a
+        run that samples the same instant), else 0."""
         if not probe.retries or probe.retry_interval is None:
-            return
+            return 0.0
         identity = f"{health_set.name}\\{probe.name}"
         failing = self._new_failures(identity, results)
         interval = min(probe.retry_interval, probe.recurrence)
+        least = 0.0
         for _ in range(probe.retries):
             if not failing:
-                return
+                return least
             await sleep_unless_stopped(self.clock, interval, stop)
             if stop.is_set():
-                return
+                return least
             # Targets are resolved afresh: a database moved away meanwhile is not run.
             targets = [t for t in self.targets(probe) if t.resource.lower() in failing]
             again = await self._run_targets(health_set, probe, targets) if targets else []
             failing = {r.resource.lower() for r in again if not r.succeeded}
+            least = interval
+        return least
 
     async def schedule(
         self, health_set: HealthSet, probe: ProbeDefinition, stop: asyncio.Event
@@ -290,11 +296,12 @@ class ProbeRuns:
             began = self.clock.now()
             self.controls.refresh()
             effective, enabled = effective_probe(probe, identity, self.controls.overrides)
+            least = 0.0
             if enabled:
                 try:
                     results = await self.run_now(health_set, effective)
-                    await self._retry(health_set, effective, results, stop)
+                    least = await self._retry(health_set, effective, results, stop)
                 except Exception:
                     log.exception("running %s failed", identity)
-            pause = max(0.0, effective.recurrence - (self.clock.now() - began))
+            pause = max(least, effective.recurrence - (self.clock.now() - began))
             await sleep_unless_stopped(self.clock, pause, stop)
