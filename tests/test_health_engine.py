@@ -3,6 +3,7 @@ across a restart; and health-set files, which are data checked like input."""
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import itertools
 import socket
@@ -122,6 +123,8 @@ async def test_a_result_says_which_component_failed(tmp_path: Path) -> None:
         (('kind = "consecutive-failures"', 'kind = "sometimes"'), "unknown kind 'sometimes'"),
         (('probe = "DeadProbe"', 'probe = "Nowhere"'), "reads unknown probe 'Nowhere'"),
         (("timeout = 5", "timeout = 90"), "longer than recurrence"),
+        (("timeout = 5", "timeout = 5\nretries = 2"), "retries need a retry_interval"),
+        (("timeout = 5", "timeout = 5\nretry_interval = 60"), "not shorter than recurrence"),
         (('{ state = "Degraded", after = 0 },', ""), "must start at after = 0"),
         (('name = "Test.Dead"', 'name = "Test.Dead'), "not valid TOML"),
     ],
@@ -150,10 +153,20 @@ def test_the_shipped_health_sets_and_the_exchange_2013_profile() -> None:
     self_monitor = next(m for m in protocol.monitors if m.name == "PopSelfTestMonitor")
     unhealthy = next(s.after for s in self_monitor.ladder if s.state == "Unhealthy")
     assert self_monitor.threshold * self_test.recurrence + self_test.timeout + unhealthy <= 30
+    # A login refused at once (a fault no restart mends) is confirmed by the deep test's
+    # re-runs: at most a recurrence until the first failure, the re-runs, the ladder's
+    # Unhealthy step; the restart, its re-check and the move take a few seconds more
+    # within issue 17's 30 s.
+    deep = protocol.probe("PopDeepTestProbe")
+    deep_monitor = next(m for m in protocol.monitors if m.name == "PopDeepTestMonitor")
+    assert deep.retries == deep_monitor.threshold - 1 and deep.retry_interval is not None
+    deep_unhealthy = next(s.after for s in deep_monitor.ladder if s.state == "Unhealthy")
+    assert deep.recurrence + deep.retries * deep.retry_interval + deep_unhealthy <= 21
     exchange = {s.name: s for s in shipped_health_sets("exchange2013")}
     probes = {p.name: p for s in exchange.values() for p in s.probes}
     assert (probes["PopSelfTestProbe"].recurrence, probes["PopSelfTestProbe"].timeout) == (60, 55)
     assert probes["PopDeepTestProbe"].recurrence == 180
+    assert probes["PopDeepTestProbe"].retries == 0  # Exchange waits each recurrence out
     assert probes["PopCTPProbe"].recurrence == 240
     thresholds = {m.name: m.threshold for s in exchange.values() for m in s.monitors}
     assert thresholds["PopSelfTestMonitor"] == 4 and thresholds["PopProxyTestMonitor"] == 4
@@ -543,3 +556,109 @@ def test_a_refused_login_blames_the_part_its_words_name(
     line: bytes, through_front_end: bool, component: str
 ) -> None:
     assert _login_component(parse_status_line(line), through_front_end) == component
+
+
+RETRIED = """
+name = "Test.Retry"
+health_group = "ServiceComponents"
+role = "mailbox"
+
+[[probes]]
+name = "RetryProbe"
+kind = "test-scripted"
+recurrence = 10
+timeout = 4
+retries = 2
+retry_interval = 3
+
+[[monitors]]
+name = "RetryMonitor"
+kind = "consecutive-failures"
+probe = "RetryProbe"
+threshold = 3
+ladder = [{ state = "Degraded", after = 0 }, { state = "Unhealthy", after = 5 }]
+"""
+
+
+async def run_scheduled(
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    down: list[tuple[float, float]],
+    span: float,
+    slow: float = 0.0,
+) -> tuple[HealthEngine, list[tuple[float, bool]], float]:
+    """The probe on its own schedule for `span` seconds, failing within the `down`
+    spells (seconds since its first run) after `slow` seconds; its results as (seconds
+    since the first run, succeeded)."""
+    clock = ManualClock(start=time.time())
+    runs: list[float] = []
+
+    async def scripted(definition: Any, target: Any, transcript: Transcript) -> Outcome:
+        runs.append(clock.now())
+        at = clock.now() - runs[0]
+        if any(start <= at < end for start, end in down):
+            await clock.sleep(slow)
+            raise ProbeFailure("POP3", "scripted", "down in this spell")
+        return Outcome()
+
+    monkeypatch.setitem(PROBE_KINDS, "test-scripted", scripted)
+    health_set = load_health_set(RETRIED, "retry.toml")
+    engine = HealthEngine(ServerContext.open(mailbox_server(tmp_path), "mbx1"), clock, [health_set])
+    (_, probe), stop = engine.probes()[0], asyncio.Event()
+    task = asyncio.create_task(engine.runs.schedule(health_set, probe, stop))
+    while not runs or clock.now() - runs[0] < span:
+        await clock.advance(0.5, step=0.5)
+        for _ in range(50):  # let the run, its storing and its monitor finish
+            await asyncio.sleep(0)
+    stop.set()
+    await task
+    results = engine.store.recent("Test.Retry\\RetryProbe", "pop3be", 1000)
+    return engine, [(r.started - runs[0], r.succeeded) for r in reversed(results)], runs[0]
+
+
+async def test_a_new_failure_is_run_again_at_once_and_confirmed_within_seconds(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The runbook's "re-run the probe": a failure after a success runs again twice, 3 s
+    apart, so three failures in a row take 6 s, not 20; a target that keeps failing is
+    then probed at its recurrence again, not hammered."""
+    engine, results, first = await run_scheduled(tmp_path, monkeypatch, [(20, 1000)], 60)
+    assert results == [
+        (0, True), (10, True), (20, False), (23, False), (26, False), (30, False),
+        (40, False), (50, False), (60, False),
+    ]  # fmt: skip
+    (row,) = engine.monitor_rows()
+    assert row.state is not None and row.state.first_alert == first + 26
+    assert row.alert_value == "Unhealthy"
+    engine.close()
+
+
+async def test_a_blip_shorter_than_the_re_runs_raises_no_alert(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Down for 5 s (a crashed service its supervisor starts again): two failures, then
+    the second re-run succeeds and the monitor never alerts. The next blip is a new
+    failure streak and is re-run again."""
+    engine, results, _ = await run_scheduled(tmp_path, monkeypatch, [(20, 25), (40, 45)], 60)
+    assert results == [
+        (0, True), (10, True), (20, False), (23, False), (26, True), (30, True),
+        (40, False), (43, False), (46, True), (50, True), (60, True),
+    ]  # fmt: skip
+    (row,) = engine.monitor_rows()
+    assert row.alert_value == "Healthy" and row.state is not None and not row.state.is_alert
+    engine.close()
+
+
+async def test_re_runs_that_outlast_the_recurrence_are_not_followed_at_once(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Failures that take 2 s each: the re-runs end 12 s after the scheduled run, past
+    its recurrence; the next scheduled run still waits the retry interval rather than
+    sampling the same instant as the last re-run (a service just started again after
+    a restart needs those seconds to listen)."""
+    engine, results, _ = await run_scheduled(tmp_path, monkeypatch, [(20, 1000)], 55, slow=2)
+    assert results == [
+        (0, True), (10, True), (20, False), (25, False), (30, False), (35, False),
+        (45, False), (55, False),
+    ]  # fmt: skip
+    engine.close()

@@ -7,6 +7,7 @@ after it, and resolved when its monitor is Healthy."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 import socket
 import time
@@ -25,11 +26,17 @@ from popguard.health.definitions import LadderStep, MonitorDefinition
 from popguard.health.diagnosis import marker_file
 from popguard.health.engine import HealthEngine
 from popguard.health.escalation import RESOLVED, AlertReport, email_text, webhook_payload
+from popguard.health.incidents import Incident
 from popguard.health.incidents import Outcome as IncidentOutcome
 from popguard.health.loader import load_health_set
 from popguard.health.monitors import exits_in_window
 from popguard.health.probes import PROBE_KINDS, Outcome, ProbeFailure, Transcript
-from popguard.health.responders import RESPONDER_KINDS
+from popguard.health.responders import (
+    RESPONDER_KINDS,
+    RESTARTED_LISTEN,
+    RESTARTED_SETTLE,
+    check_restarted,
+)
 from popguard.health.results import ProbeResult, RecoveryAction, ResultsStore
 from popguard.services.context import ServerContext
 from popguard.testing.net import free_loopback_address
@@ -549,4 +556,42 @@ async def test_a_step_may_hurry_when_the_one_before_it_did_not_help(
     assert [name for name, _, _ in actions(engine)] == ["Fix", "Next"]
     await step(engine, clock, 50)
     assert [name for name, _, _ in actions(engine)] == ["Fix", "Next", "Later"]
+    engine.close()
+
+
+@pytest.mark.parametrize(
+    ("answers", "runs", "fails"),
+    [
+        (["Networking", "Networking", ""], 3, False),  # listens after a few seconds: helped
+        (["POP3"], 1, True),  # an answer (-ERR) from the new process: judged at once
+        (["Networking"], int(RESTARTED_LISTEN / RESTARTED_SETTLE), True),  # never listens
+    ],
+)
+async def test_a_restarted_service_is_judged_once_it_can_answer(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, answers: list[str], runs: int, fails: bool
+) -> None:
+    """A restart's probe, run again while the new process does not listen yet (a loaded
+    machine), is run again rather than taken for "the restart did not help", which would
+    let the next step move the databases away from a mended server."""
+    seen: list[str] = []
+
+    async def scripted(definition: Any, target: Any, transcript: Transcript) -> Outcome:
+        component = answers[min(len(seen), len(answers) - 1)]
+        seen.append(component)
+        if component:
+            raise ProbeFailure(component, "scripted", f"{component} failure on purpose")
+        return Outcome()
+
+    monkeypatch.setitem(PROBE_KINDS, "test-switch", scripted)
+    data = two_mailbox_servers(tmp_path)
+    clock = ManualClock(start=time.time())
+    engine = HealthEngine(
+        ServerContext.open(data, "mbx1"), clock, [load_health_set(SWITCHED, "switched.toml")]
+    )
+    incident = Incident("Test.Ladder", "SwitchMonitor", "SwitchProbe", "pop3be", clock.now(), "")
+    task = asyncio.create_task(check_restarted(engine, incident))
+    while not task.done():
+        await clock.advance(0.5, step=0.5)
+    again = task.result()
+    assert again.fails is fails and len(seen) == runs, seen
     engine.close()

@@ -212,7 +212,8 @@ def get_monitoringitemhelp(identity: str, output_format: str) -> None:
     name = f"{health_set.name}\\{item.name}"
     if isinstance(item, ProbeDefinition):
         render([{"Identity": name, "ItemType": "Probe", "Recurrence": item.recurrence,
-                 "Timeout": item.timeout, "Description": item.description}],
+                 "Timeout": item.timeout, "Retries": item.retries,
+                 "RetryInterval": item.retry_interval, "Description": item.description}],
                output_format)  # fmt: skip
         return
     render(

@@ -35,6 +35,14 @@ class ProbeDefinition(Strict):
     per_database: bool = False
     recurrence: float = Field(gt=0)
     timeout: float = Field(gt=0)
+    # The runbook's "re-run the probe": a target that failed after a success runs
+    # again up to `retries` times, `retry_interval` seconds after each failed run
+    # ended, before the next recurrence. A monitor's consecutive failures are then
+    # confirmed within seconds rather than recurrences, and a blip must still outlast
+    # every re-run to count. Once per failure streak: a target that keeps failing is
+    # probed at the recurrence again, not hammered.
+    retries: int = Field(default=0, ge=0)
+    retry_interval: float | None = Field(default=None, gt=0)
     # What the probe reads, for the counter kind: service -> counter name.
     counters: dict[str, str] = Field(default_factory=dict)
     # What the probe watches, for the process-starts kind: services of this server.
@@ -49,6 +57,13 @@ class ProbeDefinition(Strict):
         if self.timeout > self.recurrence:
             raise ValueError(
                 f"timeout {self.timeout}s is longer than recurrence {self.recurrence}s"
+            )
+        if self.retries and self.retry_interval is None:
+            raise ValueError("retries need a retry_interval")
+        if self.retry_interval is not None and self.retry_interval >= self.recurrence:
+            raise ValueError(
+                f"retry_interval {self.retry_interval}s is not shorter than recurrence "
+                f"{self.recurrence}s"
             )
         return self
 

@@ -1,8 +1,9 @@
 """Probe runs: each probe of this server on its schedule, its targets resolved afresh
 at each run (the databases active here change with moves), every target run side by
 side within the definition's timeout, enforced from outside the probe, and every
-result stored before the probe's monitors are evaluated. Time comes from the
-injected clock only."""
+result stored before the probe's monitors are evaluated. A target that has just
+begun to fail runs again within seconds, as often as its definition's `retries` say,
+before the next recurrence. Time comes from the injected clock only."""
 
 from __future__ import annotations
 
@@ -221,14 +222,68 @@ class ProbeRuns:
             targets = [t for t in targets if t.resource.lower() == resource.lower()]
             if not targets:
                 raise UserError(f"{health_set.name}\\{probe.name} has no target {resource!r} here")
+        return await self._run_targets(health_set, probe, targets, every=resource is None)
+
+    async def _run_targets(
+        self,
+        health_set: HealthSet,
+        probe: ProbeDefinition,
+        targets: list[ProbeTarget],
+        every: bool = False,
+    ) -> list[ProbeResult]:
+        """Run these targets side by side, store the results, update the probe's
+        monitors; `every`: these are all its targets now (its current resources)."""
         results = await asyncio.gather(*(self.run_probe(health_set, probe, t) for t in targets))
         for result in results:
             self.store.add(result)
-        identity = f"{health_set.name}\\{probe.name}"
-        if resource is None:
-            self._resources[identity] = [t.resource for t in targets]
+        if every:
+            self._resources[f"{health_set.name}\\{probe.name}"] = [t.resource for t in targets]
         await self._evaluate(health_set, probe)
         return list(results)
+
+    def _new_failures(self, identity: str, results: list[ProbeResult]) -> set[str]:
+        """The targets whose failure just now follows a success (or nothing): a new
+        failure streak, which earns the probe's quick re-runs."""
+        fresh = set()
+        for result in results:
+            if result.succeeded:
+                continue
+            before = self.store.recent(identity, result.resource, 2)
+            if len(before) < 2 or before[1].succeeded:
+                fresh.add(result.resource.lower())
+        return fresh
+
+    async def _retry(
+        self,
+        health_set: HealthSet,
+        probe: ProbeDefinition,
+        results: list[ProbeResult],
+        stop: asyncio.Event,
+    ) -> float:
+        """Run the targets of a new failure again, `retries` times at most, each
+        `retry_interval` after the failed run ended, until they succeed. The retry
+        interval never exceeds the recurrence (an override may shorten that). Returns
+        the least pause before the next scheduled run: the retry interval after a
+        re-run (re-runs that outlasted the recurrence must not be followed at once by a
+        run that samples the same instant), else 0."""
+        if not probe.retries or probe.retry_interval is None:
+            return 0.0
+        identity = f"{health_set.name}\\{probe.name}"
+        failing = self._new_failures(identity, results)
+        interval = min(probe.retry_interval, probe.recurrence)
+        least = 0.0
+        for _ in range(probe.retries):
+            if not failing:
+                return least
+            await sleep_unless_stopped(self.clock, interval, stop)
+            if stop.is_set():
+                return least
+            # Targets are resolved afresh: a database moved away meanwhile is not run.
+            targets = [t for t in self.targets(probe) if t.resource.lower() in failing]
+            again = await self._run_targets(health_set, probe, targets) if targets else []
+            failing = {r.resource.lower() for r in again if not r.succeeded}
+            least = interval
+        return least
 
     async def schedule(
         self, health_set: HealthSet, probe: ProbeDefinition, stop: asyncio.Event
@@ -242,12 +297,14 @@ class ProbeRuns:
             began = self.clock.now()
             self.controls.refresh()
             effective, enabled = effective_probe(probe, identity, self.controls.overrides)
+            least = 0.0
             if enabled:
                 try:
-                    await self.run_now(health_set, effective)
+                    results = await self.run_now(health_set, effective)
+                    least = await self._retry(health_set, effective, results, stop)
                 except DirectoryUnavailable as exc:  # its targets are not known here yet
                     log.warning("%s not run: %s", identity, exc)
                 except Exception:
                     log.exception("running %s failed", identity)
-            pause = max(0.0, effective.recurrence - (self.clock.now() - began))
+            pause = max(least, effective.recurrence - (self.clock.now() - began))
             await sleep_unless_stopped(self.clock, pause, stop)

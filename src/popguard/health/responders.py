@@ -15,6 +15,7 @@ from popguard.control.service_control import control_for
 from popguard.errors import UserError
 from popguard.health.diagnosis import protocol_logging
 from popguard.health.incidents import Incident, Outcome, Recheck
+from popguard.health.probes import NETWORKING
 from popguard.health.server_repairs import (
     move_back,
     move_databases_away,
@@ -23,6 +24,9 @@ from popguard.health.server_repairs import (
 )
 
 RESTARTED_SETTLE = 1.0  # seconds for a new process to listen before its probe runs again
+# A new process may take longer than that to listen on a loaded machine: while the probe
+# run again cannot even connect, it runs again every RESTARTED_SETTLE, this long at most.
+RESTARTED_LISTEN = 15.0
 
 if TYPE_CHECKING:
     from popguard.health.definitions import ResponderDefinition
@@ -62,14 +66,30 @@ async def restart_service(
     except UserError as exc:
         return Outcome("Failed", str(exc))
     if outcome.result == "Succeeded":
-        await asyncio.sleep(RESTARTED_SETTLE)
-        again = await context.check_again(incident)
+        again = await check_restarted(context, incident)
         if again.fails is not None:
             seen = "still fails" if again.fails else "succeeds"
             outcome = Outcome(
                 outcome.result, f"{outcome.detail}; the probe run again {seen}", again.fails
             )
     return outcome
+
+
+async def check_restarted(context: RepairContext, incident: Incident) -> Recheck:
+    """The probe run again after a restart, judged once the new process can answer. A
+    connection that does not open (Networking) right after a restart says only that the
+    new process does not listen yet, not that the restart did not help: judged so, the
+    next step would hurry (move the databases away) from a repaired server. Any answer,
+    even -ERR, is judged at once, and so is a process still not listening after
+    RESTARTED_LISTEN seconds."""
+    waited = 0.0
+    while True:
+        await context.clock.sleep(RESTARTED_SETTLE)
+        waited += RESTARTED_SETTLE
+        again = await context.check_again(incident)
+        silent = again.result is not None and again.result.failure_component == NETWORKING
+        if not (again.fails and silent) or waited >= RESTARTED_LISTEN:
+            return again
 
 
 async def escalate(
