@@ -13,13 +13,15 @@ from collections import Counter
 from collections.abc import Callable
 from pathlib import Path
 
+import pytest
+
 from popguard import paths
 from popguard.cli.copies import status_rows
 from popguard.directory.directory import Directory
 from popguard.errors import UserError
 from popguard.services.lmtp_client import deliver
 from popguard.store.mailbox_database import MailboxDatabase
-from popguard.testing.organization import popguard
+from popguard.testing.organization import popguard, popguard_output
 
 from .conftest import Organization, message
 from .test_frontend import login
@@ -320,3 +322,38 @@ def test_a_session_across_a_move_gets_a_temporary_error_and_the_retry_works(
     assert retry.quit().startswith(b"+OK")
     wait_for(caught_up(org, "DB01"), "the deletion to reach mbx1's copy")
     assert stored(org, "mbx1", "DB01", user) == []
+
+
+@pytest.mark.timeout(300)
+def test_each_replication_service_keeps_its_servers_lease_and_it_lapses_when_it_stops(
+    replicated_organization: Organization,
+) -> None:
+    """Active Manager's first part: a lease per mailbox server in the directory, renewed
+    by its replication service, judged by the directory's clock."""
+    org = replicated_organization
+
+    def leases() -> dict[str, float | None]:
+        rows = json.loads(popguard_output(org.data, "get-mailboxserver", "--format", "json"))
+        return {row["Name"]: row["LeaseSecondsLeft"] for row in rows}
+
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        held = leases()
+        if all(value is not None and value > 5 for value in held.values()):
+            break
+        time.sleep(0.5)
+    assert all(value is not None and value > 5 for value in held.values()), held
+    lease_file = paths.server_folder(org.data, "mbx1").lease_file()
+    assert json.loads(lease_file.read_text())["seconds"] > 5
+
+    replication = org.mailbox["mbx1"].processes["replication"]
+    replication.kill()
+    replication.wait(30)
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        held = leases()
+        if (held["mbx1"] or 0) < 0:
+            break
+        time.sleep(0.5)
+    assert held["mbx1"] is not None and held["mbx1"] < 0, held  # lapsed
+    assert held["mbx2"] is not None and held["mbx2"] > 5, held  # still renewed

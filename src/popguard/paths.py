@@ -55,6 +55,11 @@ class ServerFolder:
     def health_dir(self) -> Path:
         return self.root / "health"
 
+    def lease_file(self) -> Path:
+        """When this server last renewed its lease (CLOCK_MONOTONIC at sending): what
+        its services will judge their own fencing by (Active Manager)."""
+        return self.root / "control" / "lease.json"
+
     def exits_file(self) -> Path:
         """Exits of this server's services that their supervisor did not ask for."""
         return self.root / "control" / "unexpected-exits.json"

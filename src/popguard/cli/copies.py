@@ -193,11 +193,14 @@ async def _single(move: Any) -> list[MoveResult]:
     return [await move]
 
 
-def mailbox_server_row(server: Server) -> dict[str, Any]:
+def mailbox_server_row(server: Server, lease: float | None) -> dict[str, Any]:
     return {
         "Name": server.name,
         "DatabaseCopyActivationDisabledAndMoveNow": server.activation_disabled,
         "DatabaseCopyAutoActivationPolicy": server.auto_activation_policy,
+        # Seconds its lease has left by the directory's clock (negative: lapsed that
+        # long ago); None: its replication service never held one.
+        "LeaseSecondsLeft": None if lease is None else round(lease, 1),
     }
 
 
@@ -209,7 +212,9 @@ def get_mailbox_server(app: AppContext, name: str | None, output_format: str) ->
     """Mailbox servers and whether their copies may be activated."""
     with app.directory() as directory:
         servers = [directory.get_server(name)] if name else directory.list_servers()
-    render([mailbox_server_row(s) for s in servers if "mailbox" in s.roles], output_format)
+        leases = directory.leases()
+    rows = [mailbox_server_row(s, leases.get(s.name)) for s in servers if "mailbox" in s.roles]
+    render(rows, output_format)
 
 
 @click.command("set-mailboxserver")
@@ -255,6 +260,7 @@ def set_mailbox_server(
         )
     with app.directory() as directory:
         server = directory.set_mailbox_server(name, disabled, policy)
+        lease = directory.leases().get(server.name)
     results: list[MoveResult] = []
     if disabled is True:
         results = _run_moves(app, lambda mover: mover.move_all_away(server.name))
@@ -263,7 +269,7 @@ def set_mailbox_server(
     if results:
         render([r.row() for r in results], output_format)
     else:
-        render([mailbox_server_row(server)], output_format)
+        render([mailbox_server_row(server, lease)], output_format)
     unmoved = [r for r in results if r.status != "Succeeded"]
     if unmoved:
         raise UserError("; ".join(f"{r.database} not moved: {r.error}" for r in unmoved))

@@ -21,6 +21,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import functools
+import json
 import logging
 import os
 import re
@@ -34,8 +35,8 @@ from typing import TypeVar
 from aiohttp import web
 
 from popguard.directory.config import Store, load_config
-from popguard.directory.directory import CopyStatusReport, Server
-from popguard.directory.sql.engine import DirectoryUnavailable
+from popguard.directory.directory import LEASE_RENEWAL, CopyStatusReport, Server
+from popguard.directory.sql.engine import DIRECTORY_ERRORS, DirectoryUnavailable
 from popguard.errors import UserError
 from popguard.net import tls
 from popguard.net.serving import listen
@@ -82,6 +83,7 @@ class ReplicationService:
         self.context = context
         self.directory = context.directory
         self.server: Server = context.server
+        self._lease_sent = 0.0  # monotonic time of the last renewal that succeeded
         identity = context.tls.replication_identity(self.server.name, self.server.address)
         self._server_tls = context.tls.mutual_server_context(identity)
         self._client_tls = context.tls.mutual_client_context(identity)
@@ -465,6 +467,7 @@ class ReplicationService:
         log.info("replication listening on %s:%d, pid %d", address, port, os.getpid())
         try:
             while not stop.is_set():
+                await self._renew_lease()
                 try:
                     await self._reconcile()
                 except Exception:
@@ -485,6 +488,27 @@ class ReplicationService:
             self._executor.submit(self._close_stores).result()
             self._executor.shutdown()
             self.directory.close()
+
+    async def _renew_lease(self) -> None:
+        """This server's lease in the directory, every LEASE_RENEWAL seconds (Active
+        Manager: another server may act on its databases only once it has lapsed, by
+        the directory's clock). The time of sending a renewal that succeeded goes to
+        the lease file, on this host's monotonic clock."""
+        sent = time.monotonic()
+        if sent - self._lease_sent < LEASE_RENEWAL:
+            return
+        try:
+            remaining = self.directory.renew_lease(self.server.name)
+        except DIRECTORY_ERRORS as exc:
+            if self._lease_sent > 0 and not isinstance(exc, DirectoryUnavailable):
+                log.warning("renewing the lease of %s failed: %s", self.server.name, exc)
+            return
+        self._lease_sent = sent
+        lease_file = self.context.folder.lease_file()
+        lease_file.parent.mkdir(parents=True, exist_ok=True)
+        partial = lease_file.with_suffix(".partial")
+        partial.write_text(json.dumps({"sent_monotonic": sent, "seconds": remaining}))
+        os.replace(partial, lease_file)  # whole or not at all, for its readers
 
     def _close_stores(self) -> None:
         for store in self._stores.values():
