@@ -6,12 +6,16 @@ Every host is a Linux network namespace on a bridge, with an address from
 
 from __future__ import annotations
 
+import contextlib
 import json
+import os
 import re
+import signal
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -194,11 +198,53 @@ def pop3s_retr(host: Host, cas1: str, ca: Path, user: str, password: str, number
     return done.stdout
 
 
-@pytest.mark.timeout(600)
-def test_three_hosts_serve_move_and_take_mail_for_the_active_copy(tmp_path: Path) -> None:
-    """The several-hosts issue's 'done when': PostgreSQL on a host of its own, a front
-    end and two mailbox servers each on a host of its own with its own data folder and
-    its own `up --servers NAME`."""
+@dataclass
+class ThreeHosts:
+    network: HostNetwork
+    hosts: dict[str, Host]
+    folders: dict[str, Path]
+    user: str
+    password: str
+    ca: Path
+
+    def popguard(self, name: str, *argv: str) -> str:
+        done = subprocess.run(
+            self.hosts[name].command(sys.executable, "-m", "popguard", "--data",
+                                     str(self.folders[name]), *argv),
+            capture_output=True, text=True, timeout=240, check=False,
+        )  # fmt: skip
+        assert done.returncode == 0, f"{name}: popguard {' '.join(argv)}: {done.stderr}"
+        return done.stdout
+
+    def retr(self, number: int) -> str:
+        """RETR through the front end, from the front end's host."""
+        return pop3s_retr(self.hosts["cas1"], self.hosts["cas1"].address, self.ca,
+                          self.user, self.password, number)  # fmt: skip
+
+    def wait_healthy(self, identity: str) -> None:
+        deadline = time.monotonic() + 90
+        status: dict[str, object] = {}
+        while time.monotonic() < deadline:
+            status = json.loads(
+                self.popguard(
+                    "mbx1",
+                    "get-mailboxdatabasecopystatus",
+                    "--identity",
+                    identity,
+                    "--format",
+                    "json",
+                )
+            )[0]
+            if status["Status"] == "Healthy" and status["CopyQueueLength"] == 0:
+                return
+            time.sleep(1)
+        raise AssertionError(f"{identity} never became Healthy: {status}")
+
+
+@contextlib.contextmanager
+def three_hosts(tmp_path: Path, more_config: str = "") -> Iterator[ThreeHosts]:
+    """PostgreSQL on a host of its own; a front end and two mailbox servers each on a
+    host of its own, with its own data folder and its own `up --servers NAME`."""
     with HostNetwork.make(["db", "cas1", "mbx1", "mbx2"]) as network:
         db = network["db"]
         postgres = PostgresServer.start(host=db.address, prefix=tuple(db.command()))
@@ -210,87 +256,25 @@ def test_three_hosts_serve_move_and_take_mail_for_the_active_copy(tmp_path: Path
         config.write_text(three_host_topology(
             hosts["cas1"].address, hosts["mbx1"].address, hosts["mbx2"].address,
             postgres.directory_section(postgres.new_database()),
-        ))  # fmt: skip
-
-        def popguard_on(name: str, *argv: str, stdin: str | None = None) -> str:
-            done = subprocess.run(
-                hosts[name].command(sys.executable, "-m", "popguard", "--data",
-                                    str(folders[name]), *argv),
-                input=stdin, capture_output=True, text=True, timeout=240, check=False,
-            )  # fmt: skip
-            assert done.returncode == 0, f"{name}: popguard {' '.join(argv)}: {done.stderr}"
-            return done.stdout
-
+        ) + more_config)  # fmt: skip
+        org = ThreeHosts(network, hosts, folders, "", "", folders["mbx1"] / "tls" / "ca.pem")
         started: list[str] = []
         try:
             # The first host makes the organization (and keeps its CA key).
-            first = popguard_on("mbx1", "up", "--detach", "--config", str(config),
-                                "--servers", "mbx1")  # fmt: skip
+            first = org.popguard("mbx1", "up", "--detach", "--config", str(config),
+                                 "--servers", "mbx1")  # fmt: skip
             started.append("mbx1")
             match = re.search(r"demo mailbox (\S+) \(in DB01\)\s+password (\S+)", first)
             assert match, first
-            user, password = match.groups()
+            org.user, org.password = match.groups()
             for name in ("mbx2", "cas1"):
                 bundle = tmp_path / f"{name}.credentials"
-                popguard_on("mbx1", "export-server-credentials", name, "--out", str(bundle))
+                org.popguard("mbx1", "export-server-credentials", name, "--out", str(bundle))
                 (folders[name] / "popguard.toml").write_text(config.read_text())
-                popguard_on(name, "import-server-credentials", str(bundle))
-                popguard_on(name, "up", "--detach", "--servers", name)
+                org.popguard(name, "import-server-credentials", str(bundle))
+                org.popguard(name, "up", "--detach", "--servers", name)
                 started.append(name)
-            ca = folders["mbx1"] / "tls" / "ca.pem"
-
-            client = hosts["cas1"]
-            cas1 = hosts["cas1"].address
-            welcome = pop3s_retr(client, cas1, ca, user, password, 1)
-            assert "Welcome to popguard" in welcome
-
-            deadline = time.monotonic() + 90
-            status: dict[str, object] = {}
-            while time.monotonic() < deadline:
-                shown = json.loads(
-                    popguard_on(
-                        "mbx1",
-                        "get-mailboxdatabasecopystatus",
-                        "--identity",
-                        "DB01\\mbx2",
-                        "--format",
-                        "json",
-                    )
-                )
-                status = shown[0]
-                if status["Status"] == "Healthy" and status["CopyQueueLength"] == 0:
-                    break
-                time.sleep(1)
-            assert status["Status"] == "Healthy", status
-
-            popguard_on("mbx1", "move-activemailboxdatabase", "DB01", "--activate-on-server",
-                        "mbx2")  # fmt: skip
-            shown = json.loads(popguard_on("cas1", "get-mailboxdatabase", "DB01",
-                                           "--format", "json"))  # fmt: skip
-            assert "mbx2" in json.dumps(shown), shown
-
-            # Mail handed to mbx1 for a DB01 mailbox now lands in mbx2's active copy.
-            handed = subprocess.run(
-                hosts["mbx2"].command(sys.executable, "-c", LMTP_TO, hosts["mbx1"].address,
-                                      user),
-                input=b"Subject: handed to mbx1\r\n\r\nDB01 is active on mbx2 now.\r\n",
-                capture_output=True, timeout=60, check=False,
-            )  # fmt: skip
-            assert handed.returncode == 0, handed.stderr
-            deadline = time.monotonic() + 30
-            while True:
-                try:
-                    second = pop3s_retr(client, cas1, ca, user, password, 2)
-                    break
-                except AssertionError:
-                    if time.monotonic() > deadline:
-                        raise
-                    time.sleep(1)
-            assert "Subject: handed to mbx1" in second
-            assert "Welcome to popguard" in pop3s_retr(client, cas1, ca, user, password, 1)
-            health = json.loads(popguard_on("cas1", "get-serverhealth", "mbx2", "--format",
-                                            "json"))  # fmt: skip
-            assert health, "the health API of mbx2 answers a command run on cas1's host"
+            yield org
         finally:
             for name in reversed(started):
                 subprocess.run(
@@ -299,3 +283,73 @@ def test_three_hosts_serve_move_and_take_mail_for_the_active_copy(tmp_path: Path
                     capture_output=True, timeout=120, check=False,
                 )  # fmt: skip
             postgres.remove()
+
+
+@pytest.mark.timeout(600)
+def test_three_hosts_serve_move_and_take_mail_for_the_active_copy(tmp_path: Path) -> None:
+    """The several-hosts issue's 'done when'."""
+    with three_hosts(tmp_path) as org:
+        assert "Welcome to popguard" in org.retr(1)
+        org.wait_healthy("DB01\\mbx2")
+        org.popguard("mbx1", "move-activemailboxdatabase", "DB01", "--activate-on-server",
+                     "mbx2")  # fmt: skip
+        shown = json.loads(org.popguard("cas1", "get-mailboxdatabase", "DB01", "--format",
+                                        "json"))  # fmt: skip
+        assert "mbx2" in json.dumps(shown), shown
+
+        # Mail handed to mbx1 for a DB01 mailbox now lands in mbx2's active copy.
+        handed = subprocess.run(
+            org.hosts["mbx2"].command(sys.executable, "-c", LMTP_TO,
+                                      org.hosts["mbx1"].address, org.user),
+            input=b"Subject: handed to mbx1\r\n\r\nDB01 is active on mbx2 now.\r\n",
+            capture_output=True, timeout=60, check=False,
+        )  # fmt: skip
+        assert handed.returncode == 0, handed.stderr
+        second = eventually(lambda: org.retr(2), 30)
+        assert "Subject: handed to mbx1" in second
+        assert "Welcome to popguard" in org.retr(1)
+        health = json.loads(org.popguard("cas1", "get-serverhealth", "mbx2", "--format",
+                                         "json"))  # fmt: skip
+        assert health, "the health API of mbx2 answers a command run on cas1's host"
+
+
+@pytest.mark.timeout(600)
+def test_active_manager_fails_over_a_host_killed_whole(tmp_path: Path) -> None:
+    """kill -9 of every process of mbx1's host: DB01 is served again through the front
+    end from mbx2, with nobody typing a command."""
+    with three_hosts(tmp_path, "\n[active_manager]\nenabled = true\n") as org:
+        assert "Welcome to popguard" in org.retr(1)
+        org.wait_healthy("DB01\\mbx2")
+        killed_at = time.monotonic()
+        kill_host(org.hosts["mbx1"])
+        welcome = eventually(lambda: org.retr(1), 90)
+        served_after = time.monotonic() - killed_at
+        assert "Welcome to popguard" in welcome
+        print(f"DB01 served again {served_after:.1f} s after its host died")
+        copies = json.loads(org.popguard("mbx2", "get-mailboxdatabasecopystatus",
+                                         "--format", "json"))  # fmt: skip
+        status = {row["Name"]: row["Status"] for row in copies}
+        assert status["DB01\\mbx2"] == "Mounted", status
+        assert status["DB01\\mbx1"] == "ServiceDown", status
+        servers = json.loads(org.popguard("mbx2", "get-mailboxserver", "--format", "json"))
+        lease = {row["Name"]: row["LeaseSecondsLeft"] for row in servers}
+        assert lease["mbx1"] < 0 < lease["mbx2"], lease
+
+
+def kill_host(host: Host) -> None:
+    pids = run(["ip", "netns", "pids", host.namespace]).stdout.split()
+    for pid in pids:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(int(pid), signal.SIGKILL)
+
+
+def eventually(attempt: Callable[[], str], bound: float) -> str:
+    """`attempt` once it works, trying every half second for at most `bound` seconds."""
+    deadline = time.monotonic() + bound
+    while True:
+        try:
+            return attempt()
+        except AssertionError:
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.5)

@@ -12,6 +12,8 @@ Every section is optional and the defaults need no file at all:
 - `[store]`: how soon deleted mail leaves every file of a copy (`forget_interval`),
   and how far a copy may fall behind before it is reseeded from a snapshot instead
   of the log being kept for it (`max_copy_lag_seconds`, `max_copy_lag_bytes`).
+- `[active_manager]`: `enabled`, the automatic failover of a mailbox server whose
+  lease lapsed (off by default for now).
 - `[[servers]]`, `[[databases]]`, `[demo]`: the topology `popguard up` starts;
   without servers, the organization of DESIGN.md section 3 (cas1, mbx1, mbx2, DB01,
   DB02).
@@ -121,6 +123,13 @@ class Escalation(Section):
     send_resolved: bool = True
 
 
+class ActiveManagerSection(Section):
+    # Automatic failover of a dead mailbox server's active copies (replication/
+    # active_manager.py). Off until its servers also fence themselves when they cannot
+    # renew their lease: see that module.
+    enabled: bool = False
+
+
 class Store(Section):
     # Seconds between two runs of each copy's forgetting (log trimming, free pages given
     # back, WAL checkpointed and truncated). Deleted mail is in no file of a copy at
@@ -159,6 +168,7 @@ class Config(Section):
     host: Host = Host()
     escalation: Escalation = Escalation()
     store: Store = Store()
+    active_manager: ActiveManagerSection = ActiveManagerSection()
     servers: tuple[ServerEntry, ...] = ()
     databases: tuple[DatabaseEntry, ...] = ()
     demo: Demo = Demo()

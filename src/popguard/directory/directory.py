@@ -328,10 +328,12 @@ class Directory:
         server: str,
         reports: list[CopyStatusReport],
         source: str,
+        source_lease_lapsed: bool = False,
     ) -> None:
         """Activate the copy on `server`, record the copies' new statuses and end the
         move, in one transaction; only if the move is still ours and `source` still
-        the active copy."""
+        the active copy (and, for Active Manager's failover, `source`'s lease still
+        lapsed by the directory's clock: a server that came back keeps its copy)."""
         with self._transaction() as db:
             claim = db.execute(
                 "SELECT move_claim FROM databases WHERE name = $1", (database,)
@@ -344,6 +346,14 @@ class Directory:
             ).fetchone()
             if active is None or active[0].lower() != source.lower():
                 raise UserError(f"{database} is no longer active on {source}; move not applied")
+            if source_lease_lapsed:
+                lease = db.execute(
+                    f"SELECT expires - {self._engine.clock_sql} FROM leases "
+                    "WHERE kind = 'server' AND name = $1",
+                    (source,),
+                ).fetchone()
+                if lease is not None and float(lease[0]) > 0:
+                    raise UserError(f"{source} renewed its lease meanwhile; not failed over")
             self._activate(db, database, server)
             for report in reports:
                 self._write_copy_status(db, report)

@@ -40,6 +40,7 @@ from popguard.directory.sql.engine import DIRECTORY_ERRORS, DirectoryUnavailable
 from popguard.errors import UserError
 from popguard.net import tls
 from popguard.net.serving import listen
+from popguard.replication.active_manager import ActiveManager
 from popguard.replication.copy_replicator import CopyReplicator
 from popguard.replication.log_retention import (
     SUSPENDED,
@@ -465,6 +466,9 @@ class ReplicationService:
             log.warning("removed %s, left by a process that did not finish", leftover)
         await listen(site.start, "replication", address, port)
         log.info("replication listening on %s:%d, pid %d", address, port, os.getpid())
+        deciding = None
+        if self._active_manager_enabled():
+            deciding = asyncio.create_task(self._decide_failovers(stop), name="active manager")
         try:
             while not stop.is_set():
                 await self._renew_lease()
@@ -477,6 +481,9 @@ class ReplicationService:
                     await asyncio.wait_for(stop.wait(), 1.0)
         finally:
             self._stop.set()
+            if deciding is not None:
+                deciding.cancel()
+                await asyncio.gather(deciding, return_exceptions=True)
             for _, task in self._replicators.values():
                 task.cancel()
             await asyncio.gather(
@@ -488,6 +495,30 @@ class ReplicationService:
             self._executor.submit(self._close_stores).result()
             self._executor.shutdown()
             self.directory.close()
+
+    def _active_manager_enabled(self) -> bool:
+        try:
+            return load_config(self.context.data).active_manager.enabled
+        except UserError as exc:
+            log.error("%s; no automatic failover", exc)
+            return False
+
+    async def _decide_failovers(self, stop: asyncio.Event) -> None:
+        """Active Manager's look once a second, beside the lease's renewal: a failover
+        may take seconds (mounting, catching up) and must not hold up the renewal."""
+        # A handle of its own: the moves it makes run beside the service's own reads.
+        manager = ActiveManager(self.server.name, self.context.open_directory(), self.context.tls)
+        log.info("Active Manager on: a mailbox server whose lease lapses fails over")
+        try:
+            while not stop.is_set():
+                try:
+                    await manager.tick()
+                except Exception:
+                    log.exception("Active Manager's look failed")
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(stop.wait(), 1.0)
+        finally:
+            manager.directory.close()
 
     async def _renew_lease(self) -> None:
         """This server's lease in the directory, every LEASE_RENEWAL seconds (Active

@@ -126,7 +126,12 @@ class Mover:
         return ReplicationPeer(self.directory.get_server(server), self._tls)
 
     async def move(
-        self, database: str, target: str, skip_lag_checks: bool = False, catch_up: float = CATCH_UP
+        self,
+        database: str,
+        target: str,
+        skip_lag_checks: bool = False,
+        catch_up: float = CATCH_UP,
+        source_lease_lapsed: bool = False,
     ) -> MoveResult:
         started = time.monotonic()
         copies = self.directory.database_copies(database)
@@ -141,8 +146,9 @@ class Mover:
                 database, source, target, skip_lag_checks, catch_up, reports
             )
             self.directory.finish_move(
-                database, self._claimant, target, switched.status_reports(database), source
-            )
+                database, self._claimant, target, switched.status_reports(database), source,
+                source_lease_lapsed,
+            )  # fmt: skip
         except BaseException:
             self.directory.release_move(database, self._claimant)
             raise

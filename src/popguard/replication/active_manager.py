@@ -1,0 +1,135 @@
+"""Active Manager: a dead mailbox server's active copies fail over by themselves.
+
+Each mailbox server's replication service renews the server's lease in the directory
+(service.py). Here, once a second, one of them at a time (the holder of the
+'ActiveManager' role lease) looks for servers whose lease has lapsed by the
+directory's clock and activates, for each database active there, the best other
+copy: on a server whose own lease is current and that may activate copies, holding
+the most of the log (applied LSN as last reported), then the most preferred. The
+activation is the existing lossy failover (the old copy cannot be dismounted; what
+it held beyond the new copy is given back when it returns), applied only if the old
+server's lease is still lapsed in the same transaction. A database failed over is not
+failed over again within FLAP_GUARD seconds.
+
+Opt-in for now (`[active_manager] enabled = true` in popguard.toml): the old server
+does not yet fence itself when it cannot renew, so on a partition (both sides alive)
+the cut-off side could go on taking mail that only its return gives back.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass
+
+from popguard.directory.directory import Directory
+from popguard.directory.sql.engine import DIRECTORY_ERRORS
+from popguard.errors import UserError
+from popguard.net.tls import TlsMaterial
+from popguard.replication.switchover import Mover, copy_status
+
+log = logging.getLogger("popguard.activemanager")
+
+ROLE = "ActiveManager"
+FLAP_GUARD = 300.0  # seconds before a database failed over may fail over again
+# What a passive copy may say of itself and still be activated once its active copy's
+# server is dead: it cannot be connected to that server any more, so "Disconnected..."
+# is the normal word; the most of the log decides among them.
+USABLE = ("Healthy", "DisconnectedAndHealthy", "DisconnectedAndResynchronizing")
+
+
+@dataclass(frozen=True)
+class Decision:
+    database: str
+    source: str
+    target: str | None
+    result: str  # Succeeded | Failed | NotMoved
+    reason: str
+
+
+class ActiveManager:
+    def __init__(self, server: str, directory: Directory, tls: TlsMaterial) -> None:
+        self.server = server
+        self.directory = directory
+        self._tls = tls
+        self._failed_over: dict[str, float] = {}
+        self._said: dict[str, str] = {}  # database -> the last reason logged
+        self.decisions: list[Decision] = []
+
+    async def tick(self) -> list[Decision]:
+        """One look: nothing unless this server holds the role and a lease lapsed."""
+        try:
+            if not self.directory.claim_role(ROLE, self.server):
+                return []
+            leases = self.directory.leases()
+            lapsed = {name for name, left in leases.items() if left < 0}
+            if not lapsed:
+                return []
+            actives = [c for c in self.directory.database_copies() if c.is_active]
+        except DIRECTORY_ERRORS:
+            return []  # an unreachable directory decides nothing
+        decisions = []
+        for copy in actives:
+            if copy.server not in lapsed:
+                continue
+            decisions.append(await self._fail_over(copy.database, copy.server, leases))
+        self.decisions = (self.decisions + decisions)[-100:]
+        return decisions
+
+    async def _fail_over(self, database: str, source: str, leases: dict[str, float]) -> Decision:
+        since = time.monotonic() - self._failed_over.get(database, -FLAP_GUARD)
+        if since < FLAP_GUARD:
+            why = f"failed over {since:.0f} s ago: within the flap guard"
+            return self._decided(database, source, None, "NotMoved", why)
+        target, why = self._best_copy(database, source, leases)
+        if target is None:
+            return self._decided(database, source, None, "NotMoved", why)
+        mover = Mover(self._tls, self.directory)
+        try:
+            result = await mover.move(
+                database, target, skip_lag_checks=True, source_lease_lapsed=True
+            )
+        except UserError as exc:
+            return self._decided(database, source, target, "Failed", str(exc))
+        self._failed_over[database] = time.monotonic()
+        at_risk = ""
+        if result.changes_at_risk:
+            at_risk = f", {result.changes_at_risk} changes to be given back when it returns"
+        return self._decided(
+            database, source, target, "Succeeded",
+            f"{source}'s lease lapsed {-leases[source]:.1f} s ago{at_risk}",
+        )  # fmt: skip
+
+    def _best_copy(
+        self, database: str, source: str, leases: dict[str, float]
+    ) -> tuple[str | None, str]:
+        reports = self.directory.copy_status_reports()
+        now = time.time()
+        candidates, refused = [], []
+        for copy in self.directory.database_copies(database):
+            if copy.server.lower() == source.lower():
+                continue
+            status = copy_status(copy, reports, now)
+            if leases.get(copy.server, -1.0) <= 0:
+                refused.append(f"{copy.server}'s own lease is not current")
+            elif not self.directory.get_server(copy.server).may_activate_copies:
+                refused.append(f"{copy.server} may not activate copies")
+            elif status not in USABLE or (database, copy.server) not in reports:
+                refused.append(f"{copy.server} is {status}")
+            else:
+                applied = reports[(database, copy.server)].applied_lsn
+                candidates.append((-applied, copy.activation_preference, copy.server))
+        if not candidates:
+            return None, f"no copy of {database} to activate ({'; '.join(refused) or 'none'})"
+        return min(candidates)[2], ""
+
+    def _decided(
+        self, database: str, source: str, target: str | None, result: str, reason: str
+    ) -> Decision:
+        decision = Decision(database, source, target, result, reason)
+        if self._said.get(database) != f"{result} {reason}":  # once, not every second
+            self._said[database] = f"{result} {reason}"
+            level = logging.WARNING if result == "Succeeded" else logging.ERROR
+            log.log(level, "failover of %s from %s to %s: %s (%s)",
+                    database, source, target or "nowhere", result, reason)  # fmt: skip
+        return decision
