@@ -353,3 +353,80 @@ def eventually(attempt: Callable[[], str], bound: float) -> str:
             if time.monotonic() > deadline:
                 raise
             time.sleep(0.5)
+
+
+LMTP_CODE = """
+import smtplib, sys
+with smtplib.LMTP(sys.argv[1], 2424, timeout=30) as client:
+    client.ehlo("test.example")
+    client.mail("sender@example.test")
+    code, _ = client.rcpt(sys.argv[2])
+    if code == 250:
+        code, _ = client.data(b"Subject: on the cut-off side\\r\\n\\r\\nx\\r\\n")
+    print(code)
+"""
+
+
+def lmtp_code(on: Host, to: str, user: str) -> int:
+    done = run(on.command(sys.executable, "-c", LMTP_CODE, to, user), timeout=60)
+    assert done.returncode == 0, done.stderr
+    return int(done.stdout.split()[-1])
+
+
+def active_of(org: ThreeHosts, database: str) -> str:
+    copies = json.loads(org.popguard("mbx2", "get-mailboxdatabasecopystatus", "--format",
+                                     "json"))  # fmt: skip
+    mounted = [row["Name"] for row in copies if row["Status"] == "Mounted"]
+    assert len(mounted) == 1, copies  # one active copy, whatever happened
+    return str(mounted[0]).split("\\")[1]
+
+
+@pytest.mark.timeout(600)
+def test_a_cut_off_host_fences_itself_and_the_other_side_fails_over(tmp_path: Path) -> None:
+    with three_hosts(tmp_path, "\n[active_manager]\nenabled = true\n") as org:
+        assert "Welcome to popguard" in org.retr(1)
+        org.wait_healthy("DB01\\mbx2")
+        mbx1 = org.hosts["mbx1"]
+        assert lmtp_code(mbx1, mbx1.address, org.user) == 250
+        org.network.cut("mbx1")
+        try:
+            # The cut-off side, alive, stops taking DB01's mail once its lease is stale.
+            deadline = time.monotonic() + 30
+            while lmtp_code(mbx1, mbx1.address, org.user) == 250:
+                assert time.monotonic() < deadline, "mbx1 never fenced itself"
+                time.sleep(0.5)
+            assert lmtp_code(mbx1, mbx1.address, org.user) == 451
+            welcome = eventually(lambda: org.retr(1), 90)  # the other side, from mbx2
+            assert "Welcome to popguard" in welcome
+        finally:
+            org.network.mend("mbx1")
+        time.sleep(5)  # mbx1 renews its lease again
+        assert active_of(org, "DB01") == "mbx2"  # the returning host stays passive
+        # Mail handed to the returned host goes to the active copy.
+        assert lmtp_code(mbx1, mbx1.address, org.user) == 250
+
+
+@pytest.mark.timeout(600)
+def test_a_paused_host_wakes_up_fenced_and_passive(tmp_path: Path) -> None:
+    with three_hosts(tmp_path, "\n[active_manager]\nenabled = true\n") as org:
+        assert "Welcome to popguard" in org.retr(1)
+        org.wait_healthy("DB01\\mbx2")
+        mbx1 = org.hosts["mbx1"]
+        pids = [int(pid) for pid in run(["ip", "netns", "pids", mbx1.namespace]).stdout.split()]
+        for pid in pids:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGSTOP)
+        try:
+            welcome = eventually(lambda: org.retr(1), 90)
+            assert "Welcome to popguard" in welcome
+            time.sleep(max(0.0, 20 - 10))
+        finally:
+            for pid in pids:
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, signal.SIGCONT)
+        time.sleep(5)
+        assert active_of(org, "DB01") == "mbx2"
+        assert "Welcome to popguard" in org.retr(1)
+        assert lmtp_code(mbx1, mbx1.address, org.user) == 250  # handed to mbx2
+        messages = eventually(lambda: org.retr(2), 30)
+        assert "Subject: on the cut-off side" in messages

@@ -18,7 +18,7 @@ from popguard.directory.settings import SortOrder
 from popguard.errors import UserError
 from popguard.pop3.replies import ResponseCode
 from popguard.pop3.session import Authenticate, MaildropEntry, Retrieve, ServerSession, Update
-from popguard.services.context import ServerContext
+from popguard.services.context import ServerContext, fencing_enabled
 from popguard.services.pop3_service import CommandTimer, Connection, Handoff, Pop3Service
 from popguard.store.mailbox_database import NotMountedError
 from popguard.store.mounted import MountedDatabases
@@ -35,7 +35,9 @@ class BackendService(Pop3Service):
 
     def __init__(self, context: ServerContext) -> None:
         super().__init__(context)
-        self.databases = MountedDatabases(context.folder, self.server.name, self.directory)
+        self.databases = MountedDatabases(
+            context.folder, self.server.name, self.directory, fencing_enabled(context)
+        )
         self._locked: set[str] = set()
         self._last_login: dict[str, float] = {}  # only while MinimumLoginInterval is set
 

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from popguard import paths
+from popguard.directory.config import load_config
 from popguard.directory.directory import Directory, Server
 from popguard.directory.sql.engine import DirectoryUnavailable
 from popguard.errors import UserError
@@ -80,3 +81,13 @@ class ServerContext:
 
     def close(self) -> None:
         self.directory.close()
+
+
+def fencing_enabled(context: ServerContext) -> bool:
+    """Whether this server's mail services fence themselves by its lease: with Active
+    Manager on, another server takes its databases once the lease lapses."""
+    try:
+        return load_config(context.data).active_manager.enabled
+    except UserError as exc:
+        log.error("%s; not fencing by the lease", exc)
+        return False

@@ -45,7 +45,7 @@ from popguard.errors import UserError
 from popguard.net import tls
 from popguard.net.byte_stream import TLS_HANDSHAKE_TIMEOUT
 from popguard.net.serving import every, listen
-from popguard.services.context import ServerContext
+from popguard.services.context import ServerContext, fencing_enabled
 from popguard.services.counters import PUBLISH_INTERVAL, ServiceCounters
 from popguard.services.lmtp_client import lmtp_ident
 from popguard.services.lmtp_data import read_message_data
@@ -378,7 +378,9 @@ class DeliveryService:
         self.directory = context.directory
         self.server: Server = context.server
         self.organization = context.directory.organization_id()
-        self.databases = MountedDatabases(context.folder, self.server.name, self.directory)
+        self.databases = MountedDatabases(
+            context.folder, self.server.name, self.directory, fencing_enabled(context)
+        )
         self.counters = ServiceCounters("delivery")
         self.limits = limits or LmtpLimits()
         # This server's certificate for the other mailbox servers (replication's): it

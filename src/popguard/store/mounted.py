@@ -18,14 +18,18 @@ from typing import TypeVar
 
 from popguard.directory.directory import Directory
 from popguard.paths import ServerFolder
+from popguard.store.fence import Fence
 from popguard.store.mailbox_database import MailboxDatabase, NotMountedError
 
 T = TypeVar("T")
 
 
 class MountedDatabases:
-    def __init__(self, folder: ServerFolder, server: str, directory: Directory) -> None:
+    def __init__(
+        self, folder: ServerFolder, server: str, directory: Directory, fencing: bool = False
+    ) -> None:
         self.folder = folder
+        self.fence = Fence(folder, fencing)
         self.server = server
         self.directory = directory
         self._readers: dict[str, MailboxDatabase] = {}
@@ -33,6 +37,9 @@ class MountedDatabases:
         self._write_thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="store-writer")
 
     def _check_mounted(self, database: str) -> None:
+        fenced = self.fence.why_fenced()
+        if fenced is not None:
+            raise NotMountedError(f"database {database} is not served here now: {fenced}")
         active = self.directory.active_server(database)
         if active.lower() != self.server.lower():
             raise NotMountedError(f"database {database} is active on {active}, not {self.server}")
@@ -52,6 +59,11 @@ class MountedDatabases:
         self._check_mounted(database)
 
         def in_thread() -> T:
+            # Again at the write itself: the wait for this thread may have outlasted
+            # the lease (a paused process, a slow disk).
+            fenced = self.fence.why_fenced()
+            if fenced is not None:
+                raise NotMountedError(f"database {database} is not written here now: {fenced}")
             store = self._writers.get(database)
             if store is None:
                 store = self._writers[database] = MailboxDatabase(self._file(database), database)
