@@ -106,7 +106,7 @@ def test_services_run_under_supervisord_and_restart_for_real(tmp_path: Path) -> 
                        mailbox, "--second-address", second)  # fmt: skip
     try:
         assert started.returncode == 0, started.stderr
-        assert "`popguard down` stops it." in started.stdout
+        assert re.search(r"Stop it all: \S+ --data \S+ down", started.stdout), started.stdout
 
         def services(server: str) -> dict[str, dict[str, object]]:
             shown = popguard(data, "get-service", "--server", server, "--format", "json")

@@ -266,7 +266,7 @@ def _summary(
         f"--server {restartable.name}",
         f"  {command} get-recoveryactions --server {mbx.name}",
         f"  {command} get-alerts --server {mbx.name}",
-        "`popguard down` stops it." if detach else "Press Ctrl-C to stop.",
+        f"Stop it all: {command} down" if detach else "Press Ctrl-C to stop.",
     ]
     return "\n".join(lines)
 
