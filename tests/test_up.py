@@ -86,7 +86,8 @@ def test_up_serves_the_demo_mailbox_and_stops_cleanly(tmp_path: Path) -> None:
             time.sleep(0.5)
         assert json.loads(shown.stdout)[0]["CopyQueueLength"] == 0, shown.stdout
         process.send_signal(signal.SIGINT)
-        rest, _ = process.communicate(timeout=30)
+        # Bounded, not timed: every service gets stopwaitsecs, and a loaded machine is slow.
+        rest, _ = process.communicate(timeout=120)
     finally:
         # However the checks above went, nothing of this test may outlive it:
         # Ctrl-C is how `up` stops its services.
