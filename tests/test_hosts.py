@@ -67,6 +67,9 @@ def _wait_healthy(data: Path, identity: str, timeout: float = 90.0) -> dict[str,
         time.sleep(0.5)
 
 
+DEEP_TEST = "POP.Protocol\\PopDeepTestProbe"
+
+
 def _owner_only(path: Path) -> Path:
     path.mkdir(mode=0o700, parents=True, exist_ok=True)
     return path
@@ -210,9 +213,16 @@ def test_two_hosts_each_run_their_own_servers_and_share_the_directory(tmp_path: 
             assert "\n" not in stranger_asks.stderr.strip()
             # Each host logs in with a health mailbox of its own: host B's start took
             # nothing from host A's probes.
+            # (A health service makes its health mailboxes once it listens: the first
+            # runs after a start may come before them.)
             for server in ("mbx1", "mbx2"):
-                probes = _json(host_a, "invoke-monitoringprobe",
-                               "POP.Protocol\\PopDeepTestProbe", "--server", server)  # fmt: skip
+                deadline = time.monotonic() + 60
+                while True:
+                    probes = _json(host_a, "invoke-monitoringprobe", DEEP_TEST, "--server", server)
+                    succeeded = {p["ResultType"] for p in probes} == {"Succeeded"}
+                    if (probes and succeeded) or time.monotonic() > deadline:
+                        break
+                    time.sleep(2)
                 assert probes and {p["ResultType"] for p in probes} == {"Succeeded"}, probes
 
             # Each host's commands act on its own supervisor.

@@ -418,8 +418,11 @@ def up(
         return
     folder = supervisor_dir(data)
     supervisor_file = write_supervisor_config(data, servers, daemon=detach)
-    # SIGTERM (from a script or a supervisor) stops everything as Ctrl-C does.
+    # SIGTERM (from a script or a supervisor) stops everything as Ctrl-C does; and
+    # Ctrl-C itself even when `up` was started from a shell's background job, which
+    # starts its children with SIGINT ignored: `up` would then never stop.
     signal.signal(signal.SIGTERM, signal.default_int_handler)
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     supervisord: subprocess.Popen[bytes] | None = None
     try:
         supervisord = subprocess.Popen(
