@@ -39,6 +39,7 @@ from popguard.directory.sql.engine import (
     sqlite_statement,
 )
 from popguard.errors import NotFoundError, UserError
+from popguard.testing import net
 from popguard.testing.postgres import PostgresServer
 
 
@@ -385,9 +386,7 @@ def test_postgresql_login_problems_are_one_clear_line(
 
 
 def free_port() -> int:
-    from popguard.testing.postgres import free_port as free
-
-    return free("127.0.0.1")
+    return net.free_port("127.0.0.1")
 
 
 # The one SQL text and its two spellings ------------------------------------------------

@@ -16,12 +16,15 @@ import os
 import pwd
 import secrets
 import shutil
-import socket
 import subprocess
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Self
+
+import psycopg
+
+from popguard.testing.net import free_port
 
 ROLE = "popguard"
 
@@ -37,13 +40,6 @@ def postgres_bin(tool: str) -> str:
     if path is None:
         raise RuntimeError(f"{tool} not found: install Debian's postgresql package")
     return path
-
-
-def free_port(host: str) -> int:
-    family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    with socket.socket(family) as probe:
-        probe.bind((host, 0))
-        return int(probe.getsockname()[1])
 
 
 @dataclass
@@ -128,8 +124,6 @@ class PostgresServer:
 
     def admin(self, sql: str) -> None:
         """One statement as the superuser, over the Unix socket."""
-        import psycopg
-
         with psycopg.connect(
             host=str(self.folder), port=self.port, user="postgres", dbname="postgres",
             autocommit=True,
