@@ -25,6 +25,9 @@ from popguard.services.lmtp_client import deliver
 from popguard.store.mailbox_database import MailboxDatabase
 
 # Exchange's connection types, and the popguard TLS mode and front-end port each uses.
+# Tries of a login refused [IN-USE] (a probe holding the health mailbox), a second apart.
+IN_USE_RETRIES = 5
+
 CONNECTION_TYPES = {
     "plaintext": ("plain", "pop3"),
     "tls": ("stls", "pop3"),
@@ -153,8 +156,16 @@ async def run_test(test: ConnectivityTest) -> list[StepResult]:
             raise ProbeFailure("Delivery", "LMTP", str(exc)) from None
 
     async def login() -> None:
-        await dialog.expect_ok(f"USER {test.credential.address}", "Auth")
-        reply = await dialog.command(f"PASS {test.credential.password}", "Auth")
+        # The default credential is a health mailbox, which the probes log in to every
+        # few seconds: one of their sessions holding it ([IN-USE]) ends within a
+        # second or two, so that refusal is waited out (RFC 1939: USER/PASS may be
+        # sent again after a failed PASS) rather than reported as the front end's.
+        for attempt in range(IN_USE_RETRIES + 1):
+            await dialog.expect_ok(f"USER {test.credential.address}", "Auth")
+            reply = await dialog.command(f"PASS {test.credential.password}", "Auth")
+            if reply.ok or reply.code != "IN-USE" or attempt == IN_USE_RETRIES:
+                break
+            await asyncio.sleep(1.0)
         if not reply.ok:
             code = f"[{reply.code}] " if reply.code else ""
             raise ProbeFailure("Auth", reply.code or "-ERR", f"login: -ERR {code}{reply.text}")
