@@ -56,7 +56,7 @@ from bench.preflight import cold_login_cost, prime_logins
 from bench.report import RESULTS, machine, percentile
 from popguard.testing.loadgen import LoadConfig, resolve_loop, run_load
 from popguard.testing.net import free_loopback_address
-from popguard.testing.organization import popguard_output
+from popguard.testing.organization import popguard_output, three_server_topology
 from popguard.testing.postgres import PostgresServer
 
 ENGINES = ("sqlite", "postgresql")
@@ -71,26 +71,7 @@ IDLE_WINDOW = 10.0  # seconds of background directory traffic measured before a 
 
 def topology(addresses: Sequence[str], directory_section: str) -> str:
     cas1, mbx1, mbx2 = addresses
-    return f"""{directory_section}
-[[servers]]
-name = "cas1"
-roles = ["frontend"]
-address = "{cas1}"
-
-[[servers]]
-name = "mbx1"
-roles = ["mailbox"]
-address = "{mbx1}"
-
-[[servers]]
-name = "mbx2"
-roles = ["mailbox"]
-address = "{mbx2}"
-
-[[databases]]
-name = "DB01"
-copies = ["mbx1", "mbx2"]
-"""
+    return three_server_topology(cas1, mbx1, mbx2, directory_section)
 
 
 @dataclass

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from popguard.testing.net import free_loopback_address
-from popguard.testing.organization import popguard
+from popguard.testing.organization import popguard, three_server_topology
 from popguard.testing.postgres import PostgresServer
 
 from .conftest import processes_matching
@@ -20,26 +20,7 @@ from .conftest import processes_matching
 
 def topology(addresses: list[str], directory_section: str) -> str:
     cas1, mbx1, mbx2 = addresses
-    return f"""{directory_section}
-[[servers]]
-name = "cas1"
-roles = ["frontend"]
-address = "{cas1}"
-
-[[servers]]
-name = "mbx1"
-roles = ["mailbox"]
-address = "{mbx1}"
-
-[[servers]]
-name = "mbx2"
-roles = ["mailbox"]
-address = "{mbx2}"
-
-[[databases]]
-name = "DB01"
-copies = ["mbx1", "mbx2"]
-"""
+    return three_server_topology(cas1, mbx1, mbx2, directory_section)
 
 
 def read_all(address: str, ca: Path, user: str, password: str) -> list[bytes]:

@@ -94,6 +94,31 @@ def addresses_free(addresses: tuple[str, ...]) -> str:
     return ""
 
 
+def three_server_topology(cas1: str, mbx1: str, mbx2: str, directory_section: str = "") -> str:
+    """A topology file: front end cas1, mailbox servers mbx1 and mbx2, DB01 on mbx1 with a
+    copy on mbx2, and `directory_section` ([directory] ...) first."""
+    return f"""{directory_section}
+[[servers]]
+name = "cas1"
+roles = ["frontend"]
+address = "{cas1}"
+
+[[servers]]
+name = "mbx1"
+roles = ["mailbox"]
+address = "{mbx1}"
+
+[[servers]]
+name = "mbx2"
+roles = ["mailbox"]
+address = "{mbx2}"
+
+[[databases]]
+name = "DB01"
+copies = ["mbx1", "mbx2"]
+"""
+
+
 def wait_until(what: str, check: Callable[[], bool], timeout: float) -> float:
     """Seconds until check() held, polled every POLL; OrganizationError after `timeout`."""
     started = time.monotonic()
