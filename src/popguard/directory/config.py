@@ -13,7 +13,8 @@ Every section is optional and the defaults need no file at all:
   and how far a copy may fall behind before it is reseeded from a snapshot instead
   of the log being kept for it (`max_copy_lag_seconds`, `max_copy_lag_bytes`).
 - `[active_manager]`: `enabled`, the automatic failover of a mailbox server whose
-  lease lapsed (off by default for now).
+  lease lapsed (off by default for now), and `synchronous_copy`: acknowledgements
+  wait for a passive copy (on by default).
 - `[[servers]]`, `[[databases]]`, `[demo]`: the topology `popguard up` starts;
   without servers, the organization of DESIGN.md section 3 (cas1, mbx1, mbx2, DB01,
   DB02).
@@ -128,6 +129,10 @@ class ActiveManagerSection(Section):
     # active_manager.py). Off until its servers also fence themselves when they cannot
     # renew their lease: see that module.
     enabled: bool = False
+    # A delivery's 250 and a QUIT's +OK wait until a passive copy holds the change
+    # (replication/synchronous.py), so a failover loses nothing acknowledged; off, they
+    # wait for the active copy's own disk only, and no copy is ever synchronous.
+    synchronous_copy: bool = True
 
 
 class Store(Section):

@@ -98,6 +98,9 @@ class DatabaseCopy:
     server: str
     activation_preference: int
     is_active: bool
+    # A passive copy the active copy's acknowledgements wait for (Active Manager fails
+    # over by itself only to one of these).
+    synchronous: bool = False
 
 
 @dataclass(frozen=True)
@@ -386,7 +389,10 @@ class Directory:
         ).fetchone()
         if target is None:
             raise UserError(f"database {database} has no copy on {server}")
-        db.execute("UPDATE database_copies SET is_active = 0 WHERE database = $1", (database,))
+        db.execute(
+            "UPDATE database_copies SET is_active = 0, synchronous = 0 WHERE database = $1",
+            (database,),
+        )
         db.execute(
             "UPDATE database_copies SET is_active = 1 WHERE database = $1 AND server = $2",
             (database, server),
@@ -512,10 +518,33 @@ class Directory:
             ).fetchall()
         return [
             DatabaseCopy(
-                r["database"], r["server"], r["activation_preference"], bool(r["is_active"])
+                r["database"],
+                r["server"],
+                r["activation_preference"],
+                bool(r["is_active"]),
+                bool(r["synchronous"]),
             )
             for r in rows
         ]
+
+    def copy_count(self, database: str) -> int:
+        """How many copies `database` has (0 for a database the directory lacks); a hot
+        read, cached while the directory sends no change."""
+        row = self._read_one(
+            "SELECT count(*) FROM database_copies WHERE database = $1", (database,)
+        )
+        return 0 if row is None else int(row[0])
+
+    def set_copy_synchronous(self, database: str, server: str, synchronous: bool) -> None:
+        """Say whether the passive copy of `database` on `server` is one the active
+        copy's acknowledgements wait for (the active copy's replication service does)."""
+        database = self._require_database(database)
+        with self._transaction() as db:
+            db.execute(
+                "UPDATE database_copies SET synchronous = $1 "
+                "WHERE database = $2 AND server = $3 AND is_active = 0",
+                (int(synchronous), database, server),
+            )
 
     def active_server(self, database: str) -> str:
         row = self._read_one(
