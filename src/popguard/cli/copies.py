@@ -61,6 +61,8 @@ def status_rows(
                 "ActivationPreference": copy.activation_preference,
                 "ActiveDatabaseCopy": active,
                 "LogSequenceNumber": report.applied_lsn if report else None,
+                # Acknowledgements wait for this copy; Active Manager may activate it.
+                "Synchronous": copy.synchronous,
                 "ErrorMessage": (report.error or "")
                 if report and fresh
                 else (

@@ -31,6 +31,9 @@ from popguard.errors import NotFoundError, UserError
 # A mailbox server's lease: renewed every LEASE_RENEWAL seconds, it lapses LEASE_SECONDS
 # after the last renewal by the directory's clock.
 LEASE_SECONDS = 10.0
+# Cached reads are read again at least this often, NOTIFY or not: a LISTEN connection
+# across a partition may look alive and have missed changes (a failover meanwhile).
+MAX_CACHE_AGE = 3.0
 LEASE_RENEWAL = 2.0
 
 # A service's cache of hot reads (cache_reads) starts again past this many rows: one per
@@ -129,6 +132,7 @@ class Directory:
         self._engine = open_engine(self.location)
         self._cached_reads: dict[tuple[str, tuple[object, ...]], Row | None] | None = None
         self._cached_version = -1
+        self._cached_since = 0.0
         try:
             self._engine.migrate(MIGRATIONS)
         except BaseException:
@@ -163,9 +167,15 @@ class Directory:
         if cache is None:
             return self._engine.execute(sql, params).fetchone()
         version = self._engine.change_counter()
-        if version != self._cached_version or len(cache) > MAX_CACHED_READS:
+        now = time.monotonic()
+        if (
+            version != self._cached_version
+            or len(cache) > MAX_CACHED_READS
+            or now - self._cached_since > MAX_CACHE_AGE
+        ):
             cache.clear()
             self._cached_version = version
+            self._cached_since = now
         key = (sql, params)
         try:
             return cache[key]

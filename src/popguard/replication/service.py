@@ -567,7 +567,12 @@ class ReplicationService:
         """Active Manager's look once a second, beside the lease's renewal: a failover
         may take seconds (mounting, catching up) and must not hold up the renewal."""
         # A handle of its own: the moves it makes run beside the service's own reads.
-        manager = ActiveManager(self.server.name, self.context.open_directory(), self.context.tls)
+        manager = ActiveManager(
+            self.server.name,
+            self.context.open_directory(),
+            self.context.tls,
+            synchronous_copy=self._synchronous_copy,
+        )
         log.info("Active Manager on: a mailbox server whose lease lapses fails over")
         try:
             while not stop.is_set():

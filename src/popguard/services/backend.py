@@ -85,10 +85,15 @@ class BackendService(Pop3Service):
             messages = store.maildrop(address)
         except (NotMountedError, UserError) as exc:
             timer.context = str(exc)
-            session.login_failed(
-                "mailbox database is not available here now, try again later",
-                ResponseCode.SYS_TEMP,
+            # Fenced: the directory, not this server's store, is what failed (the health
+            # probes read "directory" and no restart or move responder acts on it).
+            why = (
+                "mailbox database is not available here now, try again later"
+                if self.databases.fence.why_fenced() is None
+                else "this server cannot renew its lease in the directory, so it serves no "
+                "mailbox database now; try again later"
             )
+            session.login_failed(why, ResponseCode.SYS_TEMP)
             return None
         except sqlite3.Error:
             log.exception("reading the maildrop of %s failed", address)
