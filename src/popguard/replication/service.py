@@ -572,6 +572,7 @@ class ReplicationService:
             self.context.open_directory(),
             self.context.tls,
             synchronous_copy=self._synchronous_copy,
+            decisions_file=self.context.folder.failover_decisions_file(),
         )
         log.info("Active Manager on: a mailbox server whose lease lapses fails over")
         try:
