@@ -26,6 +26,7 @@ from __future__ import annotations
 import json
 import logging
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -62,8 +63,11 @@ class ActiveManager:
         tls: TlsMaterial,
         synchronous_copy: bool = True,
         decisions_file: Path | None = None,
+        steady: Callable[[], bool] = lambda: True,
     ) -> None:
         self.server = server
+        # Whether this server's own lease renewals have gone well for a whole lease.
+        self._steady = steady
         self._decisions_file = decisions_file
         # With synchronous copies (the default) only a copy marked synchronous is known
         # to hold every acknowledged change; without, the most of the log is the best
@@ -89,7 +93,7 @@ class ActiveManager:
         now = time.monotonic()
         if self._reachable_since is None:
             self._reachable_since = now
-        if now - self._reachable_since < LEASE_SECONDS:
+        if now - self._reachable_since < LEASE_SECONDS or not self._steady():
             # Just started, or the directory just came back: every lease may have lapsed
             # while nobody could renew. A live server renews within LEASE_RENEWAL; only
             # a lease still lapsed after a whole lease of reachability is a dead server.
