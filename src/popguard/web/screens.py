@@ -249,11 +249,9 @@ def probe(data: Path, directory: Directory, server_name: str, identity: str,
     rows: list[dict[str, Any]] = api_client.ask(data, directory, server_name, "GET", query)
     runs = []
     for row in reversed(rows[:SQUARES]):
-        started, ended = (
-            _parse_time(row["ExecutionStartTime"]),
-            _parse_time(row["ExecutionEndTime"]),
-        )
-        total = (ended - started) * 1000 if started is not None and ended is not None else None
+        # The times are whole seconds: the run's latency (SampleValue, in ms) ends its
+        # last step, or that step's latency is not known.
+        total = row["SampleValue"] if isinstance(row["SampleValue"], int | float) else None
         runs.append(
             ProbeRun(row["ExecutionStartTime"], row["ResultType"], row["SampleValue"],
                      row["Error"], row["FailureComponent"], row["FailureReason"],
