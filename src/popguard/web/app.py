@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import re
 import secrets
 import time
 from collections.abc import Awaitable, Callable
@@ -90,7 +91,9 @@ class WebPage:
 
     @web.middleware
     async def _guard(self, request: web.Request, handler: Handler) -> web.StreamResponse:
-        open_paths = request.path in ("/login",) or request.path.startswith("/static/")
+        open_paths = request.path in ("/login", "/favicon.ico") or request.path.startswith(
+            "/static/"
+        )
         session = self.sessions.get(request.cookies.get(SESSION_COOKIE))
         if session is not None and await self._gone(session):
             self.sessions.drop(session.token)
@@ -161,7 +164,11 @@ class WebPage:
                             path="/")  # fmt: skip
 
     async def _login_form(self, request: web.Request) -> web.StreamResponse:
-        token = secrets.token_urlsafe(32)
+        # The token already given stays: a second login form (another tab, the
+        # browser's own requests) must not void the first one's.
+        token = request.cookies.get(LOGIN_COOKIE, "")
+        if not re.fullmatch(r"[A-Za-z0-9_-]{43}", token):
+            token = secrets.token_urlsafe(32)
         response = self._render(request, "login.html", csrf=token, error="",
                                 next=_local(request.query.get("next", "/")))  # fmt: skip
         self._cookie(response, LOGIN_COOKIE, token)

@@ -17,6 +17,8 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+from popguard.errors import UserError
+
 log = logging.getLogger("popguard.web")
 
 MAX_EVENTS = 2000  # what the log keeps for replay and for the feed
@@ -164,6 +166,8 @@ class Watcher:
         while not stop.is_set():
             try:
                 snapshot = await asyncio.to_thread(self._look)
+            except UserError as exc:  # a health service not up yet, the directory away
+                log.warning("looking at the organization: %s", exc)
             except Exception:  # the feed must outlive a failed look
                 log.exception("looking at the organization failed")
             else:
