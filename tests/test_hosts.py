@@ -24,7 +24,7 @@ from popguard.testing.organization import popguard
 
 from .conftest import message, processes_matching
 
-FRONTEND_PORTS = (10110, 10995, 8480)
+FRONTEND_PORTS = (10110, 10995, 8480, 8088)
 
 
 def _addresses() -> tuple[str, str, str]:

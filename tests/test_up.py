@@ -217,7 +217,7 @@ def test_up_starts_the_topology_of_a_config_file(tmp_path: Path) -> None:
             assert shown.returncode == 0, shown.stderr
             rows = {row["Name"]: row["Status"] for row in json.loads(shown.stdout)}
             expected = (
-                {"pop3", "health"} if roles == ["frontend"]
+                {"pop3", "health", "web"} if roles == ["frontend"]
                 else {"pop3be", "delivery", "replication", "health"}
             )  # fmt: skip
             assert rows == dict.fromkeys(expected, "Running"), (name, rows)
