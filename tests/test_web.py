@@ -18,7 +18,7 @@ from typing import Any
 from urllib.parse import urlencode
 
 import pytest
-from playwright.sync_api import Browser, BrowserContext, Page, expect
+from playwright.sync_api import Browser, BrowserContext, Page, ViewportSize, expect
 
 from popguard.testing.net import free_loopback_address
 from popguard.testing.organization import popguard, popguard_output, wait_until
@@ -345,7 +345,7 @@ def test_an_acknowledgement_needs_a_reason_and_shows_in_the_feed(
 def test_the_page_reads_on_a_phone_in_dark_mode(
     browser: Browser, web_org: WebOrganization, shots: Path
 ) -> None:
-    phone = {"width": 390, "height": 844}
+    phone: ViewportSize = {"width": 390, "height": 844}
     context = browser.new_context(viewport=phone, color_scheme="dark", device_scale_factor=2,
                                   is_mobile=True, has_touch=True)  # fmt: skip
     page = context.new_page()
@@ -387,3 +387,64 @@ def test_without_javascript_the_pages_still_show_the_data(
     expect(page.locator("#uptime")).to_contain_text("24 h")
     page.screenshot(path=shots / "no-javascript-probe.png", full_page=True)
     context.close()
+
+
+def test_an_operator_restarts_a_service_sets_maintenance_and_moves_a_database(
+    operator_page: Page, web_org: WebOrganization
+) -> None:
+    page = operator_page
+    # restart-service: a real restart, a new process id.
+    (before,) = [r for r in web_org.cli_json("get-service", "--server", "mbx2")
+                 if r["Name"] == "delivery"]  # fmt: skip
+    page.goto(web_org.url + "servers/mbx2")
+    row = page.locator("#services tr", has_text="delivery")
+    row.locator("summary", has_text="Restart").click()
+    row.locator("input[name=reason]").fill("new TLS certificate")
+    row.locator("button", has_text="Restart").click()
+    expect(page.locator(".done")).to_contain_text("Running, process id")
+    (after,) = [r for r in web_org.cli_json("get-service", "--server", "mbx2")
+                if r["Name"] == "delivery"]  # fmt: skip
+    assert after["ProcessId"] != before["ProcessId"] and after["Status"] == "Running"
+
+    # Maintenance: the component state for the Maintenance requester, and a monitor
+    # disabled for a duration, as set-servercomponentstate and
+    # add-servermonitoringoverride make them.
+    page.goto(web_org.url + "servers/mbx2")
+    maintenance = page.locator("details.action", has_text="Maintenance").last
+    maintenance.locator("summary").click()
+    maintenance.locator("select[name=state]").select_option("Active")
+    maintenance.locator("input[name=monitor]").fill("POP.Protocol\\PopProcessRestartsMonitor")
+    maintenance.locator("input[name=duration]").fill("0.00:05:00")
+    maintenance.locator("input[name=reason]").fill("watching restarts by hand")
+    maintenance.locator("button").click()
+    expect(page.locator(".done")).to_contain_text("PopProcessRestartsMonitor disabled on mbx2")
+    (state,) = web_org.cli_json("get-servercomponentstate", "mbx2")
+    assert state["Requesters"].get("Maintenance") == "Active"
+    overrides = web_org.cli_json("get-servermonitoringoverride", "--server", "mbx2")
+    assert any(o["Identity"] == "POP.Protocol\\PopProcessRestartsMonitor"
+               and o["PropertyValue"] == "false" for o in overrides)  # fmt: skip
+
+    # A move needs its confirmation; then DB02 is active on mbx1, as the command says.
+    page.goto(web_org.url + "copies")
+    row = page.locator('tr[data-copy="DB02\\\\mbx1"]')
+    row.locator("summary", has_text="Make active").click()
+    box = row.locator("input[name=confirm]")
+    box.evaluate("input => input.removeAttribute('required')")
+    row.locator("input[name=reason]").fill("mbx2 goes into maintenance")
+    row.locator("button", has_text="Make active").click()
+    expect(page.locator(".error")).to_contain_text("needs its confirmation box ticked")
+    page.goto(web_org.url + "copies")
+    row = page.locator('tr[data-copy="DB02\\\\mbx1"]')
+    row.locator("summary", has_text="Make active").click()
+    row.locator("input[name=confirm]").check()
+    row.locator("input[name=reason]").fill("mbx2 goes into maintenance")
+    row.locator("button", has_text="Make active").click()
+    expect(page.locator(".done")).to_contain_text("Succeeded", timeout=150_000)
+    copies = web_org.cli_json("get-mailboxdatabasecopystatus")
+    assert {c["ActiveDatabaseCopy"] for c in copies if c["Name"].startswith("DB02")} == {"mbx1"}
+    page.goto(web_org.url + "events")
+    feed = page.locator("#feed")
+    expect(feed).to_contain_text("DB02: active copy moved from mbx2 to mbx1", timeout=30_000)
+    for action in ("restart-service", "maintenance", "move-activemailboxdatabase"):
+        expect(feed).to_contain_text(f"{web_org.operator[0]} ran {action}")
+    expect(feed).to_contain_text("refused: moving DB02 to mbx1 needs its confirmation")
