@@ -208,6 +208,9 @@ def test_a_hang_turns_the_cell_unhealthy_live_and_back_after_the_repair(
     page.screenshot(path=shots / "hang-found.png", full_page=True)
     expect(cell).to_contain_text("Healthy", timeout=LIVE_TIMEOUT)
     expect(cell).not_to_contain_text("Unhealthy")
+    # What repaired it shows on the same page, still without a reload.
+    expect(page.locator("#latest")).to_contain_text("[restart-service] on pop3be: Succeeded",
+                                                    timeout=60_000)  # fmt: skip
     assert page.evaluate("window.notReloaded") is True
     page.screenshot(path=shots / "hang-repaired.png", full_page=True)
     # The feed tells what happened: the state changes and the engine's restart.

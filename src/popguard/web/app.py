@@ -35,6 +35,7 @@ from popguard.web.sessions import LOGIN_COOKIE, SESSION_COOKIE, Session, Session
 REFRESH_SECONDS = 10  # without JavaScript, a page reloads itself this often
 KEEPALIVE_SECONDS = 15.0  # a comment on an idle stream, so proxies keep it open
 FEED_SHOWN = 200
+LATEST_SHOWN = 8  # the organization page's newest events: what was found, what was done
 MAX_FORM_SIZE = 16 * 1024
 CSP = (
     "default-src 'self'; script-src 'self'; style-src 'self'; img-src 'self' data:; "
@@ -214,7 +215,9 @@ class WebPage:
 
     async def _organization(self, request: web.Request) -> web.StreamResponse:
         org = await self._gather(lambda d: screens.organization(self.data, d))
-        return self._render(request, "organization.html", org=org, title="Organization")
+        latest = self.log.newest_first(LATEST_SHOWN)
+        return self._render(request, "organization.html", org=org, title="Organization",
+                            events=latest, when=screens.api_time)  # fmt: skip
 
     async def _server(self, request: web.Request) -> web.StreamResponse:
         name = request.match_info["name"]
