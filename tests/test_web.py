@@ -3,7 +3,7 @@ real `popguard up`: every screen's data, live updates through an injected hang a
 its repair, the event stream's replay, the roles and CSRF, an acknowledgement, a
 phone in dark mode, and the pages with JavaScript off.
 
-The screenshots are kept in a folder the test output names (under pytest's tmp dir).
+The screenshots are kept in artifacts/web-screenshots/ (the test output names it).
 """
 
 from __future__ import annotations
@@ -108,11 +108,17 @@ def web_org(tmp_path_factory: pytest.TempPathFactory) -> Iterator[WebOrganizatio
         popguard(data, "down")
 
 
+# Kept after the run (pytest's own tmp dirs are rotated away by later runs).
+SHOTS = Path(__file__).resolve().parent.parent / "artifacts" / "web-screenshots"
+
+
 @pytest.fixture(scope="module")
-def shots(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    folder = tmp_path_factory.mktemp("web-screenshots")
-    print(f"web page screenshots in {folder}")
-    return folder
+def shots(request: pytest.FixtureRequest) -> Path:
+    SHOTS.mkdir(parents=True, exist_ok=True)
+    reporter = request.config.pluginmanager.get_plugin("terminalreporter")
+    if reporter is not None:
+        reporter.write_line(f"test_web: screenshots in {SHOTS}")
+    return SHOTS
 
 
 def log_in(page: Page, org: WebOrganization, who: tuple[str, str]) -> None:
@@ -159,10 +165,20 @@ def test_the_organization_page_lists_every_server_and_health_set(
     headers = page.locator("table.matrix thead th").all_inner_texts()
     assert headers[:4] == ["Server", "POP", "POP.Protocol", "POP.Proxy"]
     assert "Web.Test" in headers  # the operator's own health set too
-    report = web_org.cli_json("get-healthreport")
-    for row in report:  # each cell says what get-healthreport says
-        cell = page.locator(f'[data-cell="{row["Server"]}|{row["HealthSet"]}"]')
-        expect(cell).to_contain_text(row["AlertValue"], timeout=30_000)
+
+    def same_as_the_command() -> bool:
+        """Each cell says what get-healthreport says (read just before: states move)."""
+        report = {(r["Server"], r["HealthSet"]): r["AlertValue"]
+                  for r in web_org.cli_json("get-healthreport")}  # fmt: skip
+        page.reload()
+        shown = {
+            tuple((cell.get_attribute("data-cell") or "").split("|")): cell.inner_text().split()[-1]
+            for cell in page.locator("[data-cell]").all()
+            if cell.locator(".state").count()
+        }
+        return shown == report
+
+    wait_until("the page's cells to be get-healthreport's", same_as_the_command, 120)
     copies = web_org.cli_json("get-mailboxdatabasecopystatus")
     for database in {c["Name"].split("\\")[0] for c in copies}:
         active = next(c["ActiveDatabaseCopy"] for c in copies if c["Name"].startswith(database))
