@@ -344,7 +344,7 @@ def test_an_acknowledgement_needs_a_reason_and_shows_in_the_feed(
     row.locator("summary", has_text="Acknowledge").click()
     row.locator("input[name=reason]").fill("looking at the counters with the storage team")
     row.locator("button", has_text="Acknowledge").click()
-    expect(page.locator(".done")).to_contain_text("acknowledged")
+    expect(page.locator(".done")).to_contain_text("acknowledged", timeout=60_000)
     (acknowledged,) = [
         a for a in web_org.cli_json("get-alerts", "--server", "mbx2")
         if a["MonitorName"] == "WebTestMonitor" and a["AcknowledgedBy"]
@@ -420,7 +420,7 @@ def test_an_operator_restarts_a_service_sets_maintenance_and_moves_a_database(
     row.locator("summary", has_text="Restart").click()
     row.locator("input[name=reason]").fill("new TLS certificate")
     row.locator("button", has_text="Restart").click()
-    expect(page.locator(".done")).to_contain_text("Running, process id")
+    expect(page.locator(".done")).to_contain_text("Running, process id", timeout=60_000)
     (after,) = [r for r in web_org.cli_json("get-service", "--server", "mbx2")
                 if r["Name"] == "delivery"]  # fmt: skip
     assert after["ProcessId"] != before["ProcessId"] and after["Status"] == "Running"
@@ -436,7 +436,8 @@ def test_an_operator_restarts_a_service_sets_maintenance_and_moves_a_database(
     maintenance.locator("input[name=duration]").fill("0.00:05:00")
     maintenance.locator("input[name=reason]").fill("watching restarts by hand")
     maintenance.locator("button").click()
-    expect(page.locator(".done")).to_contain_text("PopProcessRestartsMonitor disabled on mbx2")
+    expect(page.locator(".done")).to_contain_text("PopProcessRestartsMonitor disabled on mbx2",
+                                                  timeout=60_000)  # fmt: skip
     (state,) = web_org.cli_json("get-servercomponentstate", "mbx2")
     assert state["Requesters"].get("Maintenance") == "Active"
     overrides = web_org.cli_json("get-servermonitoringoverride", "--server", "mbx2")
