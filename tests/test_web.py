@@ -343,6 +343,19 @@ def test_an_acknowledgement_needs_a_reason_and_shows_in_the_feed(
     row = page.locator("tr[data-alert^='mbx2|']", has_text="WebTestMonitor").first
     row.locator("summary", has_text="Acknowledge").click()
     row.locator("input[name=reason]").fill("looking at the counters with the storage team")
+    # An event arrives while the form is open: the page refreshes its other parts, and
+    # leaves the one with the open form as it is.
+    refreshed = int(page.locator("body").get_attribute("data-refreshed") or 0)
+    csrf = page.locator("input[name=csrf]").first.get_attribute("value") or ""
+    status, _ = post(web_org, "/actions/invoke-monitoringprobe", {
+        "csrf": csrf, "server": "mbx1", "identity": "POP.Protocol\\PopSelfTestProbe",
+        "reason": "an event while a form is open"}, session_cookie(page.context))  # fmt: skip
+    assert status == 303
+    wait_until("the page to refresh itself",
+               lambda: int(page.locator("body").get_attribute("data-refreshed") or 0) > refreshed,
+               60)  # fmt: skip
+    reason = row.locator("input[name=reason]")
+    assert reason.input_value() == "looking at the counters with the storage team"
     row.locator("button", has_text="Acknowledge").click()
     expect(page.locator(".done")).to_contain_text("acknowledged", timeout=60_000)
     (acknowledged,) = [
