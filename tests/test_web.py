@@ -220,10 +220,16 @@ def test_a_hang_turns_the_cell_unhealthy_live_and_back_after_the_repair(
     hung = popguard(web_org.data, "inject-fault", "--server", "mbx1", "--service", "pop3be",
                     "--kind", "hang")  # fmt: skip
     assert hung.returncode == 0, hung.stderr
+    injected = time.monotonic()
     expect(cell).to_contain_text("Unhealthy", timeout=LIVE_TIMEOUT)
+    found = time.monotonic() - injected
     page.screenshot(path=shots / "hang-found.png", full_page=True)
     expect(cell).to_contain_text("Healthy", timeout=LIVE_TIMEOUT)
     expect(cell).not_to_contain_text("Unhealthy")
+    print(
+        f"on the page: Unhealthy {found:.0f}s after the hang, Healthy again "
+        f"{time.monotonic() - injected:.0f}s after it"
+    )  # for the log
     # What repaired it shows on the same page, still without a reload.
     expect(page.locator("#latest")).to_contain_text("[restart-service] on pop3be: Succeeded",
                                                     timeout=60_000)  # fmt: skip
