@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Install the real POP3 clients, Postfix, Dovecot and PostgreSQL that tests/realclients.py and
-# tests/test_realclients_dovecot.py drive.  Idempotent; run as root on Debian 12.
+# tests/test_realclients_dovecot.py drive, and the chromium that tests/test_web.py drives
+# through Playwright (which cannot download a browser of its own here).  Idempotent; run as root on Debian 12.
 #
 # - Fast re-runs: when every binary is already present, apt is not touched at all.
 # - Postfix is preseeded to "Local only" so its postinst does not prompt.
@@ -14,9 +15,9 @@ set -euo pipefail
 
 export PATH="$PATH:/usr/local/sbin:/usr/sbin:/sbin"
 
-BINARIES=(curl fetchmail mpop getmail postfix postconf dovecot)
+BINARIES=(curl fetchmail mpop getmail postfix postconf dovecot chromium)
 PACKAGES=(curl fetchmail mpop getmail6 postfix dovecot-core dovecot-pop3d ca-certificates
-    postgresql)
+    postgresql chromium)
 
 missing=()
 for bin in "${BINARIES[@]}"; do

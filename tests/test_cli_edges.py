@@ -210,3 +210,26 @@ def test_new_mailbox_picks_the_emptiest_mounted_database(detached_organization: 
     assert created.returncode == 0, created.stderr
     assert json.loads(created.stdout)[0]["Database"] == emptiest
     assert f"new-mailbox: in {emptiest}, which has the fewest mailboxes" in created.stderr
+
+
+def test_new_webuser_refuses_bad_input_in_one_line(folder: Path) -> None:
+    made = popguard(folder, "new-webuser", "alice", "--role", "viewer", "--password-stdin",
+                    "--format", "json", stdin="a long enough password\n")  # fmt: skip
+    assert made.returncode == 0, made.stderr
+    (row,) = json.loads(made.stdout)
+    assert (row["Name"], row["Role"]) == ("alice", "viewer") and "Password" not in row
+    for args, stdin, said in (
+        (("alice", "--role", "viewer"), "another long password\n", "web user alice already"),
+        (("bob", "--role", "viewer"), "short\n", "at least 12 characters"),
+        (("bob", "--role", "viewer"), "\n", "no password on standard input"),
+        (("9bob", "--role", "operator"), "a long enough password\n", "not a valid web user"),
+    ):
+        refused = popguard(folder, "new-webuser", *args, "--password-stdin", stdin=stdin)
+        assert refused.returncode == 1 and said in refused.stderr, refused.stderr
+        assert len(refused.stderr.strip().splitlines()) == 1 and "Traceback" not in refused.stderr
+    unknown_role = popguard(folder, "new-webuser", "carol", "--role", "admin", "--password-stdin",
+                            stdin="a long enough password\n")  # fmt: skip
+    assert unknown_role.returncode == 1 and "admin" in unknown_role.stderr
+    listed = json_of(folder, "get-webuser")
+    assert [(u["Name"], u["Role"]) for u in listed] == [("alice", "viewer")]
+    assert "argon2" not in json.dumps(listed)

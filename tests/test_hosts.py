@@ -24,7 +24,7 @@ from popguard.testing.organization import popguard
 
 from .conftest import message, processes_matching
 
-FRONTEND_PORTS = (10110, 10995, 8480)
+FRONTEND_PORTS = (10110, 10995, 8480, 8088)
 
 
 def _addresses() -> tuple[str, str, str]:
@@ -102,7 +102,8 @@ def test_two_hosts_each_run_their_own_servers_and_share_the_directory(tmp_path: 
         match = re.search(r"demo mailbox (\S+) \(in DB01\)\s+password (\S+)", out)
         assert match, out
         demo_user, demo_password = match.groups()
-        assert len(processes_matching(f"popguard --data {host_a.resolve()} serve")) == 6
+        # cas1: pop3, health, web; mbx1: pop3be, delivery, replication, health
+        assert len(processes_matching(f"popguard --data {host_a.resolve()} serve")) == 7
 
         # The second host: its configuration names the first one's directory. Before its
         # credentials are in, it has no CA and makes none.
@@ -259,7 +260,8 @@ def test_two_hosts_each_run_their_own_servers_and_share_the_directory(tmp_path: 
             down_b = popguard(host_b, "down")
         assert down_b.returncode == 0, down_b.stderr
         assert processes_matching(f"popguard --data {host_b.resolve()} serve") == []
-        assert len(processes_matching(f"popguard --data {host_a.resolve()} serve")) == 6
+        # cas1: pop3, health, web; mbx1: pop3be, delivery, replication, health
+        assert len(processes_matching(f"popguard --data {host_a.resolve()} serve")) == 7
     finally:
         down_a = popguard(host_a, "down")
     assert down_a.returncode == 0, down_a.stderr

@@ -23,6 +23,7 @@ LAYERS = [
     "services",
     "replication",
     "health",
+    "web",
     "cli",
     "testing",
 ]

@@ -595,3 +595,46 @@ async def test_a_restarted_service_is_judged_once_it_can_answer(
     again = task.result()
     assert again.fails is fails and len(seen) == runs, seen
     engine.close()
+
+
+async def test_an_acknowledged_alert_is_not_repeated_and_is_over_when_its_monitor_recovers(
+    tmp_path: Path, switch: Switch, alert_sinks: AlertSinks
+) -> None:
+    """An operator's acknowledgement (the web page) stops the repeats of that alert only:
+    once its monitor recovers it is resolved, and the problem's return is a new alert,
+    sent and repeated as before."""
+    received = alert_sinks
+    data = two_mailbox_servers(tmp_path, active_on="mbx2")
+    escalation_config(data, alert_sinks)
+    health_set = load_health_set(SWITCHED + ESCALATE_ONLY, "escalate.toml")
+    clock = ManualClock(start=time.time())
+    engine = HealthEngine(ServerContext.open(data, "mbx1"), clock, [health_set])
+    probe = engine.probes()[0][1]
+    await engine.run_now(health_set, probe)
+    await step(engine, clock, 10)
+    (alert,) = engine.store.alerts()
+    assert len(received.mails) == 1
+    assert not engine.store.acknowledge(alert.id + 1, clock.now(), "op", "no such alert")
+    assert engine.store.acknowledge(alert.id, clock.now(), "operator", "on it")
+    for _ in range(3):  # three repeat intervals: no repeat
+        await step(engine, clock, 600)
+    assert len(received.mails) == 1
+    (acknowledged,) = engine.store.alerts()
+    assert (acknowledged.acknowledged_by, acknowledged.acknowledgement) == ("operator", "on it")
+
+    switch.failing = False
+    await engine.run_now(health_set, probe)
+    await step(engine, clock, 10)
+    assert engine.store.alerts()[0].resolved is not None
+    assert received.mails[-1]["Subject"].startswith("[popguard RESOLVED]")
+    sent = len(received.mails)
+
+    switch.failing = True
+    await engine.run_now(health_set, probe)
+    await step(engine, clock, 10)
+    _, second = engine.store.alerts()
+    assert second.acknowledged is None and second.resolved is None
+    assert len(received.mails) == sent + 1
+    await step(engine, clock, 600)
+    assert len(received.mails) == sent + 2  # the new alert repeats
+    engine.close()

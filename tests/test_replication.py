@@ -16,9 +16,9 @@ from pathlib import Path
 import pytest
 
 from popguard import paths
-from popguard.cli.copies import status_rows
 from popguard.directory.directory import Directory
 from popguard.errors import UserError
+from popguard.replication.copy_status_rows import status_rows
 from popguard.services.lmtp_client import deliver
 from popguard.store.mailbox_database import MailboxDatabase
 from popguard.testing.organization import popguard, popguard_output

@@ -18,9 +18,9 @@ from pathlib import Path
 import httpx
 import pytest
 
-from popguard.cli.copies import status_rows
 from popguard.directory.directory import Directory
 from popguard.net import tls
+from popguard.replication.copy_status_rows import status_rows
 from popguard.store import change_log
 from popguard.store.change_log import GENESIS, LogEntry, entry_checksum
 from popguard.testing.net import free_loopback_address

@@ -74,8 +74,8 @@ def test_up_serves_the_demo_mailbox_and_stops_cleanly(tmp_path: Path) -> None:
         assert b"Subject: Welcome to popguard" in lines
         client.quit()
         children = processes_matching(f"popguard --data {data} serve")
-        # pop3be, delivery, replication, health twice; pop3 and health
-        assert len(children) == 10, children
+        # pop3be, delivery, replication, health twice; pop3, health and web
+        assert len(children) == 11, children
         # mbx2's copy of DB01 follows mbx1's: the welcome message is there too.
         deadline = time.monotonic() + 30
         while time.monotonic() < deadline:
@@ -145,7 +145,7 @@ def test_services_run_under_supervisord_and_restart_for_real(tmp_path: Path) -> 
         stopped = popguard(data, "stop-service", "health", "--server", "cas1", "--format", "json")
         assert json.loads(stopped.stdout)[0]["Status"] == "Stopped"
         wrong = popguard(data, "restart-service", "pop3be", "--server", "cas1")
-        assert wrong.returncode == 1 and "cas1 runs pop3, health; not pop3be" in wrong.stderr
+        assert wrong.returncode == 1 and "cas1 runs pop3, health, web; not pop3be" in wrong.stderr
         again = popguard(data, "up", "--detach")
         assert again.returncode == 1 and "already up" in again.stderr
     finally:
@@ -217,7 +217,7 @@ def test_up_starts_the_topology_of_a_config_file(tmp_path: Path) -> None:
             assert shown.returncode == 0, shown.stderr
             rows = {row["Name"]: row["Status"] for row in json.loads(shown.stdout)}
             expected = (
-                {"pop3", "health"} if roles == ["frontend"]
+                {"pop3", "health", "web"} if roles == ["frontend"]
                 else {"pop3be", "delivery", "replication", "health"}
             )  # fmt: skip
             assert rows == dict.fromkeys(expected, "Running"), (name, rows)

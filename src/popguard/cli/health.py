@@ -5,116 +5,25 @@ server's health service over its API."""
 from __future__ import annotations
 
 import fnmatch
-import http.client
-import json
-import ssl
-from concurrent.futures import ThreadPoolExecutor
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import click
 
-from popguard import paths
 from popguard.cli.context import AppContext, pass_app
 from popguard.cli.render import format_option, render
 from popguard.errors import UserError
+from popguard.health import api_client
 from popguard.health.results import RETENTION
-
-if TYPE_CHECKING:
-    from popguard.directory.directory import Server
-
-API_TIMEOUT = 10.0
-INVOKE_TIMEOUT = 120.0
-
-
-def _token(app: AppContext) -> str:
-    try:
-        return paths.api_token_file(app.data).read_text().strip()
-    except OSError:
-        raise UserError(
-            f"no health API token in {paths.api_token_file(app.data)}: has a health service "
-            "ever run (popguard serve health)?"
-        ) from None
-
-
-def _tls(app: AppContext) -> ssl.SSLContext:
-    """Trusts the organization's CA alone: the health API speaks HTTPS with the
-    organization's certificates, on this host or another."""
-    ca = paths.tls_dir(app.data) / "ca.pem"
-    try:
-        context = ssl.create_default_context(cafile=str(ca))
-    except OSError:
-        raise UserError(
-            f"no organization CA certificate in {ca}: has popguard run here, or were this "
-            "host's credentials imported (import-server-credentials)?"
-        ) from None
-    context.minimum_version = ssl.TLSVersion.TLSv1_2
-    return context
-
-
-def _request(
-    server: Server, token: str, tls: ssl.SSLContext, method: str, path: str, body: Any = None
-) -> Any:
-    """One call of SERVER's health API. http.client, not httpx: this runs in every
-    health command, and httpx's import alone costs more than the whole request."""
-    address, port = server.address, server.port("health")
-    timeout = INVOKE_TIMEOUT if path == "invoke" else API_TIMEOUT
-    headers = {"Authorization": f"Bearer {token}"}
-    payload = None
-    if body is not None:
-        payload = json.dumps(body).encode()
-        headers["Content-Type"] = "application/json"
-    connection = http.client.HTTPSConnection(address, port, timeout=timeout, context=tls)
-    try:
-        connection.request(method, f"/v1/{path}", body=payload, headers=headers)
-        response = connection.getresponse()
-        text = response.read().decode("utf-8", "replace")
-    except (OSError, http.client.HTTPException) as exc:
-        raise UserError(
-            f"the health service of {server.name} does not answer at {address}:{port} "
-            f"({exc or type(exc).__name__}); is `popguard serve health --server {server.name}` "
-            "running?"
-        ) from None
-    finally:
-        connection.close()
-    try:
-        answer = json.loads(text)
-    except ValueError:
-        answer = None
-    if response.status != 200:
-        reason = answer.get("error", text) if isinstance(answer, dict) else text
-        raise UserError(f"{server.name}: {reason}")
-    if answer is None:
-        raise UserError(f"{server.name}: the health API answered with no JSON")
-    return answer
 
 
 def _ask(app: AppContext, server_name: str, method: str, path: str, body: Any = None) -> Any:
     with app.directory() as directory:
-        server = directory.get_server(server_name)
-    return _request(server, _token(app), _tls(app), method, path, body)
+        return api_client.ask(app.data, directory, server_name, method, path, body)
 
 
 def _ask_each(app: AppContext, server_name: str | None, path: str) -> list[dict[str, Any]]:
-    """The rows of one server, or of every server of the organization. Asked of every
-    server, a health service that does not answer is one row saying so: the others'
-    rows still show."""
-    if server_name is not None:
-        rows: list[dict[str, Any]] = _ask(app, server_name, "GET", path)
-        return rows
     with app.directory() as directory:
-        servers = directory.list_servers()
-    token, tls = _token(app), _tls(app)
-
-    def one(server: Server) -> list[dict[str, Any]]:
-        try:
-            answer: list[dict[str, Any]] = _request(server, token, tls, "GET", path)
-        except UserError as exc:
-            return [{"Server": server.name, "Error": str(exc)}]
-        return answer
-
-    # At once, so that one hung server costs one timeout, not one per server after it.
-    with ThreadPoolExecutor(max_workers=max(1, len(servers))) as pool:
-        return [row for rows in pool.map(one, servers) for row in rows]
+        return api_client.ask_each(app.data, directory, server_name, path)
 
 
 def _render_or_say(rows: list[dict[str, Any]], output_format: str, nothing: str) -> None:

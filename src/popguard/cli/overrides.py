@@ -14,19 +14,7 @@ from popguard.directory.directory import MonitoringOverride
 from popguard.directory.exchange_values import parse_boolean
 from popguard.errors import UserError
 from popguard.health.api import when
-from popguard.health.definitions import ProbeDefinition
-from popguard.health.loader import find_item
-from popguard.health.overrides import canonical_property, parse_duration, parse_value
-
-ITEM_TYPES = ("Probe", "Monitor")
-
-
-def known_item(identity: str, item_type: str) -> str:
-    """The identity as the health-set files spell it; UserError if there is none such."""
-    found = find_item(identity)
-    if found is not None and isinstance(found[1], ProbeDefinition) == (item_type == "Probe"):
-        return f"{found[0].name}\\{found[1].name}"
-    raise UserError(f"no {item_type.lower()} '{identity}' (names look like 'POP\\PopCTPMonitor')")
+from popguard.health.overrides import ITEM_TYPES, known_item, new_override
 
 
 def override_row(override: MonitoringOverride) -> dict[str, Any]:
@@ -67,15 +55,9 @@ def _add(
     property_value: str,
     duration: str,
 ) -> MonitoringOverride:
-    item_type = next(t for t in ITEM_TYPES if t.lower() == item_type.lower())
-    identity = known_item(identity, item_type)
-    value = parse_value(item_type, property_name, property_value)
-    now = time.time()
-    override = MonitoringOverride(
-        server, identity, item_type, canonical_property(item_type, property_name),
-        str(value).lower() if isinstance(value, bool) else f"{value:g}", now,
-        now + parse_duration(duration),
-    )  # fmt: skip
+    override = new_override(
+        server, identity, item_type, property_name, property_value, duration, time.time()
+    )
     with app.directory() as directory:
         directory.add_monitoring_override(override)
     return override

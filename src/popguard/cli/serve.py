@@ -123,4 +123,17 @@ def serve_health(app: AppContext, server: str, profile: str) -> None:
     service.serve(app.data, server, profile)
 
 
+@serve.command("web")
+@click.option("--server", required=True, help="The front end whose web page to serve.")
+@click.option("--listen", help="The address to listen on [default: the server's own if it is "
+              "loopback, else 127.0.0.1]; HTTPS anywhere but loopback.")  # fmt: skip
+@pass_app
+def serve_web(app: AppContext, server: str, listen: str | None) -> None:
+    """The operator's web page: the organization at a glance, live, with the runbook's
+    actions for operators."""
+    from popguard.web import service
+
+    service.serve(app.data, server, listen)
+
+
 COMMANDS = [serve]

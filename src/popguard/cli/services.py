@@ -2,9 +2,8 @@
 
 from __future__ import annotations
 
-import datetime
 import subprocess
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 import click
 
@@ -14,12 +13,12 @@ from popguard.cli.render import format_option, render
 from popguard.control.ports import Endpoint, in_use
 from popguard.control.service_control import (
     SERVICES,
-    ServiceStatus,
     SupervisorControl,
     SystemdControl,
     control_for,
     services_of,
 )
+from popguard.control.service_rows import status_row
 from popguard.directory.config import config_file, load_config
 from popguard.errors import UserError
 
@@ -27,19 +26,6 @@ if TYPE_CHECKING:
     from popguard.directory.directory import Server
 
 FRONTEND_ROLE = "frontend"  # one of directory.ROLES: the servers clients connect to
-
-
-def status_row(status: ServiceStatus, supervisor: str) -> dict[str, Any]:
-    uptime = status.uptime_seconds
-    return {
-        "Server": status.server,
-        "Name": status.service,
-        "Status": status.state,
-        "ProcessId": status.pid,
-        "Uptime": str(datetime.timedelta(seconds=int(uptime))) if uptime is not None else "",
-        "Supervisor": supervisor,
-        "Detail": status.detail,
-    }
 
 
 def _service_of(app: AppContext, server: str, service: str) -> Server:

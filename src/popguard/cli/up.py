@@ -59,6 +59,8 @@ from popguard.directory.organization import (
 from popguard.errors import UserError
 from popguard.net import tls
 from popguard.services.lmtp_client import deliver
+from popguard.web.address import listen_address, page_url
+from popguard.web.first_operator import FIRST_OPERATOR, ensure_first_operator
 
 STARTUP_TIMEOUT = 60.0
 STOP_TIMEOUT = 60.0
@@ -69,6 +71,7 @@ ENDPOINTS = {
     "replication": "replication",
     "pop3": "pop3",
     "health": "health",
+    "web": "web",
 }
 
 
@@ -129,6 +132,32 @@ def _stop_supervisord(
             supervisord.wait()
     elif control.alive():
         control.shutdown()
+
+
+def _listens_on(server: Server, service: str) -> str:
+    # The web page stays on loopback unless told otherwise (serve web --listen).
+    return listen_address(server.address) if service == "web" else server.address
+
+
+def _web_lines(app: AppContext, running: list[Server]) -> list[str]:
+    """Where the web page is and how to log in (a first operator, made now if none)."""
+    pages = [s for s in running if "web" in services_of(s.roles)]
+    if not pages:
+        return []
+    with app.directory() as directory:
+        login = ensure_first_operator(directory, app.data)
+    lines = []
+    for server in pages:
+        address = listen_address(server.address)
+        lines.append(f"  web page    {page_url(address, server.port('web'))} (on {server.name})")
+    if login is not None:
+        lines.append(
+            f"  web login   user {FIRST_OPERATOR}, password in {login.resolve()} "
+            "(more users: popguard new-webuser NAME --role operator|viewer --password-stdin)"
+        )
+    else:
+        lines.append("  web login   the users made with popguard new-webuser")
+    return lines
 
 
 def _read_config(path: Path) -> tuple[str, Config]:
@@ -214,6 +243,7 @@ def _summary(
         lines.append(
             f"  not started (in the directory, not in the topology): {', '.join(unlisted)}"
         )
+    lines += _web_lines(app, running)
     lines.append(f"  CA file     {ca}")
     if demo.here:
         lines.append(
@@ -406,7 +436,7 @@ def up(
         more = f" (and {len(busy) - 1} more)" if len(busy) > 1 else ""
         raise UserError(f"cannot start: {busy[0]}{more}")
     endpoints = [
-        (s.name, service, s.address, s.port(ENDPOINTS[service]))
+        (s.name, service, _listens_on(s, service), s.port(ENDPOINTS[service]))
         for s in running
         for service in servers[s.name]
     ]

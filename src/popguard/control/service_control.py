@@ -31,10 +31,10 @@ from popguard.control import permissions
 from popguard.control.exit_listener import SUBSCRIBED, read_exits
 from popguard.errors import UserError
 
-SERVICES = ("pop3be", "delivery", "replication", "pop3", "health")
+SERVICES = ("pop3be", "delivery", "replication", "pop3", "health", "web")
 ROLE_SERVICES = {
     "mailbox": ("pop3be", "delivery", "replication", "health"),
-    "frontend": ("pop3", "health"),
+    "frontend": ("pop3", "health", "web"),
 }
 
 KILL_RESTART_TIMEOUT = 15.0  # seconds for supervisord to start a killed process again

@@ -66,7 +66,8 @@ DEFAULT_PORTS: dict[str, dict[str, int]] = {
         "replication": 64327,
         "health": 8480,
     },
-    "frontend": {"pop3": 10110, "pop3-tls": 10995, "health": 8480},
+    # web: the operator's web page (popguard serve web).
+    "frontend": {"pop3": 10110, "pop3-tls": 10995, "health": 8480, "web": 8088},
 }
 
 _SERVER_NAME = re.compile(r"^[A-Za-z][A-Za-z0-9-]{0,62}$")

@@ -233,6 +233,36 @@ MIGRATIONS: tuple[Migration, ...] = (
         ALTER TABLE database_copies ADD COLUMN synchronous {int} NOT NULL DEFAULT 0;
         """
     ),
+    Migration(
+        # The operator's web page (popguard serve web) on each front end, its users, and
+        # what they did there (the event feed shows who did what, and why).
+        sqlite="""
+        UPDATE servers SET ports = json_set(ports, '$.web', 8088)
+            WHERE roles LIKE '%"frontend"%';
+        """,
+        postgresql="""
+        UPDATE servers SET ports = (ports::jsonb || '{"web": 8088}'::jsonb)::text
+            WHERE roles LIKE '%"frontend"%';
+        """,
+        common="""
+        CREATE TABLE web_users (
+            name {name} PRIMARY KEY,
+            role TEXT NOT NULL,                -- operator | viewer
+            password_hash TEXT NOT NULL,       -- argon2id, as a mailbox's
+            created {real} NOT NULL
+        );
+        CREATE TABLE web_actions (
+            id {id},
+            at {real} NOT NULL,
+            user_name TEXT NOT NULL,
+            action TEXT NOT NULL,              -- invoke-monitoringprobe, restart-service, ...
+            target TEXT NOT NULL,
+            reason TEXT NOT NULL,
+            result TEXT NOT NULL
+        );
+        CREATE INDEX web_actions_by_time ON web_actions(at);
+        """,
+    ),
 )
 
 SCHEMA_VERSION = len(MIGRATIONS)

@@ -28,6 +28,8 @@ from popguard.health.engine import HealthEngine
 from popguard.health.monitors import SEVERITY
 from popguard.health.results import ProbeResult, RecoveryAction
 
+MAX_RESULTS = 20_000  # results one request may ask for (a week of a 60 s probe: 10,080)
+
 
 def ensure_token(data: Path) -> str:
     path = paths.api_token_file(data)
@@ -230,6 +232,8 @@ class HealthApi:
                 web.get("/metrics", self._metrics),
                 web.get("/v1/recoveryactions", self._recovery_actions),
                 web.get("/v1/alerts", self._alerts),
+                web.post("/v1/acknowledge", self._acknowledge),
+                web.get("/v1/results", self._results),
             ]
         )
         return app
@@ -280,10 +284,50 @@ class HealthApi:
                     "NotifiedTime": when(a.notified),
                     "Notification": a.notification,
                     "ResolvedTime": when(a.resolved),
+                    "Id": a.id,
+                    "AcknowledgedTime": when(a.acknowledged),
+                    "AcknowledgedBy": a.acknowledged_by,
+                    "Acknowledgement": a.acknowledgement,
                 }
                 for a in self.engine.store.alerts()
             ]
         )
+
+    async def _acknowledge(self, request: web.Request) -> web.Response:
+        """An operator takes an open alert in hand: its repeats stop; it is over when
+        its monitor recovers, as any alert."""
+        body = await request.json()
+        if not isinstance(body, dict):
+            raise UserError("acknowledge wants {id, by, reason}")
+        reason = str(body.get("reason", "")).strip()
+        by = str(body.get("by", "")).strip()
+        if not reason or not by:
+            raise UserError("an acknowledgement needs who (by) and why (reason)")
+        try:
+            alert_id = int(body.get("id", 0))
+        except (TypeError, ValueError):
+            raise UserError("an alert's id is a number") from None
+        now = self.engine.clock.now()
+        if not self.engine.store.acknowledge(alert_id, now, by, reason):
+            raise UserError(f"no open alert {alert_id} on {self.engine.server.name}")
+        row = {"Server": self.engine.server.name, "Id": alert_id, "AcknowledgedBy": by}
+        return web.json_response([row | {"AcknowledgedTime": when(now)}])
+
+    async def _results(self, request: web.Request) -> web.Response:
+        """The newest results of one probe on one target (newest first): what the web
+        page's probe screen draws."""
+        probe = request.query.get("probe", "")
+        resource = request.query.get("resource", "")
+        try:
+            limit = min(max(int(request.query.get("limit", "50")), 1), MAX_RESULTS)
+        except ValueError:
+            raise UserError("limit is a number") from None
+        try:
+            since = float(request.query.get("since", "0"))
+        except ValueError:
+            raise UserError("since is seconds since the epoch") from None
+        results = self.engine.store.recent(probe, resource, limit, since)
+        return web.json_response([result_row(self.engine.server.name, r) for r in results])
 
     async def _metrics(self, request: web.Request) -> web.Response:
         registry = CollectorRegistry()

@@ -2,9 +2,10 @@
 
 A problem (health set, monitor, resource) is sent when it is escalated, unless the
 same problem was sent within `repeat_interval`; while it stays open it is sent again
-each `repeat_interval`; a send that reached no channel is tried again after
-RETRY_AFTER; when its monitor is Healthy again a `resolved` message follows (if it
-had been sent). One send per alert at a time. The channels live in escalation.py.
+each `repeat_interval`, until an operator acknowledges it; a send that reached no
+channel is tried again after RETRY_AFTER; when its monitor is Healthy again a
+`resolved` message follows (if it had been sent). One send per alert at a time. The
+channels live in escalation.py.
 """
 
 from __future__ import annotations
@@ -216,6 +217,8 @@ class Notifier:
             state = states.get((f"{alert.health_set}\\{alert.monitor}", alert.resource))
             if state is None or not state.is_alert or state.first_alert != alert.alert_started:
                 self.resolve(alert, escalation)
+            elif alert.acknowledged is not None:
+                continue  # taken in hand by an operator: no repeats until it is over
             elif escalation is not None and self._wait(alert, every, escalation, now) <= 0:
                 self._start(alert, FIRING, escalation)
 

@@ -19,6 +19,7 @@ PROPERTIES: dict[str, dict[str, type]] = {
     "Monitor": {"Enabled": bool, "Threshold": float},
 }
 MAX_DURATION = 60 * 24 * 3600.0  # Exchange allows at most 60 days
+ITEM_TYPES = ("Probe", "Monitor")
 
 
 def parse_duration(text: str) -> float:
@@ -98,3 +99,36 @@ def effective_monitor(
     if "Threshold" in changes:
         monitor = monitor.model_copy(update={"threshold": changes["Threshold"]})
     return monitor, bool(changes.get("Enabled", True))
+
+
+def known_item(identity: str, item_type: str) -> str:
+    """The identity as the health-set files spell it; UserError if there is none such."""
+    from popguard.health.loader import find_item  # the health sets load when asked
+
+    found = find_item(identity)
+    if found is not None and isinstance(found[1], ProbeDefinition) == (item_type == "Probe"):
+        return f"{found[0].name}\\{found[1].name}"
+    raise UserError(f"no {item_type.lower()} '{identity}' (names look like 'POP\\PopCTPMonitor')")
+
+
+def new_override(
+    server: str | None,
+    identity: str,
+    item_type: str,
+    property_name: str,
+    property_value: str,
+    duration: str,
+    now: float,
+) -> MonitoringOverride:
+    """An override as add-servermonitoringoverride makes it: the item and property
+    checked against the health sets, the value read, the duration parsed."""
+    item_type = next((t for t in ITEM_TYPES if t.lower() == item_type.lower()), "")
+    if not item_type:
+        raise UserError(f"an item type is {' or '.join(ITEM_TYPES)}")
+    identity = known_item(identity, item_type)
+    value = parse_value(item_type, property_name, property_value)
+    return MonitoringOverride(
+        server, identity, item_type, canonical_property(item_type, property_name),
+        str(value).lower() if isinstance(value, bool) else f"{value:g}", now,
+        now + parse_duration(duration),
+    )  # fmt: skip

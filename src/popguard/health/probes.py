@@ -13,6 +13,7 @@ import asyncio
 import contextlib
 import json
 import ssl
+import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -77,9 +78,13 @@ class Transcript:
     lines: list[str] = field(default_factory=list)
     step: str = "start"
     component: str = NETWORKING
+    started: float = field(default_factory=time.monotonic)
 
     def at(self, step: str, component: str) -> None:
         self.step, self.component = step, component
+        # Each step's start, so that a reader (the web page) tells each step's latency.
+        elapsed = (time.monotonic() - self.started) * 1000
+        self.lines.append(f"{STEP_MARK}{elapsed:.1f} ms {step} [{component}]")
 
     def sent(self, line: str) -> None:
         keyword, _, argument = line.partition(" ")
@@ -93,6 +98,10 @@ class Transcript:
 
     def text(self) -> str:
         return "\n".join(self.lines)
+
+
+# The line that opens a step in a transcript: "@ 12.3 ms login [Auth]".
+STEP_MARK = "@ "
 
 
 @dataclass

@@ -93,6 +93,13 @@ MIGRATIONS: tuple[str, ...] = (
         hold_until REAL NOT NULL DEFAULT 0
     );
     """,
+    """
+    -- An operator took an alert in hand (the web page): its repeats stop; the next
+    -- alert of the same problem, after the monitor recovered, is a new one.
+    ALTER TABLE alerts ADD COLUMN acknowledged REAL;
+    ALTER TABLE alerts ADD COLUMN acknowledged_by TEXT NOT NULL DEFAULT '';
+    ALTER TABLE alerts ADD COLUMN acknowledgement TEXT NOT NULL DEFAULT '';
+    """,
 )
 
 
@@ -261,6 +268,7 @@ class ResultsStore:
                 r["raised"], r["health_set"], r["monitor"], r["probe"], r["resource"],
                 r["failure_component"], r["error"], r["detail"], r["alert_started"],
                 r["notified"], r["notification"], r["resolved"], r["attempted"], r["id"],
+                r["acknowledged"], r["acknowledged_by"], r["acknowledgement"],
             )
             for r in rows
         ]  # fmt: skip
@@ -275,6 +283,16 @@ class ResultsStore:
                 "attempted = COALESCE(?, attempted) WHERE id = ?",
                 (sent, notification, attempted, alert_id),
             )
+
+    def acknowledge(self, alert_id: int, at: float, by: str, reason: str) -> bool:
+        """Whether an open alert of that id was there to acknowledge."""
+        with self._transaction() as db:
+            cursor = db.execute(
+                "UPDATE alerts SET acknowledged = ?, acknowledged_by = ?, acknowledgement = ? "
+                "WHERE id = ? AND resolved IS NULL",
+                (at, by, reason, alert_id),
+            )
+            return cursor.rowcount == 1
 
     def owe(self, database: str, moved_to: str, at: float) -> None:
         with self._transaction() as db:
@@ -327,6 +345,9 @@ class Alert:
     resolved: float | None = None  # when its monitor was Healthy again
     attempted: float | None = None  # last try to send it, delivered or not
     id: int = 0
+    acknowledged: float | None = None  # an operator took it in hand: no more repeats
+    acknowledged_by: str = ""
+    acknowledgement: str = ""  # the operator's reason
 
     @property
     def key(self) -> tuple[str, str, str]:

@@ -8,8 +8,8 @@ import subprocess
 import time
 
 # The ports a popguard server binds on its own address: pop3be, pop3be-tls, LMTP,
-# LMTP from the other mailbox servers, replication, health API.
-SERVER_PORTS = (1110, 1995, 2424, 2425, 64327, 8480)
+# LMTP from the other mailbox servers, replication, health API, web page (front ends).
+SERVER_PORTS = (1110, 1995, 2424, 2425, 64327, 8480, 8088)
 START_TIMEOUT = 20.0  # seconds for a freshly started server to answer
 
 

@@ -1,0 +1,178 @@
+"""The web page's event feed: one numbered log per web service, filled by a watcher
+that looks at the organization every few seconds and records what changed.
+
+Ids only increase, so a page that lost its stream asks for what came after the last id
+it saw (Server-Sent Events' Last-Event-ID) and gets exactly that. A page whose id is
+older than the log keeps, or from before this process started, is told to reload.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from popguard.errors import UserError
+
+log = logging.getLogger("popguard.web")
+
+MAX_EVENTS = 2000  # what the log keeps for replay and for the feed
+WATCH_EVERY = 2.0  # seconds between two looks at the organization
+
+
+@dataclass(frozen=True)
+class Event:
+    id: int
+    at: float
+    kind: str  # state | recovery | alert | move | operator | reset
+    text: str
+    data: dict[str, Any] = field(default_factory=dict)
+
+
+class EventLog:
+    def __init__(self, capacity: int = MAX_EVENTS) -> None:
+        self._events: deque[Event] = deque(maxlen=capacity)
+        self._last = 0
+        self._changed = asyncio.Condition()
+
+    @property
+    def last_id(self) -> int:
+        return self._last
+
+    def add(self, kind: str, text: str, at: float | None = None, **data: Any) -> Event:
+        self._last += 1
+        event = Event(self._last, time.time() if at is None else at, kind, text, data)
+        self._events.append(event)
+        return event
+
+    async def notify(self) -> None:
+        async with self._changed:
+            self._changed.notify_all()
+
+    def after(self, last_seen: int) -> list[Event] | None:
+        """The events after `last_seen`, or None when they cannot all be given (older
+        than the log keeps, or an id from another run of the service)."""
+        if last_seen > self._last:
+            return None
+        if self._events and last_seen < self._events[0].id - 1:
+            return None
+        return [e for e in self._events if e.id > last_seen]
+
+    def newest_first(self, limit: int) -> list[Event]:
+        return list(reversed(self._events))[:limit]
+
+    async def wait(self, last_seen: int, seconds: float) -> None:
+        """Until there is an event after `last_seen`, or `seconds` have passed."""
+        async with self._changed:
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(seconds):
+                    await self._changed.wait_for(lambda: self._last > last_seen)
+
+
+@dataclass
+class Snapshot:
+    cells: dict[tuple[str, str], str]
+    actions: dict[tuple[str, int], dict[str, Any]]
+    alerts: dict[tuple[str, int], dict[str, Any]]
+    active: dict[str, str]
+    operator: dict[int, dict[str, Any]]
+
+
+def changes(before: Snapshot | None, now: Snapshot, log: EventLog) -> int:
+    """Record in `log` what differs from `before` (on the first look: what is stored
+    already, so the feed starts with the organization's history); how many."""
+    count = 0
+
+    def add(kind: str, text: str, at: float | None = None, **data: Any) -> None:
+        nonlocal count
+        log.add(kind, text, at, **data)
+        count += 1
+
+    first = before is None
+    old = before or Snapshot({}, {}, {}, {}, {})
+    history: list[tuple[str, str, float | None, dict[str, Any]]] = []
+    for key, row in now.actions.items():
+        if key not in old.actions or old.actions[key].get("Result") != row.get("Result"):
+            text = (f"{row['Server']}: {row['ResponderName']} [{row['ActionId']}] on "
+                    f"{row['TargetResource']}: {row['Result']}. {row['Context']}")  # fmt: skip
+            history.append(("recovery", text, _stamp(row.get("StartTime")), {"server": key[0]}))
+    for key, row in now.alerts.items():
+        was = old.alerts.get(key)
+        if (
+            was is None
+            or was.get("ResolvedTime") != row.get("ResolvedTime")
+            or was.get("AcknowledgedTime") != row.get("AcknowledgedTime")
+        ):
+            if row.get("ResolvedTime"):
+                what = "resolved"
+            elif row.get("AcknowledgedTime"):
+                what = f"acknowledged by {row['AcknowledgedBy']}: {row['Acknowledgement']}"
+            else:
+                what = f"raised ({row.get('Notification') or 'not sent yet'})"
+            text = (f"{row['Server']}: alert {row['HealthSetName']}\\{row['MonitorName']} on "
+                    f"{row['TargetResource']} {what}")  # fmt: skip
+            history.append(("alert", text, _stamp(row.get("RaisedTime")), {"server": key[0]}))
+    for number, entry in now.operator.items():
+        if number not in old.operator:
+            row = entry
+            text = (f"{row['User']} ran {row['Action']} on {row['Target']}"
+                    f" because {row['Reason']!r}: {row['Result']}")  # fmt: skip
+            history.append(("operator", text, _stamp(row.get("Time")), {"user": row["User"]}))
+    if first:
+        history.sort(key=lambda h: h[2] or 0.0)
+    for kind, text, at, data in history:
+        add(kind, text, at if first else None, **data)
+    if first:
+        return count
+    for (server, health_set), value in now.cells.items():
+        before_value = old.cells.get((server, health_set))
+        if before_value is not None and before_value != value:
+            add("state", f"{server} {health_set}: {before_value} -> {value}", server=server,
+                health_set=health_set, value=value, was=before_value)  # fmt: skip
+    for database, active in now.active.items():
+        previous = old.active.get(database)
+        if previous is not None and previous != active:
+            add("move", f"{database}: active copy moved from {previous} to {active}",
+                database=database, server=active)  # fmt: skip
+    return count
+
+
+def _stamp(text: Any) -> float | None:
+    import datetime
+
+    if not text:
+        return None
+    try:
+        return datetime.datetime.fromisoformat(str(text)).timestamp()
+    except ValueError:
+        return None
+
+
+class Watcher:
+    """Looks at the organization every WATCH_EVERY seconds (in a thread: the health
+    APIs and the directory block) and records the differences."""
+
+    def __init__(self, look: Callable[[], Snapshot], log: EventLog) -> None:
+        self._look = look
+        self.log = log
+        self.last: Snapshot | None = None
+
+    async def run(self, stop: asyncio.Event) -> None:
+        while not stop.is_set():
+            try:
+                snapshot = await asyncio.to_thread(self._look)
+            except UserError as exc:  # a health service not up yet, the directory away
+                log.warning("looking at the organization: %s", exc)
+            except Exception:  # the feed must outlive a failed look
+                log.exception("looking at the organization failed")
+            else:
+                if changes(self.last, snapshot, self.log):
+                    await self.log.notify()
+                self.last = snapshot
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(stop.wait(), WATCH_EVERY)

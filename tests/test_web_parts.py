@@ -1,0 +1,108 @@
+"""The web page's parts that need no browser: the transcript parser, the feed's
+numbering and replay, what the watcher records, where the page listens, and the
+login redirect's target."""
+
+from __future__ import annotations
+
+import asyncio
+
+from hypothesis import given
+from hypothesis import strategies as st
+
+from popguard.health.probes import STEP_MARK, Transcript
+from popguard.web.address import listen_address, page_url
+from popguard.web.app import _local
+from popguard.web.events import EventLog, Snapshot, changes
+from popguard.web.screens import transcript_steps
+
+
+def test_a_transcript_is_cut_into_steps_with_their_latencies() -> None:
+    text = "\n".join([
+        "@ 0.5 ms connect [Networking]", "-- connecting to 127.0.0.1:995 (tls)",
+        "@ 2.0 ms TLS handshake [TLS]", "-- TLS established",
+        "@ 9.5 ms USER [Auth]", "C: USER a@b.test", "S: +OK",
+    ])  # fmt: skip
+    steps = transcript_steps(text, 12.0)
+    assert [(s.name, s.component, s.latency_ms) for s in steps] == [
+        ("connect", "Networking", 1.5), ("TLS handshake", "TLS", 7.5), ("USER", "Auth", 2.5)
+    ]  # fmt: skip
+    assert steps[2].lines == ["C: USER a@b.test", "S: +OK"]
+    # Without the run's latency the last step's own is not known.
+    assert transcript_steps(text, None)[-1].latency_ms is None
+
+
+def test_the_probes_transcript_marks_each_step() -> None:
+    transcript = Transcript()
+    transcript.at("greeting", "POP3")
+    transcript.received(b"+OK ready\r\n")
+    (step,) = transcript_steps(transcript.text(), 5.0)
+    assert step.name == "greeting" and step.component == "POP3" and step.lines == ["S: +OK ready"]
+
+
+MARKED = st.builds(lambda t: STEP_MARK + t, st.text(max_size=30))
+
+
+@given(st.lists(st.one_of(st.text(max_size=40), MARKED)),
+       st.one_of(st.none(), st.floats(min_value=0, max_value=1e6)))  # fmt: skip
+def test_any_transcript_parses_and_keeps_every_line(lines: list[str], total: float | None) -> None:
+    text = "\n".join(lines)
+    steps = transcript_steps(text, total)
+    kept = [line for step in steps for line in step.lines]
+    plain = [line for line in text.splitlines() if not line.startswith(STEP_MARK)]
+    assert all(line in kept for line in plain)
+    assert all(s.latency_ms is None or s.latency_ms >= 0 for s in steps)
+
+
+def test_the_feed_replays_exactly_what_came_after_an_id() -> None:
+    log = EventLog(capacity=5)
+    ids = [log.add("operator", f"event {n}").id for n in range(8)]
+    assert ids == sorted(ids) and len(set(ids)) == 8
+    replay = log.after(6)
+    assert replay is not None and [e.id for e in replay] == [7, 8]
+    assert log.after(8) == []
+    assert log.after(1) is None  # older than the log keeps: the page reloads
+    assert log.after(99) is None  # an id of another run of the service
+    assert [e.id for e in log.newest_first(2)] == [8, 7]
+
+
+async def test_a_waiting_stream_wakes_for_a_new_event() -> None:
+    log = EventLog()
+    waiting = asyncio.create_task(log.wait(0, 30))
+    await asyncio.sleep(0)
+    log.add("state", "changed")
+    await log.notify()
+    await asyncio.wait_for(waiting, 5)
+
+
+def snapshot(value: str, active: str, operator: dict[int, dict[str, str]]) -> Snapshot:
+    return Snapshot({("mbx1", "POP.Protocol"): value}, {}, {}, {"DB01": active}, operator)
+
+
+def test_the_watcher_records_history_first_then_changes() -> None:
+    log = EventLog()
+    action = {"User": "op", "Action": "restart-service", "Target": "pop3be on mbx1",
+              "Reason": "why", "Result": "Running",
+              "Time": "2026-01-01T00:00:00+00:00"}  # fmt: skip
+    first = snapshot("Healthy", "mbx1", {1: action})
+    assert changes(None, first, log) == 1  # the stored operator action, no state change
+    second = snapshot("Unhealthy", "mbx2", {1: action})
+    assert changes(first, second, log) == 2
+    texts = [e.text for e in log.newest_first(10)]
+    assert "mbx1 POP.Protocol: Healthy -> Unhealthy" in texts
+    assert "DB01: active copy moved from mbx1 to mbx2" in texts
+    assert changes(second, second, log) == 0
+
+
+def test_the_page_stays_on_loopback_unless_told() -> None:
+    assert listen_address("127.0.1.1") == "127.0.1.1"
+    assert listen_address("192.0.2.10") == "127.0.0.1"
+    assert listen_address("192.0.2.10", "192.0.2.10") == "192.0.2.10"
+    assert page_url("127.0.1.1", 8088) == "http://127.0.1.1:8088/"
+    assert page_url("192.0.2.10", 8088) == "https://192.0.2.10:8088/"
+    assert page_url("::1", 8088) == "http://[::1]:8088/"
+
+
+@given(st.text(max_size=60))
+def test_a_login_sends_nowhere_but_this_site(target: str) -> None:
+    local = _local(target)
+    assert local.startswith("/") and not local.startswith("//") and "\\" not in local
