@@ -62,6 +62,7 @@ COMMAND_MODULES = {
     "send-message": "messages",
     "serve": "serve",
     "set-mailbox": "mailboxes",
+    "set-mailboxdatabase": "servers",
     "set-mailboxserver": "copies",
     "set-popsettings": "popsettings",
     "set-servercomponentstate": "components",
