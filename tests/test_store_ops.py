@@ -8,6 +8,8 @@ import contextlib
 import json
 import smtplib
 import subprocess
+import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -16,12 +18,15 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from popguard import paths
+from popguard.directory.directory import Directory
 from popguard.directory.exchange_values import (
     MAX_BYTE_QUANTIFIED_SIZE,
     format_byte_quantified_size,
     parse_byte_quantified_size,
 )
 from popguard.errors import UserError
+from popguard.pop3.message_format import to_wire
+from popguard.services.lmtp_client import deliver
 from popguard.store.mailbox_database import MailboxDatabase, QuotaExceededError
 from popguard.testing.organization import popguard, wait_until
 
@@ -258,3 +263,158 @@ def test_a_full_disk_answers_452_and_delivery_recovers_when_space_returns(
         finally:
             client.quit()
         assert subjects == [*acknowledged, "after"]
+
+
+# Backups --------------------------------------------------------------------------------------
+
+SENDER = "sender@example.test"
+
+
+class RecordingLoad(threading.Thread):
+    """Delivers numbered messages one after another through LMTP, keeping the content
+    of each one acknowledged (bounded in count and time)."""
+
+    def __init__(self, data: Path, recipient: str, count: int) -> None:
+        super().__init__(daemon=True)
+        self.data, self.recipient, self.count = data, recipient, count
+        self.acknowledged: dict[str, bytes] = {}  # subject -> what was delivered
+        self.refusals: list[str] = []
+
+    def run(self) -> None:
+        deadline = time.monotonic() + 60
+        with Directory(self.data) as directory:
+            number = 0
+            while number < self.count and time.monotonic() < deadline:
+                subject = f"backed-up {number}"
+                content = message(subject, size=2000 + 97 * number)
+                result = deliver(directory, self.recipient, content, SENDER)
+                if result.code == 250:
+                    self.acknowledged[subject] = content
+                    number += 1
+                else:
+                    self.refusals.append(result.reply)
+                    time.sleep(0.05)
+
+
+def stored_form(content: bytes) -> bytes:
+    """What the store holds for `content` delivered by SENDER (its wire form)."""
+    return to_wire(f"Return-Path: <{SENDER}>\r\n".encode() + content)[0]
+
+
+def one_line_error(result: subprocess.CompletedProcess[str], words: str) -> None:
+    assert result.returncode == 1, result.stdout
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and words in lines[0], result.stderr
+
+
+def test_a_backup_taken_during_deliveries_restores_with_every_message_intact(
+    replicated_organization: Organization, tmp_path: Path
+) -> None:
+    org = replicated_organization
+    user = org.add_mailbox("kept@example.test")
+    load = RecordingLoad(org.data, user, 120)
+    load.start()
+    wait_until("30 deliveries", lambda: len(load.acknowledged) >= 30, 60)
+    before = set(load.acknowledged)
+    backup = tmp_path / "DB01.backup"
+    (taken,) = cli_json(org, "backup-mailboxdatabase", "DB01", "--out", str(backup))
+    during = len(load.acknowledged)
+    load.join(70)
+    assert len(load.acknowledged) == load.count, load.refusals
+    assert during < load.count, "the load ended before the backup: it was not taken during it"
+    assert taken["Server"] == "mbx2"  # the healthy passive copy, sparing the active one
+    assert backup.stat().st_mode & 0o077 == 0
+    recovery = tmp_path / "recovery.sqlite"
+    (restored,) = cli_json(
+        org, "restore-mailboxdatabase", str(backup), "--recovery-database", str(recovery)
+    )
+    assert (
+        restored["Checks"] == "passed"
+        and restored["LogSequenceNumber"] == taken["LogSequenceNumber"]
+    )
+    store = MailboxDatabase(recovery, "DB01")
+    try:
+        assert store.verify() == []
+        held = {m.uid: store.wire(user, m.uid) for m in store.maildrop(user)}
+    finally:
+        store.close()
+    by_form = {stored_form(content): subject for subject, content in load.acknowledged.items()}
+    subjects = [by_form.get(wire or b"") for wire in held.values()]
+    assert None not in subjects, "a message in the backup is not one that was delivered"
+    assert len(set(subjects)) == len(subjects)
+    assert before <= set(subjects), "a message acknowledged before the backup is missing"
+
+    # One mailbox back into service, into another mailbox here; twice stores once.
+    again = org.add_mailbox("again@example.test")
+    (first,) = cli_json(
+        org, "restore-mailbox", again, "--from", str(recovery), "--source-address", user
+    )
+    assert first["Restored"] == len(held) and first["AlreadyThere"] == 0
+    (second,) = cli_json(
+        org, "restore-mailbox", again, "--from", str(recovery), "--source-address", user
+    )
+    assert second["Restored"] == 0 and second["AlreadyThere"] == len(held)
+    client = login(org, again)
+    try:
+        count = len(client.list()[1])
+        fetched = [b"\r\n".join(client.retr(n)[1]) + b"\r\n" for n in range(1, count + 1)]
+    finally:
+        client.quit()
+    assert sorted(fetched) == sorted(wire for wire in held.values() if wire is not None)
+
+
+def test_a_bad_backup_gets_one_line_and_exit_1(
+    replicated_organization: Organization, tmp_path: Path
+) -> None:
+    org = replicated_organization
+    user = org.add_mailbox("few@example.test")
+    for n in range(3):
+        org.deliver(user, message(f"few {n}", size=5000))
+    wait_until(
+        "DB01's passive copy to be healthy",
+        lambda: any(
+            r["Name"] == "DB01\\mbx2" and r["Status"] == "Healthy"
+            for r in cli_json(org, "get-mailboxdatabasecopystatus")
+        ),
+        30,
+    )
+    backup = tmp_path / "good.backup"
+    cli_json(org, "backup-mailboxdatabase", "DB01", "--out", str(backup))
+    one_line_error(
+        popguard(org.data, "backup-mailboxdatabase", "DB01", "--out", str(backup)), "exists already"
+    )
+    good = backup.read_bytes()
+    flipped = bytearray(good)
+    flipped[len(good) - 3000] ^= 0x40
+    cases = {
+        "flipped.backup": (bytes(flipped), "fails the SHA-256"),
+        "short.backup": (good[: len(good) // 2], "cut short"),
+        "other.backup": (b"SQLite format 3\0" + good[200:], "not a popguard backup"),
+        "header.backup": (b'POPGUARD-BACKUP 1 {"database": 1}\n', "header is damaged"),
+    }
+    for name, (content, words) in cases.items():
+        (tmp_path / name).write_bytes(content)
+        recovery = tmp_path / f"{name}.sqlite"
+        result = popguard(
+            org.data,
+            "restore-mailboxdatabase",
+            str(tmp_path / name),
+            "--recovery-database",
+            str(recovery),
+        )
+        one_line_error(result, words)
+        assert not recovery.exists() and not list(tmp_path.glob("*.partial"))
+    one_line_error(
+        popguard(
+            org.data,
+            "restore-mailboxdatabase",
+            str(tmp_path / "absent"),
+            "--recovery-database",
+            str(tmp_path / "r.sqlite"),
+        ),
+        "No such file",
+    )
+    one_line_error(
+        popguard(org.data, "restore-mailbox", user, "--from", str(tmp_path / "no.sqlite")),
+        "no recovery database",
+    )
