@@ -18,7 +18,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from popguard import paths
-from popguard.directory.directory import Directory
+from popguard.directory.directory import CopyStatusReport, Directory
 from popguard.directory.exchange_values import (
     MAX_BYTE_QUANTIFIED_SIZE,
     format_byte_quantified_size,
@@ -116,9 +116,11 @@ def lmtp_session(org: Organization, server: str) -> smtplib.LMTP:
     return client
 
 
-def try_delivery(org: Organization, recipient: str, content: bytes) -> tuple[str, int, bytes]:
+def try_delivery(
+    org: Organization, recipient: str, content: bytes, server: str = "mbx1"
+) -> tuple[str, int, bytes]:
     """("RCPT" or "DATA", code, text) of the reply that decided the delivery."""
-    with contextlib.closing(lmtp_session(org, "mbx1")) as client:
+    with contextlib.closing(lmtp_session(org, server)) as client:
         code, text = client.rcpt(recipient)
         if code != 250:
             return "RCPT", code, text
@@ -171,6 +173,9 @@ def test_a_mailbox_over_its_quota_refuses_mail_with_the_right_code(
     popguard(org.data, "set-mailbox", user, "--prohibit-send-receive-quota", "80000")
     stage, code, text = try_delivery(org, user, message("tiny"))
     assert (stage, code) == ("RCPT", 552) and text.startswith(b"5.2.2"), text
+    # Through the other mailbox server: handed over to mbx1, whose refusal is relayed.
+    stage, code, text = try_delivery(org, user, message("tiny"), "mbx2")
+    assert (stage, code) == ("DATA", 552) and text.startswith(b"5.2.2"), text
     # Only this mailbox has its own quota: the other still has the database's.
     (row,) = cli_json(org, "get-mailbox", user)
     assert row["UseDatabaseQuotaDefaults"] is False
@@ -418,3 +423,33 @@ def test_a_bad_backup_gets_one_line_and_exit_1(
         popguard(org.data, "restore-mailbox", user, "--from", str(tmp_path / "no.sqlite")),
         "no recovery database",
     )
+
+
+def test_quotas_and_sizes_in_the_directory_on_both_engines(directory_data: Path) -> None:
+    with Directory(directory_data) as directory:
+        directory.new_server("mbx1", ["mailbox"], "127.0.0.1")
+        directory.new_database("DB01", "mbx1")
+        mailbox = directory.new_mailbox("q@example.test", "DB01", "x")
+        assert directory.mailbox_quota(mailbox) is None  # Unlimited by default
+        directory.set_database_quota("db01", 5 * MB)
+        assert directory.mailbox_quota(directory.get_mailbox("q@example.test")) == 5 * MB
+        own = directory.set_mailbox_quota("Q@example.test", False, MB)
+        assert not own.use_database_quota_defaults and directory.mailbox_quota(own) == MB
+        unlimited = directory.set_mailbox_quota("q@example.test", False, None)
+        assert directory.mailbox_quota(unlimited) is None
+        back = directory.set_mailbox_quota("q@example.test", True, None)
+        assert directory.mailbox_quota(back) == 5 * MB
+        with pytest.raises(UserError):
+            directory.set_mailbox_quota("nobody@example.test", True, None)
+        with pytest.raises(UserError):
+            directory.set_database_quota("DB99", MB)
+
+        def report(sizes: tuple[int, int, int] | None) -> CopyStatusReport:
+            measured = sizes or (None, None, None)
+            return CopyStatusReport("DB01", "mbx1", "Mounted", 0, 0, 7, None, None,
+                                    time.time(), *measured)  # fmt: skip
+
+        directory.report_copy_status(report((3000, 2000, 100)))
+        directory.report_copy_status(report(None))  # a report without sizes keeps them
+        kept = directory.copy_status_reports()[("DB01", "mbx1")]
+        assert (kept.database_size, kept.message_bytes, kept.log_bytes) == (3000, 2000, 100)
