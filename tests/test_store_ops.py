@@ -4,6 +4,7 @@ answers 452 4.3.1 and recovers, against real running services."""
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import json
 import smtplib
@@ -25,7 +26,9 @@ from popguard.directory.exchange_values import (
     parse_byte_quantified_size,
 )
 from popguard.errors import UserError
+from popguard.net.tls import TlsMaterial
 from popguard.pop3.message_format import to_wire
+from popguard.replication.peer import ReplicationPeer
 from popguard.services.lmtp_client import deliver
 from popguard.store.mailbox_database import MailboxDatabase, QuotaExceededError
 from popguard.testing.organization import popguard, wait_until
@@ -151,6 +154,17 @@ def test_each_copy_shows_its_sizes(replicated_organization: Organization) -> Non
         assert isinstance(row["DatabaseSize"], int) and row["DatabaseSize"] > live
         assert isinstance(row["LogBytes"], int) and 0 < row["LogBytes"] < live
         assert row["ProhibitSendReceiveQuota"] == "Unlimited"
+    # What get-mailbox asks a copy's replication service from a host with no copy.
+    material = TlsMaterial.of(org.data)
+    context = material.mutual_client_context(material.admin_identity())
+
+    async def ask(server: str) -> dict[str, tuple[int, int]]:
+        with Directory(org.data) as directory:
+            peer = ReplicationPeer(directory.get_server(server), context)
+        async with peer:
+            return await peer.usage("DB01")
+
+    assert asyncio.run(ask("mbx2")) == {user: (5, live)}
 
 
 def test_a_mailbox_over_its_quota_refuses_mail_with_the_right_code(

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import datetime
 import sys
@@ -70,6 +71,37 @@ def usage_here(app: AppContext, directory: Directory, database: str) -> dict[str
             with _store(app, database, copy.server) as store:
                 return store.all_usage()
     raise LookupError(database)
+
+
+def usage_of(
+    app: AppContext, directory: Directory, database: str
+) -> dict[str, MailboxUsage] | None:
+    """Every mailbox's usage in `database`: from a copy here, else from the active
+    copy's replication service (as the operator); None if neither can tell."""
+    try:
+        return usage_here(app, directory, database)
+    except LookupError:
+        pass
+    from popguard.net.tls import TlsMaterial
+    from popguard.replication.peer import (
+        PeerProtocolError,
+        PeerRefused,
+        PeerUnavailable,
+        ReplicationPeer,
+    )
+
+    async def ask() -> dict[str, tuple[int, int]]:
+        material = TlsMaterial.of(app.data)
+        context = material.mutual_client_context(material.admin_identity())
+        server = directory.get_server(directory.active_server(database))
+        async with ReplicationPeer(server, context) as peer:
+            return await peer.usage(database)
+
+    try:
+        found = asyncio.run(ask())
+    except (PeerUnavailable, PeerRefused, PeerProtocolError, UserError):
+        return None
+    return {address: MailboxUsage(items, octets) for address, (items, octets) in found.items()}
 
 
 @contextlib.contextmanager
@@ -199,10 +231,7 @@ def get_mailbox(
         usage: dict[str, dict[str, MailboxUsage] | None] = {}
         for mailbox in mailboxes:
             if mailbox.database not in usage:
-                try:
-                    usage[mailbox.database] = usage_here(app, directory, mailbox.database)
-                except LookupError:
-                    usage[mailbox.database] = None
+                usage[mailbox.database] = usage_of(app, directory, mailbox.database)
             found = usage[mailbox.database]
             used = None if found is None else found.get(mailbox.address, MailboxUsage(0, 0))
             rows.append(mailbox_row(mailbox) | quota_fields(directory, mailbox, used))
