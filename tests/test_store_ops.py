@@ -290,20 +290,21 @@ SENDER = "sender@example.test"
 
 
 class RecordingLoad(threading.Thread):
-    """Delivers numbered messages one after another through LMTP, keeping the content
-    of each one acknowledged (bounded in count and time)."""
+    """Delivers numbered messages one after another through LMTP until stopped, keeping
+    the content of each one acknowledged (bounded in count and time)."""
 
     def __init__(self, data: Path, recipient: str, count: int) -> None:
         super().__init__(daemon=True)
         self.data, self.recipient, self.count = data, recipient, count
         self.acknowledged: dict[str, bytes] = {}  # subject -> what was delivered
         self.refusals: list[str] = []
+        self.stop = threading.Event()
 
     def run(self) -> None:
         deadline = time.monotonic() + 60
         with Directory(self.data) as directory:
             number = 0
-            while number < self.count and time.monotonic() < deadline:
+            while number < self.count and time.monotonic() < deadline and not self.stop.is_set():
                 subject = f"backed-up {number}"
                 content = message(subject, size=2000 + 97 * number)
                 result = deliver(directory, self.recipient, content, SENDER)
@@ -331,16 +332,34 @@ def test_a_backup_taken_during_deliveries_restores_with_every_message_intact(
 ) -> None:
     org = replicated_organization
     user = org.add_mailbox("kept@example.test")
-    load = RecordingLoad(org.data, user, 120)
+    load = RecordingLoad(org.data, user, 5000)
     load.start()
     wait_until("30 deliveries", lambda: len(load.acknowledged) >= 30, 60)
     before = set(load.acknowledged)
+    # A 250 is on the active copy; the passive one the backup comes from follows within
+    # milliseconds. Once it reports the active copy's LSN of now, it holds `before`.
+    active = MailboxDatabase(
+        paths.server_folder(org.data, "mbx1").database_copy_file("DB01"), "DB01"
+    )
+    try:
+        head = active.last_lsn()
+    finally:
+        active.close()
+
+    def passive_has_them() -> bool:
+        rows = {r["Name"]: r for r in cli_json(org, "get-mailboxdatabasecopystatus")}
+        lsn = rows["DB01\\mbx2"]["LogSequenceNumber"]
+        return isinstance(lsn, int) and lsn >= head
+
+    wait_until("DB01\\mbx2 to apply what was acknowledged", passive_has_them, 30)
     backup = tmp_path / "DB01.backup"
     (taken,) = cli_json(org, "backup-mailboxdatabase", "DB01", "--out", str(backup))
     during = len(load.acknowledged)
-    load.join(70)
-    assert len(load.acknowledged) == load.count, load.refusals
-    assert during < load.count, "the load ended before the backup: it was not taken during it"
+    wait_until("10 more deliveries", lambda: len(load.acknowledged) >= during + 10, 30)
+    load.stop.set()
+    load.join(30)
+    assert not load.refusals, load.refusals  # the backup held up no delivery
+    assert len(before) < during, "no delivery was acknowledged while the backup was taken"
     assert taken["Server"] == "mbx2"  # the healthy passive copy, sparing the active one
     assert backup.stat().st_mode & 0o077 == 0
     recovery = tmp_path / "recovery.sqlite"
