@@ -65,6 +65,8 @@ def status_rows(
                 "DatabaseSize": report.database_size if report else None,
                 "MessageBytes": report.message_bytes if report else None,
                 "LogBytes": report.log_bytes if report else None,
+                # Acknowledgements wait for this copy; Active Manager may activate it.
+                "Synchronous": copy.synchronous,
                 "ErrorMessage": (report.error or "")
                 if report and fresh
                 else (

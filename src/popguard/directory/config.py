@@ -15,7 +15,8 @@ Every section is optional and the defaults need no file at all:
 - `[delivery]`: `quota_full_tempfail`, whether mail for a mailbox over its quota is
   refused for good (552 5.2.2, the default) or for now (452 4.2.2).
 - `[active_manager]`: `enabled`, the automatic failover of a mailbox server whose
-  lease lapsed (off by default for now).
+  lease lapsed (off by default for now), and `synchronous_copy`: acknowledgements
+  wait for a passive copy (on by default).
 - `[[servers]]`, `[[databases]]`, `[demo]`: the topology `popguard up` starts;
   without servers, the organization of DESIGN.md section 3 (cas1, mbx1, mbx2, DB01,
   DB02).
@@ -130,6 +131,10 @@ class ActiveManagerSection(Section):
     # active_manager.py). Off until its servers also fence themselves when they cannot
     # renew their lease: see that module.
     enabled: bool = False
+    # A delivery's 250 and a QUIT's +OK wait until a passive copy holds the change
+    # (replication/synchronous.py), so a failover loses nothing acknowledged; off, they
+    # wait for the active copy's own disk only, and no copy is ever synchronous.
+    synchronous_copy: bool = True
 
 
 class Store(Section):

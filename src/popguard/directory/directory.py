@@ -31,6 +31,9 @@ from popguard.errors import NotFoundError, UserError
 # A mailbox server's lease: renewed every LEASE_RENEWAL seconds, it lapses LEASE_SECONDS
 # after the last renewal by the directory's clock.
 LEASE_SECONDS = 10.0
+# Cached reads are read again at least this often, NOTIFY or not: a LISTEN connection
+# across a partition may look alive and have missed changes (a failover meanwhile).
+MAX_CACHE_AGE = 3.0
 LEASE_RENEWAL = 2.0
 
 # A service's cache of hot reads (cache_reads) starts again past this many rows: one per
@@ -98,6 +101,9 @@ class DatabaseCopy:
     server: str
     activation_preference: int
     is_active: bool
+    # A passive copy the active copy's acknowledgements wait for (Active Manager fails
+    # over by itself only to one of these).
+    synchronous: bool = False
 
 
 @dataclass(frozen=True)
@@ -130,6 +136,7 @@ class Directory:
         self._engine = open_engine(self.location)
         self._cached_reads: dict[tuple[str, tuple[object, ...]], Row | None] | None = None
         self._cached_version = -1
+        self._cached_since = 0.0
         try:
             self._engine.migrate(MIGRATIONS)
         except BaseException:
@@ -164,9 +171,15 @@ class Directory:
         if cache is None:
             return self._engine.execute(sql, params).fetchone()
         version = self._engine.change_counter()
-        if version != self._cached_version or len(cache) > MAX_CACHED_READS:
+        now = time.monotonic()
+        if (
+            version != self._cached_version
+            or len(cache) > MAX_CACHED_READS
+            or now - self._cached_since > MAX_CACHE_AGE
+        ):
             cache.clear()
             self._cached_version = version
+            self._cached_since = now
         key = (sql, params)
         try:
             return cache[key]
@@ -390,7 +403,10 @@ class Directory:
         ).fetchone()
         if target is None:
             raise UserError(f"database {database} has no copy on {server}")
-        db.execute("UPDATE database_copies SET is_active = 0 WHERE database = $1", (database,))
+        db.execute(
+            "UPDATE database_copies SET is_active = 0, synchronous = 0 WHERE database = $1",
+            (database,),
+        )
         db.execute(
             "UPDATE database_copies SET is_active = 1 WHERE database = $1 AND server = $2",
             (database, server),
@@ -516,10 +532,33 @@ class Directory:
             ).fetchall()
         return [
             DatabaseCopy(
-                r["database"], r["server"], r["activation_preference"], bool(r["is_active"])
+                r["database"],
+                r["server"],
+                r["activation_preference"],
+                bool(r["is_active"]),
+                bool(r["synchronous"]),
             )
             for r in rows
         ]
+
+    def copy_count(self, database: str) -> int:
+        """How many copies `database` has (0 for a database the directory lacks); a hot
+        read, cached while the directory sends no change."""
+        row = self._read_one(
+            "SELECT count(*) FROM database_copies WHERE database = $1", (database,)
+        )
+        return 0 if row is None else int(row[0])
+
+    def set_copy_synchronous(self, database: str, server: str, synchronous: bool) -> None:
+        """Say whether the passive copy of `database` on `server` is one the active
+        copy's acknowledgements wait for (the active copy's replication service does)."""
+        database = self._require_database(database)
+        with self._transaction() as db:
+            db.execute(
+                "UPDATE database_copies SET synchronous = $1 "
+                "WHERE database = $2 AND server = $3 AND is_active = 0",
+                (int(synchronous), database, server),
+            )
 
     def active_server(self, database: str) -> str:
         row = self._read_one(

@@ -224,9 +224,15 @@ MIGRATIONS: tuple[Migration, ...] = (
             WHERE roles LIKE '%"mailbox"%';
         """,
     ),
-    # Migration 11 belongs to another branch (web); this empty step holds its number
-    # until the two are merged, when it is replaced by that branch's step.
-    Migration(),
+    Migration(
+        # A passive copy the active copy's acknowledgements wait for (any one of them):
+        # Active Manager fails a database over by itself only to such a copy, since only
+        # it is known to hold every message acknowledged. Written by the active copy's
+        # replication service; every activation clears it.
+        common="""
+        ALTER TABLE database_copies ADD COLUMN synchronous {int} NOT NULL DEFAULT 0;
+        """
+    ),
     Migration(
         common="""
         -- Quotas (Exchange's ProhibitSendReceiveQuota, in octets; NULL: unlimited). A

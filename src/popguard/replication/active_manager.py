@@ -11,9 +11,14 @@ it held beyond the new copy is given back when it returns), applied only if the 
 server's lease is still lapsed in the same transaction. A database failed over is not
 failed over again within FLAP_GUARD seconds.
 
-Opt-in for now (`[active_manager] enabled = true` in popguard.toml): the old server
-does not yet fence itself when it cannot renew, so on a partition (both sides alive)
-the cut-off side could go on taking mail that only its return gives back.
+Only a synchronous copy is activated (replication/synchronous.py): one that every
+acknowledgement of the dead server waited for, so it holds every message acknowledged
+and every deletion confirmed. When no copy of a database is synchronous (the passive
+copies fell behind, and the dead server went on alone), the database waits for a
+person, who may choose the lossy way (`--skip-lag-checks`), as Patroni's synchronous
+mode does.
+
+Opt-in for now (`[active_manager] enabled = true` in popguard.toml).
 """
 
 from __future__ import annotations
@@ -22,7 +27,7 @@ import logging
 import time
 from dataclasses import dataclass
 
-from popguard.directory.directory import Directory
+from popguard.directory.directory import LEASE_SECONDS, Directory
 from popguard.directory.sql.engine import DIRECTORY_ERRORS
 from popguard.errors import UserError
 from popguard.net.tls import TlsMaterial
@@ -48,26 +53,41 @@ class Decision:
 
 
 class ActiveManager:
-    def __init__(self, server: str, directory: Directory, tls: TlsMaterial) -> None:
+    def __init__(
+        self, server: str, directory: Directory, tls: TlsMaterial, synchronous_copy: bool = True
+    ) -> None:
         self.server = server
+        # With synchronous copies (the default) only a copy marked synchronous is known
+        # to hold every acknowledged change; without, the most of the log is the best
+        # there is, and what the dead server held beyond it is given back on its return.
+        self.synchronous_copy = synchronous_copy
         self.directory = directory
         self._tls = tls
         self._failed_over: dict[str, float] = {}
         self._said: dict[str, str] = {}  # database -> the last reason logged
+        self._reachable_since: float | None = None  # monotonic, of the directory
         self.decisions: list[Decision] = []
 
     async def tick(self) -> list[Decision]:
         """One look: nothing unless this server holds the role and a lease lapsed."""
         try:
-            if not self.directory.claim_role(ROLE, self.server):
-                return []
+            holder = self.directory.claim_role(ROLE, self.server)
             leases = self.directory.leases()
             lapsed = {name for name, left in leases.items() if left < 0}
-            if not lapsed:
-                return []
             actives = [c for c in self.directory.database_copies() if c.is_active]
         except DIRECTORY_ERRORS:
+            self._reachable_since = None
             return []  # an unreachable directory decides nothing
+        now = time.monotonic()
+        if self._reachable_since is None:
+            self._reachable_since = now
+        if now - self._reachable_since < LEASE_SECONDS:
+            # Just started, or the directory just came back: every lease may have lapsed
+            # while nobody could renew. A live server renews within LEASE_RENEWAL; only
+            # a lease still lapsed after a whole lease of reachability is a dead server.
+            return []
+        if not holder or not lapsed:
+            return []
         decisions = []
         for copy in actives:
             if copy.server not in lapsed:
@@ -106,11 +126,19 @@ class ActiveManager:
         reports = self.directory.copy_status_reports()
         now = time.time()
         candidates, refused = [], []
-        for copy in self.directory.database_copies(database):
-            if copy.server.lower() == source.lower():
-                continue
+        everywhere = self.directory.database_copies(database)
+        copies = [c for c in everywhere if c.server.lower() != source.lower()]
+        if self.synchronous_copy and copies and not any(c.synchronous for c in copies):
+            return None, (
+                f"no copy of {database} was synchronous with {source}: each may lack mail "
+                f"{source} acknowledged; a person decides (move-activemailboxdatabase "
+                f"{database} --activate-on-server SERVER --skip-lag-checks)"
+            )
+        for copy in copies:
             status = copy_status(copy, reports, now)
-            if leases.get(copy.server, -1.0) <= 0:
+            if self.synchronous_copy and not copy.synchronous:
+                refused.append(f"{copy.server} was not synchronous with {source}")
+            elif leases.get(copy.server, -1.0) <= 0:
                 refused.append(f"{copy.server}'s own lease is not current")
             elif not self.directory.get_server(copy.server).may_activate_copies:
                 refused.append(f"{copy.server} may not activate copies")

@@ -26,6 +26,7 @@ from popguard.store.mailbox_database import LogHead
 
 CONNECT_TIMEOUT = 3.0
 REQUEST_TIMEOUT = 30.0
+PULL_PATIENCE = 6.0  # seconds beyond the held wait for a batch of the log to arrive
 MAX_BATCH_BYTES = 8 * 1024 * 1024
 # How long a snapshot download may wait for the peer (to make the snapshot, then
 # between two chunks): making one reads the whole database once.
@@ -128,7 +129,10 @@ class ReplicationPeer:
         response = await self._request(
             "GET",
             f"databases/{database}/log",
-            patience=wait + REQUEST_TIMEOUT,
+            # Not REQUEST_TIMEOUT: a pull held over a link that went silent must end
+            # soon enough for this copy to report itself before its status goes
+            # stale (ServiceDown), which would keep Active Manager from activating it.
+            patience=wait + PULL_PATIENCE,
             params={
                 "after": head.lsn,
                 "checksum": head.checksum.hex(),

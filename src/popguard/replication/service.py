@@ -34,7 +34,7 @@ from typing import TypeVar
 
 from aiohttp import web
 
-from popguard.directory.config import Store, load_config
+from popguard.directory.config import ActiveManagerSection, Store, load_config
 from popguard.directory.directory import LEASE_RENEWAL, CopyStatusReport, Server
 from popguard.directory.sql.engine import DIRECTORY_ERRORS, DirectoryUnavailable
 from popguard.errors import UserError
@@ -49,6 +49,7 @@ from popguard.replication.log_retention import (
     plan_trim,
 )
 from popguard.replication.peer import ReplicationPeer
+from popguard.replication.synchronous import NotRecorded, SynchronousCopies
 from popguard.services.context import ServerContext
 from popguard.store import change_log
 from popguard.store.change_log import LogFormatError
@@ -94,6 +95,11 @@ class ReplicationService:
         self._peers: dict[str, ReplicationPeer] = {}
         self._stop = asyncio.Event()
         self._forgotten_at: dict[str, float] = {}  # database -> monotonic time of last run
+        self._synchronous_copy = self._active_manager_settings().synchronous_copy
+        self._log_grew: dict[str, asyncio.Event] = {}  # database -> set when its log grew
+        self._sync = SynchronousCopies(
+            self.directory.set_copy_synchronous, self._recorded_synchronous
+        )
 
     # Stores and peers ---------------------------------------------------------------
 
@@ -166,6 +172,7 @@ class ReplicationService:
                 web.post("/v1/databases/{database}/mount", self._mount),
                 web.post("/v1/databases/{database}/redeliver", self._redeliver),
                 web.get("/v1/databases/{database}/usage", self._usage),
+                web.post("/v1/databases/{database}/acknowledgement", self._acknowledgement),
             ]
         )
         return app
@@ -214,7 +221,7 @@ class ReplicationService:
         return database, await self._run(self._open, database)
 
     async def _log(self, request: web.Request) -> web.Response:
-        _, store = await self._store_for(request)
+        database, store = await self._store_for(request)
         after = int(request.query["after"])
         checksum = bytes.fromhex(request.query["checksum"])
         wait = min(max(float(request.query.get("wait", "0")), 0.0), MAX_WAIT)
@@ -235,21 +242,69 @@ class ReplicationService:
         if mine != checksum:
             head = await self._run(store.head)
             return web.json_response({"error": "log diverged", "last_lsn": head.lsn}, status=409)
+        if self._synchronous_copy and request["peer"] != tls.ADMIN_IDENTITY:
+            await self._confirmed(database, request["peer"], after, store)
         deadline = time.monotonic() + wait
         while True:
+            grew = self._log_grew.setdefault(database, asyncio.Event())
             try:
                 entries = await self._run(store.entries_after, after, max_bytes)
             except LogTrimmedError as exc:  # trimmed while the pull was held
                 return web.json_response({"error": str(exc), "base_lsn": exc.base_lsn}, status=410)
             if entries or time.monotonic() >= deadline or self._stop.is_set():
                 break
-            await asyncio.sleep(POLL)
+            # Another process wrote the log; an acknowledgement waiting for it says so
+            # at once, and anything else is seen within POLL.
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(grew.wait(), POLL)
         head = await self._run(store.head)
         return web.Response(
             body=b"".join(change_log.encode(entries)),
             content_type="application/octet-stream",
             headers={"X-Last-Lsn": str(head.lsn)},
         )
+
+    async def _confirmed(
+        self, database: str, peer: str, after: int, store: MailboxDatabase
+    ) -> None:
+        """A passive copy's pull says it holds the log through `after`: what the
+        acknowledgements of this active copy wait for."""
+        if await self._run(store.role) != ACTIVE:
+            return
+
+        async def head() -> int:
+            return (await self._run(store.head)).lsn
+
+        try:
+            server = self.directory.get_server(peer).name  # the directory's spelling
+            await self._sync.confirmed(database, server, after, head)
+        except DIRECTORY_ERRORS as exc:  # the pull goes on; the next one confirms again
+            log.warning("%s\\%s: confirmation of LSN %d not noted: %s", database, peer, after, exc)
+
+    async def _acknowledgement(self, request: web.Request) -> web.Response:
+        """Delivery and the back end of this server: wait until a synchronous copy holds
+        the change at `lsn` before they acknowledge it (replication/synchronous.py)."""
+        if request["peer"].lower() not in (self.server.name.lower(), tls.ADMIN_IDENTITY.lower()):
+            return _error(403, "only this server's own services wait for its copies")
+        database, store = await self._store_for(request)
+        lsn = int((await request.json())["lsn"])
+        if await self._run(store.role) != ACTIVE:
+            return _error(409, f"the copy of {database} on {self.server.name} is not active")
+        self._log_grew.pop(database, asyncio.Event()).set()  # wake the held pulls
+        try:
+            acknowledgement = await self._sync.acknowledge(database, lsn)
+        except NotRecorded as exc:
+            return _error(503, str(exc))
+        except DIRECTORY_ERRORS as exc:
+            return _error(503, f"the directory cannot say which copies are synchronous: {exc}")
+        return web.json_response({"copy": acknowledgement.copy, "reason": acknowledgement.reason})
+
+    def _recorded_synchronous(self, database: str) -> dict[str, bool]:
+        return {
+            c.server: c.synchronous
+            for c in self.directory.database_copies(database)
+            if not c.is_active
+        }
 
     async def _checksum(self, request: web.Request) -> web.Response:
         _, store = await self._store_for(request)
@@ -308,6 +363,7 @@ class ReplicationService:
     async def _dismount(self, request: web.Request) -> web.Response:
         database, store = await self._store_for(request)
         head = await self._run(store.fence)
+        self._sync.forget(database)
         log.warning("%s\\%s dismounted at LSN %d", database, self.server.name, head.lsn)
         return web.json_response({"lsn": head.lsn, "checksum": head.checksum.hex()})
 
@@ -330,6 +386,7 @@ class ReplicationService:
                     )
                 await asyncio.sleep(POLL)
         head = await self._run(store.mount, expected)
+        self._sync.forget(database)  # the activation cleared the directory's marks
         log.warning("%s\\%s mounted at LSN %d", database, self.server.name, head.lsn)
         return web.json_response({"lsn": head.lsn, "checksum": head.checksum.hex()})
 
@@ -503,18 +560,26 @@ class ReplicationService:
             self._executor.shutdown()
             self.directory.close()
 
-    def _active_manager_enabled(self) -> bool:
+    def _active_manager_settings(self) -> ActiveManagerSection:
         try:
-            return load_config(self.context.data).active_manager.enabled
+            return load_config(self.context.data).active_manager
         except UserError as exc:
-            log.error("%s; no automatic failover", exc)
-            return False
+            log.error("%s; no automatic failover, no synchronous copies", exc)
+            return ActiveManagerSection(enabled=False, synchronous_copy=False)
+
+    def _active_manager_enabled(self) -> bool:
+        return self._active_manager_settings().enabled
 
     async def _decide_failovers(self, stop: asyncio.Event) -> None:
         """Active Manager's look once a second, beside the lease's renewal: a failover
         may take seconds (mounting, catching up) and must not hold up the renewal."""
         # A handle of its own: the moves it makes run beside the service's own reads.
-        manager = ActiveManager(self.server.name, self.context.open_directory(), self.context.tls)
+        manager = ActiveManager(
+            self.server.name,
+            self.context.open_directory(),
+            self.context.tls,
+            synchronous_copy=self._synchronous_copy,
+        )
         log.info("Active Manager on: a mailbox server whose lease lapses fails over")
         try:
             while not stop.is_set():

@@ -18,7 +18,8 @@ from popguard.directory.settings import SortOrder
 from popguard.errors import UserError
 from popguard.pop3.replies import ResponseCode
 from popguard.pop3.session import Authenticate, MaildropEntry, Retrieve, ServerSession, Update
-from popguard.services.context import ServerContext, fencing_enabled
+from popguard.services.context import ServerContext, fencing_enabled, synchronous_copy_enabled
+from popguard.services.copy_acknowledgement import SynchronousCopyWait
 from popguard.services.pop3_service import CommandTimer, Connection, Handoff, Pop3Service
 from popguard.store.mailbox_database import NotMountedError
 from popguard.store.mounted import MountedDatabases
@@ -37,6 +38,13 @@ class BackendService(Pop3Service):
         super().__init__(context)
         self.databases = MountedDatabases(
             context.folder, self.server.name, self.directory, fencing_enabled(context)
+        )
+        identity = context.tls.replication_identity(self.server.name, self.server.address)
+        self.copies = SynchronousCopyWait(
+            self.server,
+            self.directory,
+            context.tls.mutual_client_context(identity),
+            synchronous_copy_enabled(context),
         )
         self._locked: set[str] = set()
         self._last_login: dict[str, float] = {}  # only while MinimumLoginInterval is set
@@ -77,10 +85,15 @@ class BackendService(Pop3Service):
             messages = store.maildrop(address)
         except (NotMountedError, UserError) as exc:
             timer.context = str(exc)
-            session.login_failed(
-                "mailbox database is not available here now, try again later",
-                ResponseCode.SYS_TEMP,
+            # Fenced: the directory, not this server's store, is what failed (the health
+            # probes read "directory" and no restart or move responder acts on it).
+            why = (
+                "mailbox database is not available here now, try again later"
+                if self.databases.fence.why_fenced() is None
+                else "this server cannot renew its lease in the directory, so it serves no "
+                "mailbox database now; try again later"
             )
+            session.login_failed(why, ResponseCode.SYS_TEMP)
             return None
         except sqlite3.Error:
             log.exception("reading the maildrop of %s failed", address)
@@ -114,7 +127,7 @@ class BackendService(Pop3Service):
             session.update_done(True)
             return
         try:
-            removed = await self.databases.write(
+            removed, lsn = await self.databases.write_logged(
                 connection.database, lambda store: store.expunge(user, list(request.deleted_uids))
             )
         except (NotMountedError, UserError, sqlite3.Error) as exc:
@@ -122,7 +135,12 @@ class BackendService(Pop3Service):
             session.update_done(False)
             return
         self.counters.messages_deleted += removed
-        session.update_done(True)
+        # +OK only once a passive copy has the deletions too: a failover must never
+        # bring back mail its user deleted. Otherwise -ERR: they may come back.
+        unconfirmed = await self.copies.held(connection.database, lsn)
+        if unconfirmed is not None:
+            log.warning("deletions for %s applied here only: %s", user, unconfirmed)
+        session.update_done(unconfirmed is None)
 
 
 def serve(data: Path, server_name: str) -> None:

@@ -91,3 +91,12 @@ def fencing_enabled(context: ServerContext) -> bool:
     except UserError as exc:
         log.error("%s; not fencing by the lease", exc)
         return False
+
+
+def synchronous_copy_enabled(context: ServerContext) -> bool:
+    """Whether acknowledgements wait for a synchronous passive copy (on by default)."""
+    try:
+        return load_config(context.data).active_manager.synchronous_copy
+    except UserError as exc:
+        log.error("%s; acknowledgements wait for a passive copy", exc)
+        return True

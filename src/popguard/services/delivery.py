@@ -46,7 +46,8 @@ from popguard.errors import UserError
 from popguard.net import tls
 from popguard.net.byte_stream import TLS_HANDSHAKE_TIMEOUT
 from popguard.net.serving import every, listen
-from popguard.services.context import ServerContext, fencing_enabled
+from popguard.services.context import ServerContext, fencing_enabled, synchronous_copy_enabled
+from popguard.services.copy_acknowledgement import SynchronousCopyWait
 from popguard.services.counters import PUBLISH_INTERVAL, ServiceCounters
 from popguard.services.lmtp_client import lmtp_ident
 from popguard.services.lmtp_data import read_message_data
@@ -396,6 +397,12 @@ class DeliveryService:
         # shows it on `lmtp-peer` and when it hands mail over.
         identity = context.tls.replication_identity(self.server.name, self.server.address)
         self._peer_tls = context.tls.mutual_server_context(identity)
+        self._copies = SynchronousCopyWait(
+            self.server,
+            self.directory,
+            context.tls.mutual_client_context(identity),
+            synchronous_copy_enabled(context),
+        )
         self._forwarder = Forwarder(
             helo=self.server.name,
             source=self.server.address,
@@ -476,7 +483,7 @@ class DeliveryService:
             if mailbox is None:  # removed between RCPT and the end of DATA
                 return f"550 5.1.1 <{recipient}>: no such mailbox"
             quota = self.directory.mailbox_quota(mailbox)
-            uid = await self.databases.write(
+            uid, lsn = await self.databases.write_logged(
                 mailbox.database,
                 lambda store: store.deliver(mailbox.address, message, quota=quota),
             )
@@ -494,6 +501,13 @@ class DeliveryService:
         except Exception:
             log.exception("delivery to %s failed", recipient)
             return f"451 4.3.0 <{recipient}>: temporary store failure, try again later"
+        # 250 only once a passive copy holds it too: a host lost with the active copy
+        # must not take an acknowledged message with it. Otherwise 451: the sender
+        # tries again, and the cost is a possible duplicate, never a loss.
+        unconfirmed = await self._copies.held(mailbox.database, lsn)
+        if unconfirmed is not None:
+            log.warning("delivered to %s as uid %d, here only: %s", recipient, uid, unconfirmed)
+            return f"451 4.3.0 <{recipient}>: stored, but {unconfirmed}; try again later"
         self.counters.command_done(0.0)
         log.info("delivered to %s as uid %d (%d octets)", recipient, uid, len(message))
         return f"250 2.0.0 <{recipient}> delivered as uid {uid}"
@@ -578,6 +592,7 @@ class DeliveryService:
         for listener in listeners:
             listener.close()
         self._forwarder.close()
+        await self._copies.aclose()
         await publisher
         self.databases.close()
         self.directory.close()

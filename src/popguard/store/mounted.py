@@ -71,6 +71,17 @@ class MountedDatabases:
 
         return await asyncio.get_running_loop().run_in_executor(self._write_thread, in_thread)
 
+    async def write_logged(
+        self, database: str, change: Callable[[MailboxDatabase], T]
+    ) -> tuple[T, int]:
+        """`write`, and the LSN the copy's log reached with it: what a passive copy must
+        hold before the change is acknowledged."""
+
+        def logged(store: MailboxDatabase) -> tuple[T, int]:
+            return change(store), store.last_lsn()
+
+        return await self.write(database, logged)
+
     def close(self) -> None:
         self._write_thread.shutdown(wait=True)
         for store in (*self._readers.values(), *self._writers.values()):
