@@ -26,6 +26,7 @@ from popguard.directory.exchange_values import (
     parse_byte_quantified_size,
 )
 from popguard.errors import UserError
+from popguard.health.health_mailboxes import ensure_health_mailboxes
 from popguard.net.tls import TlsMaterial
 from popguard.pop3.message_format import to_wire
 from popguard.replication.peer import ReplicationPeer
@@ -486,3 +487,15 @@ def test_quotas_and_sizes_in_the_directory_on_both_engines(directory_data: Path)
         directory.report_copy_status(report(None))  # a report without sizes keeps them
         kept = directory.copy_status_reports()[("DB01", "mbx1")]
         assert (kept.database_size, kept.message_bytes, kept.log_bytes) == (3000, 2000, 100)
+
+
+def test_health_mailboxes_are_not_held_to_the_database_quota(tmp_path: Path) -> None:
+    data = tmp_path / "data"
+    with Directory(data) as directory:
+        directory.new_server("mbx1", ["mailbox"], "127.0.0.1")
+        directory.new_database("DB01", "mbx1")
+        directory.set_database_quota("DB01", 1024)
+        credentials = ensure_health_mailboxes(directory, data)
+        probe = directory.get_mailbox(credentials["db01"].address)
+        assert not probe.use_database_quota_defaults
+        assert directory.mailbox_quota(probe) is None
