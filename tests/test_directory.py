@@ -515,3 +515,24 @@ def test_port_directory_bad_input_is_one_line(postgres: PostgresServer, tmp_path
     assert "directory unreachable" in unreachable.stderr
     for result in (empty, wrong, unreachable):
         assert result.stderr.count("\n") == 1 and "Traceback" not in result.stderr
+
+
+def test_a_synchronous_mark_is_on_a_passive_copy_and_every_activation_clears_it(
+    directory_data: Path,
+) -> None:
+    with Directory(directory_data) as directory:
+        small_organization(directory)
+
+        def marks() -> dict[str, bool]:
+            return {c.server: c.synchronous for c in directory.database_copies("db01")}
+
+        assert marks() == {"mbx1": False, "mbx2": False}
+        assert directory.copy_count("DB01") == 2 and directory.copy_count("DB99") == 0
+        directory.set_copy_synchronous("DB01", "mbx2", True)
+        directory.set_copy_synchronous("DB01", "mbx1", True)  # the active copy: no mark
+        assert marks() == {"mbx1": False, "mbx2": True}
+        directory.set_copy_synchronous("DB01", "mbx2", False)
+        assert marks() == {"mbx1": False, "mbx2": False}
+        directory.set_copy_synchronous("DB01", "mbx2", True)
+        directory.activate_copy("DB01", "mbx2")  # a new active copy has no synchronous copy
+        assert marks() == {"mbx1": False, "mbx2": False}

@@ -9,21 +9,25 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-import re
 import signal
 import subprocess
 import sys
 import time
-from collections import Counter
-from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
 from popguard.testing.hosts import Host, HostNetwork
-from popguard.testing.organization import three_server_topology, wait_until
+from popguard.testing.organization import wait_until
 from popguard.testing.postgres import PostgresServer
+from popguard.testing.three_hosts import (
+    active_of,
+    eventually,
+    kill_host,
+    lmtp_code,
+    three_hosts,
+)
 
 
 def run(argv: list[str], timeout: float = 120) -> subprocess.CompletedProcess[str]:
@@ -169,148 +173,6 @@ with smtplib.LMTP(sys.argv[1], 2424, timeout=30) as client:
 """
 
 
-def three_host_topology(cas1: str, mbx1: str, mbx2: str, directory_section: str) -> str:
-    return three_server_topology(cas1, mbx1, mbx2, directory_section)
-
-
-def pop3s_retr(host: Host, cas1: str, ca: Path, user: str, password: str, number: int) -> str:
-    done = run([*host.command("curl", "--silent", "--show-error", "--max-time", "20",
-                              "--ssl-reqd", "--cacert", str(ca), "--user", f"{user}:{password}",
-                              f"pop3s://{cas1}:10995/{number}")])  # fmt: skip
-    assert done.returncode == 0, done.stderr
-    return done.stdout
-
-
-@dataclass
-class ThreeHosts:
-    network: HostNetwork
-    hosts: dict[str, Host]
-    folders: dict[str, Path]
-    user: str
-    password: str
-    ca: Path
-    postgres: PostgresServer
-
-    def popguard(self, name: str, *argv: str) -> str:
-        done = subprocess.run(
-            self.hosts[name].command(sys.executable, "-m", "popguard", "--data",
-                                     str(self.folders[name]), *argv),
-            capture_output=True, text=True, timeout=240, check=False,
-        )  # fmt: skip
-        assert done.returncode == 0, f"{name}: popguard {' '.join(argv)}: {done.stderr}"
-        return done.stdout
-
-    def retr(self, number: int) -> str:
-        """RETR through the front end, from the front end's host."""
-        return pop3s_retr(self.hosts["cas1"], self.hosts["cas1"].address, self.ca,
-                          self.user, self.password, number)  # fmt: skip
-
-    def mail_load(self, *argv: str) -> list[str]:
-        return list(self.hosts["cas1"].command(
-            sys.executable, "-m", "popguard.testing.mail_load", *argv,
-            "--pop3s", self.hosts["cas1"].address, "--ca", str(self.ca),
-            "--user", self.user, "--password", self.password,
-        ))  # fmt: skip
-
-    def start_load(self, seconds: float) -> subprocess.Popen[str]:
-        """LMTP deliveries to mbx1, then mbx2 (Postfix's next hops), and deletions
-        through the front end, for `seconds`, from the front end's host."""
-        servers = f"{self.hosts['mbx1'].address},{self.hosts['mbx2'].address}"
-        return subprocess.Popen(
-            self.mail_load("load", "--lmtp", servers, "--seconds", str(seconds)),
-            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-        )  # fmt: skip
-
-    def check_load(self, load: subprocess.Popen[str]) -> None:
-        """Every acknowledged message is there (once, if acknowledged at the first
-        try), no deleted one came back, and there is one active copy of DB01."""
-        out, err = load.communicate(timeout=240)
-        assert load.returncode == 0, err
-        result = json.loads(out)
-        acknowledged = {int(n): tries for n, tries in result["acknowledged"].items()}
-        deleted = set(result["deleted"])
-        assert len(acknowledged) > 20, result
-        inventory = subprocess.run(self.mail_load("inventory"), capture_output=True, text=True,
-                                   timeout=120, check=False)  # fmt: skip
-        assert inventory.returncode == 0, inventory.stderr
-        held = Counter(json.loads(inventory.stdout))
-        for number, tries in acknowledged.items():
-            copies = held[f"load-{number}"]
-            if number in deleted and tries == 1:
-                assert copies == 0, f"load-{number} was deleted and came back"
-            elif number not in deleted:
-                assert copies >= 1, f"load-{number} was acknowledged and is lost"
-                if tries == 1:
-                    assert copies == 1, f"load-{number} is there {copies} times"
-        print(f"{len(acknowledged)} acknowledged, {len(deleted)} deleted, all accounted for")
-        active_of(self, "DB01")
-
-    def wait_healthy(self, identity: str) -> None:
-        deadline = time.monotonic() + 90
-        status: dict[str, object] = {}
-        while time.monotonic() < deadline:
-            status = json.loads(
-                self.popguard(
-                    "mbx1",
-                    "get-mailboxdatabasecopystatus",
-                    "--identity",
-                    identity,
-                    "--format",
-                    "json",
-                )
-            )[0]
-            if status["Status"] == "Healthy" and status["CopyQueueLength"] == 0:
-                return
-            time.sleep(1)
-        raise AssertionError(f"{identity} never became Healthy: {status}")
-
-
-@contextlib.contextmanager
-def three_hosts(tmp_path: Path, more_config: str = "") -> Iterator[ThreeHosts]:
-    """PostgreSQL on a host of its own; a front end and two mailbox servers each on a
-    host of its own, with its own data folder and its own `up --servers NAME`."""
-    with HostNetwork.make(["db", "cas1", "mbx1", "mbx2"]) as network:
-        db = network["db"]
-        postgres = PostgresServer.start(host=db.address, prefix=tuple(db.command()))
-        hosts = {name: network[name] for name in ("cas1", "mbx1", "mbx2")}
-        folders = {name: tmp_path / name for name in hosts}
-        for folder in folders.values():
-            folder.mkdir(mode=0o700)
-        config = tmp_path / "organization.toml"
-        config.write_text(three_host_topology(
-            hosts["cas1"].address, hosts["mbx1"].address, hosts["mbx2"].address,
-            postgres.directory_section(postgres.new_database()),
-        ) + more_config)  # fmt: skip
-        org = ThreeHosts(
-            network, hosts, folders, "", "", folders["mbx1"] / "tls" / "ca.pem", postgres
-        )
-        started: list[str] = []
-        try:
-            # The first host makes the organization (and keeps its CA key).
-            first = org.popguard("mbx1", "up", "--detach", "--config", str(config),
-                                 "--servers", "mbx1")  # fmt: skip
-            started.append("mbx1")
-            match = re.search(r"demo mailbox (\S+) \(in DB01\)\s+password (\S+)", first)
-            assert match, first
-            org.user, org.password = match.groups()
-            for name in ("mbx2", "cas1"):
-                bundle = tmp_path / f"{name}.credentials"
-                org.popguard("mbx1", "export-server-credentials", name, "--out", str(bundle))
-                (folders[name] / "popguard.toml").write_text(config.read_text())
-                org.popguard(name, "import-server-credentials", str(bundle))
-                org.popguard(name, "up", "--detach", "--servers", name)
-                started.append(name)
-            yield org
-        finally:
-            for name in reversed(started):
-                subprocess.run(
-                    hosts[name].command(sys.executable, "-m", "popguard", "--data",
-                                        str(folders[name]), "down"),
-                    capture_output=True, timeout=120, check=False,
-                )  # fmt: skip
-            postgres.remove()
-
-
 @pytest.mark.timeout(600)
 def test_three_hosts_serve_move_and_take_mail_for_the_active_copy(tmp_path: Path) -> None:
     """The several-hosts issue's 'done when'."""
@@ -363,59 +225,25 @@ def test_active_manager_fails_over_a_host_killed_whole(tmp_path: Path) -> None:
         servers = json.loads(org.popguard("mbx2", "get-mailboxserver", "--format", "json"))
         lease = {row["Name"]: row["LeaseSecondsLeft"] for row in servers}
         assert lease["mbx1"] < 0 < lease["mbx2"], lease
+
+        # The decision is a recovery action of mbx2's, and an alert for a person.
+        def decided() -> bool:
+            actions = json.loads(org.popguard("mbx2", "get-recoveryactions", "--server", "mbx2",
+                                              "--format", "json"))  # fmt: skip
+            return any(
+                a["ResponderName"] == "ActiveManager\\Failover" and a["TargetResource"] == "DB01"
+                and a["Result"] == "Succeeded" and "from mbx1 to mbx2" in a["Context"]
+                for a in actions
+            )  # fmt: skip
+
+        wait_until("the failover to be a recovery action", decided, 30)
+        alerts = json.loads(org.popguard("mbx2", "get-alerts", "--server", "mbx2", "--format",
+                                         "json"))  # fmt: skip
+        assert any("from mbx1 to mbx2" in json.dumps(a) for a in alerts), alerts
         org.popguard("mbx1", "up", "--detach", "--servers", "mbx1")  # the host is back
         org.check_load(load)
         assert active_of(org, "DB01") == "mbx2"  # the returning host stays passive
         org.wait_healthy("DB01\\mbx1")
-
-
-def kill_host(host: Host) -> None:
-    pids = run(["ip", "netns", "pids", host.namespace]).stdout.split()
-    for pid in pids:
-        with contextlib.suppress(ProcessLookupError):
-            os.kill(int(pid), signal.SIGKILL)
-
-
-def eventually(attempt: Callable[[], str], bound: float) -> str:
-    """`attempt` once it works, trying every half second for at most `bound` seconds."""
-    deadline = time.monotonic() + bound
-    while True:
-        try:
-            return attempt()
-        except AssertionError:
-            if time.monotonic() > deadline:
-                raise
-            time.sleep(0.5)
-
-
-LMTP_CODE = """
-import smtplib, sys
-with smtplib.LMTP(sys.argv[1], 2424, timeout=30) as client:
-    client.ehlo("test.example")
-    client.mail("sender@example.test")
-    code, _ = client.rcpt(sys.argv[2])
-    if code == 250:
-        code, _ = client.data(b"Subject: on the cut-off side\\r\\n\\r\\nx\\r\\n")
-    print(code)
-"""
-
-
-def lmtp_code(on: Host, to: str, user: str) -> int:
-    done = run(on.command(sys.executable, "-c", LMTP_CODE, to, user), timeout=60)
-    assert done.returncode == 0, done.stderr
-    return int(done.stdout.split()[-1])
-
-
-def active_of(org: ThreeHosts, database: str) -> str:
-    copies = json.loads(org.popguard("mbx2", "get-mailboxdatabasecopystatus", "--format",
-                                     "json"))  # fmt: skip
-    mounted = [
-        row["Name"]
-        for row in copies
-        if row["Status"] == "Mounted" and row["Name"].startswith(f"{database}\\")
-    ]
-    assert len(mounted) == 1, copies  # one active copy, whatever happened
-    return str(mounted[0]).split("\\")[1]
 
 
 @pytest.mark.timeout(600)
@@ -477,17 +305,26 @@ def test_a_paused_host_wakes_up_fenced_and_passive(tmp_path: Path) -> None:
 
 @pytest.mark.timeout(900)
 def test_the_directory_stopped_for_30_s_moves_nothing_and_loses_nothing(tmp_path: Path) -> None:
-    """PostgreSQL stopped for 30 s under load with Active Manager on: every server
-    fences (nobody can renew), nobody fails over when it returns (every live server
-    renews within a lease of its return), and nothing acknowledged is lost."""
+    """PostgreSQL stopped for 30 s under load with Active Manager on: no mailbox server
+    reaches it, so they serve on (the failsafe), nobody fails over when it returns
+    (every live server renews within a lease of its return), and nothing acknowledged
+    is lost."""
     with three_hosts(tmp_path, "\n[active_manager]\nenabled = true\n") as org:
         assert "Welcome to popguard" in org.retr(1)
         org.wait_healthy("DB01\\mbx2")
         load = org.start_load(seconds=75)
         time.sleep(5)
         org.postgres.pg_ctl("stop")
+        stopped = time.monotonic()
         try:
-            time.sleep(30)
+            time.sleep(15)
+            # The failsafe: no mailbox server reaches the directory, so none can fail
+            # over, and mbx1 serves on (after at most a blip as the outage begins).
+            mbx1 = org.hosts["mbx1"]
+            takes_mail = lambda: lmtp_code(mbx1, mbx1.address, org.user) == 250  # noqa: E731
+            wait_until("mbx1 to take mail again", takes_mail, 10)
+            assert "Welcome to popguard" in org.retr(1)
+            time.sleep(max(0.0, 30 - (time.monotonic() - stopped)))
         finally:
             org.postgres.pg_ctl("start")
         welcome = eventually(lambda: org.retr(1), 90)

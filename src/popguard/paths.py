@@ -55,6 +55,11 @@ class ServerFolder:
     def health_dir(self) -> Path:
         return self.root / "health"
 
+    def failover_decisions_file(self) -> Path:
+        """Active Manager's decisions taken on this server, one JSON line each: the
+        health service makes each a recovery action and an escalation."""
+        return self.root / "control" / "failovers.jsonl"
+
     def lease_file(self) -> Path:
         """When this server last renewed its lease (CLOCK_MONOTONIC at sending): what
         its services will judge their own fencing by (Active Manager)."""

@@ -22,6 +22,7 @@ from popguard.health.controls import Controls
 from popguard.health.definitions import HealthSet, MonitorDefinition, ProbeDefinition
 from popguard.health.diagnosis import undo_interrupted
 from popguard.health.engine_state import EngineState
+from popguard.health.failover_decisions import FailoverDecisions
 from popguard.health.health_mailboxes import ensure_health_mailboxes
 from popguard.health.incidents import Incident, Recheck
 from popguard.health.monitor_evaluation import MonitorEvaluation, MonitorRow
@@ -62,6 +63,7 @@ class HealthEngine:
         self.notifier = Notifier(
             data, self.server.name, self.directory, self.store, clock, self.plan.runbook_of
         )
+        self.failovers = FailoverDecisions(context.folder, self.store, self.notifier)
         self.monitoring = MonitorEvaluation(self.shared, self.notifier, self.firing.consider)
         self.runs = ProbeRuns(self.shared, tls_context, self.monitoring.evaluate)
         self.owed = OwedDatabases(self.shared, self.runs, self.firing.spawn, self)
@@ -176,6 +178,7 @@ class HealthEngine:
         self.notifier.check(self._states)
         if "mailbox" in self.server.roles:
             self.owed.settle()
+            self.failovers.take_new()
 
     async def _walk_ladders(self, stop: asyncio.Event) -> None:
         """Ladders move with time even between probe results."""

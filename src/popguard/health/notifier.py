@@ -38,6 +38,9 @@ def with_names(runbook: str, server: str, resource: str) -> str:
 
 
 RETRY_AFTER = 60.0  # seconds before a send that reached no channel is tried again
+# The health set of alerts about an event rather than a monitor (Active Manager's
+# failovers, health/failover_decisions.py): sent once, then over.
+EVENT_ALERTS = "ActiveManager"
 CHECK_EVERY = 10.0  # seconds between two looks for alerts to send or resolve
 
 
@@ -204,6 +207,12 @@ class Notifier:
             return
         escalation = self.escalation()
         for alert in open_alerts:
+            if alert.health_set == EVENT_ALERTS:  # no monitor will say it is over
+                if alert.notified is not None:
+                    self.store.mark_resolved(alert.id, now)
+                elif escalation is not None and self._wait(alert, every, escalation, now) <= 0:
+                    self._start(alert, FIRING, escalation)
+                continue
             state = states.get((f"{alert.health_set}\\{alert.monitor}", alert.resource))
             if state is None or not state.is_alert or state.first_alert != alert.alert_started:
                 self.resolve(alert, escalation)

@@ -23,9 +23,12 @@ Opt-in for now (`[active_manager] enabled = true` in popguard.toml).
 
 from __future__ import annotations
 
+import json
 import logging
 import time
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from pathlib import Path
 
 from popguard.directory.directory import LEASE_SECONDS, Directory
 from popguard.directory.sql.engine import DIRECTORY_ERRORS
@@ -54,9 +57,18 @@ class Decision:
 
 class ActiveManager:
     def __init__(
-        self, server: str, directory: Directory, tls: TlsMaterial, synchronous_copy: bool = True
+        self,
+        server: str,
+        directory: Directory,
+        tls: TlsMaterial,
+        synchronous_copy: bool = True,
+        decisions_file: Path | None = None,
+        steady: Callable[[], bool] = lambda: True,
     ) -> None:
         self.server = server
+        # Whether this server's own lease renewals have gone well for a whole lease.
+        self._steady = steady
+        self._decisions_file = decisions_file
         # With synchronous copies (the default) only a copy marked synchronous is known
         # to hold every acknowledged change; without, the most of the log is the best
         # there is, and what the dead server held beyond it is given back on its return.
@@ -81,7 +93,7 @@ class ActiveManager:
         now = time.monotonic()
         if self._reachable_since is None:
             self._reachable_since = now
-        if now - self._reachable_since < LEASE_SECONDS:
+        if now - self._reachable_since < LEASE_SECONDS or not self._steady():
             # Just started, or the directory just came back: every lease may have lapsed
             # while nobody could renew. A live server renews within LEASE_RENEWAL; only
             # a lease still lapsed after a whole lease of reachability is a dead server.
@@ -151,6 +163,19 @@ class ActiveManager:
             return None, f"no copy of {database} to activate ({'; '.join(refused) or 'none'})"
         return min(candidates)[2], ""
 
+    def _record(self, decision: Decision) -> None:
+        """One line for the health service, which makes it a recovery action and an
+        escalation (get-recoveryactions, the alert's e-mail and webhook)."""
+        if self._decisions_file is None:
+            return
+        line = json.dumps({**asdict(decision), "at": time.time(), "decider": self.server})
+        try:
+            self._decisions_file.parent.mkdir(parents=True, exist_ok=True)
+            with self._decisions_file.open("a", encoding="utf-8") as out:
+                out.write(line + "\n")
+        except OSError as exc:
+            log.error("cannot record the decision on %s: %s", decision.database, exc)
+
     def _decided(
         self, database: str, source: str, target: str | None, result: str, reason: str
     ) -> Decision:
@@ -160,4 +185,5 @@ class ActiveManager:
             level = logging.WARNING if result == "Succeeded" else logging.ERROR
             log.log(level, "failover of %s from %s to %s: %s (%s)",
                     database, source, target or "nowhere", result, reason)  # fmt: skip
+            self._record(decision)
         return decision

@@ -26,6 +26,7 @@ from popguard.store.mailbox_database import LogHead
 
 CONNECT_TIMEOUT = 3.0
 REQUEST_TIMEOUT = 30.0
+FAILSAFE_PATIENCE = 1.5  # seconds a peer has to say whether it reaches the directory
 PULL_PATIENCE = 6.0  # seconds beyond the held wait for a batch of the log to arrive
 MAX_BATCH_BYTES = 8 * 1024 * 1024
 # How long a snapshot download may wait for the peer (to make the snapshot, then
@@ -201,6 +202,16 @@ class ReplicationPeer:
             return bytes.fromhex(str(value))
         except ValueError:
             raise PeerProtocolError(f"{self.server.name} sent a checksum that is not hex") from None
+
+    async def directory_reachable(self) -> bool:
+        """Whether this peer's replication service renewed its lease lately (the
+        failsafe: see service.py). PeerUnavailable when it does not answer in time."""
+        response = await self._request("GET", "failsafe", patience=FAILSAFE_PATIENCE)
+        _expect_ok(response)
+        reachable = _json(response).get("directory_reachable")
+        if not isinstance(reachable, bool):
+            raise PeerProtocolError("directory_reachable is not true or false")
+        return reachable
 
     async def head(self, database: str) -> dict[str, Any]:
         response = await self._request("GET", f"databases/{database}/head")

@@ -35,7 +35,7 @@ from typing import TypeVar
 from aiohttp import web
 
 from popguard.directory.config import ActiveManagerSection, Store, load_config
-from popguard.directory.directory import LEASE_RENEWAL, CopyStatusReport, Server
+from popguard.directory.directory import LEASE_RENEWAL, LEASE_SECONDS, CopyStatusReport, Server
 from popguard.directory.sql.engine import DIRECTORY_ERRORS, DirectoryUnavailable
 from popguard.errors import UserError
 from popguard.net import tls
@@ -48,7 +48,12 @@ from popguard.replication.log_retention import (
     RetentionLimits,
     plan_trim,
 )
-from popguard.replication.peer import ReplicationPeer
+from popguard.replication.peer import (
+    PeerProtocolError,
+    PeerRefused,
+    PeerUnavailable,
+    ReplicationPeer,
+)
 from popguard.replication.synchronous import NotRecorded, SynchronousCopies
 from popguard.services.context import ServerContext
 from popguard.store import change_log
@@ -86,6 +91,9 @@ class ReplicationService:
         self.directory = context.directory
         self.server: Server = context.server
         self._lease_sent = 0.0  # monotonic time of the last renewal that succeeded
+        self._failsafe_sent = 0.0  # ... of the last failsafe question all peers agreed to
+        self._steady_since: float | None = None  # renewing without a failure since
+        self._mailbox_peers: list[Server] = []  # the other mailbox servers, as last read
         identity = context.tls.replication_identity(self.server.name, self.server.address)
         self._server_tls = context.tls.mutual_server_context(identity)
         self._client_tls = context.tls.mutual_client_context(identity)
@@ -173,6 +181,7 @@ class ReplicationService:
                 web.post("/v1/databases/{database}/redeliver", self._redeliver),
                 web.get("/v1/databases/{database}/usage", self._usage),
                 web.post("/v1/databases/{database}/acknowledgement", self._acknowledgement),
+                web.get("/v1/failsafe", self._failsafe),
             ]
         )
         return app
@@ -579,6 +588,8 @@ class ReplicationService:
             self.context.open_directory(),
             self.context.tls,
             synchronous_copy=self._synchronous_copy,
+            decisions_file=self.context.folder.failover_decisions_file(),
+            steady=self.steady,
         )
         log.info("Active Manager on: a mailbox server whose lease lapses fails over")
         try:
@@ -596,21 +607,78 @@ class ReplicationService:
         """This server's lease in the directory, every LEASE_RENEWAL seconds (Active
         Manager: another server may act on its databases only once it has lapsed, by
         the directory's clock). The time of sending a renewal that succeeded goes to
-        the lease file, on this host's monotonic clock."""
+        the lease file, on this host's monotonic clock: what the fence judges by.
+
+        When the directory cannot be reached, the failsafe (Patroni's): if every other
+        mailbox server of the organization answers that it cannot reach the directory
+        either, nobody can fail anything over (a failover is a transaction in the
+        directory, and a decider waits a whole lease of reachability after an outage
+        before it acts), so this server goes on serving: the lease file is written
+        with the time the question was sent. One server that does not answer, or that
+        reaches the directory, and the fence falls 6 s after the last good answer,
+        4 s before any decider may act."""
         sent = time.monotonic()
-        if sent - self._lease_sent < LEASE_RENEWAL:
+        if sent - self._lease_sent < LEASE_RENEWAL or sent - self._failsafe_sent < LEASE_RENEWAL:
             return
         try:
             remaining = self.directory.renew_lease(self.server.name)
+            self._mailbox_peers = [
+                s for s in self.directory.list_servers()
+                if "mailbox" in s.roles and s.name.lower() != self.server.name.lower()
+            ]  # fmt: skip
         except DIRECTORY_ERRORS as exc:
+            self._steady_since = None
             if self._lease_sent > 0 and not isinstance(exc, DirectoryUnavailable):
                 log.warning("renewing the lease of %s failed: %s", self.server.name, exc)
+            if self._lease_sent > 0 and await self._failsafe_holds():
+                if not self._failsafe_sent:
+                    log.warning("the directory is unreachable from every mailbox server: "
+                                "serving on (failsafe), nobody can fail over")  # fmt: skip
+                self._failsafe_sent = sent
+                self._write_lease_file(sent, None)
+            elif self._failsafe_sent:
+                log.error("failsafe over: a mailbox server reaches the directory or does not "
+                          "answer; this server fences itself")  # fmt: skip
+                self._failsafe_sent = 0.0
             return
+        if self._failsafe_sent:
+            log.warning("the directory is reachable again: failsafe over")
+            self._failsafe_sent = 0.0
+        if self._steady_since is None:
+            self._steady_since = sent
         self._lease_sent = sent
+        self._write_lease_file(sent, remaining)
+
+    async def _failsafe_holds(self) -> bool:
+        peers = [self._peer(s.name) for s in self._mailbox_peers]
+
+        async def unreachable_there(peer: ReplicationPeer) -> bool:
+            try:
+                return not await peer.directory_reachable()
+            except (PeerUnavailable, PeerRefused, PeerProtocolError):
+                return False
+
+        answers = await asyncio.gather(*(unreachable_there(p) for p in peers))
+        return all(answers)
+
+    async def _failsafe(self, request: web.Request) -> web.Response:
+        """Another mailbox server, which cannot reach the directory, asks whether this
+        one can: a lease renewed lately says yes."""
+        reachable = time.monotonic() - self._lease_sent < LEASE_RENEWAL + 1.0
+        return web.json_response({"directory_reachable": reachable})
+
+    def steady(self) -> bool:
+        """Whether this server has renewed its lease without a failure for a whole lease:
+        Active Manager decides nothing before (every live server renews meanwhile)."""
+        since = self._steady_since
+        return since is not None and time.monotonic() - since >= LEASE_SECONDS
+
+    def _write_lease_file(self, sent: float, remaining: float | None) -> None:
         lease_file = self.context.folder.lease_file()
         lease_file.parent.mkdir(parents=True, exist_ok=True)
         partial = lease_file.with_suffix(".partial")
-        partial.write_text(json.dumps({"sent_monotonic": sent, "seconds": remaining}))
+        content = {"sent_monotonic": sent, "seconds": remaining, "failsafe": remaining is None}
+        partial.write_text(json.dumps(content))
         os.replace(partial, lease_file)  # whole or not at all, for its readers
 
     def _close_stores(self) -> None:

@@ -1,0 +1,92 @@
+"""Active Manager's decisions, as recovery actions and escalations.
+
+Active Manager runs in the replication service of the mailbox server that holds its
+role (replication/active_manager.py) and writes each decision, once, as a JSON line
+to that server's `control/failovers.jsonl`. This part of the server's health engine
+reads the lines it has not read yet and makes each one
+
+- a recovery action of `ActiveManager\\Failover` on the database (what moved where,
+  or why nothing moved: get-recoveryactions shows it), and
+- an alert (health set `ActiveManager`, sent by e-mail and webhook as any other):
+  a failover is news for a person even when it worked, and a database left waiting
+  for a person needs one.
+
+How far it has read is kept beside the file, so a restarted engine repeats nothing.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+
+from popguard.health.notifier import EVENT_ALERTS, Notifier
+from popguard.health.results import Alert, RecoveryAction, ResultsStore
+from popguard.paths import ServerFolder
+
+log = logging.getLogger("popguard.health")
+
+RESPONDER = "ActiveManager\\Failover"
+MONITOR = "MailboxServerLease"
+# What a decision's result is as a recovery action's.
+RESULTS = {"Succeeded": "Succeeded", "Failed": "Failed", "NotMoved": "Skipped"}
+
+
+class FailoverDecisions:
+    def __init__(self, folder: ServerFolder, store: ResultsStore, notifier: Notifier) -> None:
+        self._file = folder.failover_decisions_file()
+        self._offset_file = self._file.with_suffix(".read")
+        self._store = store
+        self._notifier = notifier
+
+    def take_new(self) -> int:
+        """Turn the decisions written since the last look into actions and alerts."""
+        try:
+            offset = int(self._offset_file.read_text() or 0)
+        except (OSError, ValueError):
+            offset = 0
+        try:
+            with self._file.open("rb") as decisions:
+                decisions.seek(offset)
+                chunk = decisions.read()
+        except FileNotFoundError:
+            return 0
+        complete = chunk[: chunk.rfind(b"\n") + 1]  # a line being written waits
+        taken = 0
+        for line in complete.splitlines():
+            try:
+                self._take(json.loads(line))
+                taken += 1
+            except (ValueError, KeyError, TypeError) as exc:
+                log.error("a failover decision cannot be read (%s): %r", exc, line[:200])
+        if complete:
+            _write_whole(self._offset_file, str(offset + len(complete)))
+        return taken
+
+    def _take(self, decision: dict[str, object]) -> None:
+        at = float(str(decision["at"]))
+        database, source = str(decision["database"]), str(decision["source"])
+        target = decision.get("target") or "nowhere"
+        result, reason = str(decision["result"]), str(decision["reason"])
+        detail = f"{database} from {source} to {target}: {result}; {reason}"
+        self._store.add_action(
+            RecoveryAction(
+                responder=RESPONDER, monitor=f"{EVENT_ALERTS}\\{MONITOR}", resource=database,
+                kind="Failover", alert_started=at, started=at, ended=at,
+                result=RESULTS.get(result, "Failed"), detail=detail,
+            )
+        )  # fmt: skip
+        outcome = self._notifier.raised(
+            Alert(
+                raised=at, health_set=EVENT_ALERTS, monitor=MONITOR, probe="",
+                resource=database, failure_component="Server",
+                error=f"{source}'s lease lapsed: {detail}", detail=detail, alert_started=at,
+            )
+        )  # fmt: skip
+        log.warning("Active Manager: %s (alert: %s)", detail, outcome)
+
+
+def _write_whole(path: Path, text: str) -> None:
+    partial = path.with_suffix(".partial")
+    partial.write_text(text)
+    partial.replace(path)
