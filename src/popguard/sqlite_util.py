@@ -34,9 +34,18 @@ def transaction(connection: sqlite3.Connection) -> Iterator[sqlite3.Connection]:
     try:
         yield connection
     except BaseException:
-        connection.execute("ROLLBACK")
+        if connection.in_transaction:  # SQLite may have rolled back itself (a full disk)
+            connection.execute("ROLLBACK")
         raise
-    connection.execute("COMMIT")
+    try:
+        connection.execute("COMMIT")
+    except sqlite3.Error:
+        # A COMMIT that failed (SQLITE_FULL, an I/O error) may leave the transaction
+        # open: rolled back here, so that the connection's next BEGIN works once the
+        # cause is gone.
+        if connection.in_transaction:
+            connection.execute("ROLLBACK")
+        raise
 
 
 def statements(script: str) -> list[str]:

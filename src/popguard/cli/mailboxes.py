@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import datetime
 import sys
@@ -16,10 +17,15 @@ from popguard import paths
 from popguard.cli.context import AppContext, pass_app
 from popguard.cli.render import format_option, render
 from popguard.directory.directory import Directory, Mailbox
+from popguard.directory.exchange_values import (
+    format_byte_quantified_size,
+    parse_boolean,
+    parse_byte_quantified_size,
+)
 from popguard.directory.location import directory_elsewhere
 from popguard.directory.passwords import generate_password, hash_password
 from popguard.errors import UserError
-from popguard.store.mailbox_database import MailboxDatabase
+from popguard.store.mailbox_database import MailboxDatabase, MailboxUsage
 
 # Longer than any password a person types; bounds the KDF's input.
 MAX_PASSWORD_LENGTH = 1024
@@ -40,6 +46,62 @@ def mailbox_row(mailbox: Mailbox) -> dict[str, Any]:
         "WhenCreated": _when(mailbox.created),
         "WhenPasswordChanged": _when(mailbox.password_changed),
     }
+
+
+def quota_fields(
+    directory: Directory, mailbox: Mailbox, usage: MailboxUsage | None
+) -> dict[str, Any]:
+    """Get-Mailbox's quota properties and Get-MailboxStatistics' size used (None where
+    no copy of the mailbox's database is in this data folder)."""
+    return {
+        "UseDatabaseQuotaDefaults": mailbox.use_database_quota_defaults,
+        "ProhibitSendReceiveQuota": format_byte_quantified_size(directory.mailbox_quota(mailbox)),
+        "ItemCount": None if usage is None else usage.items,
+        "TotalItemSize": None if usage is None else format_byte_quantified_size(usage.octets),
+    }
+
+
+def usage_here(app: AppContext, directory: Directory, database: str) -> dict[str, MailboxUsage]:
+    """Every mailbox's usage in `database`, from its active copy if that copy's file is
+    in this data folder, else from another copy here (as far as it has replayed);
+    None when no copy is here (another host's: run get-mailbox there)."""
+    copies = sorted(directory.database_copies(database), key=lambda c: not c.is_active)
+    for copy in copies:
+        if _active_copy_here(app, database, copy.server):
+            with _store(app, database, copy.server) as store:
+                return store.all_usage()
+    raise LookupError(database)
+
+
+def usage_of(
+    app: AppContext, directory: Directory, database: str
+) -> dict[str, MailboxUsage] | None:
+    """Every mailbox's usage in `database`: from a copy here, else from the active
+    copy's replication service (as the operator); None if neither can tell."""
+    try:
+        return usage_here(app, directory, database)
+    except LookupError:
+        pass
+    from popguard.net.tls import TlsMaterial
+    from popguard.replication.peer import (
+        PeerProtocolError,
+        PeerRefused,
+        PeerUnavailable,
+        ReplicationPeer,
+    )
+
+    async def ask() -> dict[str, tuple[int, int]]:
+        material = TlsMaterial.of(app.data)
+        context = material.mutual_client_context(material.admin_identity())
+        server = directory.get_server(directory.active_server(database))
+        async with ReplicationPeer(server, context) as peer:
+            return await peer.usage(database)
+
+    try:
+        found = asyncio.run(ask())
+    except (PeerUnavailable, PeerRefused, PeerProtocolError, UserError):
+        return None
+    return {address: MailboxUsage(items, octets) for address, (items, octets) in found.items()}
 
 
 @contextlib.contextmanager
@@ -160,24 +222,82 @@ def get_mailbox(
     app: AppContext, address: str | None, database: str | None, output_format: str
 ) -> None:
     """Show mailboxes."""
+    rows = []
     with app.directory() as directory:
         if address:
             mailboxes = [directory.get_mailbox(address)]
         else:
             mailboxes = directory.list_mailboxes(database)
-    render([mailbox_row(m) for m in mailboxes], output_format)
+        usage: dict[str, dict[str, MailboxUsage] | None] = {}
+        for mailbox in mailboxes:
+            if mailbox.database not in usage:
+                usage[mailbox.database] = usage_of(app, directory, mailbox.database)
+            found = usage[mailbox.database]
+            used = None if found is None else found.get(mailbox.address, MailboxUsage(0, 0))
+            rows.append(mailbox_row(mailbox) | quota_fields(directory, mailbox, used))
+    render(rows, output_format)
 
 
 @click.command("set-mailbox")
 @click.argument("address")
-@click.option("--password-stdin", is_flag=True, required=True, help="Read the new password.")
+@click.option("--password-stdin", is_flag=True, help="Read the new password.")
+@click.option(
+    "--prohibit-send-receive-quota",
+    "quota",
+    metavar="SIZE",
+    help="This mailbox's own quota (50MB, 2GB, octets, or Unlimited); sets "
+    "UseDatabaseQuotaDefaults to false.",
+)
+@click.option(
+    "--use-database-quota-defaults",
+    "use_defaults",
+    metavar="true|false",
+    help="true: the database's quota holds again (this mailbox's own is dropped).",
+)
 @pass_app
-def set_mailbox(app: AppContext, address: str, password_stdin: bool) -> None:
-    """Change a mailbox's password; it takes effect at the next login."""
-    password = chosen_password()
+def set_mailbox(
+    app: AppContext,
+    address: str,
+    password_stdin: bool,
+    quota: str | None,
+    use_defaults: str | None,
+) -> None:
+    """Change a mailbox's password (at the next login) or its quota (at the next
+    delivery)."""
+    if not password_stdin and quota is None and use_defaults is None:
+        raise UserError(
+            "nothing to set: give --password-stdin, --prohibit-send-receive-quota or "
+            "--use-database-quota-defaults"
+        )
+    defaults = (
+        None
+        if use_defaults is None
+        else parse_boolean(use_defaults, "--use-database-quota-defaults")
+    )
+    if defaults is True and quota is not None:
+        raise UserError(
+            "--prohibit-send-receive-quota with --use-database-quota-defaults true: the "
+            "mailbox's own quota would not hold; give one of them"
+        )
+    octets = (
+        None
+        if quota is None
+        else parse_byte_quantified_size(quota, "--prohibit-send-receive-quota")
+    )
+    password = chosen_password() if password_stdin else None
     with app.directory() as directory:
-        directory.set_password_hash(address, hash_password(password))
-    click.echo(f"password of {address.lower()} changed")
+        mailbox = directory.get_mailbox(address)
+        if password is not None:
+            directory.set_password_hash(address, hash_password(password))
+            click.echo(f"password of {mailbox.address} changed")
+        if quota is not None or defaults is not None:
+            keep = mailbox.prohibit_send_receive_quota if quota is None else octets
+            mailbox = directory.set_mailbox_quota(address, bool(defaults), keep)
+            click.echo(
+                f"quota of {mailbox.address}: "
+                f"{format_byte_quantified_size(directory.mailbox_quota(mailbox))}"
+                + (" (the database's)" if mailbox.use_database_quota_defaults else "")
+            )
 
 
 @click.command("remove-mailbox")

@@ -12,6 +12,8 @@ Every section is optional and the defaults need no file at all:
 - `[store]`: how soon deleted mail leaves every file of a copy (`forget_interval`),
   and how far a copy may fall behind before it is reseeded from a snapshot instead
   of the log being kept for it (`max_copy_lag_seconds`, `max_copy_lag_bytes`).
+- `[delivery]`: `quota_full_tempfail`, whether mail for a mailbox over its quota is
+  refused for good (552 5.2.2, the default) or for now (452 4.2.2).
 - `[active_manager]`: `enabled`, the automatic failover of a mailbox server whose
   lease lapsed (off by default for now), and `synchronous_copy`: acknowledgements
   wait for a passive copy (on by default).
@@ -150,6 +152,13 @@ class Store(Section):
     max_copy_lag_bytes: int = Field(default=1024**3, gt=0)
 
 
+class DeliverySection(Section):
+    # Mail that would put a mailbox over its ProhibitSendReceiveQuota: 552 5.2.2 (the
+    # MTA bounces it) or, with this true, 452 4.2.2 (the MTA keeps it and tries again,
+    # for as long as its queue lifetime, while the user makes room). Dovecot's name.
+    quota_full_tempfail: bool = False
+
+
 class ServerEntry(Section):
     name: str = Field(pattern=r"^[A-Za-z][A-Za-z0-9-]{0,62}$")
     roles: tuple[Literal["frontend", "mailbox"], ...] = Field(min_length=1)
@@ -173,6 +182,7 @@ class Config(Section):
     host: Host = Host()
     escalation: Escalation = Escalation()
     store: Store = Store()
+    delivery: DeliverySection = DeliverySection()
     active_manager: ActiveManagerSection = ActiveManagerSection()
     servers: tuple[ServerEntry, ...] = ()
     databases: tuple[DatabaseEntry, ...] = ()

@@ -114,6 +114,10 @@ class Mailbox:
     password_hash: str
     created: float
     password_changed: float
+    # Exchange's UseDatabaseQuotaDefaults and ProhibitSendReceiveQuota (octets; None:
+    # unlimited), the latter used only when the former is False.
+    use_database_quota_defaults: bool = True
+    prohibit_send_receive_quota: int | None = None
 
 
 def normalize_address(address: str) -> str:
@@ -591,18 +595,24 @@ class Directory:
             return
         db.execute(
             "INSERT INTO copy_status (database, server, status, copy_queue_length, "
-            "replay_queue_length, applied_lsn, last_inspected_log_time, error, reported) "
-            "VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9) "
+            "replay_queue_length, applied_lsn, last_inspected_log_time, error, reported, "
+            "database_size, message_bytes, log_bytes) "
+            "VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12) "
             "ON CONFLICT (database, server) DO UPDATE SET status = excluded.status, "
             "copy_queue_length = excluded.copy_queue_length, "
             "replay_queue_length = excluded.replay_queue_length, "
             "applied_lsn = excluded.applied_lsn, "
             "last_inspected_log_time = excluded.last_inspected_log_time, "
-            "error = excluded.error, reported = excluded.reported",
+            "error = excluded.error, reported = excluded.reported, "
+            # A report without sizes (a move's, a suspension's) keeps the last measured.
+            "database_size = COALESCE(excluded.database_size, copy_status.database_size), "
+            "message_bytes = COALESCE(excluded.message_bytes, copy_status.message_bytes), "
+            "log_bytes = COALESCE(excluded.log_bytes, copy_status.log_bytes)",
             (
                 report.database, report.server, report.status, report.copy_queue_length,
                 report.replay_queue_length, report.applied_lsn,
                 report.last_inspected_log_time, report.error, report.reported,
+                report.database_size, report.message_bytes, report.log_bytes,
             ),
         )  # fmt: skip
 
@@ -619,6 +629,9 @@ class Directory:
                 last_inspected_log_time=r["last_inspected_log_time"],
                 error=r["error"],
                 reported=r["reported"],
+                database_size=r["database_size"],
+                message_bytes=r["message_bytes"],
+                log_bytes=r["log_bytes"],
             )
             for r in rows
         }
@@ -800,6 +813,42 @@ class Directory:
             db.execute("DELETE FROM mailboxes WHERE address = $1", (mailbox.address,))
         return mailbox
 
+    # Quotas (store-ops) -------------------------------------------------------------------
+
+    def set_database_quota(self, database: str, quota: int | None) -> None:
+        """A database's default ProhibitSendReceiveQuota in octets (None: unlimited)."""
+        database = self._require_database(database)
+        with self._transaction() as db:
+            db.execute(
+                "UPDATE databases SET prohibit_send_receive_quota = $1 WHERE name = $2",
+                (quota, database),
+            )
+
+    def database_quota(self, database: str) -> int | None:
+        row = self._read_one(
+            "SELECT prohibit_send_receive_quota FROM databases WHERE name = $1", (database,)
+        )
+        return None if row is None or row[0] is None else int(row[0])
+
+    def set_mailbox_quota(
+        self, address: str, use_database_quota_defaults: bool, quota: int | None
+    ) -> Mailbox:
+        with self._transaction() as db:
+            updated = db.execute(
+                "UPDATE mailboxes SET use_database_quota_defaults = $1, "
+                "prohibit_send_receive_quota = $2 WHERE address = $3",
+                (int(use_database_quota_defaults), quota, address.strip().lower()),
+            ).rowcount
+        if not updated:
+            raise NotFoundError(f"no mailbox {address!r}")
+        return self.get_mailbox(address)
+
+    def mailbox_quota(self, mailbox: Mailbox) -> int | None:
+        """The quota that holds for `mailbox`: its own, or its database's (None: unlimited)."""
+        if not mailbox.use_database_quota_defaults:
+            return mailbox.prohibit_send_receive_quota
+        return self.database_quota(mailbox.database)
+
     # Server component states ------------------------------------------------------------
 
     def set_component_state(self, server: str, component: str, state: str, requester: str) -> None:
@@ -873,6 +922,11 @@ class CopyStatusReport:
     last_inspected_log_time: float | None
     error: str | None
     reported: float
+    # The copy's sizes in octets (None: not measured in this report; the last
+    # measured ones are kept): its files, its live messages, its change log.
+    database_size: int | None = None
+    message_bytes: int | None = None
+    log_bytes: int | None = None
 
 
 @dataclass(frozen=True)
@@ -920,6 +974,8 @@ def _mailbox(row: Row) -> Mailbox:
         password_hash=row["password_hash"],
         created=row["created"],
         password_changed=row["password_changed"],
+        use_database_quota_defaults=bool(row["use_database_quota_defaults"]),
+        prohibit_send_receive_quota=row["prohibit_send_receive_quota"],
     )
 
 

@@ -263,6 +263,20 @@ MIGRATIONS: tuple[Migration, ...] = (
         CREATE INDEX web_actions_by_time ON web_actions(at);
         """,
     ),
+    Migration(
+        common="""
+        -- Quotas (Exchange's ProhibitSendReceiveQuota, in octets; NULL: unlimited). A
+        -- mailbox uses its database's unless use_database_quota_defaults is 0.
+        ALTER TABLE databases ADD COLUMN prohibit_send_receive_quota {int};
+        ALTER TABLE mailboxes ADD COLUMN prohibit_send_receive_quota {int};
+        ALTER TABLE mailboxes ADD COLUMN use_database_quota_defaults {int} NOT NULL DEFAULT 1;
+        -- Each copy's sizes as its replication service last measured them (NULL: not
+        -- yet): its files, its live messages' octets, its change log's pages.
+        ALTER TABLE copy_status ADD COLUMN database_size {int};
+        ALTER TABLE copy_status ADD COLUMN message_bytes {int};
+        ALTER TABLE copy_status ADD COLUMN log_bytes {int};
+        """
+    ),
 )
 
 SCHEMA_VERSION = len(MIGRATIONS)

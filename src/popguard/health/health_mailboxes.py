@@ -105,4 +105,8 @@ def ensure_health_mailboxes(
                 directory.new_mailbox(address, database, hash_password(password))
             else:
                 directory.set_password_hash(address, hash_password(password))
+            if mailbox is None or mailbox.use_database_quota_defaults:
+                # A probe measures the service, not a database's quota: its test
+                # messages are never refused as "mailbox full".
+                directory.set_mailbox_quota(address, False, None)
     return read_credentials(data)

@@ -49,6 +49,7 @@ from popguard.store.mailbox_database import (
     MailboxDatabase,
     NotMountedError,
     SnapshotError,
+    StoreSizes,
 )
 
 log = logging.getLogger("popguard.replication")
@@ -59,6 +60,9 @@ LONG_POLL = 2.0  # how long the active side holds a pull that finds nothing new
 REPORT_INTERVAL = 2.0
 RETRY_AFTER_FAILURE = 5.0
 RETRY_AFTER_DISCONNECT = 1.0
+# How often the copy's sizes are measured for its status (a sum over an index and the
+# log's pages: cheap, but not worth doing on every pull).
+MEASURE_INTERVAL = 10.0
 
 
 class CopyReplicator:
@@ -97,6 +101,8 @@ class CopyReplicator:
         # copy has taken them back (see _redeliver_pending).
         self.pending_file = pending_file
         self.seeding_file = pending_file.with_suffix(".seeding")
+        self.sizes: StoreSizes | None = None  # sent with the next report, then cleared
+        self._measured_at = -MEASURE_INTERVAL
 
     async def _run(self, function: Callable[..., T], *args: object) -> T:
         return await asyncio.get_running_loop().run_in_executor(self._executor, function, *args)
@@ -162,6 +168,7 @@ class CopyReplicator:
                 log.exception("%s: unexpected error", self._name)
                 self._set("Failed", f"internal error: {exc!r}")
                 pause = RETRY_AFTER_FAILURE
+            await self._measure()
             if self._active_now() == active:
                 self._publish()
             # else a move changed the active copy meanwhile: what was seen is stale, and
@@ -324,6 +331,17 @@ class CopyReplicator:
         )
         self.pending_file.unlink()
 
+    async def _measure(self) -> None:
+        """The copy's sizes, every MEASURE_INTERVAL, for the next report (store-ops)."""
+        now = time.monotonic()
+        if now - self._measured_at < MEASURE_INTERVAL:
+            return
+        self._measured_at = now
+        try:
+            self.sizes = await self._run(self.store.sizes)
+        except Exception:  # sizes are for the operator: never worth stopping the copy
+            log.exception("%s: measuring the copy's sizes failed", self._name)
+
     def _publish(self, force: bool = False) -> None:
         """Report to the directory when something changed, or every REPORT_INTERVAL."""
         state = (self.status, self.error)
@@ -333,8 +351,14 @@ class CopyReplicator:
         interval = (
             REPORT_INTERVAL if (self.applied_lsn, self.copy_queue_length) == self._progress else 1.0
         )
-        if not force and state == self._reported and now - self._reported_at < interval:
+        if (
+            not force
+            and self.sizes is None
+            and state == self._reported
+            and now - self._reported_at < interval
+        ):
             return
+        sizes = self.sizes
         try:
             self.directory.report_copy_status(
                 CopyStatusReport(
@@ -347,6 +371,9 @@ class CopyReplicator:
                     last_inspected_log_time=self.last_inspected,
                     error=self.error,
                     reported=now,
+                    database_size=None if sizes is None else sizes.file_bytes,
+                    message_bytes=None if sizes is None else sizes.message_bytes,
+                    log_bytes=None if sizes is None else sizes.log_bytes,
                 )
             )
         except DirectoryUnavailable:
@@ -355,6 +382,7 @@ class CopyReplicator:
             log.exception("%s: reporting copy status failed", self._name)
             return
         self._reported, self._reported_at = state, now
+        self.sizes = None
         self._progress = (self.applied_lsn, self.copy_queue_length)
 
 

@@ -53,6 +53,10 @@ def status_rows(
                 "ActivationPreference": copy.activation_preference,
                 "ActiveDatabaseCopy": active,
                 "LogSequenceNumber": report.applied_lsn if report else None,
+                # Octets, as last measured by the copy's replication service.
+                "DatabaseSize": report.database_size if report else None,
+                "MessageBytes": report.message_bytes if report else None,
+                "LogBytes": report.log_bytes if report else None,
                 # Acknowledgements wait for this copy; Active Manager may activate it.
                 "Synchronous": copy.synchronous,
                 "ErrorMessage": (report.error or "")

@@ -238,6 +238,17 @@ class ReplicationPeer:
         _expect_ok(response)
         return _log_head(_json(response))
 
+    async def usage(self, database: str) -> dict[str, tuple[int, int]]:
+        """Each mailbox's (messages, octets) in the peer's copy of `database`."""
+        response = await self._request("GET", f"databases/{database}/usage")
+        _expect_ok(response)
+        found = {}
+        for address, value in _json(response).items():
+            if not (isinstance(value, list) and len(value) == 2):
+                raise PeerProtocolError(f"{self.server.name} sent a malformed usage")
+            found[str(address)] = (_int(value[0], "items"), _int(value[1], "octets"))
+        return found
+
     async def redeliver(self, database: str, origin: str, entries: list[LogEntry]) -> int:
         response = await self._request(
             "POST",

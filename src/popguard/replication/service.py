@@ -179,6 +179,7 @@ class ReplicationService:
                 web.post("/v1/databases/{database}/dismount", self._dismount),
                 web.post("/v1/databases/{database}/mount", self._mount),
                 web.post("/v1/databases/{database}/redeliver", self._redeliver),
+                web.get("/v1/databases/{database}/usage", self._usage),
                 web.post("/v1/databases/{database}/acknowledgement", self._acknowledgement),
                 web.get("/v1/failsafe", self._failsafe),
             ]
@@ -428,6 +429,12 @@ class ReplicationService:
             database, stored, len(entries), origin,
         )  # fmt: skip
         return web.json_response({"stored": stored})
+
+    async def _usage(self, request: web.Request) -> web.Response:
+        """Each mailbox's message count and octets in this copy (get-mailbox, store-ops)."""
+        _, store = await self._store_for(request)
+        usage = await self._run(store.all_usage)
+        return web.json_response({a: [u.items, u.octets] for a, u in usage.items()})
 
     # Keeping copies small and forgetful ---------------------------------------------------
 

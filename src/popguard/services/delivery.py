@@ -39,7 +39,8 @@ from typing import Any
 from aiosmtpd.lmtp import LMTP
 from aiosmtpd.smtp import Envelope, Session, syntax
 
-from popguard.directory.directory import Server
+from popguard.directory.config import load_config
+from popguard.directory.directory import Mailbox, Server
 from popguard.directory.sql.engine import DirectoryUnavailable
 from popguard.errors import UserError
 from popguard.net import tls
@@ -53,7 +54,11 @@ from popguard.services.lmtp_data import read_message_data
 from popguard.services.lmtp_forward import Forwarder, Transaction
 from popguard.services.lmtp_path import PathError, parse_rcpt_argument
 from popguard.services.lmtp_replies import with_enhanced_codes
-from popguard.store.mailbox_database import NotMountedError
+from popguard.store.mailbox_database import (
+    NotMountedError,
+    QuotaExceededError,
+    StoreFullError,
+)
 from popguard.store.mounted import MountedDatabases
 
 log = logging.getLogger("popguard.delivery")
@@ -316,6 +321,10 @@ class DeliveryHandler:
             return f"250 2.1.5 <{route.address}> OK, already a recipient: stored once"
         if route.server is not None:
             return f"250 2.1.5 OK, for the active copy of {route.database} on {route.server.name}"
+        full = self._service.already_over_quota(route)
+        if full is not None:
+            envelope.rcpt_tos.pop()
+            return full
         return "250 2.1.5 OK"
 
     async def handle_DATA(self, server: Any, session: Session, envelope: Envelope) -> str:
@@ -473,9 +482,17 @@ class DeliveryService:
             mailbox = self.directory.find_mailbox(recipient)
             if mailbox is None:  # removed between RCPT and the end of DATA
                 return f"550 5.1.1 <{recipient}>: no such mailbox"
+            quota = self.directory.mailbox_quota(mailbox)
             uid, lsn = await self.databases.write_logged(
-                mailbox.database, lambda store: store.deliver(mailbox.address, message)
+                mailbox.database,
+                lambda store: store.deliver(mailbox.address, message, quota=quota),
             )
+        except QuotaExceededError as exc:
+            log.info("not delivering to %s: %s", recipient, exc)
+            return self.mailbox_full(recipient)
+        except StoreFullError as exc:
+            log.error("not delivering to %s: the disk is full: %s", recipient, exc)
+            return f"452 4.3.1 <{recipient}>: mail system full, try again later"
         except DirectoryUnavailable:
             return f"451 4.4.3 <{recipient}>: the directory is unreachable, try again later"
         except NotMountedError as exc:
@@ -494,6 +511,36 @@ class DeliveryService:
         self.counters.command_done(0.0)
         log.info("delivered to %s as uid %d (%d octets)", recipient, uid, len(message))
         return f"250 2.0.0 <{recipient}> delivered as uid {uid}"
+
+    # Quotas (store-ops) ---------------------------------------------------------------
+
+    def mailbox_full(self, recipient: str) -> str:
+        """The reply to mail for a mailbox over its quota: 552 5.2.2, or 452 4.2.2 with
+        `[delivery] quota_full_tempfail` (read at the refusal: refusals are rare)."""
+        try:
+            temporary = load_config(self.context.data).delivery.quota_full_tempfail
+        except UserError as exc:
+            log.error("%s; answering a full mailbox with the default 552", exc)
+            temporary = False
+        if temporary:
+            return f"452 4.2.2 <{recipient}>: mailbox full, try again later"
+        return f"552 5.2.2 <{recipient}>: mailbox full"
+
+    def already_over_quota(self, route: Route) -> str | None:
+        """At RCPT, for a mailbox whose active copy is here: the refusal if it holds its
+        whole quota already (no message can fit), else None (DATA decides by size)."""
+        try:
+            mailbox: Mailbox | None = self.directory.find_mailbox(route.address)
+            if mailbox is None:
+                return None
+            quota = self.directory.mailbox_quota(mailbox)
+            if quota is None:
+                return None
+            used = self.databases.reader(route.database).usage(route.address).octets
+        except Exception:  # DATA checks again, in the writing transaction
+            log.exception("reading the quota of %s failed", route.address)
+            return None
+        return self.mailbox_full(route.address) if used >= quota else None
 
     def _protocol(self, handler: DeliveryHandler, peers_only: bool) -> PerRecipientLMTP:
         return PerRecipientLMTP(

@@ -31,7 +31,7 @@ import json
 import os
 import sqlite3
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from pathlib import Path
@@ -127,6 +127,9 @@ MIGRATIONS: tuple[str | Callable[[sqlite3.Connection], None], ...] = (
     );
     """,
     _bodies_out_of_the_log,
+    # A mailbox's size (quotas, get-mailbox) and the database's live message octets
+    # are sums over this index alone, never over the messages' pages.
+    "CREATE INDEX IF NOT EXISTS messages_sizes ON messages (address, size);",
 )
 
 # The tables a snapshot carries, in the order they are copied.
@@ -165,6 +168,20 @@ class SnapshotError(Exception):
     """A snapshot file that is not a whole, matching copy of a mailbox database."""
 
 
+class QuotaExceededError(Exception):
+    """A delivery that would put a mailbox over its ProhibitSendReceiveQuota."""
+
+    def __init__(self, address: str, used: int, size: int, quota: int) -> None:
+        super().__init__(
+            f"mailbox {address} holds {used} of its {quota} octets: no room for {size} more"
+        )
+        self.used, self.size, self.quota = used, size, quota
+
+
+class StoreFullError(Exception):
+    """The file system holding the copy has no room for the write (SQLITE_FULL)."""
+
+
 @dataclass(frozen=True)
 class MessageInfo:
     uid: int
@@ -184,6 +201,22 @@ class LogLag:
     has not applied (None: it needs nothing) and the octets that shipping it all takes."""
 
     oldest: float | None
+    octets: int
+
+
+@dataclass(frozen=True)
+class StoreSizes:
+    """What a copy takes on disk (its file and WAL), the octets of the messages it
+    holds, and the octets of its change log's pages."""
+
+    file_bytes: int
+    message_bytes: int
+    log_bytes: int
+
+
+@dataclass(frozen=True)
+class MailboxUsage:
+    items: int
     octets: int
 
 
@@ -247,12 +280,27 @@ class MailboxDatabase:
 
     # Writes of an active copy -------------------------------------------------------
 
-    def deliver(self, address: str, content: bytes, received: float | None = None) -> int:
-        """Store a message durably; returns its UID."""
+    def deliver(
+        self,
+        address: str,
+        content: bytes,
+        received: float | None = None,
+        quota: int | None = None,
+    ) -> int:
+        """Store a message durably; returns its UID.
+
+        With a `quota` (octets), QuotaExceededError if the mailbox would hold more than
+        that with this message: checked in the writing transaction, so two deliveries
+        at once cannot both squeeze under it. StoreFullError if the disk is full.
+        """
         wire, size = to_wire(content)
         received = time.time() if received is None else received
-        with self._transaction() as db:
+        with _full_disk_named(), self._transaction() as db:
             self._require_active(db)
+            if quota is not None:
+                used = self._usage(db, address).octets
+                if used + size > quota:
+                    raise QuotaExceededError(address, used, size, quota)
             return self._store(db, address, wire, size, received)
 
     def _store(
@@ -344,6 +392,35 @@ class MailboxDatabase:
 
     def message_count(self) -> int:
         return int(self._db.execute("SELECT COUNT(*) FROM messages").fetchone()[0])
+
+    def usage(self, address: str) -> MailboxUsage:
+        """How many messages a mailbox holds and their octets (as STAT counts them)."""
+        return self._usage(self._db, address)
+
+    @staticmethod
+    def _usage(db: sqlite3.Connection, address: str) -> MailboxUsage:
+        count, octets = db.execute(
+            "SELECT COUNT(*), COALESCE(SUM(size), 0) FROM messages WHERE address = ?", (address,)
+        ).fetchone()
+        return MailboxUsage(int(count), int(octets))
+
+    def all_usage(self) -> dict[str, MailboxUsage]:
+        rows = self._db.execute(
+            "SELECT address, COUNT(*), COALESCE(SUM(size), 0) FROM messages GROUP BY address"
+        ).fetchall()
+        return {address: MailboxUsage(int(n), int(octets)) for address, n, octets in rows}
+
+    def sizes(self) -> StoreSizes:
+        """This copy's sizes: its files (database and WAL), live messages, its log."""
+        (messages,) = self._db.execute("SELECT COALESCE(SUM(size), 0) FROM messages").fetchone()
+        (log_pages,) = self._db.execute(
+            "SELECT COALESCE(SUM(pgsize), 0) FROM dbstat WHERE name = 'change_log'"
+        ).fetchone()
+        files = 0
+        for path in (self.path, self.path.with_name(self.path.name + "-wal")):
+            with contextlib.suppress(FileNotFoundError):
+                files += path.stat().st_size
+        return StoreSizes(files, int(messages), int(log_pages))
 
     # The change log -------------------------------------------------------------------
 
@@ -538,6 +615,33 @@ class MailboxDatabase:
             self._db.execute("PRAGMA busy_timeout = 30000")
         return Forgotten(freed, busy == 0)
 
+    # Checking a whole copy (backups) ----------------------------------------------------
+
+    def verify(self) -> list[str]:
+        """What is wrong with this copy (empty: nothing): SQLite's own integrity check,
+        the log's checksum chain from its base to its head, and every message a delivery
+        entry still in the log names against that entry's digest."""
+        problems: list[str] = []
+        for (verdict,) in self._db.execute("PRAGMA integrity_check").fetchall():
+            if verdict != "ok":
+                problems.append(f"SQLite: {verdict}")
+        if problems:
+            return problems
+        previous = self.base().checksum
+        rows = self._db.execute(
+            "SELECT c.lsn, c.at, c.kind, c.address, c.uid, c.size, c.digest, c.checksum, "
+            "m.wire FROM change_log c LEFT JOIN messages m ON c.kind = 'deliver' "
+            "AND m.address = c.address AND m.uid = c.uid ORDER BY c.lsn"
+        ).fetchall()
+        for lsn, at, kind, address, uid, size, digest, checksum, wire in rows:
+            digest = None if digest is None else bytes(digest)
+            if digest_checksum(previous, lsn, at, kind, address, uid, size, digest) != checksum:
+                problems.append(f"log entry {lsn} fails its checksum")
+            if wire is not None and payload_digest(bytes(wire)) != digest:
+                problems.append(f"message {address} uid {uid} does not match its log entry")
+            previous = bytes(checksum)
+        return problems
+
     # Seeding ------------------------------------------------------------------------
 
     def reset(self) -> None:
@@ -613,6 +717,18 @@ class MailboxDatabase:
                 return self._head(db)
         finally:
             self._db.execute("DETACH DATABASE snapshot")
+
+
+@contextlib.contextmanager
+def _full_disk_named() -> Iterator[None]:
+    """SQLite's "database or disk is full" as StoreFullError (delivery answers 452
+    4.3.1 to it, not a generic failure); the transaction is rolled back by then."""
+    try:
+        yield
+    except sqlite3.Error as exc:
+        if getattr(exc, "sqlite_errorcode", None) == sqlite3.SQLITE_FULL:
+            raise StoreFullError(str(exc)) from exc
+        raise
 
 
 def _forgetful(db: sqlite3.Connection) -> None:
