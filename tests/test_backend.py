@@ -31,18 +31,23 @@ def login(server: MailboxServer, user: str, password: str = PASSWORD) -> poplib.
     return client
 
 
-def raw_session(server: MailboxServer, payload: bytes, wait: float = 0.5) -> bytes:
-    """Send `payload` at once (pipelined) and read every reply until the server closes."""
+def raw_session(server: MailboxServer, payload: bytes, pause: float | None = None) -> bytes:
+    """Send `payload` at once (pipelined) and read every reply until the server closes
+    (at most 30 s), or, with `pause`, until it is silent that long (for a payload after
+    which the server keeps the connection open). Without `pause` a slow reply (an
+    argon2id check on a loaded machine) is waited for, not taken for the end."""
     with socket.create_connection((server.address, server.pop3_port), timeout=10) as sock:
         sock.sendall(payload)
-        sock.settimeout(wait)
+        sock.settimeout(pause if pause is not None else 1.0)
         received = b""
-        deadline = time.monotonic() + 15
+        deadline = time.monotonic() + 30
         while time.monotonic() < deadline:
             try:
                 chunk = sock.recv(65536)
             except TimeoutError:
-                break
+                if pause is not None:
+                    break
+                continue
             if not chunk:
                 break
             received += chunk

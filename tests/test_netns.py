@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -129,8 +130,9 @@ def test_an_organization_uses_a_directory_on_another_host_and_rides_out_losing_i
     started = run([*popguard, "up", "--detach", "--config", str(config)], timeout=180)
     try:
         assert started.returncode == 0, started.stderr
-        user = started.stdout.split("demo mailbox ")[1].split()[0]
-        password = started.stdout.split("password ")[1].split()[0]
+        match = re.search(r"demo mailbox (\S+) \(in DB01\)\s+password (\S+)", started.stdout)
+        assert match, started.stdout
+        user, password = match.groups()
         ca = data / "tls" / "ca.pem"
         first = curl_retr(mail.command(), ca, user, password)
         assert first.returncode == 0 and "Welcome to popguard" in first.stdout, first.stderr

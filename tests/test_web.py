@@ -18,7 +18,14 @@ from typing import Any
 from urllib.parse import urlencode
 
 import pytest
-from playwright.sync_api import Browser, BrowserContext, Page, ViewportSize, expect
+from playwright.sync_api import (
+    Browser,
+    BrowserContext,
+    Page,
+    ViewportSize,
+    expect,
+    sync_playwright,
+)
 
 from popguard.testing.net import free_loopback_address
 from popguard.testing.organization import popguard, popguard_output, wait_until
@@ -63,10 +70,18 @@ state = "Degraded"
 """
 
 
-@pytest.fixture(scope="session")
-def browser_type_launch_args() -> dict[str, Any]:
-    """Debian's chromium: Playwright cannot download a browser of its own here."""
-    return {"executable_path": CHROMIUM, "args": CHROMIUM_ARGS}
+@pytest.fixture(scope="module")
+def browser() -> Iterator[Browser]:
+    """Debian's chromium (Playwright cannot download a browser of its own here), for
+    this module only: Playwright's sync API runs an event loop in the test's thread
+    while it is started, and pytest-playwright's session-wide browser would keep it
+    running under every asyncio test that this xdist worker runs afterwards."""
+    with sync_playwright() as playwright:
+        launched = playwright.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+        try:
+            yield launched
+        finally:
+            launched.close()
 
 
 class WebOrganization:
