@@ -90,6 +90,29 @@ def deliver(client: smtplib.LMTP, content: bytes) -> float:
     return elapsed
 
 
+def in_turn(
+    paths: dict[str, smtplib.LMTP], warmup: int, count: int, size: int
+) -> dict[str, list[float]]:
+    """One message on each path in turn, `warmup` unmeasured rounds then `count`
+    measured, so every path sees the same machine; closes the connections."""
+    samples: dict[str, list[float]] = {name: [] for name in paths}
+    try:
+        for client in paths.values():
+            client.ehlo("bench.example.test")
+        number = 0
+        for round_number in range(warmup + count):
+            for name, client in paths.items():
+                number += 1
+                elapsed = deliver(client, message(number, size))
+                if round_number >= warmup:
+                    samples[name].append(elapsed)
+    finally:
+        for client in paths.values():
+            with contextlib.suppress(Exception):
+                client.quit()
+    return samples
+
+
 def summary(samples: list[float]) -> dict[str, float]:
     def ms(fraction: float) -> float:
         value = percentile(samples, fraction)
@@ -119,21 +142,7 @@ def main(argv: list[str] | None = None) -> int:
             "direct": smtplib.LMTP(addresses["mbx2"], LMTP_PORT, timeout=60),
             "forwarded": smtplib.LMTP(addresses["mbx1"], LMTP_PORT, timeout=60),
         }
-        samples: dict[str, list[float]] = {name: [] for name in paths}
-        try:
-            for client in paths.values():
-                client.ehlo("bench.example.test")
-            number = 0
-            for round_number in range(args.warmup + count):
-                for name, client in paths.items():
-                    number += 1
-                    elapsed = deliver(client, message(number, args.size))
-                    if round_number >= args.warmup:
-                        samples[name].append(elapsed)
-        finally:
-            for client in paths.values():
-                with contextlib.suppress(Exception):
-                    client.quit()
+        samples = in_turn(paths, args.warmup, count, args.size)
     for name in paths:
         report[name] = summary(samples[name])
     direct, forwarded = report["direct"], report["forwarded"]

@@ -30,7 +30,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from bench.lmtp_forward import deliver, message, summary
+from bench.lmtp_forward import deliver, in_turn, message, summary
 from bench.report import machine, write_results
 from popguard.directory.directory import Directory
 from popguard.testing.net import free_loopback_address, wait_port
@@ -141,21 +141,7 @@ def main(argv: list[str] | None = None) -> int:
             "synchronous": smtplib.LMTP(synchronous, LMTP_PORT, timeout=60),
             "active_only": smtplib.LMTP(alone, LMTP_PORT, timeout=60),
         }
-        samples: dict[str, list[float]] = {name: [] for name in paths}
-        try:
-            for client in paths.values():
-                client.ehlo("bench.example.test")
-            number = 0
-            for round_number in range(args.warmup + count):
-                for name, client in paths.items():
-                    number += 1
-                    elapsed = deliver(client, message(number, args.size))
-                    if round_number >= args.warmup:
-                        samples[name].append(elapsed)
-        finally:
-            for client in paths.values():
-                with contextlib.suppress(Exception):
-                    client.quit()
+        samples = in_turn(paths, args.warmup, count, args.size)
         for name in paths:
             report[name] = summary(samples[name])
         report["synchronous"]["per_second_4_connections"] = throughput(
