@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import json
 import sqlite3
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
 
+from popguard import sqlite_util
 from popguard.pop3.message_format import unstuff
-from popguard.store.mailbox_database import MailboxDatabase, NotMountedError
+from popguard.store.mailbox_database import MIGRATIONS, MailboxDatabase, NotMountedError
 
 
 def test_uids_grow_and_are_never_reused(tmp_path: Path) -> None:
@@ -89,3 +90,51 @@ def test_many_messages_go_to_no_passive_copy_and_all_or_none_are_stored(tmp_path
     with pytest.raises(NotMountedError):
         store.deliver_many("a@example.test", [b"Subject: 2\r\n\r\n"])
     assert store.message_count() == 0
+
+
+def _statements(store: MailboxDatabase, read: Callable[[], object]) -> list[str]:
+    """The SQL statements `read` sends to the store's connection."""
+    seen: list[str] = []
+    store._db.set_trace_callback(seen.append)
+    try:
+        read()
+    finally:
+        store._db.set_trace_callback(None)
+    return seen
+
+
+def test_a_login_and_the_sizes_read_no_message_pages(tmp_path: Path) -> None:
+    # A login reads the whole maildrop: from an index that holds uid, size and received,
+    # not from the table rows, whose pages hold the messages themselves.
+    store = MailboxDatabase(tmp_path / "DB01.sqlite", "DB01")
+    store.deliver_many("a@example.test", [b"Subject: x\r\n\r\n" + b"x" * 3000] * 3)
+    reads: list[Callable[[], object]] = [
+        lambda: store.maildrop("a@example.test"),
+        lambda: store.usage("a@example.test"),
+        store.all_usage,
+    ]
+    for read in reads:
+        (statement,) = _statements(store, read)
+        plan = store._db.execute(f"EXPLAIN QUERY PLAN {statement}").fetchall()
+        assert any("USING COVERING INDEX messages_maildrop" in row[-1] for row in plan), plan
+
+
+def test_an_older_copy_gets_the_maildrop_index_when_opened(tmp_path: Path) -> None:
+    path = tmp_path / "DB01.sqlite"
+    older = sqlite3.connect(path, isolation_level=None)
+    sqlite_util.migrate(older, MIGRATIONS[:5], "a version-5 copy")
+    older.execute(
+        "INSERT INTO messages (address, uid, size, received, wire) VALUES ('a@example.test', 1, "
+        "14, 1.0, X'5375626A6563743A20780D0A0D0A')"
+    )
+    older.close()
+    store = MailboxDatabase(path, "DB01")
+    indexes = {
+        name
+        for (name,) in store._db.execute(
+            "SELECT name FROM sqlite_master WHERE type = 'index' AND tbl_name = 'messages'"
+        )
+    }
+    assert "messages_maildrop" in indexes and "messages_sizes" not in indexes
+    assert [(m.uid, m.size) for m in store.maildrop("a@example.test")] == [(1, 14)]
+    assert store.usage("a@example.test").octets == 14

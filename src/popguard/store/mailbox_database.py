@@ -128,8 +128,17 @@ MIGRATIONS: tuple[str | Callable[[sqlite3.Connection], None], ...] = (
     """,
     _bodies_out_of_the_log,
     # A mailbox's size (quotas, get-mailbox) and the database's live message octets
-    # are sums over this index alone, never over the messages' pages.
+    # are sums over this index alone, never over the messages' pages (messages_maildrop
+    # took its place in version 6).
     "CREATE INDEX IF NOT EXISTS messages_sizes ON messages (address, size);",
+    # A login's maildrop (uid, size, received of every message) from this index alone:
+    # without it each row is looked up in the table, whose pages hold the messages
+    # (a 50,000-message mailbox is 50,000 page reads at every login). It covers the
+    # sums messages_sizes served, so that index goes: one index less per delivery.
+    """
+    CREATE INDEX IF NOT EXISTS messages_maildrop ON messages (address, uid, size, received);
+    DROP INDEX IF EXISTS messages_sizes;
+    """,
 )
 
 # The tables a snapshot carries, in the order they are copied.
