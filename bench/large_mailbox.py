@@ -430,6 +430,9 @@ def main(argv: list[str] | None = None) -> int:
             }
             report["popguard_store_bytes"] = popguard.store_bytes
             targets: list[Target] = [popguard, dovecot]
+            report["idle_rss_kib"] = {  # before any session: what the warm-up adds stays
+                target.name: round(target.before()["rss_before_kib"], 1) for target in targets
+            }
             for target in targets:  # unmeasured: warm caches, index and uidlist
                 problems += check(session(target, 0), count, args.size)
             for number in range(1, rounds + 1):
@@ -458,6 +461,9 @@ def main(argv: list[str] | None = None) -> int:
     report["sessions"] = [{**asdict(s), "total": s.total} for s in sessions]
     report["problems"] = problems
     print(table(report))
+    idle = report["idle_rss_kib"]
+    print(f"  before any session: popguard pop3be {idle['popguard'] / KIB:.1f} MiB, Dovecot's "
+          f"resident processes {idle['dovecot'] / KIB:.1f} MiB")  # fmt: skip
     for problem in problems:
         print(f"PROBLEM: {problem}", file=sys.stderr)
     print(f"wrote {write_results('large_mailbox', report)}")

@@ -191,7 +191,8 @@ class StoreFullError(Exception):
     """The file system holding the copy has no room for the write (SQLITE_FULL)."""
 
 
-@dataclass(frozen=True)
+# Slots: a login holds one of these per message (50,000 in a large mailbox).
+@dataclass(frozen=True, slots=True)
 class MessageInfo:
     uid: int
     size: int
