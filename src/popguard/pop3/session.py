@@ -105,7 +105,8 @@ class CommandRecord:
     size: int
 
 
-@dataclass(frozen=True)
+# Slots: a session holds one of these per message for as long as it lasts.
+@dataclass(frozen=True, slots=True)
 class MaildropEntry:
     uid: int
     size: int

@@ -31,7 +31,7 @@ import json
 import os
 import sqlite3
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from pathlib import Path
@@ -128,8 +128,17 @@ MIGRATIONS: tuple[str | Callable[[sqlite3.Connection], None], ...] = (
     """,
     _bodies_out_of_the_log,
     # A mailbox's size (quotas, get-mailbox) and the database's live message octets
-    # are sums over this index alone, never over the messages' pages.
+    # are sums over this index alone, never over the messages' pages (messages_maildrop
+    # took its place in version 6).
     "CREATE INDEX IF NOT EXISTS messages_sizes ON messages (address, size);",
+    # A login's maildrop (uid, size, received of every message) from this index alone:
+    # without it each row is looked up in the table, whose pages hold the messages
+    # (a 50,000-message mailbox is 50,000 page reads at every login). It covers the
+    # sums messages_sizes served, so that index goes: one index less per delivery.
+    """
+    CREATE INDEX IF NOT EXISTS messages_maildrop ON messages (address, uid, size, received);
+    DROP INDEX IF EXISTS messages_sizes;
+    """,
 )
 
 # The tables a snapshot carries, in the order they are copied.
@@ -182,7 +191,8 @@ class StoreFullError(Exception):
     """The file system holding the copy has no room for the write (SQLITE_FULL)."""
 
 
-@dataclass(frozen=True)
+# Slots: a login holds one of these per message (50,000 in a large mailbox).
+@dataclass(frozen=True, slots=True)
 class MessageInfo:
     uid: int
     size: int
@@ -302,6 +312,17 @@ class MailboxDatabase:
                 if used + size > quota:
                     raise QuotaExceededError(address, used, size, quota)
             return self._store(db, address, wire, size, received)
+
+    def deliver_many(self, address: str, contents: Iterable[bytes]) -> list[int]:
+        """Store many messages in one transaction (one fsync, not one per message); their
+        UIDs. For importing a mailbox (and filling one for a benchmark): no quota."""
+        with _full_disk_named(), self._transaction() as db:
+            self._require_active(db)
+            uids = []
+            for content in contents:
+                wire, size = to_wire(content)
+                uids.append(self._store(db, address, wire, size, time.time()))
+            return uids
 
     def _store(
         self, db: sqlite3.Connection, address: str, wire: bytes, size: int, received: float

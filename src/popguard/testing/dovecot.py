@@ -33,7 +33,7 @@ import pwd
 import shutil
 import subprocess
 import tempfile
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -327,17 +327,23 @@ class Dovecot(Started):
             self.stop()
             raise RuntimeError(f"Dovecot did not start:\n{self.log_tail()}") from None
 
-    def fill(self, user: str, messages: Sequence[bytes]) -> None:
-        """Replace `user`'s mailbox with these messages, while the server runs."""
+    def fill(self, user: str, messages: Iterable[bytes], *, sizes_in_names: bool = False) -> None:
+        """Replace `user`'s mailbox with these messages, while the server runs.
+
+        `sizes_in_names`: S= and W= in the file names, as Dovecot names the files it
+        saves itself, so that STAT and LIST need not open them; only for messages with
+        CRLF line ends (their virtual size is their size)."""
         mail = pwd.getpwnam(MAIL_USER)
         maildir = self.maildir(user)
         for sub in ("cur", "new", "tmp"):
             shutil.rmtree(maildir / sub, ignore_errors=True)
             (maildir / sub).mkdir(parents=True)
         for i, content in enumerate(messages, start=1):
-            # No S=/W= sizes in the name: a test's message may end its lines in a bare
+            # Without S=/W= by default: a test's message may end its lines in a bare
             # LF, and then only Dovecot can count its virtual (CRLF) size.
-            (maildir / "cur" / f"{1700000000 + i}.M{i}P1.popguard-test:2,").write_bytes(content)
+            sizes = f",S={len(content)},W={len(content)}" if sizes_in_names else ""
+            name = f"{1700000000 + i}.M{i}P1.popguard-test{sizes}:2,"
+            (maildir / "cur" / name).write_bytes(content)
         _chown_tree(self.root / "mail", mail.pw_uid, mail.pw_gid)
 
     def files(self, user: str) -> list[Path]:
