@@ -254,7 +254,9 @@ def test_a_hang_turns_the_cell_unhealthy_live_and_back_after_the_repair(
     page.goto(web_org.url + "events")
     feed = page.locator("#feed")
     expect(feed).to_contain_text(re.compile(r"mbx1 POP\.Protocol: \w+ -> Unhealthy"))
-    expect(feed).to_contain_text("mbx1 POP.Protocol: Unhealthy -> Healthy")
+    # Back to Healthy straight from Unhealthy or by way of Degraded (the monitor's
+    # window may still hold a failed result when the repair's re-run succeeds).
+    expect(feed).to_contain_text(re.compile(r"mbx1 POP\.Protocol: (Unhealthy|Degraded) -> Healthy"))
     expect(feed).to_contain_text("[restart-service] on pop3be: Succeeded", timeout=60_000)
     page.goto(web_org.url + "recovery")
     expect(page.locator("#actions")).to_contain_text("restart-service")
