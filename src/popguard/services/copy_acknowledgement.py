@@ -14,15 +14,12 @@ answers with a temporary failure (`451`, `-ERR`), never with success.
 
 from __future__ import annotations
 
-import logging
 import ssl
 
 import httpx
 
 from popguard.directory.directory import Directory, Server
 from popguard.directory.sql.engine import DIRECTORY_ERRORS
-
-log = logging.getLogger("popguard.replication")
 
 # The replication service waits up to 3 s for a copy, then records in the directory
 # that there is none: enough beyond that for a loaded host.
