@@ -65,6 +65,7 @@ class Popguard(Started):
         max_connections_per_user: int = 16,
         workdir: Path | None = None,
         frontend_address: str | None = None,
+        worker_processes: int = 0,
     ) -> None:
         self.cli = cli
         self.address = address
@@ -72,6 +73,7 @@ class Popguard(Started):
         self.password = password
         self.messages = list(messages)
         self.max_per_user = max_connections_per_user
+        self.worker_processes = worker_processes  # per service; 0: one per core
         self.workdir = workdir
         self.data = Path()
         self.ports: dict[str, int] = {}
@@ -140,6 +142,8 @@ class Popguard(Started):
             "1000",
             "--max-connections-per-user",
             str(self.max_per_user),
+            # Only when asked: a popguard from before the workers has no such option.
+            *(("--worker-processes", str(self.worker_processes)) if self.worker_processes else ()),
         )
 
     def _ports(self, server_name: str, address: str, needed: tuple[str, ...]) -> dict[str, int]:

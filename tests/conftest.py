@@ -29,6 +29,7 @@ from popguard.directory.directory import Directory
 from popguard.directory.passwords import hash_password
 from popguard.directory.settings import PopSettings
 from popguard.net import tls
+from popguard.net.workers import WORKER_COUNT_VARIABLE
 from popguard.pop3.session import LoginType
 from popguard.services.counters import read_counters
 from popguard.services.lmtp_client import deliver
@@ -40,6 +41,12 @@ from popguard.testing.processes import stop_processes
 # The files tests put in data folders (popguard.toml, ...) are made as popguard makes
 # its own: `popguard up` refuses a data folder open to group or others.
 permissions.restrict_umask()
+
+# One worker per service in the organizations tests start (every process they spawn
+# inherits this): a master and a worker each, not a worker per core, so that dozens of
+# organizations fit on two cores. Tests that want more say so with WorkerProcesses, or
+# remove the variable (tests/test_workers.py, the default in tests/test_up.py).
+os.environ.setdefault(WORKER_COUNT_VARIABLE, "1")
 
 PASSWORD = "correct horse battery staple"
 
@@ -144,9 +151,15 @@ class MailboxServer(DataFolder):
         return process
 
     def kill(self, service: str, signum: int = signal.SIGKILL) -> None:
+        """Signal the service's master and wait until it and its workers are gone (they
+        die with it): until then a worker's copy of the socket may still take a
+        connection, which its death then resets."""
         process = self.processes.pop(service)
+        workers = children(process.pid)
         process.send_signal(signum)
         process.wait(10)
+        wait_for("the workers to die with their master",
+                 lambda: not any(pid_alive(pid) for pid in workers), 10)  # fmt: skip
 
     def stop_all(self) -> None:
         stop_processes(list(self.processes.values()))
@@ -218,11 +231,21 @@ def processes_matching(fragment: str) -> list[int]:
 
 
 def pid_alive(pid: int) -> bool:
+    """Whether `pid` runs (a zombie, dead but not yet reaped, does not)."""
     try:
         os.kill(pid, 0)
-    except ProcessLookupError:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except (ProcessLookupError, FileNotFoundError):
         return False
-    return True
+    return stat.rpartition(")")[2].split()[0] != "Z"
+
+
+def children(pid: int) -> list[int]:
+    """The processes `pid` started (a service's master: its workers)."""
+    try:
+        return [int(p) for p in Path(f"/proc/{pid}/task/{pid}/children").read_text().split()]
+    except FileNotFoundError:
+        return []
 
 
 @dataclass

@@ -18,14 +18,16 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from popguard.control.service_control import WORKER_SERVICES
 from popguard.directory.config import install_config, parse_config
 from popguard.directory.directory import Directory
 from popguard.directory.organization import Organization, default_topology, ensure_topology
 from popguard.errors import UserError
+from popguard.net.workers import WORKER_COUNT_VARIABLE
 from popguard.testing.net import free_loopback_address
 from popguard.testing.organization import popguard
 
-from .conftest import pid_alive, processes_matching
+from .conftest import json_of, pid_alive, processes_matching, wait_for
 
 
 def test_up_serves_the_demo_mailbox_and_stops_cleanly(tmp_path: Path) -> None:
@@ -49,6 +51,8 @@ def test_up_serves_the_demo_mailbox_and_stops_cleanly(tmp_path: Path) -> None:
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
         text=True,
+        # The default a new user gets: a worker per core (conftest sets one for the rest).
+        env={k: v for k, v in os.environ.items() if k != WORKER_COUNT_VARIABLE},
     )
     try:
         assert process.stdout is not None
@@ -74,8 +78,17 @@ def test_up_serves_the_demo_mailbox_and_stops_cleanly(tmp_path: Path) -> None:
         assert b"Subject: Welcome to popguard" in lines
         client.quit()
         children = processes_matching(f"popguard --data {data} serve")
-        # pop3be, delivery, replication, health twice; pop3, health and web
-        assert len(children) == 11, children
+        # pop3be, delivery, replication, health twice; pop3, health and web: 11 processes
+        # the supervisor runs, and the workers of each master (pop3be, delivery, pop3).
+        rows = [row for server in ("cas1", "mbx1", "mbx2")
+                for row in json_of(data, "get-service", "--server", server)]  # fmt: skip
+        masters = [int(row["ProcessId"]) for row in rows]
+        workers = [int(pid) for row in rows for pid in (row["Workers"] or "").split()]
+        assert len(masters) == 11, rows
+        cores = len(os.sched_getaffinity(0))
+        assert all(len(row["Workers"].split()) == cores
+                   for row in rows if row["Name"] in WORKER_SERVICES), rows  # fmt: skip
+        assert sorted(children) == sorted(masters + workers), (children, rows)
         # mbx2's copy of DB01 follows mbx1's: the welcome message is there too.
         deadline = time.monotonic() + 30
         while time.monotonic() < deadline:
@@ -120,8 +133,15 @@ def test_services_run_under_supervisord_and_restart_for_real(tmp_path: Path) -> 
         restarted = popguard(data, "restart-service", "pop3be", "--server", "mbx1",
                              "--format", "json")  # fmt: skip
         (row,) = json.loads(restarted.stdout)
-        assert row["Status"] == "Running" and row["ProcessId"] != before["pop3be"]["ProcessId"]
-        assert not pid_alive(int(str(before["pop3be"]["ProcessId"])))
+        # pop3be is a master and its workers: the workers are new, the master (which
+        # holds the ports, so no connection was refused) is the same.
+        old_workers = [int(pid) for pid in str(before["pop3be"]["Workers"]).split()]
+        new_workers = [int(pid) for pid in (row["Workers"] or "").split()]
+        assert row["Status"] == "Running" and row["ProcessId"] == before["pop3be"]["ProcessId"]
+        assert old_workers and new_workers and not set(old_workers) & set(new_workers)
+        wait_for(  # they finish their sessions (none here) and stop
+            "the old workers stopped", lambda: not any(pid_alive(p) for p in old_workers), 30
+        )
         # A crashed service is started again by the supervisor.
         os.kill(int(row["ProcessId"]), signal.SIGKILL)
         deadline = time.monotonic() + 30

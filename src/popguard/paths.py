@@ -49,6 +49,10 @@ class ServerFolder:
     def default_protocol_log_dir(self, service: str) -> Path:
         return self.logs_dir() / service
 
+    def mailbox_locks_dir(self) -> Path:
+        """One lock file per mailbox: the POP3 session that holds it (any worker)."""
+        return self.root / "locks" / "mailboxes"
+
     def fault_file(self, service: str) -> Path:
         return self.root / "faults" / f"{service}.json"
 

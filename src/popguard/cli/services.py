@@ -99,7 +99,10 @@ def _action(verb: str, help_text: str) -> click.Command:
 start_service = _action("start", "Start one service of a server.")
 stop_service = _action("stop", "Stop one service of a server.")
 restart_service = _action(
-    "restart", "Restart one service of a server (a new process; the old one stops cleanly)."
+    "restart",
+    "Restart one service of a server: pop3, pop3be and delivery start new workers and "
+    "the old ones finish their sessions (no connection refused); the others are a new "
+    "process, the old one stopping cleanly.",
 )
 
 

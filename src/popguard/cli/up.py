@@ -29,7 +29,7 @@ import click
 from popguard import paths
 from popguard.cli.context import AppContext, pass_app
 from popguard.control import permissions
-from popguard.control.ports import Endpoint, in_use, listener_pids
+from popguard.control.ports import Endpoint, held_by, in_use, listener_pids
 from popguard.control.service_control import (
     SupervisorControl,
     services_of,
@@ -105,7 +105,7 @@ def _wait_until_up(
                 # Listening, but is it this service? A stranger on the same address and
                 # port (another organization) must not pass for it.
                 holders = listener_pids(host, port)
-                if holders and status.pid not in holders:
+                if holders and not held_by(status.pid, holders):
                     raise UserError(
                         f"{server}/{service}: {host}:{port} is held by another process "
                         f"(pid {', '.join(map(str, sorted(holders)))}), not by this service"

@@ -53,6 +53,22 @@ def listener_pids(address: str, port: int) -> set[int]:
     }
 
 
+def held_by(pid: int | None, holders: set[int]) -> bool:
+    """Whether the listeners `holders` are the process `pid` or its workers (a master's
+    workers share its socket, and the kernel's tables name one of them)."""
+    if pid is None:
+        return False
+    if pid in holders:
+        return True
+    for holder in holders:
+        try:
+            if psutil.Process(holder).ppid() == pid:
+                return True
+        except psutil.Error:
+            continue
+    return False
+
+
 def _holder(address: str, port: int) -> str:
     named = []
     for pid in sorted(listener_pids(address, port)):

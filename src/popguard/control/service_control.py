@@ -38,6 +38,29 @@ ROLE_SERVICES = {
 }
 
 KILL_RESTART_TIMEOUT = 15.0  # seconds for supervisord to start a killed process again
+# The services that are a master and its workers (net/workers.py): restarting one
+# restarts its workers (SIGHUP to the master), which refuses no connection.
+WORKER_SERVICES = ("pop3be", "delivery", "pop3")
+WORKER_RESTART_TIMEOUT = 40.0  # seconds for new workers to serve and the old to stop
+# The master publishes its workers with its counters every second.
+WORKERS_FRESH = 5.0
+
+
+def worker_pids(data: Path, server: str, service: str, master: int | None) -> tuple[int, ...]:
+    """The worker processes of `master`, as its counters last said (none if stale)."""
+    if master is None or service not in WORKER_SERVICES:
+        return ()
+    try:
+        published = json.loads(paths.server_folder(data, server).counters_file(service).read_text())
+    except (OSError, ValueError):
+        return ()
+    if (
+        not isinstance(published, dict)
+        or published.get("ProcessId") != master
+        or time.time() - float(published.get("Updated", 0)) > WORKERS_FRESH
+    ):
+        return ()
+    return tuple(int(pid) for pid in published.get("WorkerProcessIds", []))
 
 
 def services_of(roles: tuple[str, ...]) -> list[str]:
@@ -55,6 +78,7 @@ class ServiceStatus:
     detail: str = ""
     # Exits the supervisor did not ask for (crashes), counted since the supervisor began.
     unexpected_exits: int | None = None
+    workers: tuple[int, ...] = ()  # the master's worker processes (WORKER_SERVICES)
 
 
 class ServiceControl(Protocol):
@@ -219,10 +243,12 @@ class SupervisorControl:
                  "STOPPING": "Stopping"}.get(name, name)  # fmt: skip
         running = state == "Running"
         exits = read_exits(paths.server_folder(self.data, server).exits_file())
+        pid = int(info["pid"]) if running else None
         return ServiceStatus(
-            server, service, state, int(info["pid"]) if running else None,
+            server, service, state, pid,
             float(info["now"] - info["start"]) if running else None,
             str(info.get("spawnerr") or ""), exits.get(service, 0),
+            worker_pids(self.data, server, service, pid),
         )  # fmt: skip
 
     def status(self, server: str, services: list[str]) -> list[ServiceStatus]:
@@ -278,6 +304,19 @@ class SupervisorControl:
         return self._status(server, service)
 
     def restart(self, server: str, service: str) -> ServiceStatus:
+        """A new process; for a master with workers, new workers (the old ones finish
+        their sessions), so that no connection is refused meanwhile."""
+        before = self._status(server, service)
+        if before.state == "Running" and before.workers:
+            self._call("signalProcess", f"{server}:{program_name(server, service)}", "HUP")
+            deadline = time.monotonic() + WORKER_RESTART_TIMEOUT
+            while time.monotonic() < deadline:
+                now = self._status(server, service)
+                if now.state != "Running":
+                    break
+                if now.workers and not set(now.workers) & set(before.workers):
+                    return now
+                time.sleep(0.2)
         self.stop(server, service)
         return self.start(server, service)
 
@@ -312,6 +351,9 @@ class SystemdControl:
 
     name = "systemd"
 
+    def __init__(self, data: Path) -> None:
+        self.data = data  # where the masters publish their workers (counters)
+
     def _systemctl(self, *args: str) -> subprocess.CompletedProcess[str]:
         try:
             return subprocess.run(["systemctl", *args], capture_output=True, text=True, timeout=60)
@@ -335,7 +377,10 @@ class SystemdControl:
         # NRestarts counts the restarts systemd made by itself (Restart=): crashes only.
         restarts = values.get("NRestarts", "")
         exits = int(restarts) if restarts.isdigit() else None
-        return ServiceStatus(server, service, state, pid, uptime, values.get("SubState", ""), exits)
+        return ServiceStatus(
+            server, service, state, pid, uptime, values.get("SubState", ""), exits,
+            worker_pids(self.data, server, service, pid),
+        )  # fmt: skip
 
     def status(self, server: str, services: list[str]) -> list[ServiceStatus]:
         return [self._status(server, service) for service in services]
@@ -353,7 +398,10 @@ class SystemdControl:
         return self._act("stop", server, service)
 
     def restart(self, server: str, service: str) -> ServiceStatus:
-        return self._act("restart", server, service)
+        # A running master restarts its workers on reload (ExecReload: SIGHUP).
+        running = self._status(server, service).state == "Running"
+        verb = "reload" if running and service in WORKER_SERVICES else "restart"
+        return self._act(verb, server, service)
 
     def kill(self, server: str, service: str) -> ServiceStatus:
         unit = f"popguard-{service}@{server}.service"
@@ -367,7 +415,7 @@ def control_for(data: Path) -> SupervisorControl | SystemdControl:
     if supervisor.socket.exists() and supervisor.alive():
         return supervisor
     if Path("/run/systemd/system").is_dir() and shutil.which("systemctl"):
-        return SystemdControl()
+        return SystemdControl(data)
     raise UserError(
         "no supervisor runs popguard's services here: start them with `popguard up`, or "
         "install the systemd units of deploy/systemd"

@@ -15,6 +15,8 @@ def status_row(status: ServiceStatus, supervisor: str) -> dict[str, Any]:
         "Name": status.service,
         "Status": status.state,
         "ProcessId": status.pid,
+        # A master's worker processes (pop3, pop3be, delivery), each serving its ports.
+        "Workers": " ".join(str(pid) for pid in status.workers),
         "Uptime": str(datetime.timedelta(seconds=int(uptime))) if uptime is not None else "",
         "Supervisor": supervisor,
         "Detail": status.detail,

@@ -48,11 +48,22 @@ class AuthCache:
     under a secret that lives in this process's memory alone.
     """
 
-    def __init__(self, ttl: float = AUTH_CACHE_TTL, clock: Callable[[], float] = time.monotonic):
+    def __init__(
+        self,
+        ttl: float = AUTH_CACHE_TTL,
+        clock: Callable[[], float] = time.monotonic,
+        secret: bytes | None = None,
+    ):
         self._ttl = ttl
         self._clock = clock
-        self._secret = secrets.token_bytes(32)
+        # A service's worker processes share one secret (their master's), so that a
+        # check one of them made is remembered by all (`remember_key`).
+        self._secret = secret or secrets.token_bytes(32)
         self._entries: dict[bytes, float] = {}
+
+    def key(self, address: str, password: str, password_hash: str) -> bytes:
+        """The digest under which a verified (address, password, hash) is remembered."""
+        return self._key(address, password, password_hash)
 
     def _key(self, address: str, password: str, password_hash: str) -> bytes:
         material = "\0".join((address, password, password_hash)).encode("utf-8", "surrogatepass")
@@ -69,12 +80,16 @@ class AuthCache:
         return True
 
     def remember(self, address: str, password: str, password_hash: str) -> None:
+        self.remember_key(self._key(address, password, password_hash))
+
+    def remember_key(self, key: bytes) -> None:
+        """Remember a check made elsewhere under the same secret (another worker)."""
         if len(self._entries) >= AUTH_CACHE_MAX_ENTRIES:
             now = self._clock()
             self._entries = {k: v for k, v in self._entries.items() if v >= now}
             if len(self._entries) >= AUTH_CACHE_MAX_ENTRIES:
                 self._entries.clear()
-        self._entries[self._key(address, password, password_hash)] = self._clock() + self._ttl
+        self._entries[key] = self._clock() + self._ttl
 
 
 # Failed logins: each one doubles the wait before the next "-ERR [AUTH]" for the

@@ -69,6 +69,10 @@ class PopSettings(BaseModel):
         ]
         | None
     ) = None
+    # Not an Exchange setting: how many worker processes each of this server's mail
+    # services (pop3 or pop3be, and delivery) runs; 0 means the host's default
+    # (POPGUARD_WORKER_PROCESSES, else one per core).
+    WorkerProcesses: Annotated[int, Field(ge=0, le=256)] = 0
     ProtocolLogEnabled: bool = False
     LogFileLocation: str | None = None
     LogFileRollOverSettings: RollOver = RollOver.DAILY

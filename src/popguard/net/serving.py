@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import logging
+import os
 import signal
 import sys
 from collections.abc import Awaitable, Callable
@@ -18,10 +20,13 @@ log = logging.getLogger("popguard")
 
 
 def setup_logging(service: str, server: str) -> None:
+    # A worker's lines say which worker wrote them (the master's name none).
+    worker = os.environ.get("POPGUARD_WORKER")
+    slot = f"[{json.loads(worker)['slot']}]" if worker else ""
     logging.basicConfig(
         level=logging.INFO,
         stream=sys.stderr,
-        format=f"%(asctime)s {server}/{service} %(levelname)s %(message)s",
+        format=f"%(asctime)s {server}/{service}{slot} %(levelname)s %(message)s",
     )
     # aiosmtpd logs every LMTP command at INFO; keep its warnings only.
     logging.getLogger("mail.log").setLevel(logging.WARNING)
@@ -29,8 +34,10 @@ def setup_logging(service: str, server: str) -> None:
     logging.getLogger("httpx").setLevel(logging.WARNING)
 
 
-def run_until_stopped(main: Callable[[asyncio.Event], Awaitable[None]]) -> None:
-    """Run `main(stop)` until SIGTERM or SIGINT sets `stop`."""
+def run_until_stopped(
+    main: Callable[[asyncio.Event], Awaitable[None]], fast_loop: bool = True
+) -> None:
+    """Run `main(stop)` until SIGTERM or SIGINT sets `stop` (on uvloop if `fast_loop`)."""
 
     async def runner() -> None:
         stop = asyncio.Event()
@@ -41,7 +48,7 @@ def run_until_stopped(main: Callable[[asyncio.Event], Awaitable[None]]) -> None:
 
     with (
         contextlib.suppress(KeyboardInterrupt),
-        asyncio.Runner(loop_factory=_loop_factory()) as run,
+        asyncio.Runner(loop_factory=_loop_factory() if fast_loop else None) as run,
     ):
         run.run(runner())
 

@@ -18,6 +18,7 @@ import logging
 import os
 import secrets
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from popguard.directory.directory import Directory, Mailbox
@@ -120,10 +121,21 @@ class KeyedSlots:
 
 
 class Authenticator:
-    def __init__(self, directory: Directory, counters: ServiceCounters) -> None:
+    def __init__(
+        self,
+        directory: Directory,
+        counters: ServiceCounters,
+        share: Callable[[bool, str, str, bytes | None], None] | None = None,
+        cache_secret: bytes | None = None,
+    ) -> None:
         self._directory = directory
         self._counters = counters
-        self._cache = AuthCache()
+        # Told every login's outcome (failed, client address, user, and the positive
+        # cache's key of a password just verified), for the server's other workers:
+        # the failure delays are the server's, not one process's, and a password one
+        # worker verified is not verified again by the next (`cache_secret` is theirs).
+        self._share = share
+        self._cache = AuthCache(secret=cache_secret)
         self._delays = LoginDelays()
         # Checked against when the user does not exist, so that an unknown user
         # costs the same time as a wrong password.
@@ -169,14 +181,34 @@ class Authenticator:
         return mailbox
 
     def _outcome(
-        self, mailbox: Mailbox | None, verified: bool, client_ip: str, address: str
+        self,
+        mailbox: Mailbox | None,
+        verified: bool,
+        client_ip: str,
+        address: str,
+        cache_key: bytes | None = None,
     ) -> tuple[Mailbox | None, float]:
         """Recorded while the address's and user's slots are still held, so the
         next attempt in their queues sees this failure's delay."""
-        if mailbox is None or not verified:
+        failed = mailbox is None or not verified
+        if self._share is not None:
+            self._share(failed, client_ip, address, None if failed else cache_key)
+        if failed:
             return None, self._delays.record_failure(client_ip, address)
         self._delays.record_success(client_ip, address)
         return mailbox, 0.0
+
+    def remote_outcome(
+        self, failed: bool, client_ip: str, address: str, cache_key: bytes | None = None
+    ) -> None:
+        """A login another worker of this server decided: its delays count here too, and
+        the password it verified is known here too."""
+        if cache_key is not None:
+            self._cache.remember_key(cache_key)
+        if failed:
+            self._delays.record_failure(client_ip, address)
+        else:
+            self._delays.record_success(client_ip, address)
 
     async def _check(
         self, address: str, password: str, client_ip: str
@@ -225,9 +257,11 @@ class Authenticator:
             if behind_failing and not (address_failing or user_failing):
                 counters.logins_queued_behind_failing += 1
             verified = await self._kdf(stored_hash, password, client_ip, address, held)
+            cache_key = None
             if verified and mailbox is not None:
-                self._cache.remember(address, password, stored_hash)
-            return self._outcome(mailbox, verified, client_ip, address)
+                cache_key = self._cache.key(address, password, stored_hash)
+                self._cache.remember_key(cache_key)
+            return self._outcome(mailbox, verified, client_ip, address, cache_key)
         finally:
             if waiting:
                 counters.verifications_waiting -= 1
@@ -249,6 +283,7 @@ class Authenticator:
         counters = self._counters
         running_keys = (f"ip:{client_ip}", f"user:{address}")
         counters.verifications_in_flight += 1
+        counters.kdf_runs += 1
         counters.peak_verifications_in_flight = max(
             counters.peak_verifications_in_flight, counters.verifications_in_flight
         )

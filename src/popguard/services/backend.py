@@ -14,12 +14,14 @@ import sqlite3
 import time
 from pathlib import Path
 
+from popguard.directory.directory import Mailbox
 from popguard.directory.settings import SortOrder
 from popguard.errors import UserError
 from popguard.pop3.replies import ResponseCode
 from popguard.pop3.session import Authenticate, MaildropEntry, Retrieve, ServerSession, Update
 from popguard.services.context import ServerContext, fencing_enabled, synchronous_copy_enabled
 from popguard.services.copy_acknowledgement import SynchronousCopyWait
+from popguard.services.mailbox_lock import MailboxLock, MailboxLocks
 from popguard.services.pop3_service import CommandTimer, Connection, Handoff, Pop3Service
 from popguard.store.mailbox_database import NotMountedError
 from popguard.store.mounted import MountedDatabases
@@ -46,15 +48,17 @@ class BackendService(Pop3Service):
             context.tls.mutual_client_context(identity),
             synchronous_copy_enabled(context),
         )
-        self._locked: set[str] = set()
-        self._last_login: dict[str, float] = {}  # only while MinimumLoginInterval is set
+        # Held across the server's workers (a file lock per mailbox): see mailbox_lock.
+        self._locks = MailboxLocks(context.folder.mailbox_locks_dir())
+        self._held: dict[str, MailboxLock] = {}  # session id -> the lock its login took
 
     def close_resources(self) -> None:
         self.databases.close()
 
     def session_ended(self, session: ServerSession, connection: Connection) -> None:
-        if session.user is not None:
-            self._locked.discard(session.user)
+        lock = self._held.pop(connection.session_id, None)
+        if lock is not None:
+            lock.release()
 
     async def authenticate(
         self,
@@ -67,19 +71,37 @@ class BackendService(Pop3Service):
         if mailbox is None:
             return None
         address = mailbox.address
-        if address in self._locked:
+        lock = self._locks.take(address)
+        if lock is None:
             timer.context = "InUse"
             session.login_failed("mailbox is in use by another session", ResponseCode.IN_USE)
             return None
+        try:
+            self._open_maildrop(session, mailbox, lock, connection, timer)
+        finally:
+            if connection.session_id not in self._held:
+                lock.release()
+        return None
+
+    def _open_maildrop(
+        self,
+        session: ServerSession,
+        mailbox: Mailbox,
+        lock: MailboxLock,
+        connection: Connection,
+        timer: CommandTimer,
+    ) -> None:
+        """Log in a mailbox whose lock this session has taken, or refuse to."""
+        address = mailbox.address
         interval = self.settings.MinimumLoginInterval
-        wait = self._last_login.get(address, -math.inf) + interval - time.monotonic()
+        wait = lock.last_login() + interval - time.time()
         if interval and wait > 0:
             timer.context = "LoginDelay"
             session.login_failed(
                 f"logged in too recently, wait {math.ceil(wait)} more seconds",
                 ResponseCode.LOGIN_DELAY,
             )
-            return None
+            return
         try:
             store = self.databases.reader(mailbox.database)
             messages = store.maildrop(address)
@@ -94,22 +116,20 @@ class BackendService(Pop3Service):
                 "mailbox database now; try again later"
             )
             session.login_failed(why, ResponseCode.SYS_TEMP)
-            return None
+            return
         except sqlite3.Error:
             log.exception("reading the maildrop of %s failed", address)
             session.login_failed("mailbox store error, try again later", ResponseCode.SYS_TEMP)
-            return None
+            return
         if self.settings.MessageRetrievalSortOrder is SortOrder.DESCENDING:
             messages.sort(key=lambda m: (m.received, m.uid), reverse=True)
-        self._locked.add(address)
-        if interval:
-            self._last_login[address] = time.monotonic()
+        self._held[connection.session_id] = lock
+        lock.mark_login()
         self.counters.successful_logins += 1
         connection.user = address
         connection.database = mailbox.database
         timer.context = f"Database={mailbox.database}"
         session.login_succeeded(address, [MaildropEntry(m.uid, m.size) for m in messages])
-        return None
 
     def retrieve(self, session: ServerSession, request: Retrieve, connection: Connection) -> None:
         try:
@@ -144,8 +164,6 @@ class BackendService(Pop3Service):
 
 
 def serve(data: Path, server_name: str) -> None:
-    from popguard.net.serving import run_until_stopped, setup_logging
+    from popguard.services.pop3_service import serve_pop3
 
-    setup_logging("pop3be", server_name)
-    backend = BackendService(ServerContext.open(data, server_name, BackendService.role))
-    run_until_stopped(backend.run)
+    serve_pop3(data, server_name, BackendService)

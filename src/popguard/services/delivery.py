@@ -45,7 +45,14 @@ from popguard.directory.sql.engine import DirectoryUnavailable
 from popguard.errors import UserError
 from popguard.net import tls
 from popguard.net.byte_stream import TLS_HANDSHAKE_TIMEOUT
-from popguard.net.serving import every, listen
+from popguard.net.serving import every
+from popguard.net.workers import (
+    LISTEN_BACKLOG,
+    WorkerChannel,
+    WorkerSetup,
+    listening_socket,
+    stop_or_master_gone,
+)
 from popguard.services.context import ServerContext, fencing_enabled, synchronous_copy_enabled
 from popguard.services.copy_acknowledgement import SynchronousCopyWait
 from popguard.services.counters import PUBLISH_INTERVAL, ServiceCounters
@@ -553,54 +560,56 @@ class DeliveryService:
             ident=lmtp_ident(self.organization),
         )
 
-    async def run(self, stop: asyncio.Event) -> None:
+    async def run(self, stop: asyncio.Event, setup: WorkerSetup) -> None:
+        """One worker: serve the sockets the master listens on (services/service_master)."""
         loop = asyncio.get_running_loop()
         address = self.server.address
+        channel = WorkerChannel(setup)
+        await channel.open()
         listeners = []
         for endpoint, handler, peers_only in (
             ("lmtp", DeliveryHandler(self, may_forward=True), False),
             ("lmtp-peer", DeliveryHandler(self, may_forward=False), True),
         ):
-            port = self.server.port(endpoint)
-            listener = await listen(
-                functools.partial(
-                    loop.create_server,
-                    functools.partial(self._protocol, handler, peers_only),
-                    address,
-                    port,
-                    reuse_address=True,
-                    ssl=self._peer_tls if peers_only else None,
-                    ssl_handshake_timeout=TLS_HANDSHAKE_TIMEOUT if peers_only else None,
-                ),
-                endpoint,
-                address,
-                port,
+            listener = await loop.create_server(
+                functools.partial(self._protocol, handler, peers_only),
+                sock=listening_socket(setup, endpoint),
+                backlog=LISTEN_BACKLOG,
+                ssl=self._peer_tls if peers_only else None,
+                ssl_handshake_timeout=TLS_HANDSHAKE_TIMEOUT if peers_only else None,
             )
             listeners.append(listener)
+        channel.notify({"op": "ready"})
         log.info(
-            "LMTP listening on %s:%d, from other mailbox servers on %d, pid %d",
+            "LMTP worker serving %s:%d, from other mailbox servers on %d, pid %d",
             address,
             self.server.port("lmtp"),
             self.server.port("lmtp-peer"),
             os.getpid(),
         )
-        counters_file = self.context.folder.counters_file("delivery")
         publisher = asyncio.create_task(
-            every(PUBLISH_INTERVAL, lambda: self.counters.publish(counters_file), stop)
+            every(PUBLISH_INTERVAL, lambda: channel.notify(self.counters.report()), stop)
         )
-        await stop.wait()
+        await stop_or_master_gone(stop, channel)
         for listener in listeners:
             listener.close()
         self._forwarder.close()
         await self._copies.aclose()
         await publisher
+        await channel.close()
         self.databases.close()
         self.directory.close()
 
 
 def serve(data: Path, server_name: str, limits: LmtpLimits) -> None:
     from popguard.net.serving import run_until_stopped, setup_logging
+    from popguard.services.service_master import serve_with_workers
 
     setup_logging("delivery", server_name)
-    service = DeliveryService(ServerContext.open(data, server_name, "mailbox"), limits)
-    run_until_stopped(service.run)
+
+    def worker(setup: WorkerSetup) -> None:
+        service = DeliveryService(ServerContext.open(data, server_name, "mailbox"), limits)
+        run_until_stopped(functools.partial(service.run, setup=setup))
+
+    endpoints = ("lmtp", "lmtp-peer")
+    serve_with_workers(data, server_name, "delivery", "mailbox", endpoints, worker, limits=False)

@@ -80,7 +80,6 @@ class FrontendService(Pop3Service):
     def __init__(self, context: ServerContext) -> None:
         super().__init__(context)
         self._backend_tls = context.tls.resuming_client_context()
-        self._per_user: dict[str, int] = {}
         self._routes: dict[str, tuple[Server, int]] = {}  # see _route
         self._routes_version = -1
         self.component_state = self.directory.component_state(self.server.name, COMPONENT)
@@ -101,17 +100,6 @@ class FrontendService(Pop3Service):
             return f"this server is not taking connections now ({COMPONENT} {self.component_state})"
         return super().refusal(client_ip)
 
-    def session_ended(self, session: ServerSession, connection: Connection) -> None:
-        self.session_ended_for(connection.user)
-
-    def session_ended_for(self, user: str) -> None:
-        if user:
-            left = self._per_user.get(user, 1) - 1
-            if left:
-                self._per_user[user] = left
-            else:
-                self._per_user.pop(user, None)
-
     async def authenticate(
         self,
         session: ServerSession,
@@ -122,13 +110,12 @@ class FrontendService(Pop3Service):
         mailbox = await self.verified_mailbox(session, request, connection, timer)
         if mailbox is None:
             return None
-        if self._per_user.get(mailbox.address, 0) >= self.settings.MaxConnectionsPerUser:
+        # MaxConnectionsPerUser is the server's: the master counts for every worker,
+        # from now until the connection ends (or the login fails below).
+        if not await self.take_user(connection, mailbox.address):
             timer.context = "TooManyForUser"
             session.login_failed("too many connections for this user", ResponseCode.SYS_TEMP)
             return None
-        # Counted before the awaits below, so concurrent logins cannot all pass the
-        # check; session_ended gives the place back however this login ends.
-        self._per_user[mailbox.address] = self._per_user.get(mailbox.address, 0) + 1
         connection.user = mailbox.address
         try:
             backend, max_command = self._route(mailbox.database)
@@ -192,7 +179,7 @@ class FrontendService(Pop3Service):
         return route
 
     def _give_back(self, connection: Connection) -> None:
-        self.session_ended_for(connection.user)
+        self.give_back_user(connection)
         connection.user = ""
 
     async def _connect(self, backend: Server) -> ByteStream:
@@ -317,8 +304,6 @@ async def _pump(source: ByteStream, sink: ByteStream, moved: Callable[[bytes], N
 
 
 def serve(data: Path, server_name: str) -> None:
-    from popguard.net.serving import run_until_stopped, setup_logging
+    from popguard.services.pop3_service import serve_pop3
 
-    setup_logging("pop3", server_name)
-    frontend = FrontendService(ServerContext.open(data, server_name, FrontendService.role))
-    run_until_stopped(frontend.run)
+    serve_pop3(data, server_name, FrontendService)

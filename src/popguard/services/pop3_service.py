@@ -1,13 +1,13 @@
 """What the POP3 back end and front end share: one asyncio server around the
 sans-I/O `ServerSession`.
 
-This module moves bytes, enforces the connection limits and timeouts, follows
-the POP settings live, and feeds the counters and the protocol log.
-
-At MaxConnections a newcomer takes the place of the oldest connection that has
-not logged in yet, as Dovecot does when its login processes are full, so idle
-connections cannot lock users out; logged-in sessions are never closed for a
-newcomer, and the server's own probes have a reserve of their own. A client has
+This module is one worker of the service (services/service_master.py starts the
+master and its workers): it moves bytes, asks the master whether the server's
+connection limits admit each connection (`services/server_limits.py`: the
+limits are the server's, not a worker's; at MaxConnections the master closes
+the oldest connection not logged in, whichever worker holds it), enforces the
+timeouts, follows the POP settings live, and feeds the counters (summed by the
+master) and the protocol log. A client has
 PreAuthenticatedConnectionTimeout to log in, counted once from the accept, and
 a command line must arrive whole within COMMAND_LINE_TIMEOUT of its first byte:
 bytes trickled in one at a time do not keep a connection open. A subclass
@@ -38,7 +38,15 @@ from popguard.directory.directory import Mailbox, Server
 from popguard.directory.sql.engine import DirectoryUnavailable
 from popguard.net import tls
 from popguard.net.byte_stream import TLS_HANDSHAKE_TIMEOUT, ByteStream
-from popguard.net.serving import every, listen
+from popguard.net.serving import every
+from popguard.net.workers import (
+    LISTEN_BACKLOG,
+    WorkerChannel,
+    WorkerSetup,
+    listening_socket,
+    stop_or_master_gone,
+    worker_setup,
+)
 from popguard.pop3.replies import ResponseCode, err
 from popguard.pop3.session import (
     Authenticate,
@@ -70,10 +78,11 @@ SHUTDOWN_GRACE = 5.0
 # A login the directory cannot judge now (PostgreSQL unreachable, this mailbox never
 # seen by this process): the health probes read "directory" as the failing part.
 DIRECTORY_UNREACHABLE = "the directory is unreachable; try again later"
-# Connections from the server's own address (its monitoring probes) admitted even
-# at MaxConnections and never evicted, so that a flood does not blind the health
-# engine into restarting the service; this many at most, so the exemption is bounded.
-LOCAL_CONNECTION_RESERVE = 16
+MASTER_GONE = "service is stopping, try again later"
+# The master answers an admission at once; one that does not within this (stopped,
+# overloaded) is a service that cannot take connections now.
+ADMISSION_TIMEOUT = 10.0
+MASTER_SLOW = "service is busy, try again later"
 # A command line must be complete this many seconds after its first byte (or within
 # the connection's own timeout, if that is shorter). RFC 1939 section 3's autologout
 # timer measures inactivity, which a client sending one byte every few seconds never
@@ -194,12 +203,17 @@ class Pop3Service(abc.ABC):
         self.counters = self.counters_type(self.service)
         self.counters.settings_revision = self._settings_revision
         self.protocol_log = ProtocolLog(self.log_prefix)
-        self.authenticator = Authenticator(self.directory, self.counters)
-        self._per_ip: dict[str, int] = {}
-        # The connections that have not logged in, oldest first: who makes room at
-        # MaxConnections. Reserved (local) connections are not in it.
+        setup = worker_setup()
+        self.authenticator = Authenticator(
+            self.directory,
+            self.counters,
+            self._share_login,
+            bytes.fromhex(setup.cache_secret) if setup is not None else None,
+        )
+        self.channel: WorkerChannel | None = None  # to the master, once run() opened it
+        # This worker's connections that have not logged in: the master may ask for
+        # one of them to be closed to make room at MaxConnections.
         self._pre_login: dict[str, tuple[Connection, ByteStream]] = {}
-        self._reserved = 0  # connections admitted through LOCAL_CONNECTION_RESERVE
         self._tasks: set[asyncio.Task[None]] = set()
         # One context for the life of the service: the implicit-TLS listener holds
         # it, so a new certificate is loaded into it rather than a new context made.
@@ -272,17 +286,83 @@ class Pop3Service(abc.ABC):
         # Monitoring probes run on this server and connect from its own address.
         return client_ip == self.server.address
 
-    def _make_room(self, client_ip: str) -> str | None:
-        """Why the limits refuse a connection from `client_ip`, or None once there is
-        room for it: at MaxConnections the oldest connection that has not logged in
-        is closed. A newcomer over its address's own limit evicts nobody."""
-        if self._per_ip.get(client_ip, 0) >= self.settings.MaxConnectionFromSingleIP:
-            return "too many connections from your address, try again later"
-        if self.counters.current_connections < self.settings.MaxConnections:
-            return None
-        if not self._pre_login:
-            return "too many connections to this server, try again later"
-        connection, stream = self._pre_login.pop(next(iter(self._pre_login)))
+    # The master ----------------------------------------------------------------------
+
+    def _master(self) -> WorkerChannel:
+        if self.channel is None:
+            raise ConnectionError("no channel to the master")
+        return self.channel
+
+    def _share_login(
+        self, failed: bool, client_ip: str, user: str, cache_key: bytes | None
+    ) -> None:
+        """Pass a login's outcome on to the other workers (through the master)."""
+        if self.channel is not None:
+            note = {"op": "login", "failed": failed, "ip": client_ip, "user": user}
+            if cache_key is not None:
+                note["key"] = cache_key.hex()
+            self.channel.notify(note)
+
+    def _login_elsewhere(self, message: dict[str, object]) -> None:
+        key = message.get("key")
+        self.authenticator.remote_outcome(
+            bool(message["failed"]),
+            str(message["ip"]),
+            str(message["user"]),
+            bytes.fromhex(key) if isinstance(key, str) else None,
+        )
+
+    def _logged_in(self, connection: Connection) -> None:
+        """No newcomer may take this connection's place any more."""
+        if self._pre_login.pop(connection.session_id, None) is not None and self.channel:
+            self.channel.notify({"op": "logged_in", "session": connection.session_id})
+
+    async def _admission(self, connection: Connection) -> str | None:
+        """None when the server's limits admit `connection` (the master counts it from
+        now until "closed"), else why not."""
+        request = {
+            "op": "admit",
+            "session": connection.session_id,
+            "ip": connection.client_ip,
+            "local": self._is_local(connection.client_ip),
+        }
+        try:
+            async with asyncio.timeout(ADMISSION_TIMEOUT):
+                answer = await self._master().request(request)
+        except ConnectionError:
+            return MASTER_GONE
+        except TimeoutError:
+            # It may count the connection yet, when it answers: this says it has ended.
+            self._master().notify({"op": "closed", "session": connection.session_id})
+            return MASTER_SLOW
+        refusal = answer.get("refusal") or answer.get("error")
+        return str(refusal) if refusal else None
+
+    async def take_user(self, connection: Connection, user: str) -> bool:
+        """Whether MaxConnectionsPerUser (the server's) leaves `user` room for this
+        connection, which then counts for it until it ends or `give_back_user`."""
+        try:
+            async with asyncio.timeout(ADMISSION_TIMEOUT):
+                answer = await self._master().request(
+                    {"op": "user", "session": connection.session_id, "user": user}
+                )
+        except ConnectionError:
+            return False
+        except TimeoutError:
+            self.give_back_user(connection)
+            return False
+        return bool(answer.get("ok"))
+
+    def give_back_user(self, connection: Connection) -> None:
+        if self.channel is not None:
+            self.channel.notify({"op": "user_done", "session": connection.session_id})
+
+    def _evict(self, message: dict[str, object]) -> None:
+        """The master makes room at MaxConnections with this connection of ours."""
+        entry = self._pre_login.pop(str(message["session"]), None)
+        if entry is None:  # it logged in or ended meanwhile: the master hears so soon
+            return
+        connection, stream = entry
         connection.evicted = True
         self.counters.evicted_connections += 1
         stream.write(
@@ -293,7 +373,6 @@ class Pop3Service(abc.ABC):
         )
         # Its task sees the end of the stream and ends the session the usual way.
         stream.close()
-        return None
 
     def directory_changed(self) -> None:
         """Something in the directory changed (polled every second)."""
@@ -359,34 +438,31 @@ class Pop3Service(abc.ABC):
 
     # Lifecycle -----------------------------------------------------------------------
 
-    async def run(self, stop: asyncio.Event) -> None:
+    async def run(self, stop: asyncio.Event, setup: WorkerSetup) -> None:
+        """Serve the sockets the master listens on, until `stop` or the master goes."""
         address = self.server.address
         loop = asyncio.get_running_loop()
+        channel = self.channel = WorkerChannel(setup)
+        channel.on("evict", self._evict)
+        channel.on("login", self._login_elsewhere)
+        await channel.open()
         listeners = []
         for endpoint, implicit_tls in zip(self.endpoints, (False, True), strict=True):
-            port = self.server.port(endpoint)
             listeners.append(
-                await listen(
+                await loop.create_server(
                     functools.partial(
-                        loop.create_server,
-                        functools.partial(
-                            ByteStream, functools.partial(self._accept, implicit_tls=implicit_tls)
-                        ),
-                        address,
-                        port,
-                        reuse_address=True,
-                        ssl=self._tls_context if implicit_tls else None,
-                        ssl_handshake_timeout=TLS_HANDSHAKE_TIMEOUT if implicit_tls else None,
+                        ByteStream, functools.partial(self._accept, implicit_tls=implicit_tls)
                     ),
-                    endpoint,
-                    address,
-                    port,
+                    sock=listening_socket(setup, endpoint),
+                    backlog=LISTEN_BACKLOG,
+                    ssl=self._tls_context if implicit_tls else None,
+                    ssl_handshake_timeout=TLS_HANDSHAKE_TIMEOUT if implicit_tls else None,
                 )
             )
-        counters_file = self.context.folder.counters_file(self.service)
+        channel.notify({"op": "ready"})
         plain, secure = (self.server.port(e) for e in self.endpoints)
         log.info(
-            "%s listening on %s:%d (STLS) and %s:%d (TLS), pid %d",
+            "%s worker serving %s:%d (STLS) and %s:%d (TLS), pid %d",
             self.service,
             address,
             plain,
@@ -397,10 +473,10 @@ class Pop3Service(abc.ABC):
         background = [
             asyncio.create_task(every(DIRECTORY_POLL_INTERVAL, self.poll_directory, stop)),
             asyncio.create_task(
-                every(PUBLISH_INTERVAL, lambda: self.counters.publish(counters_file), stop)
+                every(PUBLISH_INTERVAL, lambda: channel.notify(self.counters.report()), stop)
             ),
         ]
-        await stop.wait()
+        await stop_or_master_gone(stop, channel)
         log.info("stopping")
         for listener in listeners:
             listener.close()
@@ -415,6 +491,7 @@ class Pop3Service(abc.ABC):
         await asyncio.gather(*background, return_exceptions=True)
         self.close_resources()
         self.protocol_log.close()
+        await channel.close()
         self.directory.close()
 
     def _accept(self, stream: ByteStream, implicit_tls: bool) -> None:
@@ -433,15 +510,6 @@ class Pop3Service(abc.ABC):
         peer, local = stream.peer(), stream.local()
         client_ip = peer[0]
         self.counters.total_connections += 1
-        reserved = self._is_local(client_ip) and self._reserved < LOCAL_CONNECTION_RESERVE
-        refusal = self.refusal(client_ip)
-        if refusal is None and not reserved:
-            refusal = self._make_room(client_ip)
-        if refusal:
-            self.counters.rejected_connections += 1
-            stream.write(err(refusal, ResponseCode.SYS_TEMP))
-            stream.close()
-            return
         connection = Connection(
             session_id=secrets.token_hex(8),
             client_ip=client_ip,
@@ -449,12 +517,16 @@ class Pop3Service(abc.ABC):
             server_endpoint=f"{local[0]}:{local[1]}",
             accepted=asyncio.get_running_loop().time(),
         )
+        refusal = self.refusal(client_ip)
+        if refusal is None:
+            refusal = await self._admission(connection)
+        if refusal:
+            self.counters.rejected_connections += 1
+            stream.write(err(str(refusal), ResponseCode.SYS_TEMP))
+            stream.close()
+            return
         self.counters.current_connections += 1
-        self._per_ip[client_ip] = self._per_ip.get(client_ip, 0) + 1
-        if reserved:
-            self._reserved += 1
-        else:
-            self._pre_login[connection.session_id] = (connection, stream)
+        self._pre_login[connection.session_id] = (connection, stream)
         session = ServerSession(self.session_config(), secure=implicit_tls)
         timer = CommandTimer(self, connection)
         ending = "closed"
@@ -488,14 +560,9 @@ class Pop3Service(abc.ABC):
             timer.finish()
             self.counters.current_connections -= 1
             self._pre_login.pop(connection.session_id, None)
-            if reserved:
-                self._reserved -= 1
-            remaining = self._per_ip.get(client_ip, 1) - 1
-            if remaining:
-                self._per_ip[client_ip] = remaining
-            else:
-                self._per_ip.pop(client_ip, None)
             self._end(session, connection)
+            if self.channel is not None:
+                self.channel.notify({"op": "closed", "session": connection.session_id})
             timer.log_line(CommandRecord("*", "", 0), 0.0, 0, f"Disconnected: {ending}")
             stream.close()
 
@@ -554,14 +621,17 @@ class Pop3Service(abc.ABC):
                     continue
                 handoff = await self.authenticate(session, event, connection, timer)
                 if handoff is not None or session.user is not None:
-                    # Logged in: no newcomer may take this connection's place.
-                    self._pre_login.pop(connection.session_id, None)
+                    self._logged_in(connection)
                 if handoff is not None:
                     return handoff
             elif isinstance(event, Retrieve):
                 self.retrieve(session, event, connection)
             elif isinstance(event, Update):
                 await self.update(session, event, connection)
+                # The session ends with the reply to QUIT: the mailbox is released
+                # before that reply is sent, since a client that reads it may log in
+                # again at once, on another worker.
+                self._end(session, connection)
             elif isinstance(event, StartTls):
                 stream.stop_reading()
                 stream.write(event.reply)
@@ -618,3 +688,25 @@ class Pop3Service(abc.ABC):
                 deadline = line_started + line_limit
                 why = f"command line not completed within {line_limit} seconds"
         return deadline, why
+
+
+def serve_pop3(data: Path, server_name: str, service_type: type[Pop3Service]) -> None:
+    """`popguard serve pop3|pop3be`: the master, or (started by it) one worker."""
+    from popguard.net.serving import run_until_stopped, setup_logging
+    from popguard.services.service_master import serve_with_workers
+
+    setup_logging(service_type.service, server_name)
+
+    def worker(setup: WorkerSetup) -> None:
+        service = service_type(ServerContext.open(data, server_name, service_type.role))
+        run_until_stopped(functools.partial(service.run, setup=setup))
+
+    serve_with_workers(
+        data,
+        server_name,
+        service_type.service,
+        service_type.role,
+        service_type.endpoints,
+        worker,
+        limits=True,
+    )

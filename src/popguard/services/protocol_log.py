@@ -7,18 +7,25 @@ and AUTH before a record is made, and `write` applies the same (idempotent)
 redaction again in case a caller forgets. USER's argument is shown only when it
 is the address of a known mailbox (`shown_user_argument`): a password typed
 into USER stays out of the file.
+
+Every worker of a service writes to the same files. A line is one `write` to a
+file opened with O_APPEND, which the kernel appends whole, so lines from two
+workers never interleave; the size that decides a rollover is the file's own
+(fstat), not what this process wrote, and the header is written under a `flock`
+by whoever finds the file empty.
 """
 
 from __future__ import annotations
 
 import csv
 import datetime
+import fcntl
 import io
+import os
 import re
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TextIO
 
 from popguard.directory.settings import RollOver
 from popguard.pop3.session import REDACTED, redact
@@ -104,10 +111,9 @@ class ProtocolLog:
     def __init__(self, prefix: str) -> None:
         self.prefix = prefix  # POP3BE or POP3, as Exchange names its files
         self.config: ProtocolLogConfig | None = None
-        self._file: TextIO | None = None
+        self._file: int | None = None  # the open file's descriptor
         self._path: Path | None = None
         self._period = ""
-        self._size = 0
 
     @property
     def enabled(self) -> bool:
@@ -125,15 +131,16 @@ class ProtocolLog:
 
     def close(self) -> None:
         if self._file is not None:
-            self._file.close()
+            os.close(self._file)
         self._file = None
         self._path = None
 
-    def _open(self, moment: datetime.datetime, config: ProtocolLogConfig) -> TextIO:
+    def _open(self, moment: datetime.datetime, config: ProtocolLogConfig) -> int:
         period = _period(moment, config.rollover)
-        full = config.size_quota > 0 and self._size >= config.size_quota
-        if self._file is not None and period == self._period and not full:
-            return self._file
+        if self._file is not None and period == self._period:
+            full = config.size_quota > 0 and os.fstat(self._file).st_size >= config.size_quota
+            if not full:
+                return self._file
         self.close()
         config.folder.mkdir(parents=True, exist_ok=True)
         sequence = 1
@@ -143,17 +150,20 @@ class ProtocolLog:
             if config.size_quota == 0 or size < config.size_quota:
                 break
             sequence += 1
-        handle = open(path, "a", encoding="utf-8", newline="")  # noqa: SIM115 - kept open
-        if size == 0:
-            header = (
-                "#Software: popguard\r\n#Version: 1\r\n"
-                f"#Log-type: {self.prefix} Protocol Log\r\n"
-                f"#Date: {moment.isoformat()}\r\n#Fields: {','.join(FIELDS)}\r\n"
-            )
-            handle.write(header)
-            size = len(header)
-        self._file, self._path, self._period, self._size = handle, path, period, size
-        return handle
+        fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        try:
+            if os.fstat(fd).st_size == 0:
+                header = (
+                    "#Software: popguard\r\n#Version: 1\r\n"
+                    f"#Log-type: {self.prefix} Protocol Log\r\n"
+                    f"#Date: {moment.isoformat()}\r\n#Fields: {','.join(FIELDS)}\r\n"
+                )
+                os.write(fd, header.encode())
+        finally:
+            fcntl.flock(fd, fcntl.LOCK_UN)
+        self._file, self._path, self._period = fd, path, period
+        return fd
 
     def write(self, record: ProtocolLogRecord) -> None:
         config = self.config
@@ -178,10 +188,7 @@ class ProtocolLog:
                 record.context,
             )
         )
-        line = row.getvalue()
-        handle = self._open(moment, config)
-        handle.write(line)
-        # Flushed per line so that the log is readable while the session runs and
-        # nothing is lost when the process dies.
-        handle.flush()
-        self._size += len(line.encode())
+        line = row.getvalue().encode()
+        # One write per line, unbuffered: whole however many workers append, readable
+        # while the session runs, and not lost when the process dies.
+        os.write(self._open(moment, config), line)
