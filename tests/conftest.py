@@ -44,8 +44,8 @@ permissions.restrict_umask()
 
 # One worker per service in the organizations tests start (every process they spawn
 # inherits this): a master and a worker each, not a worker per core, so that dozens of
-# organizations fit on two cores. Tests that want more say so with WorkerProcesses, or
-# remove the variable (tests/test_workers.py, the default in tests/test_up.py).
+# organizations fit on two cores. Tests that want more say so with WorkerProcesses
+# (tests/test_workers.py), or remove the variable (the per-core default, tests/test_up.py).
 os.environ.setdefault(WORKER_COUNT_VARIABLE, "1")
 
 PASSWORD = "correct horse battery staple"

@@ -102,8 +102,9 @@ def test_two_hosts_each_run_their_own_servers_and_share_the_directory(tmp_path: 
         match = re.search(r"demo mailbox (\S+) \(in DB01\)\s+password (\S+)", out)
         assert match, out
         demo_user, demo_password = match.groups()
-        # cas1: pop3, health, web; mbx1: pop3be, delivery, replication, health
-        assert len(processes_matching(f"popguard --data {host_a.resolve()} serve")) == 7
+        # cas1: pop3, health, web; mbx1: pop3be, delivery, replication, health; and the
+        # one worker (the suite's POPGUARD_WORKER_PROCESSES) of pop3, pop3be and delivery.
+        assert len(processes_matching(f"popguard --data {host_a.resolve()} serve")) == 7 + 3
 
         # The second host: its configuration names the first one's directory. Before its
         # credentials are in, it has no CA and makes none.
@@ -164,7 +165,8 @@ def test_two_hosts_each_run_their_own_servers_and_share_the_directory(tmp_path: 
             assert f"mailbox server mbx2 on {mbx2}" in out_b and "front end cas1" not in out_b
             assert "kept by the host that runs mbx1" in out_b, out_b
             assert demo_password not in out_b
-            assert len(processes_matching(f"popguard --data {host_b.resolve()} serve")) == 4
+            # pop3be, delivery, replication, health, and the workers of pop3be and delivery.
+            assert len(processes_matching(f"popguard --data {host_b.resolve()} serve")) == 4 + 2
             assert not (host_b / "servers" / "mbx1").exists()
             assert not (host_a / "servers" / "mbx2").exists()
 
@@ -260,8 +262,8 @@ def test_two_hosts_each_run_their_own_servers_and_share_the_directory(tmp_path: 
             down_b = popguard(host_b, "down")
         assert down_b.returncode == 0, down_b.stderr
         assert processes_matching(f"popguard --data {host_b.resolve()} serve") == []
-        # cas1: pop3, health, web; mbx1: pop3be, delivery, replication, health
-        assert len(processes_matching(f"popguard --data {host_a.resolve()} serve")) == 7
+        # The same 7 services and 3 workers.
+        assert len(processes_matching(f"popguard --data {host_a.resolve()} serve")) == 7 + 3
     finally:
         down_a = popguard(host_a, "down")
     assert down_a.returncode == 0, down_a.stderr

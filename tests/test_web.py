@@ -448,9 +448,11 @@ def test_an_operator_restarts_a_service_sets_maintenance_and_moves_a_database(
     operator_page: Page, web_org: WebOrganization
 ) -> None:
     page = operator_page
-    # restart-service: a real restart, a new process id.
+    # restart-service: a real restart. delivery is a master and its workers: the
+    # master stays (it holds the port) and every worker is a new process.
     (before,) = [r for r in web_org.cli_json("get-service", "--server", "mbx2")
                  if r["Name"] == "delivery"]  # fmt: skip
+    assert before["Workers"], before
     page.goto(web_org.url + "servers/mbx2")
     row = page.locator("#services tr", has_text="delivery")
     row.locator("summary", has_text="Restart").click()
@@ -459,7 +461,9 @@ def test_an_operator_restarts_a_service_sets_maintenance_and_moves_a_database(
     expect(page.locator(".done")).to_contain_text("Running, process id", timeout=60_000)
     (after,) = [r for r in web_org.cli_json("get-service", "--server", "mbx2")
                 if r["Name"] == "delivery"]  # fmt: skip
-    assert after["ProcessId"] != before["ProcessId"] and after["Status"] == "Running"
+    assert after["Status"] == "Running" and after["ProcessId"] == before["ProcessId"]
+    assert after["Workers"] and not set(after["Workers"].split()) & set(before["Workers"].split())
+    expect(page.locator(".done")).to_contain_text(f"workers {after['Workers']}")
 
     # Maintenance: the component state for the Maintenance requester, and a monitor
     # disabled for a duration, as set-servercomponentstate and

@@ -69,7 +69,10 @@ def restart_service(data: Path, directory: Directory, form: Mapping[str, str]) -
     if isinstance(control, SupervisorControl) and not control.runs(host.name):
         raise UserError(f"{host.name} runs on no supervisor of this host")
     status = control.restart(host.name, service)
-    return f"{service} on {host.name}", f"{status.state}, process id {status.pid}"
+    # A master's restart is new workers under the same master: name them, since the
+    # master's process id does not change.
+    workers = f", workers {' '.join(map(str, status.workers))}" if status.workers else ""
+    return f"{service} on {host.name}", f"{status.state}, process id {status.pid}{workers}"
 
 
 def move_database(data: Path, directory: Directory, form: Mapping[str, str]) -> tuple[str, str]:
