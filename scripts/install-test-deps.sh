@@ -16,8 +16,10 @@ set -euo pipefail
 export PATH="$PATH:/usr/local/sbin:/usr/sbin:/sbin"
 
 BINARIES=(curl fetchmail mpop getmail postfix postconf dovecot chromium)
+# python3-venv: tests/test_service_user.py installs popguard with Debian's own Python,
+# where the unprivileged service user may run it (not under /root).
 PACKAGES=(curl fetchmail mpop getmail6 postfix dovecot-core dovecot-pop3d ca-certificates
-    postgresql chromium)
+    postgresql chromium python3-venv)
 
 missing=()
 for bin in "${BINARIES[@]}"; do
@@ -26,6 +28,7 @@ done
 # The PostgreSQL server's tools are not on PATH (Debian keeps them per version).
 compgen -G "/usr/lib/postgresql/*/bin/initdb" >/dev/null || missing+=("postgresql")
 [ -e /etc/ssl/certs/ca-certificates.crt ] || missing+=("ca-certificates")
+/usr/bin/python3 -c 'import ensurepip' >/dev/null 2>&1 || missing+=("python3-venv")
 
 if [ "${#missing[@]}" -eq 0 ] && [ -z "${INSTALL_TEST_DEPS_FORCE:-}" ]; then
     echo "install-test-deps: all present (${BINARIES[*]})"

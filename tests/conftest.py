@@ -25,6 +25,7 @@ from aiosmtpd.controller import Controller
 
 from popguard import paths
 from popguard.control import permissions
+from popguard.control.service_user import SERVICE_USER_VARIABLE
 from popguard.directory.directory import Directory
 from popguard.directory.passwords import hash_password
 from popguard.directory.settings import PopSettings
@@ -47,6 +48,10 @@ permissions.restrict_umask()
 # organizations fit on two cores. Tests that want more say so with WorkerProcesses
 # (tests/test_workers.py), or remove the variable (the per-core default, tests/test_up.py).
 os.environ.setdefault(WORKER_COUNT_VARIABLE, "1")
+# The suite runs as root in CI, with its data folders in pytest's root-only temporary
+# folders (and its interpreter under /root): the services stay root's there, as the
+# operator's explicit choice. tests/test_service_user.py starts them as `popguard`.
+os.environ.setdefault(SERVICE_USER_VARIABLE, "root")
 
 PASSWORD = "correct horse battery staple"
 

@@ -30,6 +30,15 @@ def tls_dir(data: Path) -> Path:
     return data / "tls"
 
 
+CA_KEY_NAME = "ca.key"
+
+
+def ca_key_file(data: Path) -> Path:
+    """The organization's CA key: on the host that made the organization only, and
+    root's alone when the services run as another user (control/service_user.py)."""
+    return tls_dir(data) / CA_KEY_NAME
+
+
 @dataclass(frozen=True)
 class ServerFolder:
     """One server's own folder: its database copies, counters, logs, faults, health."""

@@ -17,7 +17,7 @@ import click
 
 from popguard import __version__
 from popguard.cli.context import AppContext
-from popguard.control import permissions
+from popguard.control import permissions, service_user
 from popguard.errors import UserError
 from popguard.paths import DATA_ENV, DEFAULT_DATA
 
@@ -163,6 +163,12 @@ def cli(ctx: click.Context, data: Path) -> None:
 
     Commands take Exchange's spellings too (Get-ServerHealth, GET-SERVERHEALTH)."""
     ctx.obj = AppContext(data=data)
+    if ctx.invoked_subcommand in service_user.ROOT_COMMANDS:
+        # Root, to sign with the CA key or to run systemctl; what it wrote goes back to
+        # the folder's owner.
+        ctx.call_on_close(lambda: service_user.give_back(data))
+    else:
+        service_user.become_owner(data)
 
 
 def main() -> None:

@@ -28,7 +28,7 @@ import click
 
 from popguard import paths
 from popguard.cli.context import AppContext, pass_app
-from popguard.control import permissions
+from popguard.control import permissions, service_user
 from popguard.control.ports import Endpoint, held_by, in_use, listener_pids
 from popguard.control.service_control import (
     SupervisorControl,
@@ -37,7 +37,7 @@ from popguard.control.service_control import (
     write_supervisor_config,
 )
 from popguard.directory.config import Config, config_file, install_config, load_config, parse_config
-from popguard.directory.directory import Server
+from popguard.directory.directory import Directory, Server
 from popguard.directory.location import (
     DirectoryLocation,
     SqliteLocation,
@@ -58,6 +58,7 @@ from popguard.directory.organization import (
 )
 from popguard.errors import UserError
 from popguard.net import tls
+from popguard.net.server_credentials import server_pairs
 from popguard.services.lmtp_client import deliver
 from popguard.web.address import listen_address, page_url
 from popguard.web.first_operator import FIRST_OPERATOR, ensure_first_operator
@@ -334,6 +335,16 @@ def _summary(
 @click.option(
     "--detach", is_flag=True, help="Return once everything runs; `popguard down` stops it."
 )
+@click.option(
+    "--service-user",
+    "service_user_name",
+    envvar=service_user.SERVICE_USER_VARIABLE,
+    default=service_user.DEFAULT_SERVICE_USER,
+    show_default=True,
+    help="Started as root: the user the services run as (made if missing; the data "
+    "folder becomes its, the CA key stays root's). `root` keeps them root's. Also "
+    f"${service_user.SERVICE_USER_VARIABLE}.",
+)
 @pass_app
 def up(
     app: AppContext,
@@ -344,6 +355,7 @@ def up(
     address: str | None,
     second_address: str | None,
     detach: bool,
+    service_user_name: str,
 ) -> None:
     """Start the organization of DATA/popguard.toml, or by default a front end (cas1) and
     two mailbox servers (mbx1, mbx2); with a demo mailbox."""
@@ -355,6 +367,7 @@ def up(
         raise UserError(f"popguard is already up for {data} (`popguard down` stops it)")
     # A new data folder is made 0700 by the umask, once the configuration is checked.
     permissions.check_owner_only(data)
+    user = _service_user(data, service_user_name) if os.geteuid() == 0 else None
     if replace_config and config_path is None:
         raise UserError("--replace-config needs --config FILE")
     if config_path is not None:
@@ -435,6 +448,11 @@ def up(
     if busy:
         more = f" (and {len(busy) - 1} more)" if len(busy) > 1 else ""
         raise UserError(f"cannot start: {busy[0]}{more}")
+    if user is not None:
+        ports = [(f"{s.name}'s {name}", port) for s in running for name, port in s.ports.items()]
+        service_user.check_ports(sorted(ports), user)
+        _give_folder(data, running, user)
+        control = SupervisorControl(data)  # its socket is in the new owner's folder
     endpoints = [
         (s.name, service, _listens_on(s, service), s.port(ENDPOINTS[service]))
         for s in running
@@ -455,8 +473,14 @@ def up(
     signal.signal(signal.SIGINT, signal.default_int_handler)
     supervisord: subprocess.Popen[bytes] | None = None
     try:
+        # As the folder's owner: every service is then that user's, and no process of
+        # the organization is root's.
+        owner = None if user is None or user.is_root else user
         supervisord = subprocess.Popen(
-            [sys.executable, "-m", "supervisor.supervisord", "-c", str(supervisor_file)]
+            [sys.executable, "-m", "supervisor.supervisord", "-c", str(supervisor_file)],
+            user=owner.uid if owner else None,
+            group=owner.gid if owner else None,
+            extra_groups=[] if owner else None,
         )
         if detach:
             # It forks into the background and returns; a failure to start is its status.
@@ -487,6 +511,43 @@ def up(
         raise
     _stop_supervisord(control, supervisord)
     click.echo("stopped")
+
+
+def _service_user(data: Path, name: str) -> service_user.ServiceUser:
+    """Root's `up`: the user the services will run as. A user the operator named must
+    be able to run them (one line if not); the default one falls back to root, saying
+    why on stderr, when it could not (a clone and its data folder under /root), so that
+    a first try as root still works."""
+    user = service_user.ensure_service_user(name)
+    if user.is_root:
+        return user
+    problem = service_user.why_unable(data, user)
+    if problem is None:
+        return user
+    source = click.get_current_context().get_parameter_source("service_user_name")
+    if source is not click.core.ParameterSource.DEFAULT:
+        raise UserError(f"{problem}; or keep the services root's with --service-user root")
+    click.echo(
+        f"popguard: the services run as root, not {user.name}: {problem} (or say "
+        "--service-user root)",
+        err=True,
+    )
+    return service_user.ServiceUser("root", 0, 0)
+
+
+def _give_folder(data: Path, running: list[Server], user: service_user.ServiceUser) -> None:
+    """Root, before the services start as `user`: make the certificates they will show
+    (they cannot sign: the CA key stays root's), then give `user` the data folder."""
+    material = tls.TlsMaterial.of(data)
+    if not user.is_root and material.ca_key_file.exists():
+        with Directory(data) as directory:
+            for server in running:
+                settings, _ = directory.pop_settings(server.name)
+                server_pairs(material, server.name, server.roles, server.address,
+                             settings.X509CertificateName)  # fmt: skip
+    if data.stat().st_uid != user.uid:
+        os.chown(data, user.uid, user.gid)
+    service_user.hand_over(data, user.uid, user.gid)
 
 
 def _parse_servers(value: str | None) -> list[str]:

@@ -27,7 +27,7 @@ from typing import Protocol
 from supervisor.xmlrpc import SupervisorTransport
 
 from popguard import paths
-from popguard.control import permissions
+from popguard.control import permissions, service_user
 from popguard.control.exit_listener import SUBSCRIBED, read_exits
 from popguard.errors import UserError
 
@@ -104,12 +104,25 @@ def supervisor_dir(data: Path) -> Path:
 
 def supervisor_socket(data: Path) -> Path:
     """Short enough for a Unix socket path (108 octets) wherever the data folder is, in
-    a folder of this user's own that no one else may write to."""
-    folder = Path(tempfile.gettempdir()) / f"popguard-{os.getuid()}"
-    folder.mkdir(mode=0o700, exist_ok=True)
-    status = folder.stat()
-    if status.st_uid != os.getuid() or status.st_mode & 0o077:
-        raise UserError(f"{folder} is not this user's private folder: remove it and try again")
+    a private folder of the data folder's owner (supervisord runs as that user: root
+    gives the folder to the service user, control/service_user.py)."""
+    try:
+        owner = data.stat().st_uid
+    except FileNotFoundError:  # `up` makes it as this user
+        owner = os.getuid()
+    folder = Path(tempfile.gettempdir()) / f"popguard-{owner}"
+    if os.geteuid() in (0, owner):
+        folder.mkdir(mode=0o700, exist_ok=True)
+        made_by_root = folder.stat().st_uid == 0 and not any(folder.iterdir())
+        if os.geteuid() == 0 and owner != 0 and made_by_root:
+            # Made here by root for the service user; never one someone else made.
+            os.chown(folder, owner, data.stat().st_gid)
+    status = folder.stat() if folder.exists() else None
+    if status is None or status.st_uid != owner or status.st_mode & 0o077:
+        raise UserError(
+            f"{folder} is not the private folder of the data folder's owner (uid {owner}): "
+            "remove it and try again"
+        )
     digest = hashlib.sha256(str(data.resolve()).encode()).hexdigest()[:16]
     return folder / f"{digest}.sock"
 
@@ -198,6 +211,9 @@ def write_supervisor_config(data: Path, servers: dict[str, list[str]], daemon: b
     path = supervisor_config_file(data)
     path.write_text(supervisor_config(data, servers, daemon=daemon))
     _supervised_file(data).write_text(json.dumps({"servers": servers, "daemon": daemon}))
+    # supervisord runs as the data folder's owner: the file is its to read, and the
+    # log folders its to write.
+    service_user.give_back(data)
     return path
 
 

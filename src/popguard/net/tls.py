@@ -34,7 +34,7 @@ CA_VALIDITY = datetime.timedelta(days=3650)
 SERVER_VALIDITY = datetime.timedelta(days=397)  # the CA/Browser Forum's ceiling
 RENEW_BEFORE = datetime.timedelta(days=30)
 CA_CERTIFICATE = "ca.pem"
-CA_KEY = "ca.key"
+CA_KEY = paths.CA_KEY_NAME
 # TLS 1.2 suites every server offers: Mozilla's "intermediate" profile (v5.7), AEAD
 # only, forward secret only; no CBC suite (RFC 7457: Lucky Thirteen, padding oracles).
 # TLS 1.3's suites are all AEAD and OpenSSL keeps them apart from this list.
@@ -339,6 +339,17 @@ class TlsMaterial:
                 )
                 if usable and current.not_valid_after_utc - _now() > RENEW_BEFORE:
                     return pair
+            if self.ca_key_file.exists() and not os.access(self.ca_key_file, os.R_OK):
+                # A service run as the unprivileged service user: root's `up` made its
+                # certificates; renewing one, or one for a new name, is root's too.
+                if usable:
+                    return pair
+                what = f"{name} ({purpose})" if purpose else name
+                raise UserError(
+                    f"no certificate for {what} that this user may use, and the CA key is "
+                    "root's: run `popguard up` as root, which makes the certificates of the "
+                    "servers it runs (then restart the service)"
+                )
             if not self.ca_key_file.exists():
                 # A host without the CA's key (it joined with import-server-credentials):
                 # an imported certificate serves until it expires; renewing it, or making
