@@ -31,7 +31,7 @@ from popguard.net.tls import TlsMaterial
 from popguard.pop3.message_format import to_wire
 from popguard.replication.peer import ReplicationPeer
 from popguard.services.lmtp_client import deliver
-from popguard.store.mailbox_database import MailboxDatabase, QuotaExceededError
+from popguard.store.mailbox_database import MailboxDatabase, QuotaExceededError, RestoredMessage
 from popguard.testing.organization import popguard, wait_until
 
 from .conftest import Organization, message, running_organization
@@ -99,6 +99,32 @@ def test_the_quota_is_checked_in_the_writing_transaction(tmp_path: Path) -> None
     sizes = store.sizes()
     assert sizes.message_bytes == store.usage("a@b.test").octets
     assert sizes.file_bytes > sizes.message_bytes and sizes.log_bytes > 0
+
+
+def test_a_restore_stores_only_what_the_mailbox_lacks_all_or_nothing(tmp_path: Path) -> None:
+    store = MailboxDatabase(tmp_path / "DB01.sqlite", "DB01")
+    # Same size, other octets: told apart by their digest, not their size.
+    contents = [message(f"same size {n}", size=3000) for n in range(4)]
+    uids = [store.deliver("a@b.test", content) for content in contents]
+    backup = [
+        RestoredMessage(wire, info.size, info.received)
+        for info in store.maildrop("a@b.test")
+        if (wire := store.wire("a@b.test", info.uid)) is not None
+    ]
+    store.expunge("a@b.test", uids[1:3])
+    kept = store.usage("a@b.test")
+    missing = sum(m.size for m in backup[1:3])
+    with pytest.raises(QuotaExceededError) as refused:
+        store.restore("a@b.test", backup, quota=kept.octets + missing - 1)
+    assert (refused.value.used, refused.value.size) == (kept.octets, missing)
+    assert store.usage("a@b.test") == kept  # nothing of it was written
+    done = store.restore("a@b.test", backup, quota=kept.octets + missing)  # fits exactly
+    assert (done.restored, done.already_there, done.octets) == (2, 2, missing)
+    assert store.restore("a@b.test", backup, quota=0).restored == 0  # nothing to add
+    # A backup holding one message twice gives the second back when one is left.
+    assert store.restore("a@b.test", [backup[0], backup[0]]).restored == 1
+    assert store.usage("a@b.test").items == 5
+    assert store.verify() == []
 
 
 # Sizes and quotas under real services ----------------------------------------------------------
