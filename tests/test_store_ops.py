@@ -31,7 +31,7 @@ from popguard.net.tls import TlsMaterial
 from popguard.pop3.message_format import to_wire
 from popguard.replication.peer import ReplicationPeer
 from popguard.services.lmtp_client import deliver
-from popguard.store.mailbox_database import MailboxDatabase, QuotaExceededError
+from popguard.store.mailbox_database import MailboxDatabase, QuotaExceededError, RestoredMessage
 from popguard.testing.organization import popguard, wait_until
 
 from .conftest import Organization, message, running_organization
@@ -99,6 +99,32 @@ def test_the_quota_is_checked_in_the_writing_transaction(tmp_path: Path) -> None
     sizes = store.sizes()
     assert sizes.message_bytes == store.usage("a@b.test").octets
     assert sizes.file_bytes > sizes.message_bytes and sizes.log_bytes > 0
+
+
+def test_a_restore_stores_only_what_the_mailbox_lacks_all_or_nothing(tmp_path: Path) -> None:
+    store = MailboxDatabase(tmp_path / "DB01.sqlite", "DB01")
+    # Same size, other octets: told apart by their digest, not their size.
+    contents = [message(f"same size {n}", size=3000) for n in range(4)]
+    uids = [store.deliver("a@b.test", content) for content in contents]
+    backup = [
+        RestoredMessage(wire, info.size, info.received)
+        for info in store.maildrop("a@b.test")
+        if (wire := store.wire("a@b.test", info.uid)) is not None
+    ]
+    store.expunge("a@b.test", uids[1:3])
+    kept = store.usage("a@b.test")
+    missing = sum(m.size for m in backup[1:3])
+    with pytest.raises(QuotaExceededError) as refused:
+        store.restore("a@b.test", backup, quota=kept.octets + missing - 1)
+    assert (refused.value.used, refused.value.size) == (kept.octets, missing)
+    assert store.usage("a@b.test") == kept  # nothing of it was written
+    done = store.restore("a@b.test", backup, quota=kept.octets + missing)  # fits exactly
+    assert (done.restored, done.already_there, done.octets) == (2, 2, missing)
+    assert store.restore("a@b.test", backup, quota=0).restored == 0  # nothing to add
+    # A backup holding one message twice gives the second back when one is left.
+    assert store.restore("a@b.test", [backup[0], backup[0]]).restored == 1
+    assert store.usage("a@b.test").items == 5
+    assert store.verify() == []
 
 
 # Sizes and quotas under real services ----------------------------------------------------------
@@ -456,6 +482,108 @@ def test_a_bad_backup_gets_one_line_and_exit_1(
     one_line_error(
         popguard(org.data, "restore-mailbox", user, "--from", str(tmp_path / "no.sqlite")),
         "no recovery database",
+    )
+
+
+def mailbox_over_pop3(org: Organization, user: str) -> tuple[list[str], list[int]]:
+    """The subject and size of each message, in order, as POP3 shows them."""
+    client = login(org, user)
+    try:
+        sizes = [int(line.split()[1]) for line in client.list()[1]]
+        subjects = [
+            next(
+                line.decode()[len("Subject: ") :]
+                for line in client.top(n, 0)[1]
+                if line.startswith(b"Subject: ")
+            )
+            for n in range(1, len(sizes) + 1)
+        ]
+    finally:
+        client.quit()
+    return subjects, sizes
+
+
+def delete_over_pop3(org: Organization, user: str, numbers: list[int]) -> None:
+    client = login(org, user)
+    for n in numbers:
+        client.dele(n)
+    client.quit()
+
+
+def test_a_restore_gives_back_only_what_the_mailbox_lost_and_keeps_to_its_quota(
+    replicated_organization: Organization, tmp_path: Path
+) -> None:
+    org = replicated_organization
+    user = org.add_mailbox("lost@example.test")
+    backed_up = [f"kept {n}" for n in range(6)]
+    for subject in backed_up:  # all of one size: told apart by their octets
+        org.deliver(user, message(subject, size=5000))
+    wait_until(
+        "DB01's passive copy to be healthy",
+        lambda: any(
+            r["Name"] == "DB01\\mbx2" and r["Status"] == "Healthy"
+            for r in cli_json(org, "get-mailboxdatabasecopystatus")
+        ),
+        30,
+    )
+    backup, recovery = tmp_path / "DB01.backup", tmp_path / "RDB01.sqlite"
+    cli_json(org, "backup-mailboxdatabase", "DB01", "--out", str(backup))
+    cli_json(org, "restore-mailboxdatabase", str(backup), "--recovery-database", str(recovery))
+    # The user keeps three, deletes three, and gets a new one after the backup.
+    delete_over_pop3(org, user, [1, 3, 5])
+    org.deliver(user, message("after the backup", size=5000))
+    (first,) = cli_json(org, "restore-mailbox", user, "--from", str(recovery))
+    assert (first["ItemCount"], first["Restored"], first["AlreadyThere"]) == (6, 3, 3)
+    subjects, sizes = mailbox_over_pop3(org, user)
+    assert sorted(subjects) == sorted([*backed_up, "after the backup"])
+    (second,) = cli_json(org, "restore-mailbox", user, "--from", str(recovery))
+    assert (second["Restored"], second["AlreadyThere"]) == (0, 6)
+    assert len(mailbox_over_pop3(org, user)[0]) == 7
+    # Written like a delivery: the passive copy holds the restored messages too.
+    material = TlsMaterial.of(org.data)
+    context = material.mutual_client_context(material.admin_identity())
+
+    async def usage_on(server: str) -> dict[str, tuple[int, int]]:
+        with Directory(org.data) as directory:
+            peer = ReplicationPeer(directory.get_server(server), context)
+        async with peer:
+            return await peer.usage("DB01")
+
+    wait_until(
+        "DB01\\mbx2 to hold the restored messages",
+        lambda: asyncio.run(usage_on("mbx2")).get(user) == (7, sum(sizes)),
+        30,
+    )
+
+    # Three go again; a quota one octet short of giving them back refuses the restore.
+    delete_over_pop3(org, user, [1, 2, 3])
+    before = mailbox_over_pop3(org, user)
+    needed, used = sum(sizes[:3]), sum(before[1])
+    quota = used + needed - 1
+    popguard(org.data, "set-mailbox", user, "--prohibit-send-receive-quota", str(quota))
+    refused = popguard(org.data, "restore-mailbox", user, "--from", str(recovery))
+    one_line_error(refused, "ProhibitSendReceiveQuota")
+    for words in (format_byte_quantified_size(quota), format_byte_quantified_size(needed),
+                  "--ignore-quota"):  # fmt: skip
+        assert words in refused.stderr, refused.stderr
+    assert mailbox_over_pop3(org, user) == before  # nothing of it was stored
+    (forced,) = cli_json(org, "restore-mailbox", user, "--from", str(recovery), "--ignore-quota")
+    assert (forced["Restored"], forced["AlreadyThere"]) == (3, 3)
+    assert sorted(mailbox_over_pop3(org, user)[0]) == sorted([*backed_up, "after the backup"])
+
+    # Bad input: one line, exit 1.
+    one_line_error(
+        popguard(org.data, "restore-mailbox", "nobody@example.test", "--from", str(recovery)),
+        "nobody@example.test",
+    )
+    other = org.add_mailbox("other@example.test")
+    one_line_error(
+        popguard(org.data, "restore-mailbox", other, "--from", str(recovery)),
+        "holds no message of other@example.test",
+    )
+    one_line_error(
+        popguard(org.data, "restore-mailbox", user, "--from", str(backup)),
+        "not a mailbox database",
     )
 
 

@@ -21,6 +21,7 @@ from popguard.replication.backup import (
     restored_entries,
     take_backup,
 )
+from popguard.store.mailbox_database import QuotaExceededError
 
 
 def _when(timestamp: float) -> str:
@@ -116,34 +117,59 @@ def restore_database_command(
     help="The recovery database (restore-mailboxdatabase).",
 )
 @click.option("--source-address", help="The mailbox in the recovery database (default: ADDRESS).")
+@click.option(
+    "--ignore-quota",
+    is_flag=True,
+    help="Restore even if ADDRESS goes over its ProhibitSendReceiveQuota.",
+)
 @format_option
 @pass_app
 def restore_mailbox_command(
-    app: AppContext, address: str, recovery: Path, source_address: str | None, output_format: str
+    app: AppContext,
+    address: str,
+    recovery: Path,
+    source_address: str | None,
+    ignore_quota: bool,
+    output_format: str,
 ) -> None:
     """Give ADDRESS back the messages its mailbox (or --source-address's) held in a
-    recovery database; a message restored twice is stored once. No quota applies."""
+    recovery database, skipping those it still holds (the same octets), all in one
+    transaction: restoring twice stores each message once. A restore that would take
+    ADDRESS over its ProhibitSendReceiveQuota is refused whole, unless --ignore-quota."""
     store = open_recovery_database(recovery)
     with app.directory() as directory:
-        target = directory.get_mailbox(address)
-        source = (source_address or target.address).strip().lower()
         try:
+            target = directory.get_mailbox(address)
+            source = (source_address or target.address).strip().lower()
             entries = restored_entries(store, source, target.address)
         finally:
             store.close()
         if not entries:
             raise UserError(f"{recovery} holds no message of {source}")
-        stored = asyncio.run(
-            restore_mailbox(directory, TlsMaterial.of(app.data), entries, target.database)
-        )
+        quota = None if ignore_quota else directory.mailbox_quota(target)
+        try:
+            restored = asyncio.run(
+                restore_mailbox(
+                    directory, TlsMaterial.of(app.data), entries, target.database, quota
+                )
+            )
+        except QuotaExceededError as exc:
+            raise UserError(
+                f"restoring to {target.address} would take it over its "
+                f"ProhibitSendReceiveQuota of {format_byte_quantified_size(exc.quota)}: the "
+                f"messages it lacks need {format_byte_quantified_size(exc.size)} and it holds "
+                f"{format_byte_quantified_size(exc.used)}; nothing restored (raise the quota, "
+                "or pass --ignore-quota)"
+            ) from None
     render(
         [
             {
                 "TargetMailbox": target.address,
                 "SourceMailbox": source,
                 "ItemCount": len(entries),
-                "Restored": stored,
-                "AlreadyThere": len(entries) - stored,
+                "Restored": restored.restored,
+                "AlreadyThere": restored.already_there,
+                "RestoredSize": format_byte_quantified_size(restored.octets),
             }
         ],
         output_format,

@@ -13,8 +13,10 @@ Restoring never touches a serving copy: the backup becomes a recovery database, 
 of its own that no service mounts (Exchange's recovery database), checked whole (the
 SHA-256, SQLite's integrity check, the log's checksum chain, each message still named
 by the log against its digest). `restore-mailbox` then gives one mailbox's messages
-from it to the active copy of a mailbox, through the replication service's redelivery,
-keyed by the message, so that restoring twice stores each message once.
+from it to the active copy of a mailbox, through that copy's replication service, which
+stores those the mailbox does not hold (by the message's digest) in one transaction of
+the copy, logged and shipped to the passive copies like any delivery: restoring twice
+stores each message once, and a quota the mailbox would go over refuses them all.
 """
 
 from __future__ import annotations
@@ -40,15 +42,13 @@ from popguard.replication.peer import (
 )
 from popguard.replication.switchover import copy_status
 from popguard.store.change_log import LogEntry, payload_digest
-from popguard.store.mailbox_database import MailboxDatabase
+from popguard.store.mailbox_database import MailboxDatabase, Restored
 
 MAGIC = b"POPGUARD-BACKUP 1 "
 MAX_HEADER = 4096
 CHUNK = 1 << 20
 # The copies a backup may be taken from: those that serve or follow without a fault.
 HEALTHY = ("Healthy", "Mounted")
-# The origin named to the replication service for restored messages.
-RESTORE_ORIGIN = "restore"
 
 
 @dataclass(frozen=True)
@@ -199,8 +199,8 @@ def open_recovery_database(path: Path) -> MailboxDatabase:
 def restored_entries(recovery: MailboxDatabase, source: str, target: str) -> list[LogEntry]:
     """The messages of `source` in the recovery database, as deliveries to `target`.
 
-    Each carries, in place of an LSN and checksum, its UID there and the digest of the
-    message: the key by which the active copy stores a message given back once."""
+    Each carries its UID there in place of an LSN, and the message's digest in place of
+    a chain checksum (the framing wants one; the active copy keys on the message)."""
     entries = []
     for info in recovery.maildrop(source):
         wire = recovery.wire(source, info.uid)
@@ -215,20 +215,25 @@ def restored_entries(recovery: MailboxDatabase, source: str, target: str) -> lis
                 uid=info.uid,
                 size=info.size,
                 payload=wire,
-                checksum=payload_digest(source.encode() + b"\0" + wire),
+                checksum=payload_digest(wire),
             )
         )
     return entries
 
 
 async def restore_mailbox(
-    directory: Directory, tls_material: TlsMaterial, entries: list[LogEntry], database: str
-) -> int:
-    """Give `entries` to the active copy of `database`; how many were new there."""
+    directory: Directory,
+    tls_material: TlsMaterial,
+    entries: list[LogEntry],
+    database: str,
+    quota: int | None,
+) -> Restored:
+    """Give `entries` to the active copy of `database`, which stores those the mailbox
+    lacks; QuotaExceededError (nothing stored) if they would not fit in `quota`."""
     context = tls_material.mutual_client_context(tls_material.admin_identity())
     server = directory.get_server(directory.active_server(database))
     async with ReplicationPeer(server, context) as peer:
         try:
-            return await peer.redeliver(database, RESTORE_ORIGIN, entries)
+            return await peer.restore(database, entries, quota)
         except (PeerUnavailable, PeerRefused, PeerProtocolError) as exc:
             raise UserError(f"restoring to {database} on {server.name} failed: {exc}") from None

@@ -22,13 +22,16 @@ import httpx
 from popguard.directory.directory import Server
 from popguard.store import change_log
 from popguard.store.change_log import LogEntry, LogFormatError
-from popguard.store.mailbox_database import LogHead
+from popguard.store.mailbox_database import LogHead, QuotaExceededError, Restored
 
 CONNECT_TIMEOUT = 3.0
 REQUEST_TIMEOUT = 30.0
 FAILSAFE_PATIENCE = 1.5  # seconds a peer has to say whether it reaches the directory
 PULL_PATIENCE = 6.0  # seconds beyond the held wait for a batch of the log to arrive
 MAX_BATCH_BYTES = 8 * 1024 * 1024
+# How long a restore may take: the peer reads the mailbox's messages of matching sizes
+# and writes every missing one in one transaction.
+RESTORE_PATIENCE = 300.0
 # How long a snapshot download may wait for the peer (to make the snapshot, then
 # between two chunks): making one reads the whole database once.
 SNAPSHOT_CHUNK_PATIENCE = 120.0
@@ -258,6 +261,33 @@ class ReplicationPeer:
         )
         _expect_ok(response)
         return _int(_json(response).get("stored"), "stored")
+
+    async def restore(self, database: str, entries: list[LogEntry], quota: int | None) -> Restored:
+        """Give the peer's active copy of `database` the messages in `entries` (all for
+        one mailbox) that the mailbox does not hold, in one transaction. With a `quota`,
+        QuotaExceededError when they do not fit (nothing is stored)."""
+        response = await self._request(
+            "POST",
+            f"databases/{database}/restore",
+            patience=RESTORE_PATIENCE,
+            content=b"".join(change_log.encode(entries)),
+            params={} if quota is None else {"quota": quota},
+        )
+        if response.status_code == 507:
+            body = _json(response)
+            raise QuotaExceededError(
+                str(body.get("address", "")),
+                _int(body.get("used"), "used"),
+                _int(body.get("needed"), "needed"),
+                _int(body.get("quota"), "quota"),
+            )
+        _expect_ok(response)
+        body = _json(response)
+        return Restored(
+            _int(body.get("restored"), "restored"),
+            _int(body.get("already_there"), "already_there"),
+            _int(body.get("octets"), "octets"),
+        )
 
 
 def _create_owner_only(path: Path) -> BinaryIO:

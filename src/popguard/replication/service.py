@@ -66,6 +66,9 @@ from popguard.store.mailbox_database import (
     LogTrimmedError,
     MailboxDatabase,
     NotMountedError,
+    QuotaExceededError,
+    RestoredMessage,
+    StoreFullError,
     remove_leftovers,
 )
 
@@ -179,6 +182,7 @@ class ReplicationService:
                 web.post("/v1/databases/{database}/dismount", self._dismount),
                 web.post("/v1/databases/{database}/mount", self._mount),
                 web.post("/v1/databases/{database}/redeliver", self._redeliver),
+                web.post("/v1/databases/{database}/restore", self._restore),
                 web.get("/v1/databases/{database}/usage", self._usage),
                 web.post("/v1/databases/{database}/acknowledgement", self._acknowledgement),
                 web.get("/v1/failsafe", self._failsafe),
@@ -429,6 +433,48 @@ class ReplicationService:
             database, stored, len(entries), origin,
         )  # fmt: skip
         return web.json_response({"stored": stored})
+
+    async def _restore(self, request: web.Request) -> web.Response:
+        """The operator's restore-mailbox: one mailbox's messages from a backup, those it
+        does not hold stored in one transaction of this (active) copy, whose log ships
+        them to the passive copies as any write. A `quota` (octets) the mailbox would go
+        over refuses them all (507, with the numbers)."""
+        if request["peer"] != tls.ADMIN_IDENTITY:
+            return _error(403, "only the operator restores mailboxes")
+        database, store = await self._store_for(request)
+        quota = None if "quota" not in request.query else int(request.query["quota"])
+        try:
+            entries = change_log.decode(await request.read())
+        except LogFormatError as exc:
+            return _error(400, f"malformed entries: {exc}")
+        addresses = {entry.address for entry in entries}
+        if len(addresses) != 1:
+            return _error(400, "a restore gives back messages of one mailbox")
+        messages = []
+        for entry in entries:
+            if entry.kind != "deliver" or entry.payload is None or entry.size is None:
+                return _error(400, f"entry {entry.lsn} is not a delivery")
+            messages.append(RestoredMessage(entry.payload, entry.size, entry.at))
+        (address,) = addresses
+        try:
+            restored = await self._run(store.restore, address, messages, quota)
+        except QuotaExceededError as exc:
+            return web.json_response(
+                {"error": str(exc), "address": address, "used": exc.used, "needed": exc.size,
+                 "quota": exc.quota},
+                status=507,
+            )  # fmt: skip
+        except StoreFullError as exc:
+            return _error(503, f"the disk of {database} on {self.server.name} is full: {exc}")
+        self._log_grew.pop(database, asyncio.Event()).set()  # wake the held pulls
+        log.warning(
+            "%s: restored %d messages to %s (%d octets), %d already there",
+            database, restored.restored, address, restored.octets, restored.already_there,
+        )  # fmt: skip
+        return web.json_response(
+            {"restored": restored.restored, "already_there": restored.already_there,
+             "octets": restored.octets}
+        )  # fmt: skip
 
     async def _usage(self, request: web.Request) -> web.Response:
         """Each mailbox's message count and octets in this copy (get-mailbox, store-ops)."""

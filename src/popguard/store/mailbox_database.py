@@ -31,6 +31,7 @@ import json
 import os
 import sqlite3
 import time
+from collections import Counter
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import AbstractContextManager
 from dataclasses import dataclass
@@ -230,6 +231,25 @@ class MailboxUsage:
     octets: int
 
 
+@dataclass(frozen=True, slots=True)
+class RestoredMessage:
+    """A message given back from a backup: its wire form as the backup holds it."""
+
+    wire: bytes
+    size: int
+    received: float
+
+
+@dataclass(frozen=True)
+class Restored:
+    """What one restore did: messages stored, messages skipped because the mailbox
+    holds them already, and the octets stored."""
+
+    restored: int
+    already_there: int
+    octets: int
+
+
 @dataclass(frozen=True)
 class Forgotten:
     """What one `forget` did: pages given back, and whether the WAL is empty now."""
@@ -351,6 +371,59 @@ class MailboxDatabase:
             uid = self._store(db, address, wire, size, received)
             db.execute("INSERT INTO redelivered (key, uid) VALUES (?, ?)", (key, uid))
             return uid
+
+    def restore(
+        self, address: str, messages: Sequence[RestoredMessage], quota: int | None = None
+    ) -> Restored:
+        """Store the messages of a backup that `address` does not hold, all in one
+        transaction: every one of them, or none.
+
+        A message is held when the mailbox has one with the same digest (the SHA-256 of
+        its wire form, which its delivery's log entry carries and `verify` checks): the
+        same octets, so skipping it loses nothing, and restoring twice stores it once.
+        Each message the mailbox holds stands for one message of the backup, so a
+        backup with two identical messages gives back the second when only one is left.
+        With a `quota` (octets), QuotaExceededError, and nothing stored, if the mailbox
+        would hold more than that with the messages it lacks.
+        """
+        with _full_disk_named(), self._transaction() as db:
+            self._require_active(db)
+            held = self._held_digests(db, address, {m.size for m in messages})
+            missing = []
+            for candidate in messages:
+                digest = payload_digest(candidate.wire)
+                if held[digest] > 0:
+                    held[digest] -= 1
+                else:
+                    missing.append(candidate)
+            octets = sum(m.size for m in missing)
+            if quota is not None and missing:
+                used = self._usage(db, address).octets
+                if used + octets > quota:
+                    raise QuotaExceededError(address, used, octets, quota)
+            for m in missing:
+                self._store(db, address, m.wire, m.size, m.received)
+            return Restored(len(missing), len(messages) - len(missing), octets)
+
+    @staticmethod
+    def _held_digests(db: sqlite3.Connection, address: str, sizes: set[int]) -> Counter[bytes]:
+        """The digests of the mailbox's messages of one of these sizes, counted. The
+        sizes come from the maildrop index; only messages of a size that can match are
+        read (a message of another size cannot have the same octets)."""
+        candidates = [
+            uid
+            for uid, size in db.execute(
+                "SELECT uid, size FROM messages WHERE address = ?", (address,)
+            ).fetchall()
+            if size in sizes
+        ]
+        held: Counter[bytes] = Counter()
+        for uid in candidates:
+            (wire,) = db.execute(
+                "SELECT wire FROM messages WHERE address = ? AND uid = ?", (address, uid)
+            ).fetchone()
+            held[payload_digest(bytes(wire))] += 1
+        return held
 
     def expunge(self, address: str, uids: list[int]) -> int:
         """Delete messages in one transaction: all of them or, after a crash, none."""
