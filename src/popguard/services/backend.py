@@ -12,12 +12,13 @@ import logging
 import math
 import sqlite3
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 from popguard.directory.directory import Mailbox
 from popguard.directory.settings import SortOrder
 from popguard.errors import UserError
-from popguard.pop3.replies import ResponseCode
+from popguard.pop3.replies import ResponseCode, err
 from popguard.pop3.session import Authenticate, MaildropEntry, Retrieve, ServerSession, Update
 from popguard.services.context import ServerContext, fencing_enabled, synchronous_copy_enabled
 from popguard.services.copy_acknowledgement import SynchronousCopyWait
@@ -27,6 +28,12 @@ from popguard.store.mailbox_database import NotMountedError
 from popguard.store.mounted import MountedDatabases
 
 log = logging.getLogger("popguard.pop3be")
+
+FENCE_WATCH_INTERVAL = 0.5  # seconds between looks at the fence, for open sessions
+FENCED_LOGIN = (
+    "this server cannot renew its lease in the directory, so it serves no mailbox "
+    "database now; try again later"
+)
 
 
 class BackendService(Pop3Service):
@@ -54,6 +61,29 @@ class BackendService(Pop3Service):
 
     def close_resources(self) -> None:
         self.databases.close()
+
+    def periodic(self) -> list[tuple[float, Callable[[], None]]]:
+        return (
+            [(FENCE_WATCH_INTERVAL, self._end_sessions_if_fenced)]
+            if self.databases.fence.enabled
+            else []
+        )
+
+    def _end_sessions_if_fenced(self) -> None:
+        """A fenced server serves no mailbox: its logged-in sessions end now, with a
+        line saying why, rather than at their next command; a front end's relay ends
+        with them, and the client's next login goes where the database is active."""
+        why = self.databases.fence.why_fenced()
+        if why is None:
+            return
+        ended = 0
+        for connection, stream in self.open_connections():
+            if connection.user and not stream.closed.is_set():
+                stream.write(err(FENCED_LOGIN, ResponseCode.SYS_TEMP))
+                stream.close()
+                ended += 1
+        if ended:
+            log.warning("%s; ended %d logged-in sessions", why, ended)
 
     def session_ended(self, session: ServerSession, connection: Connection) -> None:
         lock = self._held.pop(connection.session_id, None)
@@ -112,8 +142,7 @@ class BackendService(Pop3Service):
             why = (
                 "mailbox database is not available here now, try again later"
                 if self.databases.fence.why_fenced() is None
-                else "this server cannot renew its lease in the directory, so it serves no "
-                "mailbox database now; try again later"
+                else FENCED_LOGIN
             )
             session.login_failed(why, ResponseCode.SYS_TEMP)
             return

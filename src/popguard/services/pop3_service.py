@@ -29,6 +29,7 @@ import os
 import secrets
 import ssl
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import ClassVar
@@ -214,6 +215,7 @@ class Pop3Service(abc.ABC):
         # This worker's connections that have not logged in: the master may ask for
         # one of them to be closed to make room at MaxConnections.
         self._pre_login: dict[str, tuple[Connection, ByteStream]] = {}
+        self._open: dict[str, tuple[Connection, ByteStream]] = {}  # every admitted one
         self._tasks: set[asyncio.Task[None]] = set()
         # One context for the life of the service: the implicit-TLS listener holds
         # it, so a new certificate is loaded into it rather than a new context made.
@@ -380,6 +382,14 @@ class Pop3Service(abc.ABC):
     def close_resources(self) -> None:
         """Release what the subclass holds when the service stops."""
 
+    def periodic(self) -> list[tuple[float, Callable[[], None]]]:
+        """(interval in seconds, job) a subclass runs on each worker's loop."""
+        return []
+
+    def open_connections(self) -> list[tuple[Connection, ByteStream]]:
+        """Every connection admitted and not yet ended, logged in or not."""
+        return list(self._open.values())
+
     # Settings ------------------------------------------------------------------------
 
     def _certificate(self) -> tls.CertificatePair:
@@ -475,6 +485,7 @@ class Pop3Service(abc.ABC):
             asyncio.create_task(
                 every(PUBLISH_INTERVAL, lambda: channel.notify(self.counters.report()), stop)
             ),
+            *(asyncio.create_task(every(interval, job, stop)) for interval, job in self.periodic()),
         ]
         await stop_or_master_gone(stop, channel)
         log.info("stopping")
@@ -527,6 +538,7 @@ class Pop3Service(abc.ABC):
             return
         self.counters.current_connections += 1
         self._pre_login[connection.session_id] = (connection, stream)
+        self._open[connection.session_id] = (connection, stream)
         session = ServerSession(self.session_config(), secure=implicit_tls)
         timer = CommandTimer(self, connection)
         ending = "closed"
@@ -560,6 +572,7 @@ class Pop3Service(abc.ABC):
             timer.finish()
             self.counters.current_connections -= 1
             self._pre_login.pop(connection.session_id, None)
+            self._open.pop(connection.session_id, None)
             self._end(session, connection)
             if self.channel is not None:
                 self.channel.notify({"op": "closed", "session": connection.session_id})
