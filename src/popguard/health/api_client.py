@@ -46,12 +46,19 @@ def api_tls(data: Path) -> ssl.SSLContext:
 
 
 def request(
-    server: Server, token: str, tls: ssl.SSLContext, method: str, path: str, body: Any = None
+    server: Server,
+    token: str,
+    tls: ssl.SSLContext,
+    method: str,
+    path: str,
+    body: Any = None,
+    timeout: float | None = None,
 ) -> Any:
     """One call of SERVER's health API. http.client, not httpx: this runs in every
     health command, and httpx's import alone costs more than the whole request."""
     address, port = server.address, server.port("health")
-    timeout = INVOKE_TIMEOUT if path == "invoke" else API_TIMEOUT
+    if timeout is None:
+        timeout = INVOKE_TIMEOUT if path == "invoke" else API_TIMEOUT
     headers = {"Authorization": f"Bearer {token}"}
     payload = None
     if body is not None:

@@ -5,7 +5,9 @@ Each mailbox server's replication service renews the server's lease in the direc
 'ActiveManager' role lease) looks for servers whose lease has lapsed by the
 directory's clock and activates, for each database active there, the best other
 copy: on a server whose own lease is current and that may activate copies, holding
-the most of the log (applied LSN as last reported), then the most preferred. The
+the most of the log (applied LSN as last reported), then the most preferred, and
+never one whose server's own health sets call it Unhealthy (asked of its health
+service; one that does not answer is judged by its copy status alone). The
 activation is the existing lossy failover (the old copy cannot be dismounted; what
 it held beyond the new copy is given back when it returns), applied only if the old
 server's lease is still lapsed in the same transaction. A database failed over is not
@@ -23,14 +25,16 @@ Opt-in for now (`[active_manager] enabled = true` in popguard.toml).
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Any
 
-from popguard.directory.directory import LEASE_SECONDS, Directory
+from popguard.directory.directory import LEASE_SECONDS, Directory, Server
 from popguard.directory.sql.engine import DIRECTORY_ERRORS
 from popguard.errors import UserError
 from popguard.net.tls import TlsMaterial
@@ -44,6 +48,10 @@ FLAP_GUARD = 300.0  # seconds before a database failed over may fail over again
 # server is dead: it cannot be connected to that server any more, so "Disconnected..."
 # is the normal word; the most of the log decides among them.
 USABLE = ("Healthy", "DisconnectedAndHealthy", "DisconnectedAndResynchronizing")
+
+# A server's health report: its health sets with their AlertValue (get-healthreport's
+# rows); raises UserError when its health service does not answer.
+HealthReport = Callable[[Server], list[dict[str, Any]]]
 
 
 @dataclass(frozen=True)
@@ -64,8 +72,10 @@ class ActiveManager:
         synchronous_copy: bool = True,
         decisions_file: Path | None = None,
         steady: Callable[[], bool] = lambda: True,
+        health_report: HealthReport | None = None,
     ) -> None:
         self.server = server
+        self._health_report = health_report
         # Whether this server's own lease renewals have gone well for a whole lease.
         self._steady = steady
         self._decisions_file = decisions_file
@@ -113,7 +123,7 @@ class ActiveManager:
         if since < FLAP_GUARD:
             why = f"failed over {since:.0f} s ago: within the flap guard"
             return self._decided(database, source, None, "NotMoved", why)
-        target, why = self._best_copy(database, source, leases)
+        target, why = await self._best_copy(database, source, leases)
         if target is None:
             return self._decided(database, source, None, "NotMoved", why)
         mover = Mover(self._tls, self.directory)
@@ -132,7 +142,7 @@ class ActiveManager:
             f"{source}'s lease lapsed {-leases[source]:.1f} s ago{at_risk}",
         )  # fmt: skip
 
-    def _best_copy(
+    async def _best_copy(
         self, database: str, source: str, leases: dict[str, float]
     ) -> tuple[str | None, str]:
         reports = self.directory.copy_status_reports()
@@ -159,9 +169,25 @@ class ActiveManager:
             else:
                 applied = reports[(database, copy.server)].applied_lsn
                 candidates.append((-applied, copy.activation_preference, copy.server))
-        if not candidates:
-            return None, f"no copy of {database} to activate ({'; '.join(refused) or 'none'})"
-        return min(candidates)[2], ""
+        # The best first; the health of each is asked only when it comes to it.
+        for _, _, server in sorted(candidates):
+            unhealthy = await self._unhealthy_sets(server)
+            if not unhealthy:
+                return server, ""
+            refused.append(f"{server}'s health sets call it Unhealthy ({', '.join(unhealthy)})")
+        return None, f"no copy of {database} to activate ({'; '.join(refused) or 'none'})"
+
+    async def _unhealthy_sets(self, server: str) -> list[str]:
+        """The health sets of `server` that are Unhealthy by its own engine. Off the
+        event loop: the lease's renewal must never wait for another server's answer."""
+        if self._health_report is None:
+            return []
+        try:
+            rows = await asyncio.to_thread(self._health_report, self.directory.get_server(server))
+        except UserError as exc:
+            log.warning("activating on %s by its copy status alone: %s", server, exc)
+            return []
+        return sorted({str(r["HealthSet"]) for r in rows if r.get("AlertValue") == "Unhealthy"})
 
     def _record(self, decision: Decision) -> None:
         """One line for the health service, which makes it a recovery action and an

@@ -30,7 +30,7 @@ import time
 from collections.abc import Awaitable, Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import TypeVar
+from typing import Any, TypeVar
 
 from aiohttp import web
 
@@ -38,6 +38,7 @@ from popguard.directory.config import ActiveManagerSection, Store, load_config
 from popguard.directory.directory import LEASE_RENEWAL, LEASE_SECONDS, CopyStatusReport, Server
 from popguard.directory.sql.engine import DIRECTORY_ERRORS, DirectoryUnavailable
 from popguard.errors import UserError
+from popguard.health import api_client
 from popguard.net import tls
 from popguard.net.serving import listen
 from popguard.replication.active_manager import ActiveManager
@@ -80,6 +81,9 @@ MAX_WAIT = 30.0
 MAX_CATCH_UP = 120.0
 MAX_REQUEST_BODY = 512 * 1024 * 1024
 POLL = 0.02  # how often a held pull or a catch-up looks at the log again
+# A failover waits for the target's health report at most this long (then judges the
+# copy by its status alone): a dead server has already cost a lease.
+HEALTH_REPORT_TIMEOUT = 3.0
 SNAPSHOT_CHUNK = 1 << 20
 _SERVER_NAME = re.compile(r"^[A-Za-z][A-Za-z0-9-]{0,62}$")
 
@@ -625,6 +629,16 @@ class ReplicationService:
     def _active_manager_enabled(self) -> bool:
         return self._active_manager_settings().enabled
 
+    def _health_report(self, server: Server) -> list[dict[str, Any]]:
+        """`server`'s health sets as its health service reports them (Active Manager
+        never activates a copy on a server they call Unhealthy). Runs in a thread."""
+        data = self.context.data
+        rows = api_client.request(server, api_client.api_token(data), api_client.api_tls(data),
+                                  "GET", "healthreport", timeout=HEALTH_REPORT_TIMEOUT)  # fmt: skip
+        if not isinstance(rows, list):
+            raise UserError(f"{server.name}: the health report is not a list")
+        return rows
+
     async def _decide_failovers(self, stop: asyncio.Event) -> None:
         """Active Manager's look once a second, beside the lease's renewal: a failover
         may take seconds (mounting, catching up) and must not hold up the renewal."""
@@ -636,6 +650,7 @@ class ReplicationService:
             synchronous_copy=self._synchronous_copy,
             decisions_file=self.context.folder.failover_decisions_file(),
             steady=self.steady,
+            health_report=self._health_report,
         )
         log.info("Active Manager on: a mailbox server whose lease lapses fails over")
         try:
