@@ -13,6 +13,7 @@ import os
 import poplib
 import pwd
 import shutil
+import socket
 import ssl
 import stat
 import subprocess
@@ -25,7 +26,7 @@ import pytest
 from popguard.control.service_user import DEFAULT_SERVICE_USER, SERVICE_USER_VARIABLE
 from popguard.testing.net import free_loopback_address
 
-from .conftest import PASSWORD, processes_matching
+from .conftest import PASSWORD, processes_matching, wait_for
 
 REPOSITORY = Path(__file__).resolve().parents[1]
 DEBIAN_PYTHON = "/usr/bin/python3"
@@ -121,6 +122,23 @@ def test_root_starts_the_services_as_the_service_user(installed: Path) -> None:
         client.quit()
         restarted = _popguard(installed, data, "restart-service", "pop3be", "--server", "mbx1")
         assert restarted.returncode == 0 and "Running" in restarted.stdout, restarted.stderr
+        # A new certificate name: root's set-popsettings makes the certificate (the
+        # services cannot sign), and cas1 shows it within seconds.
+        renamed = _popguard(installed, data, "set-popsettings", "--server", "cas1",
+                            "--x509-certificate-name", "mail.example.test")  # fmt: skip
+        assert renamed.returncode == 0, renamed.stderr
+
+        def shows_new_name() -> bool:
+            try:
+                with (
+                    socket.create_connection((cas, 10995), timeout=10) as raw,
+                    context.wrap_socket(raw, server_hostname="mail.example.test"),
+                ):
+                    return True
+            except ssl.SSLCertVerificationError:
+                return False
+
+        wait_for("cas1 to show its new certificate name", shows_new_name, 60)
         # A command that signs (root's, with the CA key) gives back what it made.
         exported = _popguard(installed, data, "export-server-credentials", "mbx2",
                              "--out", str(installed / "mbx2.credentials"))  # fmt: skip

@@ -6,6 +6,7 @@ per property (LoginType becomes --login-type), so the two never disagree.
 
 from __future__ import annotations
 
+import os
 import re
 from pathlib import Path
 from typing import Any
@@ -107,14 +108,27 @@ def _set_popsettings(app: AppContext, server: str, output_format: str, **options
     with app.directory() as directory:
         current, _ = directory.pop_settings(server)
         updated = current.with_changes(changes)
-        revision = directory.set_pop_settings(server, updated)
         host = directory.get_server(server)
+        if updated.X509CertificateName != current.X509CertificateName:
+            _make_certificate(app, host, updated.X509CertificateName)
+        revision = directory.set_pop_settings(server, updated)
     name = host.name
     render([settings_row(app.data, host, updated)], output_format)
     # Every setting is picked up by the running services; none needs a restart.
     click.echo(
         f"revision {revision}: running POP3 services on {name} apply it within seconds", err=True
     )
+
+
+def _make_certificate(app: AppContext, host: Server, certificate_name: str | None) -> None:
+    """The certificate of a new X509CertificateName, made before the setting is
+    written when this command may sign: services run as the unprivileged service user
+    cannot (the CA key is root's), and would go on with the old one."""
+    from popguard.net.tls import TlsMaterial
+
+    material = TlsMaterial.of(app.data)
+    if os.access(material.ca_key_file, os.R_OK):
+        material.pop3_identity(host.name, host.address, certificate_name)
 
 
 def _build_set_command() -> click.Command:

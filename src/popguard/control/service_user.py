@@ -33,7 +33,7 @@ DEFAULT_SERVICE_USER = "popguard"
 # the CA key (or give the folder away themselves), or start and stop services, which
 # under systemd is systemctl's, root's.
 ROOT_COMMANDS = frozenset({
-    "up", "export-server-credentials", "import-server-credentials",
+    "up", "export-server-credentials", "import-server-credentials", "set-popsettings",
     "start-service", "stop-service", "restart-service", "restart-server",
 })  # fmt: skip
 UNPRIVILEGED_PORT_START = Path("/proc/sys/net/ipv4/ip_unprivileged_port_start")
