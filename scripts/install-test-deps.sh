@@ -15,11 +15,14 @@ set -euo pipefail
 
 export PATH="$PATH:/usr/local/sbin:/usr/sbin:/sbin"
 
-BINARIES=(curl fetchmail mpop getmail postfix postconf dovecot chromium)
+BINARIES=(curl fetchmail mpop getmail postfix postconf dovecot chromium faketime cc)
 # python3-venv: tests/test_service_user.py installs popguard with Debian's own Python,
 # where the unprivileged service user may run it (not under /root).
+# faketime (and libfaketime with it): tests/test_netns.py steps one host's wall clock;
+# gcc and libc6-dev build the small shim that libfaketime 0.9.10 needs there
+# (popguard.testing.clock_step).
 PACKAGES=(curl fetchmail mpop getmail6 postfix dovecot-core dovecot-pop3d ca-certificates
-    postgresql chromium python3-venv)
+    postgresql chromium python3-venv faketime gcc libc6-dev)
 
 missing=()
 for bin in "${BINARIES[@]}"; do
@@ -29,6 +32,7 @@ done
 compgen -G "/usr/lib/postgresql/*/bin/initdb" >/dev/null || missing+=("postgresql")
 [ -e /etc/ssl/certs/ca-certificates.crt ] || missing+=("ca-certificates")
 /usr/bin/python3 -c 'import ensurepip' >/dev/null 2>&1 || missing+=("python3-venv")
+[ -e /usr/include/dlfcn.h ] || missing+=("libc6-dev")
 
 if [ "${#missing[@]}" -eq 0 ] && [ -z "${INSTALL_TEST_DEPS_FORCE:-}" ]; then
     echo "install-test-deps: all present (${BINARIES[*]})"

@@ -111,6 +111,14 @@ def test_copies_moves_and_one_active_copy(directory_data: Path) -> None:
             CopyStatusReport("DB01", "mbx2", "Mounted", 0, 0, 9, 1.5, None, time.time())
         )
         assert directory.copy_status_reports()[("DB01", "mbx2")].applied_lsn == 9
+        # A reporter's clock an hour back (or ahead) does not age its report: when it
+        # was reported is the directory's clock, read back on the reader's.
+        for skew in (-3600.0, 3600.0):
+            directory.report_copy_status(
+                CopyStatusReport("DB01", "mbx2", "Mounted", 0, 0, 9, 1.5, None, time.time() + skew)
+            )
+            reported = directory.copy_status_reports()[("DB01", "mbx2")].reported
+            assert abs(reported - time.time()) < 60, skew
         with pytest.raises(UserError, match="is the active copy"):
             directory.remove_database_copy("DB01", "mbx2")
         directory.remove_database_copy("DB01", "mbx1")

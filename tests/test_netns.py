@@ -19,10 +19,12 @@ from pathlib import Path
 
 import pytest
 
+from popguard.testing import clock_step
 from popguard.testing.hosts import Host, HostNetwork
 from popguard.testing.organization import wait_until
 from popguard.testing.postgres import PostgresServer
 from popguard.testing.three_hosts import (
+    ThreeHosts,
     active_of,
     eventually,
     kill_host,
@@ -333,3 +335,70 @@ def test_the_directory_stopped_for_30_s_moves_nothing_and_loses_nothing(tmp_path
         assert "Welcome to popguard" in welcome
         org.check_load(load)
         assert active_of(org, "DB01") == "mbx1"  # nobody failed over
+
+
+CLOCKS = "import time; print(time.time(), time.monotonic())"
+
+
+def clocks_on(org: ThreeHosts, name: str) -> tuple[float, float]:
+    """(wall clock - ours, monotonic clock - ours) of a process started on `name`'s host."""
+    before = time.time(), time.monotonic()
+    done = subprocess.run(org.hosts[name].command(sys.executable, "-c", CLOCKS),
+                          capture_output=True, text=True, timeout=60, check=False,
+                          env=org.environment(name))  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    wall, monotonic = (float(word) for word in done.stdout.split())
+    return wall - before[0], monotonic - before[1]
+
+
+def nothing_failed_over(org: ThreeHosts) -> None:
+    """DB01 active on mbx1 alone, mbx1's lease current by the directory's clock, and no
+    Active Manager decision on either mailbox server (asked from mbx2's host)."""
+    assert active_of(org, "DB01") == "mbx1"
+    servers = json.loads(org.popguard("mbx2", "get-mailboxserver", "--format", "json"))
+    lease = {row["Name"]: row["LeaseSecondsLeft"] for row in servers}
+    assert lease["mbx1"] > 0 and lease["mbx2"] > 0, lease
+    for server in ("mbx1", "mbx2"):
+        actions = json.loads(org.popguard("mbx2", "get-recoveryactions", "--server", server,
+                                          "--format", "json"))  # fmt: skip
+        decided = [a for a in actions if a["ResponderName"] == "ActiveManager\\Failover"]
+        assert not decided, decided
+
+
+@pytest.mark.timeout(900)
+def test_clock_steps_on_a_mailbox_host_move_nothing(tmp_path: Path) -> None:
+    """Issue 13: mbx1's host's wall clock stepped an hour ahead, then an hour back (as
+    `date -s` would, its monotonic clock untouched), each held for longer than a lease
+    under load: no failover, no second active copy, mbx1's lease current throughout by
+    the directory's clock, nothing acknowledged lost. Only the directory's clock judges
+    leases; the fence counts on the monotonic clock."""
+    why = clock_step.missing()
+    if why is not None:
+        pytest.skip(why)
+    clock = clock_step.SteppedClock(tmp_path / "mbx1-clock")
+    config = "\n[active_manager]\nenabled = true\n"
+    with three_hosts(tmp_path, config, {"mbx1": clock.environment()}) as org:
+        assert "Welcome to popguard" in org.retr(1)
+        org.wait_healthy("DB01\\mbx2")
+        load = org.start_load(seconds=80)
+        time.sleep(5)
+        for offset, seconds in (("+1h", 3600), ("-1h", -3600)):
+            clock.step(offset)
+            wall, monotonic = clocks_on(org, "mbx1")
+            assert abs(wall - seconds) < 60, f"{offset}: mbx1's host is {wall:.0f} s off"
+            assert abs(monotonic) < 60, f"{offset}: mbx1's monotonic clock moved {monotonic}"
+            print(f"mbx1's wall clock {wall:+.0f} s from the machine's")
+            held = time.monotonic()
+            while time.monotonic() - held < 30:  # longer than a lease (10 s)
+                nothing_failed_over(org)
+                time.sleep(3)
+            # mbx1's own probes verify its certificates by its stepped clock: they pass,
+            # or their responders would move DB01 away (a certificate made minutes ago
+            # is "not yet valid" an hour back, unless its validity starts well before).
+            probed = json.loads(org.popguard("mbx2", "invoke-monitoringprobe",
+                                             "POP.Protocol\\PopSelfTestProbe", "--server",
+                                             "mbx1", "--format", "json"))[0]  # fmt: skip
+            assert probed["ResultType"] == "Succeeded", (offset, probed)
+        org.check_load(load)
+        nothing_failed_over(org)
+        clock.step("+0")

@@ -585,8 +585,7 @@ class Directory:
         with self._transaction() as db:
             self._write_copy_status(db, report)
 
-    @staticmethod
-    def _write_copy_status(db: Executor, report: CopyStatusReport) -> None:
+    def _write_copy_status(self, db: Executor, report: CopyStatusReport) -> None:
         exists = db.execute(
             "SELECT 1 FROM database_copies WHERE database = $1 AND server = $2",
             (report.database, report.server),
@@ -597,7 +596,11 @@ class Directory:
             "INSERT INTO copy_status (database, server, status, copy_queue_length, "
             "replay_queue_length, applied_lsn, last_inspected_log_time, error, reported, "
             "database_size, message_bytes, log_bytes) "
-            "VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12) "
+            # When it was reported is the directory's clock, not the reporter's
+            # (report.reported): a report is judged fresh or stale (ServiceDown) on other
+            # hosts, and a host whose clock is stepped an hour back would otherwise look
+            # dead to all of them, an hour ahead alive an hour after it died.
+            f"VALUES ($1, $2, $3, $4, $5, $6, $7, $8, {self._engine.clock_sql}, $9, $10, $11) "
             "ON CONFLICT (database, server) DO UPDATE SET status = excluded.status, "
             "copy_queue_length = excluded.copy_queue_length, "
             "replay_queue_length = excluded.replay_queue_length, "
@@ -611,13 +614,19 @@ class Directory:
             (
                 report.database, report.server, report.status, report.copy_queue_length,
                 report.replay_queue_length, report.applied_lsn,
-                report.last_inspected_log_time, report.error, report.reported,
+                report.last_inspected_log_time, report.error,
                 report.database_size, report.message_bytes, report.log_bytes,
             ),
         )  # fmt: skip
 
     def copy_status_reports(self) -> dict[tuple[str, str], CopyStatusReport]:
-        rows = self._engine.execute("SELECT * FROM copy_status").fetchall()
+        """Each copy's last report; `reported` on this host's clock, as long ago as the
+        directory's clock says (so a reader judges its age with time.time(), whatever
+        its own clock or the reporter's says)."""
+        rows = self._engine.execute(
+            f"SELECT *, {self._engine.clock_sql} AS directory_now FROM copy_status"
+        ).fetchall()
+        now = time.time()
         return {
             (r["database"], r["server"]): CopyStatusReport(
                 database=r["database"],
@@ -628,7 +637,7 @@ class Directory:
                 applied_lsn=r["applied_lsn"],
                 last_inspected_log_time=r["last_inspected_log_time"],
                 error=r["error"],
-                reported=r["reported"],
+                reported=now - (float(r["directory_now"]) - float(r["reported"])),
                 database_size=r["database_size"],
                 message_bytes=r["message_bytes"],
                 log_bytes=r["log_bytes"],

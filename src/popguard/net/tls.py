@@ -33,6 +33,11 @@ RESUMPTION_LIFETIME = 300.0  # seconds
 CA_VALIDITY = datetime.timedelta(days=3650)
 SERVER_VALIDITY = datetime.timedelta(days=397)  # the CA/Browser Forum's ceiling
 RENEW_BEFORE = datetime.timedelta(days=30)
+# A certificate is valid from this long before it was made: a host whose wall clock is
+# behind the one that made it (stepped back an hour, say) must still accept it, or every
+# handshake it verifies fails ("not yet valid"), its own health probes among them, whose
+# responders would then restart its services and move its databases away.
+NOT_BEFORE_MARGIN = datetime.timedelta(days=1)
 CA_CERTIFICATE = "ca.pem"
 CA_KEY = paths.CA_KEY_NAME
 # TLS 1.2 suites every server offers: Mozilla's "intermediate" profile (v5.7), AEAD
@@ -125,7 +130,7 @@ def _ensure_ca(folder: Path, may_make: bool = True) -> x509.Certificate:
         .issuer_name(name)
         .public_key(key.public_key())
         .serial_number(x509.random_serial_number())
-        .not_valid_before(now - datetime.timedelta(minutes=5))
+        .not_valid_before(now - NOT_BEFORE_MARGIN)
         .not_valid_after(now + CA_VALIDITY)
         .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
         .add_extension(
@@ -374,8 +379,8 @@ class TlsMaterial:
                 .issuer_name(ca_certificate.subject)
                 .public_key(key.public_key())
                 .serial_number(x509.random_serial_number())
-                .not_valid_before(now - datetime.timedelta(minutes=5))
-                .not_valid_after(now + SERVER_VALIDITY)
+                .not_valid_before(now - NOT_BEFORE_MARGIN)
+                .not_valid_after(now - NOT_BEFORE_MARGIN + SERVER_VALIDITY)
                 .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
                 .add_extension(x509.SubjectAlternativeName(alternative_names), critical=False)
                 .add_extension(

@@ -17,7 +17,7 @@ import sys
 import time
 from collections import Counter
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from popguard.testing.hosts import Host, HostNetwork
@@ -50,12 +50,19 @@ class ThreeHosts:
     password: str
     ca: Path
     postgres: PostgresServer
+    # What a host's popguard commands (and so the services its `up` starts) have in
+    # their environment besides the test's own: e.g. a stepped clock (clock_step.py).
+    environments: dict[str, dict[str, str]] = field(default_factory=dict)
+
+    def environment(self, name: str) -> dict[str, str]:
+        return os.environ | self.environments.get(name, {})
 
     def popguard(self, name: str, *argv: str) -> str:
         done = subprocess.run(
             self.hosts[name].command(sys.executable, "-m", "popguard", "--data",
                                      str(self.folders[name]), *argv),
             capture_output=True, text=True, timeout=240, check=False,
+            env=self.environment(name),
         )  # fmt: skip
         assert done.returncode == 0, f"{name}: popguard {' '.join(argv)}: {done.stderr}"
         return done.stdout
@@ -126,9 +133,12 @@ class ThreeHosts:
 
 
 @contextlib.contextmanager
-def three_hosts(tmp_path: Path, more_config: str = "") -> Iterator[ThreeHosts]:
+def three_hosts(
+    tmp_path: Path, more_config: str = "", environments: dict[str, dict[str, str]] | None = None
+) -> Iterator[ThreeHosts]:
     """PostgreSQL on a host of its own; a front end and two mailbox servers each on a
-    host of its own, with its own data folder and its own `up --servers NAME`."""
+    host of its own, with its own data folder and its own `up --servers NAME`; each
+    host's popguard commands with `environments[host]` added to their environment."""
     with HostNetwork.make(["db", "cas1", "mbx1", "mbx2"]) as network:
         db = network["db"]
         postgres = PostgresServer.start(host=db.address, prefix=tuple(db.command()))
@@ -142,8 +152,9 @@ def three_hosts(tmp_path: Path, more_config: str = "") -> Iterator[ThreeHosts]:
             postgres.directory_section(postgres.new_database()),
         ) + more_config)  # fmt: skip
         org = ThreeHosts(
-            network, hosts, folders, "", "", folders["mbx1"] / "tls" / "ca.pem", postgres
-        )
+            network, hosts, folders, "", "", folders["mbx1"] / "tls" / "ca.pem", postgres,
+            dict(environments or {}),
+        )  # fmt: skip
         started: list[str] = []
         try:
             # The first host makes the organization (and keeps its CA key).
@@ -166,7 +177,7 @@ def three_hosts(tmp_path: Path, more_config: str = "") -> Iterator[ThreeHosts]:
                 subprocess.run(
                     hosts[name].command(sys.executable, "-m", "popguard", "--data",
                                         str(folders[name]), "down"),
-                    capture_output=True, timeout=120, check=False,
+                    capture_output=True, timeout=120, check=False, env=org.environment(name),
                 )  # fmt: skip
             postgres.remove()
 
