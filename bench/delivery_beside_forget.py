@@ -59,6 +59,9 @@ BURST_FILL_LIMIT = 900.0  # seconds to deliver one phase's burst
 # "... N log entries trimmed (through LSN ...), M pages given back, WAL ...": one line
 # per forget run that found something to do (replication/service.py, _maintain).
 FORGET_LINE = re.compile(rb"(\d+) log entries trimmed .*?, (\d+) pages given back, WAL (\w+)")
+# The active copy's line when no synchronous copy confirmed in time (replication/
+# synchronous.py): each one is a window in which a 250 meant the active copy alone.
+SYNCHRONOUS_LOST = b"did not confirm LSN"
 
 
 def set_forget_interval(org: UpOrganization, seconds: float) -> None:
@@ -86,12 +89,14 @@ def forget_runs(org: UpOrganization, since: dict[str, int]) -> dict[str, dict[st
     for server, path in replication_logs(org).items():
         with open(path, "rb") as log:
             log.seek(since[server])
-            found = FORGET_LINE.findall(log.read())
+            text = log.read()
+        found = FORGET_LINE.findall(text)
         runs[server] = {
             "runs": len(found),
             "entries_trimmed": sum(int(t) for t, _, _ in found),
             "pages_given_back": sum(int(p) for _, p, _ in found),
             "wal_busy": sum(1 for _, _, w in found if w != b"emptied"),
+            "synchronous_lost": text.count(SYNCHRONOUS_LOST),
         }
     return runs
 
@@ -217,6 +222,8 @@ def phase(
         f"refused {row['refused']} failed {len(row['failures'])}  POP3 deleted "
         f"{row['pop3_deleted']} in {row['pop3_sessions']} sessions  forget runs "
         + ", ".join(f"{s} {r['runs']}" for s, r in runs.items())
+        + "  synchronous copy lost "
+        + ", ".join(f"{s} {r['synchronous_lost']}" for s, r in runs.items())
         + f"  DB01 files MB {files}"
         + (
             f"  burst: {row['burst_deleted']} deleted, QUIT {row['burst_quit'][:60]!r} in "

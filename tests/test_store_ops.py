@@ -40,6 +40,17 @@ from .test_frontend import login
 MB = 1024 * 1024
 
 
+async def usage_of(org: Organization, server: str) -> dict[str, tuple[int, int]]:
+    """Each mailbox's (count, octets) in `server`'s copy of DB01, as its replication
+    service answers the operator (what get-mailbox asks)."""
+    material = TlsMaterial.of(org.data)
+    context = material.mutual_client_context(material.admin_identity())
+    with Directory(org.data) as directory:
+        peer = ReplicationPeer(directory.get_server(server), context)
+    async with peer:
+        return await peer.usage("DB01")
+
+
 # The size syntax ------------------------------------------------------------------------
 
 
@@ -182,16 +193,7 @@ def test_each_copy_shows_its_sizes(replicated_organization: Organization) -> Non
         assert isinstance(row["LogBytes"], int) and 0 < row["LogBytes"] < live
         assert row["ProhibitSendReceiveQuota"] == "Unlimited"
     # What get-mailbox asks a copy's replication service from a host with no copy.
-    material = TlsMaterial.of(org.data)
-    context = material.mutual_client_context(material.admin_identity())
-
-    async def ask(server: str) -> dict[str, tuple[int, int]]:
-        with Directory(org.data) as directory:
-            peer = ReplicationPeer(directory.get_server(server), context)
-        async with peer:
-            return await peer.usage("DB01")
-
-    assert asyncio.run(ask("mbx2")) == {user: (5, live)}
+    assert asyncio.run(usage_of(org, "mbx2")) == {user: (5, live)}
 
 
 def test_a_mailbox_over_its_quota_refuses_mail_with_the_right_code(
@@ -540,18 +542,9 @@ def test_a_restore_gives_back_only_what_the_mailbox_lost_and_keeps_to_its_quota(
     assert (second["Restored"], second["AlreadyThere"]) == (0, 6)
     assert len(mailbox_over_pop3(org, user)[0]) == 7
     # Written like a delivery: the passive copy holds the restored messages too.
-    material = TlsMaterial.of(org.data)
-    context = material.mutual_client_context(material.admin_identity())
-
-    async def usage_on(server: str) -> dict[str, tuple[int, int]]:
-        with Directory(org.data) as directory:
-            peer = ReplicationPeer(directory.get_server(server), context)
-        async with peer:
-            return await peer.usage("DB01")
-
     wait_until(
         "DB01\\mbx2 to hold the restored messages",
-        lambda: asyncio.run(usage_on("mbx2")).get(user) == (7, sum(sizes)),
+        lambda: asyncio.run(usage_of(org, "mbx2")).get(user) == (7, sum(sizes)),
         30,
     )
 

@@ -162,13 +162,6 @@ def give_back(data: Path) -> None:
         hand_over(data, status.st_uid, status.st_gid)
 
 
-def folder_owner(data: Path) -> int | None:
-    try:
-        return data.stat().st_uid
-    except FileNotFoundError:
-        return None
-
-
 def become_owner(data: Path) -> None:
     """Root's command on a folder another user owns runs as that user, so that what it
     writes (a new database, a fault file, a protocol log) is the services' to use."""
