@@ -38,8 +38,7 @@ from popguard.directory.config import ActiveManagerSection, Store, load_config
 from popguard.directory.directory import LEASE_RENEWAL, LEASE_SECONDS, CopyStatusReport, Server
 from popguard.directory.sql.engine import DIRECTORY_ERRORS, DirectoryUnavailable
 from popguard.errors import UserError
-from popguard.health import api_client
-from popguard.net import tls
+from popguard.net import health_api, tls
 from popguard.net.serving import listen
 from popguard.replication.active_manager import ActiveManager
 from popguard.replication.copy_replicator import CopyReplicator
@@ -650,7 +649,7 @@ class ReplicationService:
         """`server`'s health sets as its health service reports them (Active Manager
         never activates a copy on a server they call Unhealthy). Runs in a thread."""
         data = self.context.data
-        rows = api_client.request(server, api_client.api_token(data), api_client.api_tls(data),
+        rows = health_api.request(server, health_api.api_token(data), health_api.api_tls(data),
                                   "GET", "healthreport", timeout=HEALTH_REPORT_TIMEOUT)  # fmt: skip
         if not isinstance(rows, list):
             raise UserError(f"{server.name}: the health report is not a list")
