@@ -5,21 +5,27 @@ to its history? (issue 14)
 
 One run, one fresh organization per history (bench.replication's: mbx1 and mbx2 on
 loopback addresses of their own, each running `serve delivery`, `serve pop3be` and
-`serve replication`, DB01 active on mbx1 with a copy on mbx2). Each database gets the
-same live mail, `--live-mb` MB of `--size`-octet messages delivered over LMTP to one
-mailbox (the same messages every time), and a history of its own: `--histories` times
-as much mail delivered over LMTP to another mailbox and then read and deleted over
-POP3, `--live-mb` at a time. Then the script waits until mbx2 has applied everything
-and mbx1's replication service has trimmed DB01's log and forgotten what was deleted
-(its next `[store] forget_interval` run), as a database that lived that long would
-be, and seeds a new copy: `add-mailboxdatabasecopy DB01 --server mbx3`, timed
-(command included) until mbx3's copy holds mbx1's last LSN, and until mbx3's copy
-reports Healthy (bench.replication's measure_seeding).
+`serve replication`, DB01 active on mbx1 with a copy on mbx2), all kept up until the
+end. Each database gets the same live mail, `--live-mb` MB of `--size`-octet messages
+delivered over LMTP to one mailbox (the same messages every time), and a history of its
+own: `--histories` times as much mail delivered over LMTP to another mailbox and then
+read and deleted over POP3, `--live-mb` at a time. Then the script waits until mbx2 has
+applied everything and mbx1's replication service has trimmed DB01's log and forgotten
+what was deleted (its next `[store] forget_interval` run), as a database that lived
+that long would be.
 
-The table gives each seeding's time, its MB/s over the live messages' octets, and its
-ratio to the seeding of the database without history: 1.0 throughout is a seeding
-whose time does not depend on history. `--live-mb 1000` (and enough disk and patience:
-about 15 GB of mail in all) is the issue's 1 GB live with up to 10 GB of history.
+Then, in turns (one database after the other, `--repeat` rounds, so that each round's
+seedings see about the same load from the rest of a shared machine), a new copy of
+each: `add-mailboxdatabasecopy DB01 --server mbx3` (mbx4, ... in later rounds), timed
+(command included) until the new copy holds mbx1's last LSN, and until it reports
+Healthy (bench.replication's measure_seeding); that server is stopped afterwards.
+
+The table gives each database's median seeding time, its MB/s over the live messages'
+octets and its ratio to the seeding of the database without history: 1.0 throughout
+is a seeding whose time does not depend on history. Then each seeding's steps as the
+services' logs tell them, and the store's own snapshot and load timed alone in this
+process on the same file. `--live-mb 1000` (and enough disk and patience: about 15 GB
+of mail in all) is the issue's 1 GB live with up to 10 GB of history.
 """
 
 from __future__ import annotations
@@ -52,6 +58,7 @@ from bench.replication import (
 )
 from bench.report import machine, write_results
 from popguard.store.mailbox_database import MailboxDatabase, file_sha256
+from popguard.testing.processes import stop_processes
 
 HISTORY_USER = "history@popguard.test"
 PASSWORD = "bench password"
@@ -205,10 +212,17 @@ def step_times(org: Organization, server: str, started_at: float) -> dict[str, f
 
 
 def seed(org: Organization, server: str, timeout: float) -> dict[str, Any]:
-    """One new copy of DB01 on a new server, timed (measure_seeding), and its steps."""
-    load = os.getloadavg()[0]
-    seeding = measure_seeding(org, timeout, server)
-    seeding.update(server=server, load_average=round(load, 2), file_octets=file_octets(org, server))
+    """One new copy of DB01 on a new server, timed (measure_seeding), and its steps; the
+    server is stopped afterwards (several organizations are up at once)."""
+    load, before = os.getloadavg()[0], len(org.processes)
+    try:
+        seeding = measure_seeding(org, timeout, server)
+        seeding.update(
+            server=server, load_average=round(load, 2), file_octets=file_octets(org, server)
+        )
+    finally:
+        stop_processes(org.processes[before:])
+        del org.processes[before:]
     seeding["steps"] = step_times(org, server, seeding["started_at"])
     found = SEEDED.findall((org.data / f"{server}.log").read_text(errors="replace"))
     if found:  # the replicator's own account: snapshot made, sent, checked and loaded
@@ -275,38 +289,65 @@ def fill(
     }
 
 
-def seed_one(args: argparse.Namespace, history_mb: float, deadline: float) -> dict[str, Any]:
-    """A fresh organization, DB01 given the live mail and `history_mb` of history, then
-    new copies on mbx3, mbx4, ... seeded and timed, one after the other."""
+def build(
+    org: Organization, args: argparse.Namespace, history_mb: float, deadline: float
+) -> dict[str, Any]:
+    """DB01 in a fresh organization, given the live mail and `history_mb` of history,
+    its log trimmed and the deleted mail forgotten."""
     live = max(1, round(args.live_mb * 1e6 / args.size))
     history = round(history_mb * 1e6 / args.size)
     row: dict[str, Any] = {"history_mb": history_mb, "live_messages": live,
                            "history_messages": history}  # fmt: skip
-    with organization(args.keep) as org:
-        org.data.mkdir(parents=True)
-        org.add_server("mbx1")
-        org.add_server("mbx2")
-        popguard(org.data, "set-popsettings", "--server", "mbx1", "--login-type", "PlainTextLogin")
-        popguard(org.data, "new-mailboxdatabase", "DB01", "--server", "mbx1")
-        popguard(org.data, "add-mailboxdatabasecopy", "DB01", "--server", "mbx2")
-        for address in (USER, HISTORY_USER):
-            popguard(org.data, "new-mailbox", address, "--database", "DB01", "--password-stdin",
-                     stdin=PASSWORD + "\n")  # fmt: skip
-        org.wait_healthy("DB01\\mbx2", 60)
-        row.update(fill(org, args, live, history, deadline))
-        org.wait_healthy("DB01\\mbx2", 300)
-        waited, row["before_seeding"] = wait_trimmed(org)
-        row["trim_wait_seconds"] = round(waited, 1)
-        row["db_file_octets"] = file_octets(org, "mbx1")
-        # Again on a new server each time (mbx3, mbx4, ...): the median is the figure.
-        timeout = max(120.0, args.live_mb)
-        row["seedings"] = [seed(org, f"mbx{3 + i}", timeout) for i in range(args.repeat)]
-        row["seconds_median"] = statistics.median(x["seconds"] for x in row["seedings"])
-        row["healthy_seconds_median"] = statistics.median(
-            x["healthy_seconds"] for x in row["seedings"]
-        )
-        row["store_phases"] = store_phases(org)
+    org.data.mkdir(parents=True)
+    org.add_server("mbx1")
+    org.add_server("mbx2")
+    popguard(org.data, "set-popsettings", "--server", "mbx1", "--login-type", "PlainTextLogin")
+    popguard(org.data, "new-mailboxdatabase", "DB01", "--server", "mbx1")
+    popguard(org.data, "add-mailboxdatabasecopy", "DB01", "--server", "mbx2")
+    for address in (USER, HISTORY_USER):
+        popguard(org.data, "new-mailbox", address, "--database", "DB01", "--password-stdin",
+                 stdin=PASSWORD + "\n")  # fmt: skip
+    org.wait_healthy("DB01\\mbx2", 60)
+    row.update(fill(org, args, live, history, deadline))
+    org.wait_healthy("DB01\\mbx2", 300)
+    waited, row["before_seeding"] = wait_trimmed(org)
+    row["trim_wait_seconds"] = round(waited, 1)
+    row["db_file_octets"] = file_octets(org, "mbx1")
     return row
+
+
+def run(args: argparse.Namespace, histories: list[float], rows: list[dict[str, Any]]) -> None:
+    """Build every database (one organization each, all kept up), then seed new copies
+    of them in turns, `--repeat` rounds: each round's seedings run under about the same
+    load from the rest of the machine. Rows are appended as they are built."""
+    deadline = time.monotonic() + args.max_minutes * 60
+    timeout = max(120.0, args.live_mb)  # seconds for one seeding
+    with contextlib.ExitStack() as stack:
+        organizations = []
+        for history_mb in histories:
+            org = stack.enter_context(organization(args.keep))
+            started = time.monotonic()
+            row = build(org, args, history_mb, deadline)
+            row["build_seconds"] = round(time.monotonic() - started, 1)
+            print(json.dumps(row), flush=True)
+            rows.append(row)
+            organizations.append(org)
+        for turn in range(args.repeat):
+            for org, row in zip(organizations, rows, strict=True):
+                seeding = seed(org, f"mbx{3 + turn}", timeout)
+                print(json.dumps({"history_mb": row["history_mb"], **seeding}), flush=True)
+                row.setdefault("seedings", []).append(seeding)
+        for org, row in zip(organizations, rows, strict=True):
+            row["seconds_median"] = statistics.median(x["seconds"] for x in row["seedings"])
+            row["healthy_seconds_median"] = statistics.median(
+                x["healthy_seconds"] for x in row["seedings"]
+            )
+            # The part before the new copy's replicator starts seeding (the command,
+            # the once-a-second look for new copies) is the same whatever the database.
+            row["started_median"] = statistics.median(
+                x["steps"].get("started", math.nan) for x in row["seedings"]
+            )
+            row["store_phases"] = store_phases(org)
 
 
 def ratio(seconds: float, baseline: float | None) -> str:
@@ -317,8 +358,8 @@ def table(rows: list[dict[str, Any]]) -> str:
     """The figures (medians of the repeats), then where each seeding's time went."""
     lines = [
         "| live MB | history MB | mbx1's file | seeding s (min-max) | MB/s "
-        "| ratio to no history | to Healthy s |",
-        "|---:|---:|---:|---:|---:|---:|---:|",
+        "| ratio to no history | of which before seeding starts | to Healthy s |",
+        "|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     baseline = next((r["seconds_median"] for r in rows if r["history_mb"] == 0), None)
     for r in rows:
@@ -328,7 +369,7 @@ def table(rows: list[dict[str, Any]]) -> str:
             f"| {octets / 1e6:.1f} | {r['history_mb']:g} | {r['db_file_octets'] / 1e6:.1f} MB "
             f"| {r['seconds_median']:.2f} ({min(times):.2f}-{max(times):.2f}) "
             f"| {octets / r['seconds_median'] / 1e6:.1f} | {ratio(r['seconds_median'], baseline)} "
-            f"| {r['healthy_seconds_median']:.2f} |"
+            f"| {r['started_median']:.2f} | {r['healthy_seconds_median']:.2f} |"
         )
     lines += [
         "",
@@ -377,24 +418,17 @@ def main(argv: list[str] | None = None) -> int:
         "size": args.size,
         "rows": [],
     }
-    deadline = time.monotonic() + args.max_minutes * 60
     failed = None
-    for history_mb in histories:
-        started = time.monotonic()
-        try:
-            row = seed_one(args, history_mb, deadline)
-        except (TooSlow, RuntimeError) as exc:  # what was measured is still reported
-            failed = f"history {history_mb:g} MB: {exc}"
-            print(failed, file=sys.stderr)
-            break
-        row["load_average_after"] = [round(x, 2) for x in os.getloadavg()]
-        row["scenario_seconds"] = round(time.monotonic() - started, 1)
-        print(json.dumps(row), flush=True)
-        report["rows"].append(row)
+    try:
+        run(args, histories, report["rows"])
+    except (TooSlow, RuntimeError) as exc:  # what was measured is still reported
+        failed = str(exc)
+        print(failed, file=sys.stderr)
     report["load_average_end"] = machine()["load_average"]
     report["failed"] = failed
-    if report["rows"]:
-        print(table(report["rows"]))
+    measured = [row for row in report["rows"] if "store_phases" in row]
+    if measured:
+        print(table(measured))
     print(f"wrote {write_results('seeding_history', report)}")
     return 1 if failed else 0
 
