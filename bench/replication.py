@@ -119,8 +119,9 @@ def message(number: int, size: int) -> bytes:
 class Lmtp:
     """One LMTP connection to whichever server holds DB01, reopened after a failure."""
 
-    def __init__(self, org: Organization) -> None:
+    def __init__(self, org: Organization, recipient: str = USER) -> None:
         self.org = org
+        self.recipient = recipient
         self.client: smtplib.LMTP | None = None
 
     def deliver(self, content: bytes) -> int:
@@ -131,7 +132,7 @@ class Lmtp:
                 self.client = smtplib.LMTP(self.org.addresses[active], 2424, timeout=30)
                 self.client.ehlo()
             self.client.mail("load@example.test")
-            self.client.rcpt(USER)
+            self.client.rcpt(self.recipient)
             code, _ = self.client.data(content)
         except (OSError, smtplib.SMTPException) as exc:
             code = exc.smtp_code if isinstance(exc, smtplib.SMTPResponseException) else 0
@@ -282,25 +283,28 @@ def measure_switchover(org: Organization) -> dict[str, Any]:
     }
 
 
-def measure_seeding(org: Organization, timeout: float) -> dict[str, Any]:
-    org.add_server("mbx3")
+def measure_seeding(org: Organization, timeout: float, server: str = "mbx3") -> dict[str, Any]:
+    org.add_server(server)
     octets = sum(len(wire) for _, wire in copy_content(org, active_server(org.data)))
     target = org.last_lsn(active_server(org.data))
-    start = time.monotonic()
-    popguard(org.data, "add-mailboxdatabasecopy", "DB01", "--server", "mbx3")
+    started_at, start = time.time(), time.monotonic()  # the wall clock: the logs' times
+    popguard(org.data, "add-mailboxdatabasecopy", "DB01", "--server", server)
     # Timed on the copy file itself (status reports come once a second).
-    while org.last_lsn("mbx3") < target:
+    while org.last_lsn(server) < target:
         if time.monotonic() - start > timeout:
-            raise RuntimeError(f"mbx3 not seeded after {timeout}s")
+            raise RuntimeError(f"{server} not seeded after {timeout}s")
         time.sleep(0.01)
     seconds = time.monotonic() - start
-    org.wait_healthy("DB01\\mbx3", 60)
-    log = (org.data / "mbx3.log").read_text(errors="replace")
+    org.wait_healthy(f"DB01\\{server}", 60)
+    healthy_seconds = time.monotonic() - start  # within a status report and a command
+    log = (org.data / f"{server}.log").read_text(errors="replace")
     return {
         "octets": octets,
+        "started_at": started_at,
         "seconds": round(seconds, 2),
+        "healthy_seconds": round(healthy_seconds, 2),
         "mb_per_s": round(octets / seconds / 1e6, 1),
-        "file_mb": round(org.copy_file("mbx3").stat().st_size / 1e6, 1),
+        "file_mb": round(org.copy_file(server).stat().st_size / 1e6, 1),
         "from": "snapshot" if "seeded from" in log else "log replay",
     }
 
