@@ -51,6 +51,17 @@ async def usage_of(org: Organization, server: str) -> dict[str, tuple[int, int]]
         return await peer.usage("DB01")
 
 
+def wait_passive_healthy(org: Organization) -> None:
+    wait_until(
+        "DB01's passive copy to be healthy",
+        lambda: any(
+            r["Name"] == "DB01\\mbx2" and r["Status"] == "Healthy"
+            for r in cli_json(org, "get-mailboxdatabasecopystatus")
+        ),
+        30,
+    )
+
+
 # The size syntax ------------------------------------------------------------------------
 
 
@@ -437,14 +448,7 @@ def test_a_bad_backup_gets_one_line_and_exit_1(
     user = org.add_mailbox("few@example.test")
     for n in range(3):
         org.deliver(user, message(f"few {n}", size=5000))
-    wait_until(
-        "DB01's passive copy to be healthy",
-        lambda: any(
-            r["Name"] == "DB01\\mbx2" and r["Status"] == "Healthy"
-            for r in cli_json(org, "get-mailboxdatabasecopystatus")
-        ),
-        30,
-    )
+    wait_passive_healthy(org)
     backup = tmp_path / "good.backup"
     cli_json(org, "backup-mailboxdatabase", "DB01", "--out", str(backup))
     one_line_error(
@@ -520,14 +524,7 @@ def test_a_restore_gives_back_only_what_the_mailbox_lost_and_keeps_to_its_quota(
     backed_up = [f"kept {n}" for n in range(6)]
     for subject in backed_up:  # all of one size: told apart by their octets
         org.deliver(user, message(subject, size=5000))
-    wait_until(
-        "DB01's passive copy to be healthy",
-        lambda: any(
-            r["Name"] == "DB01\\mbx2" and r["Status"] == "Healthy"
-            for r in cli_json(org, "get-mailboxdatabasecopystatus")
-        ),
-        30,
-    )
+    wait_passive_healthy(org)
     backup, recovery = tmp_path / "DB01.backup", tmp_path / "RDB01.sqlite"
     cli_json(org, "backup-mailboxdatabase", "DB01", "--out", str(backup))
     cli_json(org, "restore-mailboxdatabase", str(backup), "--recovery-database", str(recovery))

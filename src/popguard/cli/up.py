@@ -451,8 +451,9 @@ def up(
     if user is not None:
         ports = [(f"{s.name}'s {name}", port) for s in running for name, port in s.ports.items()]
         service_user.check_ports(sorted(ports), user)
-        _give_folder(data, running, user)
-        control = SupervisorControl(data)  # its socket is in the new owner's folder
+        if not user.is_root or data.stat().st_uid != 0:  # root's own folder: nothing to give
+            _give_folder(data, running, user)
+            control = SupervisorControl(data)  # its socket is in the new owner's folder
     endpoints = [
         (s.name, service, _listens_on(s, service), s.port(ENDPOINTS[service]))
         for s in running
