@@ -236,13 +236,21 @@ def processes_matching(fragment: str) -> list[int]:
 
 
 def pid_alive(pid: int) -> bool:
-    """Whether `pid` runs (a zombie, dead but not yet reaped, does not)."""
+    """Whether any thread of process `pid` runs. A killed process's main thread turns
+    zombie before its other threads have finished dying, and until the last of them
+    has, its files (a listening socket) are still open: the process is not gone."""
     try:
         os.kill(pid, 0)
-        stat = Path(f"/proc/{pid}/stat").read_text()
+        threads = [task / "stat" for task in Path(f"/proc/{pid}/task").iterdir()]
     except (ProcessLookupError, FileNotFoundError):
         return False
-    return stat.rpartition(")")[2].split()[0] != "Z"
+    for stat in threads:
+        try:
+            if stat.read_text().rpartition(")")[2].split()[0] != "Z":
+                return True
+        except (FileNotFoundError, ProcessLookupError):
+            continue  # that thread is gone
+    return False
 
 
 def children(pid: int) -> list[int]:
