@@ -148,6 +148,12 @@ def test_an_organization_uses_a_directory_on_another_host_and_rides_out_losing_i
             assert refused.returncode == 1
             assert "directory unreachable" in refused.stderr, refused.stderr
             assert refused.stderr.count("\n") == 1
+            # Active Manager is on by default with a PostgreSQL directory, so every
+            # mailbox server would fence itself without its lease; they serve on
+            # because each answers the others that it cannot reach the directory either.
+            for server in ("mbx1", "mbx2"):
+                logged = (data / "servers" / server / "logs" / "replication.log").read_text()
+                assert "serving on (failsafe)" in logged, logged[-2000:]
         finally:
             network.mend("db")
         deadline = time.monotonic() + 60

@@ -329,6 +329,20 @@ def test_a_topology_may_mix_roles_and_spell_names_in_any_case() -> None:
     assert [s.name for s in config.servers] == ["cas1", "mbx1"]
 
 
+@pytest.mark.parametrize(
+    ("text", "on"),
+    [
+        ("", False),  # SQLite, one machine
+        ("[directory]\nurl = 'postgresql://popguard@198.18.0.1/popguard'\n", True),
+        ("[directory]\nurl = 'postgresql://popguard@198.18.0.1/popguard'\n"
+         "[active_manager]\nenabled = false\n", False),
+        ("[active_manager]\nenabled = true\n", True),
+    ],
+)  # fmt: skip
+def test_active_manager_is_on_by_default_with_a_postgresql_directory(text: str, on: bool) -> None:
+    assert parse_config(text, "org.toml").active_manager_on is on
+
+
 def _make(data: Path, text: str) -> Organization:
     with Directory(data) as directory:
         return ensure_topology(directory, parse_config(text, "org.toml"), "org.toml")

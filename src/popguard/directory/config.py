@@ -15,8 +15,8 @@ Every section is optional and the defaults need no file at all:
 - `[delivery]`: `quota_full_tempfail`, whether mail for a mailbox over its quota is
   refused for good (552 5.2.2, the default) or for now (452 4.2.2).
 - `[active_manager]`: `enabled`, the automatic failover of a mailbox server whose
-  lease lapsed (off by default for now), and `synchronous_copy`: acknowledgements
-  wait for a passive copy (on by default).
+  lease lapsed (by default on with a PostgreSQL directory, off with SQLite), and
+  `synchronous_copy`: acknowledgements wait for a passive copy (on by default).
 - `[[servers]]`, `[[databases]]`, `[demo]`: the topology `popguard up` starts;
   without servers, the organization of DESIGN.md section 3 (cas1, mbx1, mbx2, DB01,
   DB02).
@@ -128,9 +128,12 @@ class Escalation(Section):
 
 class ActiveManagerSection(Section):
     # Automatic failover of a dead mailbox server's active copies (replication/
-    # active_manager.py). Off until its servers also fence themselves when they cannot
-    # renew their lease: see that module.
-    enabled: bool = False
+    # active_manager.py), and with it every mailbox server fencing itself when it
+    # cannot renew its lease. Unset: on for an organization whose directory is on
+    # PostgreSQL (one that may span hosts, where a host can die while the others
+    # live), off for the one-machine SQLite directory (where the host that dies takes
+    # every copy with it, and fencing would only add ways to stop serving).
+    enabled: bool | None = None
     # A delivery's 250 and a QUIT's +OK wait until a passive copy holds the change
     # (replication/synchronous.py), so a failover loses nothing acknowledged; off, they
     # wait for the active copy's own disk only, and no copy is ever synchronous.
@@ -187,6 +190,13 @@ class Config(Section):
     servers: tuple[ServerEntry, ...] = ()
     databases: tuple[DatabaseEntry, ...] = ()
     demo: Demo = Demo()
+
+    @property
+    def active_manager_on(self) -> bool:
+        """`[active_manager] enabled`, or by default whether the directory is PostgreSQL."""
+        if self.active_manager.enabled is not None:
+            return self.active_manager.enabled
+        return self.directory.url is not None
 
 
 def parse_config(text: str, source: str) -> Config:

@@ -20,7 +20,10 @@ copies fell behind, and the dead server went on alone), the database waits for a
 person, who may choose the lossy way (`--skip-lag-checks`), as Patroni's synchronous
 mode does.
 
-Opt-in for now (`[active_manager] enabled = true` in popguard.toml).
+On by default with a PostgreSQL directory, off with SQLite (`[active_manager] enabled`
+in popguard.toml says otherwise). It runs on a thread and event loop of its own in the
+replication service, so that its directory calls and moves never hold up the loop that
+renews the lease and answers the peers' failsafe questions.
 """
 
 from __future__ import annotations

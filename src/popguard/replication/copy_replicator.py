@@ -25,14 +25,15 @@ import contextlib
 import logging
 import os
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from concurrent.futures import Executor
 from pathlib import Path
 from typing import TypeVar
 
-from popguard.directory.directory import CopyStatusReport, Directory
+from popguard.directory.directory import CopyStatusReport
 from popguard.directory.sql.engine import DirectoryUnavailable
 from popguard.errors import UserError
+from popguard.replication.directory_thread import DirectoryThread
 from popguard.replication.peer import (
     Diverged,
     LogTrimmed,
@@ -68,13 +69,13 @@ MEASURE_INTERVAL = 10.0
 class CopyReplicator:
     def __init__(
         self,
-        directory: Directory,
+        directory: DirectoryThread,
         server: str,
         database: str,
         store: MailboxDatabase,
         pending_file: Path,
         executor: Executor,
-        peer_for: Callable[[str], ReplicationPeer],
+        peer_for: Callable[[str], Awaitable[ReplicationPeer]],
     ) -> None:
         self.directory = directory
         self.server = server
@@ -122,7 +123,7 @@ class CopyReplicator:
             pause = 0.0
             active = ""
             try:
-                active = self.directory.active_server(self.database)
+                active = await self._active_server()
                 if active.lower() == self.server.lower():
                     await self._report_active()
                     pause = 1.0
@@ -169,17 +170,20 @@ class CopyReplicator:
                 self._set("Failed", f"internal error: {exc!r}")
                 pause = RETRY_AFTER_FAILURE
             await self._measure()
-            if self._active_now() == active:
-                self._publish()
+            if await self._active_now() == active:
+                await self._publish()
             # else a move changed the active copy meanwhile: what was seen is stale, and
             # the move itself wrote both copies' statuses.
             if pause:
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(stop.wait(), pause)
 
-    def _active_now(self) -> str:
+    async def _active_server(self) -> str:
+        return await self.directory(lambda d: d.active_server(self.database))
+
+    async def _active_now(self) -> str:
         try:
-            return self.directory.active_server(self.database)
+            return await self._active_server()
         except UserError:
             return ""
 
@@ -202,9 +206,9 @@ class CopyReplicator:
             # Read the directory again *after* the role: a switchover mounts the copy
             # first and names it in the directory next; only a copy that is mounted
             # while another is named, with no move under way, is stale.
-            if self.directory.move_in_progress(self.database):
+            if await self.directory(lambda d: d.move_in_progress(self.database)):
                 raise NotMountedError(f"{self._name} is being activated")
-            if self.directory.active_server(self.database).lower() == self.server.lower():
+            if (await self._active_server()).lower() == self.server.lower():
                 raise NotMountedError(f"{self._name} is the active copy now")
             head = await self._run(self.store.fence)
             self.confirmed = None
@@ -215,7 +219,7 @@ class CopyReplicator:
                     "%s was mounted, but %s is active now: fenced at LSN %d",
                     self._name, active, head.lsn,
                 )  # fmt: skip
-        peer = self._peer_for(active)
+        peer = await self._peer_for(active)
         if self.pending_file.exists():
             await self._redeliver_pending(peer, active)
         head = await self._run(self.store.head)
@@ -249,7 +253,7 @@ class CopyReplicator:
             f"this copy is at LSN {mine}"
         )
         self._set("Seeding", why)
-        self._publish(force=True)
+        await self._publish(force=True)
         log.warning("%s: %s", self._name, why)
         started = time.monotonic()
         try:
@@ -269,8 +273,8 @@ class CopyReplicator:
         """Give back what only this copy had, then seed it again from the active copy."""
         self.confirmed = None
         self._set("Resynchronizing")
-        self._publish(force=True)
-        peer = self._peer_for(active)
+        await self._publish(force=True)
+        peer = await self._peer_for(active)
         mine = await self._run(self.store.head)
         mine_base = (await self._run(self.store.base)).lsn
         peer_base = _int_or_zero((await peer.head(self.database)).get("base_lsn"))
@@ -342,7 +346,7 @@ class CopyReplicator:
         except Exception:  # sizes are for the operator: never worth stopping the copy
             log.exception("%s: measuring the copy's sizes failed", self._name)
 
-    def _publish(self, force: bool = False) -> None:
+    async def _publish(self, force: bool = False) -> None:
         """Report to the directory when something changed, or every REPORT_INTERVAL."""
         state = (self.status, self.error)
         now = time.time()
@@ -359,23 +363,22 @@ class CopyReplicator:
         ):
             return
         sizes = self.sizes
+        report = CopyStatusReport(
+            database=self.database,
+            server=self.server,
+            status=self.status,
+            copy_queue_length=self.copy_queue_length,
+            replay_queue_length=0,  # a batch is replayed as soon as it arrives
+            applied_lsn=self.applied_lsn,
+            last_inspected_log_time=self.last_inspected,
+            error=self.error,
+            reported=now,
+            database_size=None if sizes is None else sizes.file_bytes,
+            message_bytes=None if sizes is None else sizes.message_bytes,
+            log_bytes=None if sizes is None else sizes.log_bytes,
+        )
         try:
-            self.directory.report_copy_status(
-                CopyStatusReport(
-                    database=self.database,
-                    server=self.server,
-                    status=self.status,
-                    copy_queue_length=self.copy_queue_length,
-                    replay_queue_length=0,  # a batch is replayed as soon as it arrives
-                    applied_lsn=self.applied_lsn,
-                    last_inspected_log_time=self.last_inspected,
-                    error=self.error,
-                    reported=now,
-                    database_size=None if sizes is None else sizes.file_bytes,
-                    message_bytes=None if sizes is None else sizes.message_bytes,
-                    log_bytes=None if sizes is None else sizes.log_bytes,
-                )
-            )
+            await self.directory(lambda d: d.report_copy_status(report))
         except DirectoryUnavailable:
             return  # logged once for the whole outage; reported again once it ends
         except Exception:

@@ -26,6 +26,7 @@ import logging
 import os
 import re
 import secrets
+import threading
 import time
 from collections.abc import Awaitable, Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -35,13 +36,20 @@ from typing import Any, TypeVar
 from aiohttp import web
 
 from popguard.directory.config import ActiveManagerSection, Store, load_config
-from popguard.directory.directory import LEASE_RENEWAL, LEASE_SECONDS, CopyStatusReport, Server
+from popguard.directory.directory import (
+    LEASE_RENEWAL,
+    LEASE_SECONDS,
+    CopyStatusReport,
+    Directory,
+    Server,
+)
 from popguard.directory.sql.engine import DIRECTORY_ERRORS, DirectoryUnavailable
 from popguard.errors import UserError
 from popguard.net import health_api, tls
 from popguard.net.serving import listen
 from popguard.replication.active_manager import ActiveManager
 from popguard.replication.copy_replicator import CopyReplicator
+from popguard.replication.directory_thread import DirectoryThread
 from popguard.replication.log_retention import (
     SUSPENDED,
     CopyProgress,
@@ -84,6 +92,14 @@ POLL = 0.02  # how often a held pull or a catch-up looks at the log again
 # A failover waits for the target's health report at most this long (then judges the
 # copy by its status alone): a dead server has already cost a lease.
 HEALTH_REPORT_TIMEOUT = 3.0
+# A lease renewal the directory has not answered within this is taken for a failure
+# (the failsafe's question goes out) while it is still on its way: over a silently cut
+# link it would take the engine's 5 s to fail, and the fence falls 6 s after the last
+# renewal that was sent, at most 2 s before.
+RENEWAL_PATIENCE = 1.5
+LEASE_TICK = 0.25  # how often the renewal's task looks whether one is due
+# How long a stopping service waits for Active Manager's move under way.
+DECIDER_STOP_PATIENCE = 10.0
 SNAPSHOT_CHUNK = 1 << 20
 _SERVER_NAME = re.compile(r"^[A-Za-z][A-Za-z0-9-]{0,62}$")
 
@@ -95,7 +111,12 @@ def _error(status: int, text: str) -> web.Response:
 class ReplicationService:
     def __init__(self, context: ServerContext) -> None:
         self.context = context
-        self.directory = context.directory
+        # Every directory call of the service runs on one of these threads, never on
+        # the event loop (directory_thread.py); the lease's renewal has its own, so that
+        # nothing queued before it can make it late.
+        self._directory = DirectoryThread(context.open_directory, "replication-directory")
+        self._lease_directory = DirectoryThread(context.open_directory, "replication-lease")
+        self._renewal: tuple[float, asyncio.Future[tuple[float, list[Server]]]] | None = None
         self.server: Server = context.server
         self._lease_sent = 0.0  # monotonic time of the last renewal that succeeded
         self._failsafe_sent = 0.0  # ... of the last failsafe question all peers agreed to
@@ -112,9 +133,7 @@ class ReplicationService:
         self._forgotten_at: dict[str, float] = {}  # database -> monotonic time of last run
         self._synchronous_copy = self._active_manager_settings().synchronous_copy
         self._log_grew: dict[str, asyncio.Event] = {}  # database -> set when its log grew
-        self._sync = SynchronousCopies(
-            self.directory.set_copy_synchronous, self._recorded_synchronous
-        )
+        self._sync = SynchronousCopies(self._record_synchronous, self._recorded_synchronous)
 
     # Stores and peers ---------------------------------------------------------------
 
@@ -129,8 +148,10 @@ class ReplicationService:
             store = self._stores[database] = MailboxDatabase(path, database)
         return store
 
-    def _peer(self, server_name: str) -> ReplicationPeer:
-        server = self.directory.get_server(server_name)
+    async def _peer(self, server_name: str) -> ReplicationPeer:
+        return self._peer_of(await self._directory(lambda d: d.get_server(server_name)))
+
+    def _peer_of(self, server: Server) -> ReplicationPeer:
         peer = self._peers.get(server.name)
         if peer is None or peer.server != server:
             if peer is not None:
@@ -142,11 +163,8 @@ class ReplicationService:
 
     async def _reconcile(self) -> None:
         """Start a replicator for each copy on this server, stop those of removed copies."""
-        wanted = {
-            c.database
-            for c in self.directory.database_copies()
-            if c.server.lower() == self.server.name.lower()
-        }
+        copies = await self._directory(lambda d: d.database_copies())
+        wanted = {c.database for c in copies if c.server.lower() == self.server.name.lower()}
         for database, (_, task) in list(self._replicators.items()):
             if task.done():  # it ended on an error it could not handle: start it again
                 log.error(
@@ -157,7 +175,7 @@ class ReplicationService:
             store = await self._run(self._open, database)
             pending = self.context.folder.database_copy_file(database).with_suffix(".redeliver")
             replicator = CopyReplicator(
-                self.directory,
+                self._directory,
                 self.server.name,
                 database,
                 store,
@@ -208,9 +226,12 @@ class ReplicationService:
         if unit != wanted_unit:
             return _error(403, f"{peer}'s certificate is not a replication or admin certificate")
         request["peer"] = peer
-        if peer != tls.ADMIN_IDENTITY:
+        # The failsafe's question is answered on the certificate alone: it is asked when
+        # the directory may be unreachable, and its answer (whether this server renewed
+        # its lease lately) is no secret from a replication certificate of the CA.
+        if peer != tls.ADMIN_IDENTITY and request.path != "/v1/failsafe":
             try:
-                server = self.directory.get_server(peer)
+                server = await self._directory(lambda d: d.get_server(peer))
             except UserError:
                 return _error(403, f"{peer} is not a server of this organization")
             if "mailbox" not in server.roles:
@@ -224,10 +245,11 @@ class ReplicationService:
 
     async def _store_for(self, request: web.Request) -> tuple[str, MailboxDatabase]:
         name = request.match_info["database"]
+        copies = await self._directory(lambda d: d.database_copies())
         database = next(
             (
                 c.database
-                for c in self.directory.database_copies()
+                for c in copies
                 if c.database.lower() == name.lower()
                 and c.server.lower() == self.server.name.lower()
             ),
@@ -293,7 +315,8 @@ class ReplicationService:
             return (await self._run(store.head)).lsn
 
         try:
-            server = self.directory.get_server(peer).name  # the directory's spelling
+            # The directory's spelling of the name.
+            server = (await self._directory(lambda d: d.get_server(peer))).name
             await self._sync.confirmed(database, server, after, head)
         except DIRECTORY_ERRORS as exc:  # the pull goes on; the next one confirms again
             log.warning("%s\\%s: confirmation of LSN %d not noted: %s", database, peer, after, exc)
@@ -316,12 +339,12 @@ class ReplicationService:
             return _error(503, f"the directory cannot say which copies are synchronous: {exc}")
         return web.json_response({"copy": acknowledgement.copy, "reason": acknowledgement.reason})
 
-    def _recorded_synchronous(self, database: str) -> dict[str, bool]:
-        return {
-            c.server: c.synchronous
-            for c in self.directory.database_copies(database)
-            if not c.is_active
-        }
+    async def _record_synchronous(self, database: str, server: str, synchronous: bool) -> None:
+        await self._directory(lambda d: d.set_copy_synchronous(database, server, synchronous))
+
+    async def _recorded_synchronous(self, database: str) -> dict[str, bool]:
+        copies = await self._directory(lambda d: d.database_copies(database))
+        return {c.server: c.synchronous for c in copies if not c.is_active}
 
     async def _checksum(self, request: web.Request) -> web.Response:
         _, store = await self._store_for(request)
@@ -533,12 +556,15 @@ class ReplicationService:
         make what was deleted unreadable from this copy's files."""
         store = await self._run(self._open, database)
         head, base = await self._run(store.head), await self._run(store.base)
-        active_server = self.directory.active_server(database)
+
+        def read(d: Directory) -> tuple[str, dict[tuple[str, str], CopyStatusReport], list[Any]]:
+            return d.active_server(database), d.copy_status_reports(), d.database_copies(database)
+
+        active_server, reports, copies = await self._directory(read)
         mounted = await self._run(store.role) == ACTIVE
         active = mounted and active_server.lower() == self.server.name.lower()
-        reports = self.directory.copy_status_reports()
         others = []
-        for copy in self.directory.database_copies(database):
+        for copy in copies:
             report = reports.get((copy.database, copy.server))
             if copy.server.lower() == self.server.name.lower() or report is None:
                 continue
@@ -552,7 +578,7 @@ class ReplicationService:
         if active:
             try:
                 for server, why in plan.reseed:
-                    self._suspend(reports[(database, server)], why)
+                    await self._suspend(reports[(database, server)], why)
             except DirectoryUnavailable:
                 # A copy is trimmed past only once the directory says why; until then
                 # the log stays, and forgetting goes on regardless.
@@ -572,21 +598,20 @@ class ReplicationService:
                 "emptied" if forgotten.wal_emptied else "busy: emptied on the next run",
             )  # fmt: skip
 
-    def _suspend(self, report: CopyStatusReport, why: str) -> None:
+    async def _suspend(self, report: CopyStatusReport, why: str) -> None:
         log.warning("%s\\%s: %s", report.database, report.server, why)
-        self.directory.report_copy_status(
-            CopyStatusReport(
-                database=report.database,
-                server=report.server,
-                status=SUSPENDED,
-                copy_queue_length=report.copy_queue_length,
-                replay_queue_length=report.replay_queue_length,
-                applied_lsn=report.applied_lsn,
-                last_inspected_log_time=report.last_inspected_log_time,
-                error=f"suspended by {self.server.name}: {why}",
-                reported=time.time(),
-            )
+        suspended = CopyStatusReport(
+            database=report.database,
+            server=report.server,
+            status=SUSPENDED,
+            copy_queue_length=report.copy_queue_length,
+            replay_queue_length=report.replay_queue_length,
+            applied_lsn=report.applied_lsn,
+            last_inspected_log_time=report.last_inspected_log_time,
+            error=f"suspended by {self.server.name}: {why}",
+            reported=time.time(),
         )
+        await self._directory(lambda d: d.report_copy_status(suspended))
 
     # Running --------------------------------------------------------------------------------
 
@@ -600,15 +625,22 @@ class ReplicationService:
             log.warning("removed %s, left by a process that did not finish", leftover)
         await listen(site.start, "replication", address, port)
         log.info("replication listening on %s:%d, pid %d", address, port, os.getpid())
-        deciding = None
+        # Active Manager in a thread of its own, with its own event loop: its directory
+        # calls and the moves it makes never hold up this loop, which answers the peers.
+        stop_deciding = threading.Event()
+        deciding = threading.Thread(
+            target=lambda: asyncio.run(self._decide_failovers(stop_deciding)),
+            name="active-manager", daemon=True,
+        )  # fmt: skip
         if self._active_manager_enabled():
-            deciding = asyncio.create_task(self._decide_failovers(stop), name="active manager")
-        # Beside the lease's renewal, never in its way: a forget run after a large
-        # deletion lasts seconds, and a renewal held up that long would fence the server.
+            deciding.start()
+        # The lease's renewal runs beside everything else, never behind it: a forget run
+        # after a large deletion lasts seconds, a directory read over a dead link up to
+        # 5 s, and a renewal held up that long would fence the server.
+        leasing = asyncio.create_task(self._keep_lease(stop), name="lease")
         maintaining: asyncio.Task[None] | None = None
         try:
             while not stop.is_set():
-                await self._renew_lease()
                 try:
                     await self._reconcile()
                 except Exception:
@@ -619,10 +651,13 @@ class ReplicationService:
                     await asyncio.wait_for(stop.wait(), 1.0)
         finally:
             self._stop.set()
-            for task in (deciding, maintaining):
+            stop_deciding.set()
+            for task in (leasing, maintaining):
                 if task is not None:
                     task.cancel()
                     await asyncio.gather(task, return_exceptions=True)
+            if deciding.is_alive():  # a move under way gets a while to finish
+                await asyncio.to_thread(deciding.join, DECIDER_STOP_PATIENCE)
             for _, task in self._replicators.values():
                 task.cancel()
             await asyncio.gather(
@@ -633,7 +668,9 @@ class ReplicationService:
                 await peer.aclose()
             self._executor.submit(self._close_stores).result()
             self._executor.shutdown()
-            self.directory.close()
+            self._directory.close()
+            self._lease_directory.close()
+            self.context.close()
 
     def _active_manager_settings(self) -> ActiveManagerSection:
         try:
@@ -643,7 +680,10 @@ class ReplicationService:
             return ActiveManagerSection(enabled=False, synchronous_copy=False)
 
     def _active_manager_enabled(self) -> bool:
-        return self._active_manager_settings().enabled
+        try:
+            return load_config(self.context.data).active_manager_on
+        except UserError:
+            return False  # said by _active_manager_settings
 
     def _health_report(self, server: Server) -> list[dict[str, Any]]:
         """`server`'s health sets as its health service reports them (Active Manager
@@ -655,8 +695,8 @@ class ReplicationService:
             raise UserError(f"{server.name}: the health report is not a list")
         return rows
 
-    async def _decide_failovers(self, stop: asyncio.Event) -> None:
-        """Active Manager's look once a second, beside the lease's renewal: a failover
+    async def _decide_failovers(self, stop: threading.Event) -> None:
+        """Active Manager's look once a second, on its own thread and loop: a failover
         may take seconds (mounting, catching up) and must not hold up the renewal."""
         # A handle of its own: the moves it makes run beside the service's own reads.
         manager = ActiveManager(
@@ -675,10 +715,18 @@ class ReplicationService:
                     await manager.tick()
                 except Exception:
                     log.exception("Active Manager's look failed")
-                with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(stop.wait(), 1.0)
+                await asyncio.to_thread(stop.wait, 1.0)
         finally:
             manager.directory.close()
+
+    async def _keep_lease(self, stop: asyncio.Event) -> None:
+        while not stop.is_set():
+            try:
+                await self._renew_lease()
+            except Exception:
+                log.exception("the lease's renewal failed")
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(stop.wait(), LEASE_TICK)
 
     async def _renew_lease(self) -> None:
         """This server's lease in the directory, every LEASE_RENEWAL seconds (Active
@@ -694,15 +742,23 @@ class ReplicationService:
         with the time the question was sent. One server that does not answer, or that
         reaches the directory, and the fence falls 6 s after the last good answer,
         4 s before any decider may act."""
-        sent = time.monotonic()
-        if sent - self._lease_sent < LEASE_RENEWAL or sent - self._failsafe_sent < LEASE_RENEWAL:
-            return
+        now = time.monotonic()
+        if self._renewal is None:
+            if now - self._lease_sent < LEASE_RENEWAL or now - self._failsafe_sent < LEASE_RENEWAL:
+                return
+            self._renewal = (now, self._lease_directory.submit(self._renew_on_thread))
+        elif now - self._failsafe_sent < LEASE_RENEWAL:
+            return  # one still on its way, and the failsafe held lately
+        sent, renewal = self._renewal
+        patience = max(0.0, sent + RENEWAL_PATIENCE - time.monotonic())
+        await asyncio.wait({renewal}, timeout=patience)
         try:
-            remaining = self.directory.renew_lease(self.server.name)
-            self._mailbox_peers = [
-                s for s in self.directory.list_servers()
-                if "mailbox" in s.roles and s.name.lower() != self.server.name.lower()
-            ]  # fmt: skip
+            if not renewal.done():
+                raise DirectoryUnavailable(
+                    f"the directory has not answered a lease renewal in {RENEWAL_PATIENCE:g} s"
+                )
+            self._renewal = None
+            remaining, self._mailbox_peers = renewal.result()
         except DIRECTORY_ERRORS as exc:
             self._steady_since = None
             if self._lease_sent > 0 and not isinstance(exc, DirectoryUnavailable):
@@ -726,8 +782,16 @@ class ReplicationService:
         self._lease_sent = sent
         self._write_lease_file(sent, remaining)
 
+    def _renew_on_thread(self, directory: Directory) -> tuple[float, list[Server]]:
+        remaining = directory.renew_lease(self.server.name)
+        peers = [
+            s for s in directory.list_servers()
+            if "mailbox" in s.roles and s.name.lower() != self.server.name.lower()
+        ]  # fmt: skip
+        return remaining, peers
+
     async def _failsafe_holds(self) -> bool:
-        peers = [self._peer(s.name) for s in self._mailbox_peers]
+        peers = [self._peer_of(s) for s in self._mailbox_peers]
 
         async def unreachable_there(peer: ReplicationPeer) -> bool:
             try:
@@ -740,8 +804,10 @@ class ReplicationService:
 
     async def _failsafe(self, request: web.Request) -> web.Response:
         """Another mailbox server, which cannot reach the directory, asks whether this
-        one can: a lease renewed lately says yes."""
-        reachable = time.monotonic() - self._lease_sent < LEASE_RENEWAL + 1.0
+        one can: a lease renewed lately, and no renewal overdue, says yes."""
+        now = time.monotonic()
+        overdue = self._renewal is not None and now - self._renewal[0] >= RENEWAL_PATIENCE
+        reachable = not overdue and now - self._lease_sent < LEASE_RENEWAL + RENEWAL_PATIENCE
         return web.json_response({"directory_reachable": reachable})
 
     def steady(self) -> bool:

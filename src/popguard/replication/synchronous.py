@@ -63,8 +63,8 @@ class SynchronousCopies:
 
     def __init__(
         self,
-        record: Callable[[str, str, bool], None],
-        recorded: Callable[[str], dict[str, bool]],
+        record: Callable[[str, str, bool], Awaitable[None]],
+        recorded: Callable[[str], Awaitable[dict[str, bool]]],
         timeout: float = SYNC_TIMEOUT,
     ) -> None:
         self._record = record
@@ -72,14 +72,17 @@ class SynchronousCopies:
         self._timeout = timeout
         self._databases: dict[str, _DatabaseState] = {}
 
-    def _state(self, database: str) -> _DatabaseState:
+    async def _state(self, database: str) -> _DatabaseState:
         state = self._databases.get(database)
         if state is None:
-            state = self._databases[database] = _DatabaseState()
             # After a restart of this service: the directory's synchronous copies are
             # waited for until they confirm or are dropped.
-            state.recorded = self._recorded(database)
-            state.members = {server for server, on in state.recorded.items() if on}
+            recorded = await self._recorded(database)
+            state = self._databases.get(database)  # another call may have read it first
+            if state is None:
+                state = self._databases[database] = _DatabaseState()
+                state.recorded = recorded
+                state.members = {server for server, on in recorded.items() if on}
         return state
 
     def forget(self, database: str) -> None:
@@ -92,7 +95,7 @@ class SynchronousCopies:
     ) -> None:
         """A pull of `server`'s copy shows it holds the log through `lsn`; `head` reads
         where the active copy's log ends."""
-        state = self._state(database)
+        state = await self._state(database)
         async with state.changed:
             state.confirmed[server] = max(lsn, state.confirmed.get(server, 0))
             if server not in state.members:
@@ -109,7 +112,7 @@ class SynchronousCopies:
             state.changed.notify_all()
         if server in state.members and not state.recorded.get(server):
             try:
-                self._record(database, server, True)
+                await self._record(database, server, True)
                 state.recorded[server] = True
             except Exception as exc:  # the next pull tries again; waits include it meanwhile
                 log.warning("%s\\%s: cannot mark it synchronous yet: %s", database, server, exc)
@@ -117,7 +120,7 @@ class SynchronousCopies:
     async def acknowledge(self, database: str, lsn: int) -> Acknowledgement:
         """Wait until a synchronous copy of `database` holds `lsn`. Raises NotRecorded
         when none does in time and the directory cannot be told so."""
-        state = self._state(database)
+        state = await self._state(database)
         started = time.monotonic()
 
         def holder() -> str | None:
@@ -139,7 +142,7 @@ class SynchronousCopies:
             dropped = sorted(state.members)
             for server in dropped:
                 try:
-                    self._record(database, server, False)
+                    await self._record(database, server, False)
                 except Exception as exc:
                     raise NotRecorded(
                         f"{', '.join(dropped)} did not confirm LSN {lsn} of {database} within "

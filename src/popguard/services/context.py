@@ -87,7 +87,7 @@ def fencing_enabled(context: ServerContext) -> bool:
     """Whether this server's mail services fence themselves by its lease: with Active
     Manager on, another server takes its databases once the lease lapses."""
     try:
-        return load_config(context.data).active_manager.enabled
+        return load_config(context.data).active_manager_on
     except UserError as exc:
         log.error("%s; not fencing by the lease", exc)
         return False
