@@ -12,6 +12,10 @@ fi
 
 python3 -m venv .venv
 .venv/bin/pip install --quiet --disable-pip-version-check -e '.[test]'
+# An editable install leaves popguard's own modules uncompiled, and where
+# PYTHONDONTWRITEBYTECODE is set (as on some CI machines) every one of the hundreds of
+# processes the tests start would compile them again.
+.venv/bin/python -m compileall -q src
 
 .venv/bin/ruff check .
 .venv/bin/ruff format --check .

@@ -55,6 +55,25 @@ os.environ.setdefault(SERVICE_USER_VARIABLE, "root")
 
 PASSWORD = "correct horse battery staple"
 
+# Modules whose tests take one to five minutes each (faults in network namespaces, the
+# whole repair ladder on its real timers). They start first, so that the two xdist
+# workers end together instead of one finishing a five-minute test alone at the end.
+LONG_RUNNING_MODULES = frozenset(
+    {
+        "test_repair_ladder.py",
+        "test_netns.py",
+        "test_postgres_organization.py",
+        "test_self_repair.py",
+        "test_hosts.py",
+        "test_failover_health.py",
+    }
+)
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    # A stable sort: every xdist worker collects the same order, as xdist requires.
+    items.sort(key=lambda item: item.path.name not in LONG_RUNNING_MODULES)
+
 
 @pytest.fixture(scope="session")
 def postgres() -> Iterator[PostgresServer]:

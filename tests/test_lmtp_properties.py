@@ -13,8 +13,8 @@ from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
 from popguard.cli.serve import serve_delivery
-from popguard.services.delivery import MAX_LINE_LENGTH, MAX_TIMEOUT, MIN_LINE_LENGTH, MIN_TIMEOUT
 from popguard.services.lmtp_data import MessageData, read_message_data
+from popguard.services.lmtp_limits import MAX_LINE_LENGTH, MAX_TIMEOUT, MIN_LINE_LENGTH, MIN_TIMEOUT
 from popguard.services.lmtp_path import (
     MAX_LOCAL_PART,
     MAX_PATH,

@@ -1,12 +1,16 @@
-"""`popguard serve SERVICE --server NAME`: run one service in the foreground."""
+"""`popguard serve SERVICE --server NAME`: run one service in the foreground.
+
+Each command imports only its own service: an organization starts a dozen services
+and their worker processes, and every one of them paying for all the others' imports
+(aiohttp, aiosmtpd, httpx, the replication service) made `popguard up` CPU-bound.
+"""
 
 from __future__ import annotations
 
 import click
 
 from popguard.cli.context import AppContext, pass_app
-from popguard.replication import service as replication_service
-from popguard.services import backend, delivery, frontend
+from popguard.services import lmtp_limits
 
 
 @click.group("serve")
@@ -19,6 +23,8 @@ def serve() -> None:
 @pass_app
 def serve_pop3be(app: AppContext, server: str) -> None:
     """The POP3 back end of a mailbox server."""
+    from popguard.services import backend
+
     backend.serve(app.data, server)
 
 
@@ -27,6 +33,8 @@ def serve_pop3be(app: AppContext, server: str) -> None:
 @pass_app
 def serve_pop3(app: AppContext, server: str) -> None:
     """The POP3 front end (proxy) of a client access server."""
+    from popguard.services import frontend
+
     frontend.serve(app.data, server)
 
 
@@ -37,7 +45,7 @@ def _finite(ctx: click.Context, param: click.Parameter, value: float) -> float:
     return value
 
 
-_SECONDS = click.FloatRange(delivery.MIN_TIMEOUT, delivery.MAX_TIMEOUT)
+_SECONDS = click.FloatRange(lmtp_limits.MIN_TIMEOUT, lmtp_limits.MAX_TIMEOUT)
 
 
 @serve.command("delivery")
@@ -45,14 +53,14 @@ _SECONDS = click.FloatRange(delivery.MIN_TIMEOUT, delivery.MAX_TIMEOUT)
 @click.option(
     "--max-message-size",
     type=click.IntRange(1024),
-    default=delivery.DEFAULT_MAX_MESSAGE_SIZE,
+    default=lmtp_limits.DEFAULT_MAX_MESSAGE_SIZE,
     show_default=True,
     help="Largest message accepted, in octets.",
 )
 @click.option(
     "--max-line-length",
-    type=click.IntRange(delivery.MIN_LINE_LENGTH, delivery.MAX_LINE_LENGTH),
-    default=delivery.DEFAULT_MAX_LINE_LENGTH,
+    type=click.IntRange(lmtp_limits.MIN_LINE_LENGTH, lmtp_limits.MAX_LINE_LENGTH),
+    default=lmtp_limits.DEFAULT_MAX_LINE_LENGTH,
     show_default=True,
     help="Longest message line accepted, in octets (RFC 5321 asks for 1000).",
 )
@@ -60,7 +68,7 @@ _SECONDS = click.FloatRange(delivery.MIN_TIMEOUT, delivery.MAX_TIMEOUT)
     "--idle-timeout",
     type=_SECONDS,
     callback=_finite,
-    default=delivery.DEFAULT_IDLE_TIMEOUT,
+    default=lmtp_limits.DEFAULT_IDLE_TIMEOUT,
     show_default=True,
     help="Seconds a connection may wait between commands before it is closed.",
 )
@@ -68,7 +76,7 @@ _SECONDS = click.FloatRange(delivery.MIN_TIMEOUT, delivery.MAX_TIMEOUT)
     "--command-timeout",
     type=_SECONDS,
     callback=_finite,
-    default=delivery.DEFAULT_COMMAND_TIMEOUT,
+    default=lmtp_limits.DEFAULT_COMMAND_TIMEOUT,
     show_default=True,
     help="Seconds from a command line's first octet to its end; DATA may take this "
     "plus the size limit at 64 KiB/s.",
@@ -87,7 +95,9 @@ def serve_delivery(
     Mail for a database active here is written here; mail for one active on another
     mailbox server is handed to that server (LMTP over TLS, its lmtp-peer port), and
     each recipient gets that server's reply."""
-    limits = delivery.LmtpLimits(
+    from popguard.services import delivery
+
+    limits = lmtp_limits.LmtpLimits(
         max_message_size=max_message_size,
         max_line_length=max_line_length,
         idle_timeout=idle_timeout,
@@ -101,6 +111,8 @@ def serve_delivery(
 @pass_app
 def serve_replication(app: AppContext, server: str) -> None:
     """Ship this server's active copies' logs; keep its passive copies in step."""
+    from popguard.replication import service as replication_service
+
     replication_service.serve(app.data, server)
 
 

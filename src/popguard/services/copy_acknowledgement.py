@@ -15,11 +15,13 @@ answers with a temporary failure (`451`, `-ERR`), never with success.
 from __future__ import annotations
 
 import ssl
-
-import httpx
+from typing import TYPE_CHECKING
 
 from popguard.directory.directory import Directory, Server
 from popguard.directory.sql.engine import DIRECTORY_ERRORS
+
+if TYPE_CHECKING:
+    import httpx
 
 # The replication service waits up to 3 s for a copy, then records in the directory
 # that there is none: enough beyond that for a loaded host.
@@ -33,11 +35,23 @@ class SynchronousCopyWait:
         self.enabled = enabled
         self._directory = directory
         address = f"[{server.address}]" if ":" in server.address else server.address
-        self._client = httpx.AsyncClient(
-            base_url=f"https://{address}:{server.port('replication')}/v1/",
-            verify=client_tls,
-            timeout=httpx.Timeout(PATIENCE, connect=2.0),
-        )
+        self._base_url = f"https://{address}:{server.port('replication')}/v1/"
+        self._client_tls = client_tls
+        self._client_made: httpx.AsyncClient | None = None
+
+    @property
+    def _client(self) -> httpx.AsyncClient:
+        # httpx (with the rich and click its command line pulls in) is a tenth of a
+        # second of every back end's and delivery worker's start: made on first use.
+        if self._client_made is None:
+            import httpx
+
+            self._client_made = httpx.AsyncClient(
+                base_url=self._base_url,
+                verify=self._client_tls,
+                timeout=httpx.Timeout(PATIENCE, connect=2.0),
+            )
+        return self._client_made
 
     async def held(self, database: str, lsn: int) -> str | None:
         """None once the change at `lsn` may be acknowledged; else why not."""
@@ -48,6 +62,8 @@ class SynchronousCopyWait:
                 return None
         except DIRECTORY_ERRORS:
             pass  # the replication service knows its copies without the directory
+        import httpx
+
         try:
             response = await self._client.post(
                 f"databases/{database}/acknowledgement", json={"lsn": lsn}
@@ -78,4 +94,5 @@ class SynchronousCopyWait:
         return f"the replication service is down, and {', '.join(marked)} may lack the change"
 
     async def aclose(self) -> None:
-        await self._client.aclose()
+        if self._client_made is not None:
+            await self._client_made.aclose()
