@@ -215,8 +215,9 @@ def test_three_hosts_serve_move_and_take_mail_for_the_active_copy(tmp_path: Path
 def test_active_manager_fails_over_a_host_killed_whole(tmp_path: Path) -> None:
     """kill -9 of every process of mbx1's host under load: DB01 is served again through
     the front end from mbx2, with nobody typing a command and nothing acknowledged lost;
-    the host comes back as a passive copy."""
-    with three_hosts(tmp_path, "\n[active_manager]\nenabled = true\n") as org:
+    the host comes back as a passive copy. No [active_manager] section: with a
+    PostgreSQL directory it is on by default, as a new user gets it."""
+    with three_hosts(tmp_path) as org:
         assert "Welcome to popguard" in org.retr(1)
         org.wait_healthy("DB01\\mbx2")
         load = org.start_load(seconds=60)
@@ -333,7 +334,9 @@ def test_the_directory_stopped_for_30_s_moves_nothing_and_loses_nothing(tmp_path
             mbx1 = org.hosts["mbx1"]
             takes_mail = lambda: lmtp_code(mbx1, mbx1.address, org.user) == 250  # noqa: E731
             wait_until("mbx1 to take mail again", takes_mail, 10)
-            assert "Welcome to popguard" in org.retr(1)
+            # The load's deleter logs in to the same mailbox now and then: one attempt
+            # may meet its session (-ERR [IN-USE], "Login denied" to curl).
+            assert "Welcome to popguard" in eventually(lambda: org.retr(1), 10)
             time.sleep(max(0.0, 30 - (time.monotonic() - stopped)))
         finally:
             org.postgres.pg_ctl("start")

@@ -62,6 +62,10 @@ def load(args: argparse.Namespace) -> dict[str, object]:
     deadline = time.monotonic() + args.seconds
     acknowledged: dict[int, int] = {}
     deleted: list[int] = []
+    # Marked for deletion, and the QUIT got -ERR or no answer: the deletion may or may
+    # not have been applied (a QUIT that no passive copy confirmed answers -ERR with the
+    # deletion applied on the active copy only), so neither outcome is a fault.
+    uncertain: list[int] = []
     stop = threading.Event()
 
     def delete_now_and_then() -> None:
@@ -70,6 +74,7 @@ def load(args: argparse.Namespace) -> dict[str, object]:
                 client = _pop3(args)
             except (OSError, poplib.error_proto):
                 continue
+            marked: int | None = None
             try:
                 # The oldest load message among the first few (the demo mailbox starts
                 # with a welcome message).
@@ -77,12 +82,15 @@ def load(args: argparse.Namespace) -> dict[str, object]:
                     subject = _subject(client, number)
                     if subject.startswith("load-"):
                         client.dele(number)
-                        if client.quit().startswith(b"+OK"):
-                            deleted.append(int(subject.split("-")[1]))
+                        marked = int(subject.split("-")[1])
+                        client.quit()  # raises on -ERR
+                        deleted.append(marked)
                         break
                 else:
                     client.quit()
             except (OSError, poplib.error_proto):
+                if marked is not None:
+                    uncertain.append(marked)
                 continue
 
     deleter = threading.Thread(target=delete_now_and_then, daemon=True)
@@ -99,7 +107,7 @@ def load(args: argparse.Namespace) -> dict[str, object]:
             time.sleep(0.2)
     stop.set()
     deleter.join(60)
-    return {"acknowledged": acknowledged, "deleted": deleted}
+    return {"acknowledged": acknowledged, "deleted": deleted, "uncertain": uncertain}
 
 
 def inventory(args: argparse.Namespace) -> list[str]:
