@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import poplib
+import signal
 import socket
 import ssl
 import threading
@@ -191,7 +192,8 @@ def test_back_end_tls_sessions_are_resumed_and_survive_a_restart(
     # front-end worker a session cache of its own, so with more a login resumes only
     # when it meets the same pair again.
     mbx1 = organization.mailbox["mbx1"]
-    organization.set_frontend_settings(WorkerProcesses=1)
+    # mbx1 is on cas1's host: TLS on that leg only when the operator asks for it.
+    organization.set_frontend_settings(WorkerProcesses=1, SameHostBackendTls=True)
     mbx1.set_settings(WorkerProcesses=1)
     wait_for_counters(organization, "cas1", "pop3", Workers=1)
     wait_for_counters(organization, "mbx1", "pop3be", Workers=1)
@@ -210,7 +212,46 @@ def test_back_end_tls_sessions_are_resumed_and_survive_a_restart(
         client = login(organization, user)
         assert client.stat()[0] == 1
         client.quit()
-    wait_for_counters(organization, "cas1", "pop3", BackendTlsResumed=3, BackendFailures=0)
+    wait_for_counters(
+        organization, "cas1", "pop3", BackendTlsResumed=3, BackendFailures=0, BackendLocal=0
+    )
+
+
+def test_a_back_end_on_the_same_host_is_reached_on_its_unix_socket(
+    organization: Organization,
+) -> None:
+    user = organization.add_mailbox("ursula@example.test")
+    organization.deliver(user, message("over the socket"))
+    mbx1 = organization.mailbox["mbx1"]
+    socket_file = paths.server_folder(organization.data, "mbx1").local_socket_file("pop3be")
+    # The data folder is the service user's alone, and so is the socket.
+    assert socket_file.is_socket()
+    assert socket_file.stat().st_mode & 0o077 == 0
+    client = login(organization, user)
+    assert b"Subject: over the socket" in client.retr(1)[1]
+    client.quit()
+    wait_for_counters(organization, "cas1", "pop3", BackendLocal=1, BackendTlsResumed=0)
+    # A kill -9 leaves the file: the next master replaces it, and logins use it again.
+    mbx1.kill("pop3be")
+    assert socket_file.is_socket()
+    mbx1.start("pop3be")
+    client = login(organization, user)
+    assert client.stat()[0] == 1
+    client.quit()
+    wait_for_counters(organization, "cas1", "pop3", BackendLocal=2, BackendFailures=0)
+    # Without the socket (a back end that does not serve one), its TLS port still serves.
+    socket_file.unlink()
+    client = login(organization, user)
+    assert client.stat()[0] == 1
+    client.quit()
+    wait_for_counters(organization, "cas1", "pop3", BackendLocal=2, BackendFailures=0)
+    # A master that stops in good order removes the socket it made.
+    mbx1.kill("pop3be")
+    mbx1.start("pop3be")
+    assert socket_file.is_socket()
+    mbx1.kill("pop3be", signal.SIGTERM)
+    assert not socket_file.exists()
+    assert "Traceback" not in organization.frontend_log()
 
 
 def test_routing_follows_the_directory(organization: Organization) -> None:

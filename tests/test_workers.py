@@ -8,6 +8,7 @@ connection from the shared socket, so the one left running does.
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import poplib
 import signal
@@ -24,12 +25,20 @@ from hypothesis import strategies as st
 
 from popguard import paths
 from popguard.directory.settings import PopSettings
+from popguard.net.workers import WORKER_HANG_LIMIT
 from popguard.pop3.session import LoginType
 from popguard.services.counters import read_counters
 from popguard.services.server_limits import ConnectionTable, Key
 from popguard.testing.organization import wait_until
 
-from .conftest import PASSWORD, MailboxServer, make_mailbox_server, message, pid_alive
+from .conftest import (
+    PASSWORD,
+    MailboxServer,
+    json_of,
+    make_mailbox_server,
+    message,
+    pid_alive,
+)
 
 WORKERS = 2
 
@@ -181,6 +190,57 @@ def test_a_killed_worker_frees_its_mailboxes_and_is_replaced(two_workers: Mailbo
     again.quit()
     assert "died (signal 9); starting another" in server.log_text("pop3be")
     assert counters(server)["WorkerDeaths"] == 1
+
+
+def test_a_hung_worker_is_killed_and_replaced_and_its_mailbox_freed(
+    two_workers: MailboxServer,
+) -> None:
+    server = two_workers
+    user = server.add_mailbox("hugo@example.test")
+    other = server.add_mailbox("iris@example.test")
+    server.deliver(user, message("kept"))
+    server.start("health")  # turns the master's record of the kill into a recovery action
+    pids = worker_pids(server)
+    hung, survivor = pids
+    held = on_worker(server, pids, hung, user)
+    held.dele(1)  # marked, never applied: the session hangs before its QUIT
+    os.kill(hung, signal.SIGSTOP)  # never continued: only a kill ends it
+    started = time.monotonic()
+    # The other worker takes every new connection meanwhile; the hung one's mailbox
+    # stays locked until the hung worker is gone.
+    client = login(server, other)
+    client.quit()
+    busy = connect(server)
+    busy.user(user)
+    with pytest.raises(poplib.error_proto, match=r"\[IN-USE\]"):
+        busy.pass_(PASSWORD)
+    busy.quit()
+    wait_until("the hung worker killed", lambda: not pid_alive(hung), WORKER_HANG_LIMIT + 30)
+    assert time.monotonic() - started >= WORKER_HANG_LIMIT - 2  # silent that long first
+    replaced = worker_pids(server, but=(hung,))
+    assert survivor in replaced
+    fresh = login(server, user)
+    assert fresh.stat()[0] == 1  # the DELE of the hung session was never applied
+    fresh.quit()
+    with pytest.raises((poplib.error_proto, OSError)):
+        held.quit()
+    assert "hung, killed" in server.log_text("pop3be")
+    now = counters(server)
+    assert (now["HungWorkersKilled"], now["WorkerDeaths"]) == (1, 1)
+    records = paths.server_folder(server.data, server.name).hung_workers_file().read_text()
+    (record,) = (json.loads(line) for line in records.splitlines())
+    assert (record["service"], record["pid"]) == ("pop3be", hung)
+    assert record["silent"] >= WORKER_HANG_LIMIT
+
+    # The health engine makes it a recovery action, once.
+    def recorded() -> list[dict[str, object]]:
+        rows = json_of(server.data, "get-recoveryactions", "--server", server.name)
+        return [row for row in rows if row["ResponderName"] == "WorkerWatchdog\\KillHungWorker"]
+
+    wait_until("the kill among the recovery actions", lambda: bool(recorded()), 30)
+    (action,) = recorded()
+    assert action["Result"] == "Succeeded"
+    assert f"pid {hung}" in str(action["Context"])
 
 
 def greeted(server: MailboxServer) -> socket.socket:

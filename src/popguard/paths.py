@@ -62,6 +62,13 @@ class ServerFolder:
         """One lock file per mailbox: the POP3 session that holds it (any worker)."""
         return self.root / "locks" / "mailboxes"
 
+    def local_socket_file(self, service: str) -> Path:
+        """The Unix socket on which `service` serves the front ends of its own host.
+
+        It is inside the data folder, which is its owner's alone (control/permissions),
+        so only the service user and root can connect to it, or bind it."""
+        return self.root / "run" / f"{service}.sock"
+
     def fault_file(self, service: str) -> Path:
         return self.root / "faults" / f"{service}.json"
 
@@ -77,6 +84,11 @@ class ServerFolder:
         """When this server last renewed its lease (CLOCK_MONOTONIC at sending): what
         its services will judge their own fencing by (Active Manager)."""
         return self.root / "control" / "lease.json"
+
+    def hung_workers_file(self) -> Path:
+        """The worker processes this server's masters killed as hung, one JSON line
+        each: the health service makes each a recovery action."""
+        return self.root / "control" / "hung-workers.jsonl"
 
     def exits_file(self) -> Path:
         """Exits of this server's services that their supervisor did not ask for."""

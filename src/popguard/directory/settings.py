@@ -73,6 +73,12 @@ class PopSettings(BaseModel):
     # services (pop3 or pop3be, and delivery) runs; 0 means the host's default
     # (POPGUARD_WORKER_PROCESSES, else one per core).
     WorkerProcesses: Annotated[int, Field(ge=0, le=256)] = 0
+    # Not an Exchange setting: whether a front end talks TLS to a back end of its own
+    # host too. Off: it uses that back end's Unix socket, in the data folder that only
+    # the service user and root may enter, where TLS would hide the bytes from no one
+    # who cannot read its keys anyway, for half the leg's CPU. On: for an operator
+    # whose rules say every connection is encrypted. A leg to another host is TLS.
+    SameHostBackendTls: bool = False
     ProtocolLogEnabled: bool = False
     LogFileLocation: str | None = None
     LogFileRollOverSettings: RollOver = RollOver.DAILY

@@ -34,6 +34,7 @@ from popguard.health.probes import Credential, ProbeTarget
 from popguard.health.responder_firing import ResponderFiring
 from popguard.health.results import RETENTION, Alert, ProbeResult, ResultsStore
 from popguard.health.server_plan import ServerPlan
+from popguard.health.worker_repairs import WorkerRepairs
 from popguard.services.context import ServerContext
 
 log = logging.getLogger("popguard.health")
@@ -64,6 +65,7 @@ class HealthEngine:
             data, self.server.name, self.directory, self.store, clock, self.plan.runbook_of
         )
         self.failovers = FailoverDecisions(context.folder, self.store, self.notifier)
+        self.hung_workers = WorkerRepairs(context.folder, self.store)
         self.monitoring = MonitorEvaluation(self.shared, self.notifier, self.firing.consider)
         self.runs = ProbeRuns(self.shared, tls_context, self.monitoring.evaluate)
         self.owed = OwedDatabases(self.shared, self.runs, self.firing.spawn, self)
@@ -176,6 +178,7 @@ class HealthEngine:
         self.refresh_controls()
         self.monitoring.walk_alerting()
         self.notifier.check(self._states)
+        self.hung_workers.take_new()
         if "mailbox" in self.server.roles:
             self.owed.settle()
             self.failovers.take_new()

@@ -16,10 +16,10 @@ How far it has read is kept beside the file, so a restarted engine repeats nothi
 
 from __future__ import annotations
 
-import json
 import logging
-from pathlib import Path
+from typing import Any
 
+from popguard.health.jsonl_feed import JsonLinesFeed
 from popguard.health.notifier import EVENT_ALERTS, Notifier
 from popguard.health.results import Alert, RecoveryAction, ResultsStore
 from popguard.paths import ServerFolder
@@ -34,36 +34,15 @@ RESULTS = {"Succeeded": "Succeeded", "Failed": "Failed", "NotMoved": "Skipped"}
 
 class FailoverDecisions:
     def __init__(self, folder: ServerFolder, store: ResultsStore, notifier: Notifier) -> None:
-        self._file = folder.failover_decisions_file()
-        self._offset_file = self._file.with_suffix(".read")
+        self._feed = JsonLinesFeed(folder.failover_decisions_file(), "a failover decision")
         self._store = store
         self._notifier = notifier
 
     def take_new(self) -> int:
         """Turn the decisions written since the last look into actions and alerts."""
-        try:
-            offset = int(self._offset_file.read_text() or 0)
-        except (OSError, ValueError):
-            offset = 0
-        try:
-            with self._file.open("rb") as decisions:
-                decisions.seek(offset)
-                chunk = decisions.read()
-        except FileNotFoundError:
-            return 0
-        complete = chunk[: chunk.rfind(b"\n") + 1]  # a line being written waits
-        taken = 0
-        for line in complete.splitlines():
-            try:
-                self._take(json.loads(line))
-                taken += 1
-            except (ValueError, KeyError, TypeError) as exc:
-                log.error("a failover decision cannot be read (%s): %r", exc, line[:200])
-        if complete:
-            _write_whole(self._offset_file, str(offset + len(complete)))
-        return taken
+        return self._feed.take_new(self._take)
 
-    def _take(self, decision: dict[str, object]) -> None:
+    def _take(self, decision: dict[str, Any]) -> None:
         at = float(str(decision["at"]))
         database, source = str(decision["database"]), str(decision["source"])
         target = decision.get("target") or "nowhere"
@@ -84,9 +63,3 @@ class FailoverDecisions:
             )
         )  # fmt: skip
         log.warning("Active Manager: %s (alert: %s)", detail, outcome)
-
-
-def _write_whole(path: Path, text: str) -> None:
-    partial = path.with_suffix(".partial")
-    partial.write_text(text)
-    partial.replace(path)

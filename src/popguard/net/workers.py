@@ -21,7 +21,8 @@ Why a master that owns the sockets rather than SO_REUSEPORT per worker:
   the connection limits of the whole server and the failed-login delays go through
   it (a small request over a Unix socket per connection and per login), and it sums
   the workers' counters. Whatever a worker held is given back when its channel
-  closes, however it died.
+  closes, however it died. A worker silent on its channel for WORKER_HANG_LIMIT
+  (stopped, its event loop blocked) is killed and replaced.
 
 The channel is a Unix socket pair per worker carrying one JSON object per line:
 requests with an `id` (answered with `re`), and notes without.
@@ -43,6 +44,7 @@ import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Protocol
 
 from popguard.errors import UserError
@@ -67,6 +69,12 @@ WORKER_STOP_PATIENCE = 7.0
 READY_PATIENCE = 30.0
 TICK = 1.0
 PR_SET_PDEATHSIG = 1
+# A ready worker writes to its channel at least every second (its counters). One that
+# has said nothing for this long is hung (stopped, or its event loop blocked) and its
+# sessions with it: it is killed and replaced, as gunicorn's arbiter does at its
+# default timeout. Long enough for a loop held up by a directory that answers slowly
+# (a PostgreSQL connect gives up after 5 s) never to be taken for hung.
+WORKER_HANG_LIMIT = 30.0
 
 
 # The host's default for a server whose WorkerProcesses is 0, as gunicorn's
@@ -242,6 +250,8 @@ class Worker:
     started: float = field(default_factory=time.monotonic)
     ready: asyncio.Event = field(default_factory=asyncio.Event)
     retiring: bool = False  # asked to stop: its exit is no death to repair
+    heard: float = field(default_factory=time.monotonic)  # its last line on the channel
+    hung: bool = False  # killed for its silence
 
     @property
     def pid(self) -> int:
@@ -263,6 +273,9 @@ class Coordinator(Protocol):
 
     def tick(self, workers: list[Worker]) -> None:
         """Called every second (publish the summed counters, follow settings)."""
+
+    def worker_hung(self, worker: Worker, silent: float) -> None:
+        """`worker` said nothing for `silent` seconds and was killed (then replaced)."""
 
 
 @dataclass(frozen=True)
@@ -297,6 +310,48 @@ def bind(endpoint: Endpoint, patience: float = BIND_PATIENCE) -> socket.socket:
                     f"{exc.strerror}",
                 ) from None
             time.sleep(0.2)
+
+
+# The name of a LocalSocket among a worker's sockets.
+LOCAL_ENDPOINT = "local"
+# A Unix socket's path must fit sun_path: 108 bytes with the terminating NUL.
+UNIX_PATH_MAX = 107
+
+
+@dataclass
+class LocalSocket:
+    """A Unix socket the master serves beside its ports, for this host's own clients."""
+
+    path: Path
+    sock: socket.socket
+    inode: int  # of the file bind() made: removed at exit only while still ours
+
+    def remove(self) -> None:
+        """Remove the socket's file, unless a newer master has replaced it since."""
+        with contextlib.suppress(OSError):
+            if self.path.stat().st_ino == self.inode:
+                self.path.unlink()
+
+
+def bind_local(path: Path) -> LocalSocket | None:
+    """A Unix socket at `path`, bound but not yet listening (as `bind`), or None when
+    the path is too long for one: then this host's clients use the ports instead.
+
+    A file left there by a master that was killed is replaced: the folder is the
+    service user's alone, so whatever is there is ours."""
+    if len(os.fsencode(path)) > UNIX_PATH_MAX:
+        log.warning("not serving %s: its path is longer than a Unix socket allows", path)
+        return None
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with contextlib.suppress(FileNotFoundError):
+        path.unlink()
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        sock.bind(str(path))
+        return LocalSocket(path, sock, path.stat().st_ino)
+    except OSError as exc:
+        sock.close()
+        raise OSError(exc.errno, f"cannot listen on {path}: {exc.strerror}") from None
 
 
 class Master:
@@ -374,6 +429,7 @@ class Master:
     async def _listen(self, worker: Worker, reader: asyncio.StreamReader) -> None:
         try:
             while line := await reader.readline():
+                worker.heard = time.monotonic()
                 message = json.loads(line)
                 if message.get("op") == "ready":
                     worker.ready.set()
@@ -423,6 +479,28 @@ class Master:
             and slot not in self._spawning
             and not any(w.slot == slot and not w.retiring for w in self.workers.values())
         )
+
+    def _kill_hung(self) -> None:
+        """Kill every serving worker that has been silent too long: SIGKILL ends a
+        stopped process too, and its death is then repaired as any other's."""
+        now = time.monotonic()
+        for worker in list(self.workers.values()):
+            silent = now - worker.heard
+            if worker.retiring or worker.hung or not worker.ready.is_set():
+                continue
+            if silent < WORKER_HANG_LIMIT:
+                continue
+            worker.hung = True
+            log.error(
+                "%s worker %d (pid %d) said nothing for %.0f s: hung, killed",
+                self.service,
+                worker.slot,
+                worker.pid,
+                silent,
+            )
+            with contextlib.suppress(ProcessLookupError):
+                worker.process.kill()
+            self.coordinator.worker_hung(worker, silent)
 
     def _retire(self, worker: Worker) -> None:
         worker.retiring = True
@@ -482,6 +560,7 @@ class Master:
                 if self._restart.is_set():
                     self._restart.clear()
                     await self._restart_workers()
+                self._kill_hung()
                 await self._follow_count()
                 self.coordinator.tick(list(self.workers.values()))
             except Exception:

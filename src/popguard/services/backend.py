@@ -42,6 +42,7 @@ class BackendService(Pop3Service):
     log_prefix = "POP3BE"
     endpoints = ("pop3be", "pop3be-tls")
     title = "back end"
+    serves_local_socket = True
 
     def __init__(self, context: ServerContext) -> None:
         super().__init__(context)

@@ -176,6 +176,7 @@ class SummedCounters:
         self._retired: dict[str, float] = {}  # the totals of workers that are gone
         self._retired_peaks: dict[str, float] = {}
         self.worker_deaths = 0  # workers that died unasked (the master replaced them)
+        self.hung_workers = 0  # of them, those the master killed for their silence
 
     def take(self, worker: int, report: dict[str, Any]) -> None:
         self._reports[worker] = report
@@ -225,6 +226,7 @@ class SummedCounters:
             "SettingsRevision": min(revisions) if revisions else 0,
             "Workers": len(worker_pids),
             "WorkerDeaths": self.worker_deaths,
+            "HungWorkersKilled": self.hung_workers,
             "WorkerProcessIds": sorted(worker_pids),
             # Which worker took how many connections: how evenly the kernel spreads them.
             "WorkerConnections": {

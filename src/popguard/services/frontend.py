@@ -4,8 +4,15 @@ Client Access server.
 It answers the greeting, CAPA and the AUTHORIZATION state itself. At login it
 checks the password against the directory, finds the server holding the active
 copy of the user's database (read anew for every login, so a database move
-takes effect at the next session), logs in there over TLS with the same
-credentials, and from then on relays bytes both ways without parsing them.
+takes effect at the next session), logs in there with the same credentials, and
+from then on relays bytes both ways without parsing them.
+
+The leg to a back end on another host is TLS, the back end's certificate verified
+against the organization's CA. A back end on this host is reached on its Unix
+socket instead, in the data folder that only the service user and root can enter:
+there TLS would protect the bytes from no one who could not read its keys anyway,
+and it costs the leg about half its CPU (BENCHMARKS.md). The front end's
+SameHostBackendTls setting makes that leg TLS too.
 """
 
 from __future__ import annotations
@@ -20,6 +27,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from popguard import paths
 from popguard.directory.directory import Server
 from popguard.errors import UserError
 from popguard.net.byte_stream import TLS_HANDSHAKE_TIMEOUT, ByteStream
@@ -53,6 +61,7 @@ class FrontendCounters(ServiceCounters):
         super().__init__(service)
         self.backend_failures = 0
         self.backend_tls_resumed = 0  # back-end connections that resumed a TLS session
+        self.backend_local = 0  # back-end connections on a back end's Unix socket
         self._latencies: deque[float] = deque(maxlen=self.LATENCY_SAMPLES)
 
     def backend_connected(self, elapsed_ms: float) -> None:
@@ -66,6 +75,7 @@ class FrontendCounters(ServiceCounters):
             else 0.0,
             "BackendFailures": self.backend_failures,
             "BackendTlsResumed": self.backend_tls_resumed,
+            "BackendLocal": self.backend_local,
         }
 
 
@@ -184,6 +194,20 @@ class FrontendService(Pop3Service):
 
     async def _connect(self, backend: Server) -> ByteStream:
         loop = asyncio.get_running_loop()
+        if not self.settings.SameHostBackendTls:
+            # On this host when its socket is in this host's data folder; a back end on
+            # another host has none here (ENOENT costs one system call), and one not
+            # serving its socket now (ECONNREFUSED) may still answer on its port.
+            folder = paths.server_folder(self.context.data, backend.name)
+            try:
+                _, stream = await loop.create_unix_connection(
+                    ByteStream, str(folder.local_socket_file("pop3be"))
+                )
+            except (FileNotFoundError, ConnectionRefusedError):
+                pass
+            else:
+                self.frontend_counters.backend_local += 1
+                return stream
         transport, stream = await loop.create_connection(
             ByteStream,
             backend.address,

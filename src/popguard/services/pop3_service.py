@@ -42,6 +42,7 @@ from popguard.net.byte_stream import TLS_HANDSHAKE_TIMEOUT, ByteStream
 from popguard.net.serving import every
 from popguard.net.workers import (
     LISTEN_BACKLOG,
+    LOCAL_ENDPOINT,
     WorkerChannel,
     WorkerSetup,
     listening_socket,
@@ -89,6 +90,8 @@ MASTER_SLOW = "service is busy, try again later"
 # timer measures inactivity, which a client sending one byte every few seconds never
 # shows; this bounds what such a client can hold.
 COMMAND_LINE_TIMEOUT = 60
+# The client address of a connection on the Unix socket (a front end of this host).
+LOCAL_CLIENT = "local"
 
 
 @dataclass
@@ -192,6 +195,9 @@ class Pop3Service(abc.ABC):
     log_prefix: ClassVar[str]  # POP3BE | POP3, as Exchange names its log files
     endpoints: ClassVar[tuple[str, str]]  # (plain+STLS, implicit TLS) port names
     title: ClassVar[str]  # for the greeting
+    # Whether it also serves the front ends of its own host on a Unix socket
+    # (ServerFolder.local_socket_file), where they need no TLS: see _connection.
+    serves_local_socket: ClassVar[bool] = False
     counters_type: ClassVar[type[ServiceCounters]] = ServiceCounters
 
     def __init__(self, context: ServerContext) -> None:
@@ -469,15 +475,26 @@ class Pop3Service(abc.ABC):
                     ssl_handshake_timeout=TLS_HANDSHAKE_TIMEOUT if implicit_tls else None,
                 )
             )
+        if LOCAL_ENDPOINT in setup.sockets:
+            listeners.append(
+                await loop.create_unix_server(
+                    functools.partial(
+                        ByteStream, functools.partial(self._accept, implicit_tls=False, local=True)
+                    ),
+                    sock=listening_socket(setup, LOCAL_ENDPOINT),
+                    backlog=LISTEN_BACKLOG,
+                )
+            )
         channel.notify({"op": "ready"})
         plain, secure = (self.server.port(e) for e in self.endpoints)
         log.info(
-            "%s worker serving %s:%d (STLS) and %s:%d (TLS), pid %d",
+            "%s worker serving %s:%d (STLS) and %s:%d (TLS)%s, pid %d",
             self.service,
             address,
             plain,
             address,
             secure,
+            " and this host's front ends' Unix socket" if LOCAL_ENDPOINT in setup.sockets else "",
             os.getpid(),
         )
         background = [
@@ -505,8 +522,8 @@ class Pop3Service(abc.ABC):
         await channel.close()
         self.directory.close()
 
-    def _accept(self, stream: ByteStream, implicit_tls: bool) -> None:
-        task = asyncio.create_task(self._connection(stream, implicit_tls))
+    def _accept(self, stream: ByteStream, implicit_tls: bool, local: bool = False) -> None:
+        task = asyncio.create_task(self._connection(stream, implicit_tls, local))
         self._tasks.add(task)
         self.counters.open_tasks = len(self._tasks)
         task.add_done_callback(self._task_done)
@@ -517,15 +534,23 @@ class Pop3Service(abc.ABC):
 
     # One connection ------------------------------------------------------------------
 
-    async def _connection(self, stream: ByteStream, implicit_tls: bool) -> None:
-        peer, local = stream.peer(), stream.local()
-        client_ip = peer[0]
+    async def _connection(self, stream: ByteStream, implicit_tls: bool, local: bool) -> None:
+        if local:
+            # The Unix socket: a front end of this host (only the service user and
+            # root can connect). The limits count all of them as one client, as they
+            # count a front end's address over TLS.
+            client_ip, client_endpoint = LOCAL_CLIENT, LOCAL_CLIENT
+            server_endpoint = f"unix:{self.context.folder.local_socket_file(self.service).name}"
+        else:
+            peer, ours = stream.peer(), stream.local()
+            client_ip, client_endpoint = peer[0], f"{peer[0]}:{peer[1]}"
+            server_endpoint = f"{ours[0]}:{ours[1]}"
         self.counters.total_connections += 1
         connection = Connection(
             session_id=secrets.token_hex(8),
             client_ip=client_ip,
-            client_endpoint=f"{peer[0]}:{peer[1]}",
-            server_endpoint=f"{local[0]}:{local[1]}",
+            client_endpoint=client_endpoint,
+            server_endpoint=server_endpoint,
             accepted=asyncio.get_running_loop().time(),
         )
         refusal = self.refusal(client_ip)
@@ -539,7 +564,9 @@ class Pop3Service(abc.ABC):
         self.counters.current_connections += 1
         self._pre_login[connection.session_id] = (connection, stream)
         self._open[connection.session_id] = (connection, stream)
-        session = ServerSession(self.session_config(), secure=implicit_tls)
+        # The Unix socket is as private as TLS: no one but root and the service user
+        # (who holds the TLS keys anyway) can read or inject its bytes.
+        session = ServerSession(self.session_config(), secure=implicit_tls or local)
         timer = CommandTimer(self, connection)
         ending = "closed"
         relaying = False
@@ -722,4 +749,5 @@ def serve_pop3(data: Path, server_name: str, service_type: type[Pop3Service]) ->
         service_type.endpoints,
         worker,
         limits=True,
+        local_socket=service_type.serves_local_socket,
     )

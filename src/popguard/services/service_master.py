@@ -11,6 +11,9 @@ delays (each worker's outcome is passed on to the others) and the summed counter
 from __future__ import annotations
 
 import asyncio
+import json
+import logging
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -19,11 +22,14 @@ from popguard.directory.settings import PopSettings
 from popguard.errors import UserError
 from popguard.net.serving import run_until_stopped
 from popguard.net.workers import (
+    LOCAL_ENDPOINT,
     Endpoint,
+    LocalSocket,
     Master,
     Worker,
     WorkerSetup,
     bind,
+    bind_local,
     default_worker_count,
     die_with_master,
     worker_setup,
@@ -31,6 +37,8 @@ from popguard.net.workers import (
 from popguard.services.context import ServerContext
 from popguard.services.counters import SummedCounters
 from popguard.services.server_limits import ConnectionTable, Key
+
+log = logging.getLogger("popguard.workers")
 
 
 class ServiceMaster:
@@ -102,6 +110,18 @@ class ServiceMaster:
         if not worker.retiring and not (self.master and self.master.stopping):
             self.counters.worker_deaths += 1
 
+    def worker_hung(self, worker: Worker, silent: float) -> None:
+        self.counters.hung_workers += 1
+        record = {"at": time.time(), "service": self.service, "slot": worker.slot,
+                  "pid": worker.pid, "silent": round(silent, 1)}  # fmt: skip
+        path = self.context.folder.hung_workers_file()
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            with path.open("a", encoding="utf-8") as out:
+                out.write(json.dumps(record) + "\n")
+        except OSError as exc:
+            log.error("cannot record the hung worker in %s: %s", path, exc)
+
     def tick(self, workers: list[Worker]) -> None:
         self._refresh_settings()
         self.counters.publish(self.counters_file, [w.pid for w in workers])
@@ -115,8 +135,10 @@ def serve_with_workers(
     endpoints: tuple[str, ...],
     worker_main: Callable[[WorkerSetup], None],
     limits: bool,
+    local_socket: bool = False,
 ) -> None:
-    """Run as the master of `service`, or, in a worker, `worker_main`."""
+    """Run as the master of `service`, or, in a worker, `worker_main`; with
+    `local_socket`, the workers also serve the server's Unix socket (LOCAL_ENDPOINT)."""
     setup = worker_setup()
     if setup is not None:
         die_with_master(setup)
@@ -125,13 +147,18 @@ def serve_with_workers(
     context = ServerContext.open(data, server_name, role)
     server = context.server
     sockets = {}
+    local: LocalSocket | None = None
     try:
         for name in endpoints:
             sockets[name] = bind(Endpoint(name, server.address, server.port(name)))
+        if local_socket:
+            local = bind_local(context.folder.local_socket_file(service))
     except OSError as exc:
         for sock in sockets.values():
             sock.close()
         raise UserError(str(exc.strerror)) from None
+    if local is not None:
+        sockets[LOCAL_ENDPOINT] = local.sock
     coordinator = ServiceMaster(context, service, limits)
     master = Master(service, sockets, coordinator.worker_count, coordinator)
     coordinator.master = master
@@ -140,6 +167,8 @@ def serve_with_workers(
         try:
             await master.run(stop)
         finally:
+            if local is not None:
+                local.remove()
             context.close()
 
     # The master only starts processes and answers small requests: asyncio's own
