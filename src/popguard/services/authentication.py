@@ -27,6 +27,10 @@ from popguard.services.counters import ServiceCounters
 
 log = logging.getLogger("popguard.auth")
 
+# The client address of a connection on a back end's Unix socket: a front end of the
+# same host (services/frontend.py), the only kind of client that socket has.
+LOCAL_FRONTEND = "local"
+
 # argon2id is bound by CPU and by memory (64 MiB each, RFC 9106's second option):
 # more verifications at once than cores only adds memory and latency.
 KDF_SLOTS = os.cpu_count() or 1
@@ -151,6 +155,8 @@ class Authenticator:
     def _proxied(self, client_ip: str) -> bool:
         """Whether the client is a front end: it logs in on a back end for many
         clients, so its address gets no slot of its own (it bounded them itself)."""
+        if client_ip == LOCAL_FRONTEND:
+            return True
         version = self._directory.change_counter()
         if version != self._frontends_version:
             self._frontends_version = version

@@ -62,7 +62,7 @@ from popguard.pop3.session import (
     StartTls,
     Update,
 )
-from popguard.services.authentication import Authenticator
+from popguard.services.authentication import LOCAL_FRONTEND, Authenticator
 from popguard.services.context import ServerContext
 from popguard.services.counters import PUBLISH_INTERVAL, ServiceCounters
 from popguard.services.protocol_log import (
@@ -90,8 +90,6 @@ MASTER_SLOW = "service is busy, try again later"
 # timer measures inactivity, which a client sending one byte every few seconds never
 # shows; this bounds what such a client can hold.
 COMMAND_LINE_TIMEOUT = 60
-# The client address of a connection on the Unix socket (a front end of this host).
-LOCAL_CLIENT = "local"
 
 
 @dataclass
@@ -539,7 +537,7 @@ class Pop3Service(abc.ABC):
             # The Unix socket: a front end of this host (only the service user and
             # root can connect). The limits count all of them as one client, as they
             # count a front end's address over TLS.
-            client_ip, client_endpoint = LOCAL_CLIENT, LOCAL_CLIENT
+            client_ip, client_endpoint = LOCAL_FRONTEND, LOCAL_FRONTEND
             server_endpoint = f"unix:{self.context.folder.local_socket_file(self.service).name}"
         else:
             peer, ours = stream.peer(), stream.local()
