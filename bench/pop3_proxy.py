@@ -193,27 +193,19 @@ def start_popguard(
             pg.backend_pids,
             auth_cache=True,
         ),
-        Target(
-            "popguard-proxy",
-            pg.frontend_address,
-            pg.frontend_ports["pop3"],
-            pg.frontend_ports.get("pop3-tls", 0),
-            pg.ca_file,
-            pg.pids,
-            pg.frontend_pids,
-            auth_cache=True,
-            prepare=functools.partial(leg.use, tls=False),
-        ),
-        Target(
-            "popguard-proxy-tls",
-            pg.frontend_address,
-            pg.frontend_ports["pop3"],
-            pg.frontend_ports.get("pop3-tls", 0),
-            pg.ca_file,
-            pg.pids,
-            pg.frontend_pids,
-            auth_cache=True,
-            prepare=functools.partial(leg.use, tls=True),
+        *(
+            Target(
+                name,
+                pg.frontend_address,
+                pg.frontend_ports["pop3"],
+                pg.frontend_ports.get("pop3-tls", 0),
+                pg.ca_file,
+                pg.pids,
+                pg.frontend_pids,
+                auth_cache=True,
+                prepare=functools.partial(leg.use, tls=tls),
+            )
+            for name, tls in (("popguard-proxy", False), ("popguard-proxy-tls", True))
         ),
     ]
 

@@ -140,20 +140,26 @@ def pop3_session(org: UpOrganization, context: ssl.SSLContext, keep: int, n: int
     else:
         client = poplib.POP3_SSL(host, 10995, context=context, timeout=SESSION_TIMEOUT)
     try:
-        client.user(address)
-        client.pass_(password)
-        count, _ = client.stat()
-        if count:
-            client.retr(count)
-        for number in range(1, count - keep + 1):
-            client.dele(number)
-        client.quit()
+        read_and_delete(client, address, password, keep)
     except poplib.error_proto as exc:
         return f"{'STLS' if n % 2 == 0 else 'POP3S'}: {exc}"
     finally:
         with contextlib.suppress(OSError):
             client.close()
     return ""
+
+
+def read_and_delete(client: poplib.POP3, address: str, password: str, keep: int) -> None:
+    """A POP3 user's session: log in, read the newest message, delete all but the
+    newest `keep`, QUIT."""
+    client.user(address)
+    client.pass_(password)
+    count, _ = client.stat()
+    if count:
+        client.retr(count)
+    for number in range(1, count - keep + 1):
+        client.dele(number)
+    client.quit()
 
 
 def message(n: int) -> bytes:

@@ -56,7 +56,7 @@ from pathlib import Path
 from typing import Any
 
 from bench.report import machine, write_results
-from bench.soak import HealthWatch, Tally, failed_probes, message
+from bench.soak import HealthWatch, Tally, failed_probes, message, read_and_delete
 from popguard import paths
 from popguard.control.service_user import SERVICE_USER_VARIABLE
 from popguard.directory.directory import Directory
@@ -116,14 +116,7 @@ def session(host: str, context: ssl.SSLContext, address: str, keep: int) -> str:
     except OSError as exc:
         return f"connect: {type(exc).__name__}: {exc}"
     try:
-        client.user(address)
-        client.pass_(PASSWORD)
-        count, _ = client.stat()
-        if count:
-            client.retr(count)
-        for number in range(1, count - keep + 1):
-            client.dele(number)
-        client.quit()
+        read_and_delete(client, address, PASSWORD, keep)
     except (poplib.error_proto, OSError) as exc:
         return f"{type(exc).__name__}: {exc}"
     finally:
