@@ -197,13 +197,14 @@ class FrontendService(Pop3Service):
         if not self.settings.SameHostBackendTls:
             # On this host when its socket is in this host's data folder; a back end on
             # another host has none here (ENOENT costs one system call), and one not
-            # serving its socket now (ECONNREFUSED) may still answer on its port.
+            # serving its socket now (ECONNREFUSED), or one the folder's owner cannot
+            # use (EACCES, after a change of service user), may still answer its port.
             folder = paths.server_folder(self.context.data, backend.name)
             try:
                 _, stream = await loop.create_unix_connection(
                     ByteStream, str(folder.local_socket_file("pop3be"))
                 )
-            except (FileNotFoundError, ConnectionRefusedError):
+            except OSError:
                 pass
             else:
                 self.frontend_counters.backend_local += 1
