@@ -56,12 +56,21 @@ from pathlib import Path
 from typing import Any
 
 from bench.report import machine, write_results
-from bench.soak import HealthWatch, Tally, failed_probes, message, read_and_delete
+from bench.soak import (
+    SESSION_TIMEOUT,
+    SETTLE_TIMEOUT,
+    HealthWatch,
+    Tally,
+    failed_probes,
+    message,
+    read_and_delete,
+)
 from popguard import paths
 from popguard.control.service_user import SERVICE_USER_VARIABLE
 from popguard.directory.directory import Directory
 from popguard.directory.passwords import hash_password
 from popguard.errors import UserError
+from popguard.health.worker_repairs import RESPONDER as HUNG_RESPONDER
 from popguard.net.workers import WORKER_HANG_LIMIT
 from popguard.services.counters import read_counters
 from popguard.services.lmtp_client import deliver
@@ -73,11 +82,8 @@ from popguard.testing.organization import (
     up_organization,
 )
 
-SESSION_TIMEOUT = 10.0  # seconds per socket operation of a POP3 session
-SETTLE_TIMEOUT = 300.0  # seconds for every monitor to have results and be Healthy
 QUARANTINE = 60.0  # seconds a mailbox rests after a failed session
 PASSWORD = "soak at capacity"
-HUNG_RESPONDER = "WorkerWatchdog\\KillHungWorker"
 
 
 class Mailboxes:
