@@ -74,8 +74,16 @@ async def test_a_waiting_stream_wakes_for_a_new_event() -> None:
     await asyncio.wait_for(waiting, 5)
 
 
-def snapshot(value: str, active: str, operator: dict[int, dict[str, str]]) -> Snapshot:
-    return Snapshot({("mbx1", "POP.Protocol"): value}, {}, {}, {"DB01": active}, operator)
+def snapshot(
+    value: str, active: str, operator: dict[int, dict[str, str]], *steps: tuple[str, str, str]
+) -> Snapshot:
+    set_changes = [
+        {"Server": "mbx1", "Id": number, "HealthSet": "POP.Protocol", "Was": was,
+         "AlertValue": now, "Time": at}
+        for number, (was, now, at) in enumerate(steps, 1)
+    ]  # fmt: skip
+    return Snapshot({("mbx1", "POP.Protocol"): value}, {}, {}, {"DB01": active}, operator,
+                    set_changes)  # fmt: skip
 
 
 def test_the_watcher_records_history_first_then_changes() -> None:
@@ -85,12 +93,23 @@ def test_the_watcher_records_history_first_then_changes() -> None:
               "Time": "2026-01-01T00:00:00+00:00"}  # fmt: skip
     first = snapshot("Healthy", "mbx1", {1: action})
     assert changes(None, first, log) == 1  # the stored operator action, no state change
-    second = snapshot("Unhealthy", "mbx2", {1: action})
-    assert changes(first, second, log) == 2
-    texts = [e.text for e in log.newest_first(10)]
-    assert "mbx1 POP.Protocol: Healthy -> Unhealthy" in texts
-    assert "DB01: active copy moved from mbx1 to mbx2" in texts
-    assert changes(second, second, log) == 0
+    # Two looks apart, the cell is Healthy again: the steps between are in the changes.
+    second = snapshot("Healthy", "mbx2", {1: action},
+                      ("Healthy", "Degraded", "2026-01-01T00:00:01+00:00"),
+                      ("Degraded", "Unhealthy", "2026-01-01T00:00:06+00:00"),
+                      ("Unhealthy", "Healthy", "2026-01-01T00:00:08+00:00"))  # fmt: skip
+    assert changes(first, second, log) == 4
+    texts = [e.text for e in reversed(log.newest_first(10))]
+    assert texts[-4:] == [
+        "mbx1 POP.Protocol: Healthy -> Degraded",
+        "mbx1 POP.Protocol: Degraded -> Unhealthy",
+        "mbx1 POP.Protocol: Unhealthy -> Healthy",
+        "DB01: active copy moved from mbx1 to mbx2",
+    ]
+    assert log.newest_first(10)[2].data == {
+        "server": "mbx1", "health_set": "POP.Protocol", "value": "Unhealthy", "was": "Degraded"
+    }  # fmt: skip
+    assert changes(second, snapshot("Healthy", "mbx2", {1: action}), log) == 0
 
 
 def test_the_page_stays_on_loopback_unless_told() -> None:

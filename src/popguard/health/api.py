@@ -234,6 +234,7 @@ class HealthApi:
                 web.get("/v1/alerts", self._alerts),
                 web.post("/v1/acknowledge", self._acknowledge),
                 web.get("/v1/results", self._results),
+                web.get("/v1/healthsetchanges", self._health_set_changes),
             ]
         )
         return app
@@ -328,6 +329,23 @@ class HealthApi:
             raise UserError("since is seconds since the epoch") from None
         results = self.engine.store.recent(probe, resource, limit, since)
         return web.json_response([result_row(self.engine.server.name, r) for r in results])
+
+    async def _health_set_changes(self, request: web.Request) -> web.Response:
+        """Each change of a health set's AlertValue whose Id is above ?after= (oldest
+        first, at most 1000): what the web page's feed follows, so that no state is
+        missed between two looks at the health report."""
+        try:
+            after = int(request.query.get("after", "0"))
+        except ValueError:
+            raise UserError("after is the Id of a change (a number)") from None
+        server = self.engine.server.name
+        return web.json_response(
+            [
+                {"Server": server, "Id": c.id, "HealthSet": c.health_set, "Was": c.was,
+                 "AlertValue": c.now, "Time": when(c.at)}
+                for c in self.engine.store.health_set_changes(after)
+            ]
+        )  # fmt: skip
 
     async def _metrics(self, request: web.Request) -> web.Response:
         registry = CollectorRegistry()

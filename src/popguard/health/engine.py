@@ -24,9 +24,10 @@ from popguard.health.diagnosis import undo_interrupted
 from popguard.health.engine_state import EngineState
 from popguard.health.failover_decisions import FailoverDecisions
 from popguard.health.health_mailboxes import ensure_health_mailboxes
+from popguard.health.health_set_changes import HealthSetChanges, worst
 from popguard.health.incidents import Incident, Recheck
 from popguard.health.monitor_evaluation import MonitorEvaluation, MonitorRow
-from popguard.health.monitors import SEVERITY, still_fails
+from popguard.health.monitors import still_fails
 from popguard.health.notifier import Notifier
 from popguard.health.owed_databases import OwedDatabases
 from popguard.health.probe_runs import ProbeRuns
@@ -67,7 +68,10 @@ class HealthEngine:
         self.failovers = FailoverDecisions(context.folder, self.store, self.notifier)
         self.hung_workers = WorkerRepairs(context.folder, self.store)
         self.monitoring = MonitorEvaluation(self.shared, self.notifier, self.firing.consider)
-        self.runs = ProbeRuns(self.shared, tls_context, self.monitoring.evaluate)
+        self.set_changes = HealthSetChanges(
+            self.store, clock, self.health_sets, self.monitoring.rows
+        )
+        self.runs = ProbeRuns(self.shared, tls_context, self.evaluate)
         self.owed = OwedDatabases(self.shared, self.runs, self.firing.spawn, self)
 
     def _finish_interrupted(self) -> None:
@@ -115,6 +119,7 @@ class HealthEngine:
 
     async def evaluate(self, health_set: HealthSet, probe: ProbeDefinition | None = None) -> None:
         await self.monitoring.evaluate(health_set, probe)
+        self.set_changes.note()
 
     def _walk_alerting(self) -> None:
         self.monitoring.walk_alerting()
@@ -125,7 +130,7 @@ class HealthEngine:
 
     @staticmethod
     def worst(values: list[str]) -> str:
-        return max(values, key=lambda v: SEVERITY.get(v, 0), default="Healthy")
+        return worst(values)
 
     async def settle(self) -> None:
         """Wait for the responders and the sends under way to finish."""
@@ -177,6 +182,7 @@ class HealthEngine:
         open alerts are sent again or resolved."""
         self.refresh_controls()
         self.monitoring.walk_alerting()
+        self.set_changes.note()
         self.notifier.check(self._states)
         self.hung_workers.take_new()
         if "mailbox" in self.server.roles:

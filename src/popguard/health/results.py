@@ -100,6 +100,18 @@ MIGRATIONS: tuple[str, ...] = (
     ALTER TABLE alerts ADD COLUMN acknowledged_by TEXT NOT NULL DEFAULT '';
     ALTER TABLE alerts ADD COLUMN acknowledgement TEXT NOT NULL DEFAULT '';
     """,
+    """
+    -- Each change of a health set's AlertValue here, as it happened: a state that lasted
+    -- less than anyone's look at the health report (an Unhealthy of two seconds before
+    -- the restart mended it) is still in the history the web page's feed follows.
+    CREATE TABLE health_set_changes (
+        id INTEGER PRIMARY KEY AUTOINCREMENT,
+        health_set TEXT NOT NULL,
+        was TEXT NOT NULL,
+        now TEXT NOT NULL,
+        at REAL NOT NULL
+    );
+    """,
 )
 
 
@@ -186,6 +198,7 @@ class ResultsStore:
         """Results, and resolved alerts, older than `before`."""
         with self._transaction() as db:
             db.execute("DELETE FROM alerts WHERE resolved < ?", (before,))
+            db.execute("DELETE FROM health_set_changes WHERE at < ?", (before,))
             return int(db.execute("DELETE FROM probe_results WHERE ended < ?", (before,)).rowcount)
 
     def monitor_states(self) -> dict[tuple[str, str], MonitorState]:
@@ -210,6 +223,30 @@ class ResultsStore:
                     state.last_result, state.error,
                 ),
             )  # fmt: skip
+
+    def add_health_set_change(self, change: HealthSetChange) -> int:
+        with self._transaction() as db:
+            cursor = db.execute(
+                "INSERT INTO health_set_changes (health_set, was, now, at) VALUES (?, ?, ?, ?)",
+                (change.health_set, change.was, change.now, change.at),
+            )
+            return int(cursor.lastrowid or 0)
+
+    def health_set_changes(self, after: int = 0, limit: int = 1000) -> list[HealthSetChange]:
+        """The oldest `limit` changes whose id is above `after`, oldest first."""
+        rows = self._db.execute(
+            "SELECT * FROM health_set_changes WHERE id > ? ORDER BY id LIMIT ?", (after, limit)
+        ).fetchall()
+        return [HealthSetChange(r["health_set"], r["was"], r["now"], r["at"], r["id"])
+                for r in rows]  # fmt: skip
+
+    def last_health_set_values(self) -> dict[str, str]:
+        """Each health set's AlertValue as its newest recorded change left it."""
+        rows = self._db.execute(
+            "SELECT health_set, now FROM health_set_changes WHERE id IN "
+            "(SELECT MAX(id) FROM health_set_changes GROUP BY health_set)"
+        ).fetchall()
+        return {str(r["health_set"]): str(r["now"]) for r in rows}
 
     def add_action(self, action: RecoveryAction) -> int:
         with self._transaction() as db:
@@ -353,6 +390,15 @@ class Alert:
     def key(self) -> tuple[str, str, str]:
         """One problem: Alertmanager's repeat_interval counts per key."""
         return (self.health_set, self.monitor, self.resource)
+
+
+@dataclass(frozen=True)
+class HealthSetChange:
+    health_set: str
+    was: str  # AlertValue before
+    now: str  # AlertValue after
+    at: float
+    id: int = 0
 
 
 @dataclass(frozen=True)

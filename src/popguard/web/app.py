@@ -310,13 +310,18 @@ def _local(target: str) -> str:
     return target
 
 
-def look(data: Path) -> Snapshot:
+def look(data: Path, seen_changes: dict[str, int]) -> Snapshot:
     """What the watcher compares: the cells, the actions, the alerts, where each
-    database is active, the operators' actions."""
+    database is active, the operators' actions; and the health sets' changes each
+    server recorded after the Id in `seen_changes` (all it keeps for one not in it)."""
     with Directory(data) as directory:
         org = screens.organization(data, directory)
         actions_rows = api_client.ask_each(data, directory, None, "recoveryactions")
         alert_rows = api_client.ask_each(data, directory, None, "alerts")
+        change_rows = api_client.ask_each(
+            data, directory, None,
+            lambda server: f"healthsetchanges?after={seen_changes.get(server, 0)}",
+        )  # fmt: skip
         operator = screens.operator_actions(directory)
     return Snapshot(
         cells=org.cells,
@@ -324,4 +329,5 @@ def look(data: Path) -> Snapshot:
         alerts={(r["Server"], r["Id"]): r for r in alert_rows if "Id" in r},
         active={d["Name"]: d["ActiveServer"] for d in org.databases},
         operator={r["Id"]: r for r in operator},
+        set_changes=[r for r in change_rows if "Id" in r],
     )

@@ -81,6 +81,9 @@ class Snapshot:
     alerts: dict[tuple[str, int], dict[str, Any]]
     active: dict[str, str]
     operator: dict[int, dict[str, Any]]
+    # The health sets' changes each server recorded since the watcher's last look
+    # (GET /v1/healthsetchanges): every step, even one shorter than a look apart.
+    set_changes: list[dict[str, Any]] = field(default_factory=list)
 
 
 def changes(before: Snapshot | None, now: Snapshot, log: EventLog) -> int:
@@ -123,17 +126,21 @@ def changes(before: Snapshot | None, now: Snapshot, log: EventLog) -> int:
             text = (f"{row['User']} ran {row['Action']} on {row['Target']}"
                     f" because {row['Reason']!r}: {row['Result']}")  # fmt: skip
             history.append(("operator", text, _stamp(row.get("Time")), {"user": row["User"]}))
+    states = [
+        ("state", f"{row['Server']} {row['HealthSet']}: {row['Was']} -> {row['AlertValue']}",
+         _stamp(row.get("Time")), {"server": row["Server"], "health_set": row["HealthSet"],
+                                   "value": row["AlertValue"], "was": row["Was"]})
+        for row in now.set_changes
+    ]  # fmt: skip
     if first:
+        history.extend(states)
         history.sort(key=lambda h: h[2] or 0.0)
     for kind, text, at, data in history:
         add(kind, text, at if first else None, **data)
     if first:
         return count
-    for (server, health_set), value in now.cells.items():
-        before_value = old.cells.get((server, health_set))
-        if before_value is not None and before_value != value:
-            add("state", f"{server} {health_set}: {before_value} -> {value}", server=server,
-                health_set=health_set, value=value, was=before_value)  # fmt: skip
+    for kind, text, at, data in sorted(states, key=lambda h: h[2] or 0.0):
+        add(kind, text, at, **data)
     for database, active in now.active.items():
         previous = old.active.get(database)
         if previous is not None and previous != active:
@@ -155,17 +162,19 @@ def _stamp(text: Any) -> float | None:
 
 class Watcher:
     """Looks at the organization every WATCH_EVERY seconds (in a thread: the health
-    APIs and the directory block) and records the differences."""
+    APIs and the directory block) and records the differences. `look` is given, per
+    server, the Id of the last health-set change already seen."""
 
-    def __init__(self, look: Callable[[], Snapshot], log: EventLog) -> None:
+    def __init__(self, look: Callable[[dict[str, int]], Snapshot], log: EventLog) -> None:
         self._look = look
         self.log = log
         self.last: Snapshot | None = None
+        self.seen_changes: dict[str, int] = {}
 
     async def run(self, stop: asyncio.Event) -> None:
         while not stop.is_set():
             try:
-                snapshot = await asyncio.to_thread(self._look)
+                snapshot = await asyncio.to_thread(self._look, dict(self.seen_changes))
             except UserError as exc:  # a health service not up yet, the directory away
                 log.warning("looking at the organization: %s", exc)
             except Exception:  # the feed must outlive a failed look
@@ -174,5 +183,8 @@ class Watcher:
                 if changes(self.last, snapshot, self.log):
                     await self.log.notify()
                 self.last = snapshot
+                for row in snapshot.set_changes:
+                    server, number = str(row["Server"]), int(row["Id"])
+                    self.seen_changes[server] = max(self.seen_changes.get(server, 0), number)
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(stop.wait(), WATCH_EVERY)

@@ -48,7 +48,7 @@ async def run_web(data: Path, server_name: str, wanted: str | None, stop: asynci
         site = web.TCPSite(runner, address, port, reuse_address=True, ssl_context=tls)
         await listen(site.start, "the web page", address, port)
         log.info("web page on %s, pid %d", page_url(address, port), os.getpid())
-        watcher = Watcher(lambda: look(data), events)
+        watcher = Watcher(lambda seen: look(data, seen), events)
         try:
             await watcher.run(stop)
         finally:
