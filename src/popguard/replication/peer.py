@@ -105,9 +105,17 @@ class ReplicationPeer:
         self, method: str, path: str, patience: float = REQUEST_TIMEOUT, **kwargs: Any
     ) -> httpx.Response:
         name = self.server.name
+        timeout = httpx.Timeout(patience, connect=CONNECT_TIMEOUT)
         try:
-            timeout = httpx.Timeout(patience, connect=CONNECT_TIMEOUT)
-            response = await self._client.request(method, path, timeout=timeout, **kwargs)
+            try:
+                response = await self._client.request(method, path, timeout=timeout, **kwargs)
+            except httpx.RemoteProtocolError as exc:
+                if method != "GET" or "without sending a response" not in str(exc):
+                    raise
+                # A read, once more on a new connection: a kept-alive one the peer
+                # closed as the request left (it is stopping, or idle too long) says
+                # nothing of our certificate, and the new one tells which it was.
+                response = await self._client.request(method, path, timeout=timeout, **kwargs)
         except httpx.ConnectError as exc:
             if isinstance(exc.__cause__, ssl.SSLError) or "SSL" in str(exc):
                 raise PeerRefused(f"TLS with {name} failed: {exc}") from None
