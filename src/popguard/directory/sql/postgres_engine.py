@@ -253,7 +253,24 @@ class ChangeListener:
                             self.count += 1
             except (psycopg.Error, OSError, UserError):  # password file gone, too
                 self.count += 1
+                self._check_reachable()
                 self._stopping.wait(1.0)
+
+    def _check_reachable(self) -> None:
+        """The listening connection broke: if a new connection fails too, the outage
+        starts now for the whole process, so that its reads answer from memory at once
+        instead of the first of them waiting out the pool's CONNECT_TIMEOUT (a stopped
+        PostgreSQL refuses at once; this thread alone waits for a silent one)."""
+        with _shared_lock:
+            reachability = _reachability.get(self._location)
+        if reachability is None or not reachability.up:
+            return
+        try:
+            psycopg.connect(self._location.url, **connection_kwargs(self._location)).close()
+        except psycopg.Error as exc:
+            reachability.failed(_unavailable(self._location, exc))
+        except (OSError, UserError):
+            pass
 
     def stop(self) -> None:
         self._stopping.set()
