@@ -134,6 +134,13 @@ class ReplicationService:
         self._synchronous_copy = self._active_manager_settings().synchronous_copy
         self._log_grew: dict[str, asyncio.Event] = {}  # database -> set when its log grew
         self._sync = SynchronousCopies(self._record_synchronous, self._recorded_synchronous)
+        # The organization's servers and this server's copies as the last reconcile
+        # (every second) read them, by lowercased name. A request that finds its peer
+        # and its database here needs no directory: the directory thread is one, and
+        # the first read after the directory went away holds it for the connect timeout
+        # (5 s), longer than a delivery waits for its copy's pull (SYNC_TIMEOUT).
+        self._servers: dict[str, Server] = {}
+        self._local_copies: dict[str, str] = {}
 
     # Stores and peers ---------------------------------------------------------------
 
@@ -163,8 +170,10 @@ class ReplicationService:
 
     async def _reconcile(self) -> None:
         """Start a replicator for each copy on this server, stop those of removed copies."""
-        copies = await self._directory(lambda d: d.database_copies())
+        copies, servers = await self._directory(lambda d: (d.database_copies(), d.list_servers()))
         wanted = {c.database for c in copies if c.server.lower() == self.server.name.lower()}
+        self._servers = {server.name.lower(): server for server in servers}
+        self._local_copies = {database.lower(): database for database in wanted}
         for database, (_, task) in list(self._replicators.items()):
             if task.done():  # it ended on an error it could not handle: start it again
                 log.error(
@@ -231,7 +240,7 @@ class ReplicationService:
         # its lease lately) is no secret from a replication certificate of the CA.
         if peer != tls.ADMIN_IDENTITY and request.path != "/v1/failsafe":
             try:
-                server = await self._directory(lambda d: d.get_server(peer))
+                server = await self._server_named(peer)
             except UserError:
                 return _error(403, f"{peer} is not a server of this organization")
             if "mailbox" not in server.roles:
@@ -243,18 +252,28 @@ class ReplicationService:
         except (NotMountedError, LogIntegrityError) as exc:
             return _error(409, str(exc))
 
+    async def _server_named(self, name: str) -> Server:
+        """The server as the last reconcile read it; one it did not see (added since,
+        or a name of no server) is asked of the directory."""
+        known = self._servers.get(name.lower())
+        if known is not None:
+            return known
+        return await self._directory(lambda d: d.get_server(name))
+
     async def _store_for(self, request: web.Request) -> tuple[str, MailboxDatabase]:
         name = request.match_info["database"]
-        copies = await self._directory(lambda d: d.database_copies())
-        database = next(
-            (
-                c.database
-                for c in copies
-                if c.database.lower() == name.lower()
-                and c.server.lower() == self.server.name.lower()
-            ),
-            None,
-        )
+        database = self._local_copies.get(name.lower())
+        if database is None:  # a copy added since the last reconcile, or none
+            copies = await self._directory(lambda d: d.database_copies())
+            database = next(
+                (
+                    c.database
+                    for c in copies
+                    if c.database.lower() == name.lower()
+                    and c.server.lower() == self.server.name.lower()
+                ),
+                None,
+            )
         if database is None:
             raise web.HTTPNotFound(text=f"no copy of {name} on {self.server.name}")
         return database, await self._run(self._open, database)
@@ -315,8 +334,7 @@ class ReplicationService:
             return (await self._run(store.head)).lsn
 
         try:
-            # The directory's spelling of the name.
-            server = (await self._directory(lambda d: d.get_server(peer))).name
+            server = (await self._server_named(peer)).name  # the directory's spelling
             await self._sync.confirmed(database, server, after, head)
         except DIRECTORY_ERRORS as exc:  # the pull goes on; the next one confirms again
             log.warning("%s\\%s: confirmation of LSN %d not noted: %s", database, peer, after, exc)
