@@ -67,6 +67,9 @@ HISTORY_NUMBERS = 10_000_000  # history messages are numbered from here, live on
 # How long mbx1's log may take to be trimmed once the copies agree: a forget run every
 # 60 s (the default interval), and the run that sees mbx2's last report may be the next.
 TRIM_WAIT = 200.0
+# ... and per GB of history beyond that: the freed pages go back VACUUM_STEP at a time
+# (a 10 GB history left 19,156 of them after 200 s).
+TRIM_WAIT_PER_GB = 60.0
 TRIM_POLL = 2.0  # seldom: each look opens the file, and a reader can delay a checkpoint
 # A temporary failure (451: the directory or the store busy beyond its patience on a
 # loaded machine, 0: the connection lost) is tried again, as an MTA would, this often.
@@ -163,16 +166,17 @@ def log_state(org: Organization) -> dict[str, int]:
     }
 
 
-def wait_trimmed(org: Organization) -> tuple[float, dict[str, int]]:
+def wait_trimmed(org: Organization, history_mb: float) -> tuple[float, dict[str, int]]:
     """Until mbx1's log is empty (trimmed through its head) and the forget run after
     the trim has given the freed pages back and emptied the WAL."""
     started = time.monotonic()
+    patience = TRIM_WAIT + TRIM_WAIT_PER_GB * history_mb / 1000
     while True:
         state = log_state(org)
         if state["log_entries"] == 0 and state["free_pages"] == 0 and state["wal_octets"] == 0:
             return time.monotonic() - started, state
-        if time.monotonic() - started > TRIM_WAIT:
-            raise TooSlow(f"mbx1's DB01 not trimmed and forgotten after {TRIM_WAIT:g}s: {state}")
+        if time.monotonic() - started > patience:
+            raise TooSlow(f"mbx1's DB01 not trimmed and forgotten after {patience:g}s: {state}")
         time.sleep(TRIM_POLL)
 
 
@@ -310,7 +314,7 @@ def build(
     org.wait_healthy("DB01\\mbx2", 60)
     row.update(fill(org, args, live, history, deadline))
     org.wait_healthy("DB01\\mbx2", 300)
-    waited, row["before_seeding"] = wait_trimmed(org)
+    waited, row["before_seeding"] = wait_trimmed(org, history_mb)
     row["trim_wait_seconds"] = round(waited, 1)
     row["db_file_octets"] = file_octets(org, "mbx1")
     return row
