@@ -306,19 +306,25 @@ def run_soak(org: UpOrganization, args: argparse.Namespace) -> dict[str, Any]:
     }
 
 
-def markdown(result: dict[str, Any]) -> str:
-    s, d = result["sessions"], result["deliveries"]
+def load_table(result: dict[str, Any]) -> list[str]:
+    """The sessions' and deliveries' table of a soak's report (bench.soak_capacity's too)."""
 
     def row(name: str, t: dict[str, Any], rate: float) -> str:
         lat = t["latency_ms"]
         return (f"| {name} | {rate:.2f} | {t['ok']:,} | {t['failed']:,} | {t['late']:,} "
                 f"| {lat['p50']} | {lat['p90']} | {lat['p99']} | {lat['max']} |")  # fmt: skip
 
-    lines = [
+    return [
         "| load | per s | ok | failed | late | p50 ms | p90 ms | p99 ms | max ms |",
         "|---|---:|---:|---:|---:|---:|---:|---:|---:|",
-        row("POP3 sessions through cas1", s, result["sessions_per_s"]),
-        row("LMTP deliveries", d, result["deliveries_per_s"]),
+        row("POP3 sessions through cas1", result["sessions"], result["sessions_per_s"]),
+        row("LMTP deliveries", result["deliveries"], result["deliveries_per_s"]),
+    ]
+
+
+def markdown(result: dict[str, Any]) -> str:
+    lines = [
+        *load_table(result),
         "",
         f"Alerts: {result['alerts']}; recovery actions: {result['recovery_actions']}; "
         f"monitors ever seen not Healthy: {len(result['monitors_ever_not_healthy'])}; "

@@ -62,6 +62,7 @@ from bench.soak import (
     HealthWatch,
     Tally,
     failed_probes,
+    load_table,
     message,
     read_and_delete,
 )
@@ -391,13 +392,6 @@ def hang_worker(org: UpOrganization, load: Load, started: float) -> dict[str, An
 
 
 def markdown(capacity: dict[str, Any], result: dict[str, Any]) -> str:
-    s, d = result["sessions"], result["deliveries"]
-
-    def row(name: str, t: dict[str, Any], rate: float) -> str:
-        lat = t["latency_ms"]
-        return (f"| {name} | {rate:.2f} | {t['ok']:,} | {t['failed']:,} | {t['late']:,} "
-                f"| {lat['p50']} | {lat['p90']} | {lat['p99']} | {lat['max']} |")  # fmt: skip
-
     given = (f" (the soak's rate is a fraction of {capacity['given']} sessions/s given "
              "with --capacity)" if capacity.get("given") else "")  # fmt: skip
     lines = [
@@ -408,10 +402,7 @@ def markdown(capacity: dict[str, Any], result: dict[str, Any]) -> str:
         f"sessions/s; {result['sessions_not_started']:,} of {result['sessions_planned']:,} "
         "planned sessions not started by the deadline.",
         "",
-        "| load | per s | ok | failed | late | p50 ms | p90 ms | p99 ms | max ms |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|---:|",
-        row("POP3 sessions through cas1", s, result["sessions_per_s"]),
-        row("LMTP deliveries", d, result["deliveries_per_s"]),
+        *load_table(result),
         "",
         f"Alerts: {result['alerts']}; recovery actions: {result['recovery_actions']} "
         f"(of them hung-worker kills: {result['hung_worker_kills']}); monitors ever seen "
