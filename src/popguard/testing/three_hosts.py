@@ -76,7 +76,9 @@ class ThreeHosts:
         return list(self.hosts["cas1"].command(
             sys.executable, "-m", "popguard.testing.mail_load", *argv,
             "--pop3s", self.hosts["cas1"].address, "--ca", str(self.ca),
-            "--user", self.user, "--password", self.password,
+            # `=` forms: a generated password may begin with "-", which argparse would
+            # take for an option.
+            f"--user={self.user}", f"--password={self.password}",
         ))  # fmt: skip
 
     def start_load(self, seconds: float) -> subprocess.Popen[str]:
