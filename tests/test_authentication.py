@@ -24,6 +24,7 @@ from popguard.directory.passwords import (
     FAILED_LOGIN_BASE_DELAY,
     FAILED_LOGIN_MAX_DELAY,
     LoginDelays,
+    generate_password,
     hash_password,
 )
 from popguard.services.authentication import KDF_SLOTS, Authenticator, Slots
@@ -363,3 +364,11 @@ def counters_after(org: Organization, **expected: object) -> dict[str, object]:
             return shown
         time.sleep(0.2)
     raise AssertionError(f"front end counters {shown} never showed {expected}")
+
+
+def test_a_generated_password_never_looks_like_an_option() -> None:
+    """A password `up` or new-mailbox makes is pasted after `--password` or `-p`: one
+    beginning with "-" (one in 64 of token_urlsafe's) would be taken for an option."""
+    passwords = [generate_password() for _ in range(2000)]
+    assert not [password for password in passwords if password.startswith("-")]
+    assert len(set(passwords)) == len(passwords)

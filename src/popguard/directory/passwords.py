@@ -31,7 +31,12 @@ def verify_password(password_hash: str, password: str) -> bool:
 
 
 def generate_password() -> str:
-    return secrets.token_urlsafe(GENERATED_PASSWORD_BYTES)
+    """A random URL-safe password that does not begin with "-": users paste it after
+    an option (`--password`, `-p`), and getopt and argparse would take it for one."""
+    while True:
+        password = secrets.token_urlsafe(GENERATED_PASSWORD_BYTES)
+        if not password.startswith("-"):
+            return password
 
 
 # A KDF costs tens of milliseconds on purpose; the cache lets a mailbox that just
