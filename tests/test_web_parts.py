@@ -5,6 +5,7 @@ login redirect's target."""
 from __future__ import annotations
 
 import asyncio
+import time
 
 from hypothesis import given
 from hypothesis import strategies as st
@@ -110,6 +111,41 @@ def test_the_watcher_records_history_first_then_changes() -> None:
         "server": "mbx1", "health_set": "POP.Protocol", "value": "Unhealthy", "was": "Degraded"
     }  # fmt: skip
     assert changes(second, snapshot("Healthy", "mbx2", {1: action}), log) == 0
+
+
+def _action(server: str, number: int, start: str) -> dict[str, object]:
+    return {"Server": server, "Id": number, "ResponderName": "PopSelfTestRestart",
+            "ActionId": "RestartService", "TargetResource": "pop3be", "Result": "Succeeded",
+            "Context": "", "StartTime": start}  # fmt: skip
+
+
+def _look(actions: list[dict[str, object]], answered: set[str], unanswered: set[str]) -> Snapshot:
+    return Snapshot({}, {(str(a["Server"]), int(str(a["Id"]))): a for a in actions}, {}, {}, {},
+                    answered=frozenset(answered), unanswered=frozenset(unanswered))  # fmt: skip
+
+
+def test_a_health_service_that_was_away_brings_history_not_news() -> None:
+    """A server whose health service did not answer one look is not news when it
+    answers again: its actions the feed already has are not added twice, and one that
+    answers for the first time (down when the watcher started) brings its stored
+    actions at their own times, not stamped now."""
+    log = EventLog()
+    old_one = _action("mbx1", 1, "2026-01-01T00:00:00+00:00")
+    assert changes(None, first := _look([old_one], {"mbx1"}, {"mbx2"}), log) == 1
+    mbx2_history = _action("mbx2", 7, "2026-01-01T00:00:05+00:00")
+    second = _look([mbx2_history], {"mbx2"}, {"mbx1"})  # mbx1's health service restarts
+    assert changes(first, second, log) == 1
+    (event,) = log.newest_first(1)
+    assert event.text.startswith("mbx2: PopSelfTestRestart") and event.at == 1767225605.0
+    new_one = _action("mbx1", 2, "2026-01-01T00:10:00+00:00")
+    third = _look([old_one, new_one, mbx2_history], {"mbx1", "mbx2"}, set())
+    before = time.time()
+    assert changes(second, third, log) == 1  # only mbx1's new action, as news
+    (event,) = log.newest_first(1)
+    assert event.text.startswith("mbx1: PopSelfTestRestart") and event.at >= before
+    assert (
+        changes(third, _look([old_one, new_one, mbx2_history], {"mbx1", "mbx2"}, set()), log) == 0
+    )
 
 
 def test_the_page_stays_on_loopback_unless_told() -> None:

@@ -84,6 +84,24 @@ class Snapshot:
     # The health sets' changes each server recorded since the watcher's last look
     # (GET /v1/healthsetchanges): every step, even one shorter than a look apart.
     set_changes: list[dict[str, Any]] = field(default_factory=list)
+    # Servers whose health service answered this look (once compared: this look or an
+    # earlier one), and those that did not answer this one: the rows of one that did
+    # not are not gone, only unknown this time.
+    answered: frozenset[str] = frozenset()
+    unanswered: frozenset[str] = frozenset()
+
+
+def _carry_forward(old: Snapshot, now: Snapshot) -> None:
+    """Keep in `now` the actions and alerts of the servers that did not answer it, as
+    `old` knew them: else their return would make their whole history look new."""
+    for server in now.unanswered:
+        for key, row in old.actions.items():
+            if key[0] == server:
+                now.actions.setdefault(key, row)
+        for key, row in old.alerts.items():
+            if key[0] == server:
+                now.alerts.setdefault(key, row)
+    now.answered = now.answered | old.answered
 
 
 def changes(before: Snapshot | None, now: Snapshot, log: EventLog) -> int:
@@ -98,12 +116,19 @@ def changes(before: Snapshot | None, now: Snapshot, log: EventLog) -> int:
 
     first = before is None
     old = before or Snapshot({}, {}, {}, {}, {})
+    _carry_forward(old, now)
+    # A server whose health service answers for the first time (it was down when the
+    # watcher started) brings its stored history: recorded at its own times, like the
+    # first look's, not as news.
+    newcomers = now.answered - old.answered if not first else frozenset()
     history: list[tuple[str, str, float | None, dict[str, Any]]] = []
+    backfill: list[tuple[str, str, float | None, dict[str, Any]]] = []
     for key, row in now.actions.items():
         if key not in old.actions or old.actions[key].get("Result") != row.get("Result"):
             text = (f"{row['Server']}: {row['ResponderName']} [{row['ActionId']}] on "
                     f"{row['TargetResource']}: {row['Result']}. {row['Context']}")  # fmt: skip
-            history.append(("recovery", text, _stamp(row.get("StartTime")), {"server": key[0]}))
+            into = backfill if key[0] in newcomers else history
+            into.append(("recovery", text, _stamp(row.get("StartTime")), {"server": key[0]}))
     for key, row in now.alerts.items():
         was = old.alerts.get(key)
         if (
@@ -119,7 +144,8 @@ def changes(before: Snapshot | None, now: Snapshot, log: EventLog) -> int:
                 what = f"raised ({row.get('Notification') or 'not sent yet'})"
             text = (f"{row['Server']}: alert {row['HealthSetName']}\\{row['MonitorName']} on "
                     f"{row['TargetResource']} {what}")  # fmt: skip
-            history.append(("alert", text, _stamp(row.get("RaisedTime")), {"server": key[0]}))
+            into = backfill if key[0] in newcomers else history
+            into.append(("alert", text, _stamp(row.get("RaisedTime")), {"server": key[0]}))
     for number, entry in now.operator.items():
         if number not in old.operator:
             row = entry
@@ -139,7 +165,7 @@ def changes(before: Snapshot | None, now: Snapshot, log: EventLog) -> int:
         add(kind, text, at if first else None, **data)
     if first:
         return count
-    for kind, text, at, data in sorted(states, key=lambda h: h[2] or 0.0):
+    for kind, text, at, data in sorted(backfill + states, key=lambda h: h[2] or 0.0):
         add(kind, text, at, **data)
     for database, active in now.active.items():
         previous = old.active.get(database)
