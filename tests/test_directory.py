@@ -192,6 +192,15 @@ def test_overrides_repairing_and_repairs(directory_data: Path) -> None:
         )
         assert directory.remove_monitoring_override(None, own.identity, "Monitor", "Enabled") == 0
         assert directory.remove_monitoring_override(None, everywhere.identity, "Probe", "x") == 0
+        # An override added after `everywhere` expired takes its row away with it.
+        later = MonitoringOverride(
+            "mbx2", "POP\\PopSelfTestMonitor", "Monitor", "Enabled", "False", now + 61, now + 120
+        )  # fmt: skip
+        third = directory.add_monitoring_override(later)
+        rows = directory.raw_engine().execute("SELECT id FROM monitoring_overrides").fetchall()
+        assert [row[0] for row in rows] == [third]
+        assert [o.id for o in directory.monitoring_overrides("mbx2", now + 62)] == [third]
+        directory.remove_monitoring_override("mbx2", later.identity, "Monitor", "Enabled")
 
         directory.set_monitor_repairing("mbx1", "POP\\PopSelfTestMonitor", True)
         directory.set_monitor_repairing("mbx1", "POP\\PopSelfTestMonitor", True)

@@ -674,6 +674,9 @@ class Directory:
         if override.server is not None:
             self.get_server(override.server)
         with self._transaction() as db:
+            # Expired ones go here, so the table (read whole by every health service)
+            # holds only what still counts.
+            db.execute("DELETE FROM monitoring_overrides WHERE expires <= $1", (override.created,))
             row = db.execute(
                 "INSERT INTO monitoring_overrides (server, identity, item_type, property_name, "
                 "property_value, created, expires) VALUES ($1, $2, $3, $4, $5, $6, $7) "
@@ -687,16 +690,18 @@ class Directory:
             return 0 if row is None else int(row[0])
 
     def monitoring_overrides(self, server: str | None, now: float) -> list[MonitoringOverride]:
-        """Unexpired overrides for `server` (its own and the global ones), or all with None."""
+        """Unexpired overrides for `server` (its own and the global ones), or all with None.
+
+        The clock is applied here, not in the query: the same statement every time is
+        one a process remembers through a directory outage, and an override that
+        expires during one stops counting even so."""
         if server is None:
-            rows = self._engine.execute(
-                "SELECT * FROM monitoring_overrides WHERE expires > $1 ORDER BY id", (now,)
-            ).fetchall()
+            rows = self._engine.execute("SELECT * FROM monitoring_overrides ORDER BY id").fetchall()
         else:
             rows = self._engine.execute(
-                "SELECT * FROM monitoring_overrides WHERE expires > $1 AND "
-                "(server IS NULL OR lower(server) = lower($2)) ORDER BY id",
-                (now, server),
+                "SELECT * FROM monitoring_overrides "
+                "WHERE server IS NULL OR lower(server) = lower($1) ORDER BY id",
+                (server,),
             ).fetchall()
         return [
             MonitoringOverride(
@@ -704,6 +709,7 @@ class Directory:
                 r["property_value"], r["created"], r["expires"], r["id"],
             )
             for r in rows
+            if r["expires"] > now
         ]  # fmt: skip
 
     def remove_monitoring_override(
