@@ -48,6 +48,9 @@ from popguard.errors import UserError
 # Any constant: the key of the one lock every directory writer takes.
 WRITERS_LOCK = 0x706F70_6775617264 & 0x7FFFFFFFFFFFFFFF
 CONNECT_TIMEOUT = 5  # seconds, libpq's connect_timeout and the pool's wait
+# A caller waits for a pooled connection in slices this long, asking between them
+# whether the process has declared an outage (see PostgresEngine._connection).
+POOL_WAIT_SLICE = 0.2
 POOL_SIZE = 4
 RETRY_INTERVAL = 2.0  # seconds between tries while the directory is unreachable
 REMEMBERED_READS = 50_000  # about 200 bytes each: a mailbox row per user seen
@@ -108,8 +111,15 @@ class _Transaction:
         return _run(self._connection, sql, params)
 
 
+class _GaveUpWaiting(psycopg_pool.PoolTimeout):
+    """Stopped waiting for a pooled connection: this process found the directory
+    unreachable meanwhile."""
+
+
 def _unavailable(location: PostgresLocation, exc: psycopg.Error) -> DirectoryUnavailable:
-    if isinstance(exc, psycopg_pool.PoolTimeout):
+    if isinstance(exc, _GaveUpWaiting):
+        why = "found unreachable while waiting for a connection"
+    elif isinstance(exc, psycopg_pool.PoolTimeout):
         why = f"no connection within {CONNECT_TIMEOUT} s"
     else:
         why = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
@@ -315,7 +325,7 @@ class PostgresEngine:
 
     def _read(self, sql: str, params: Sequence[object]) -> PgResult:
         try:
-            with self._pool.connection() as connection:
+            with self._connection(CONNECT_TIMEOUT) as connection:
                 return _run(connection, sql, params)
         except psycopg_pool.PoolTimeout:
             raise
@@ -323,8 +333,34 @@ class PostgresEngine:
             # A connection that died while idle in the pool (PostgreSQL restarted):
             # have the pool test the others, and try once more on a fresh one.
             self._pool.check()
-            with self._pool.connection(timeout=1.0) as connection:
+            with self._connection(1.0) as connection:
                 return _run(connection, sql, params)
+
+    @contextmanager
+    def _connection(self, patience: float) -> Iterator[psycopg.Connection[Any]]:
+        """A connection from the pool, as the pool's own `connection()` gives it (its
+        transaction ended on the way out), waited for in short slices while this
+        process finds the directory reachable. A read or write that began just before
+        an outage is declared (in milliseconds, by the LISTEN connection) then gives
+        up at once and answers from memory or fails, instead of holding its thread for
+        the whole wait: a passive copy's replicator behind its status report no longer
+        misses the 3 s a delivery waits for its pull. PoolTimeout when none came."""
+        deadline = time.monotonic() + patience
+        while True:
+            left = deadline - time.monotonic()
+            try:
+                connection = self._pool.getconn(timeout=max(0.001, min(POOL_WAIT_SLICE, left)))
+                break
+            except psycopg_pool.PoolTimeout:
+                if not self._reachability.up:
+                    raise _GaveUpWaiting() from None
+                if left <= POOL_WAIT_SLICE:
+                    raise
+        try:
+            with connection:
+                yield connection
+        finally:
+            self._pool.putconn(connection)
 
     def reachable(self) -> bool:
         """False while this process finds the directory unreachable."""
@@ -336,7 +372,7 @@ class PostgresEngine:
         if not reachability.up:
             raise reachability.unavailable()
         try:
-            with self._pool.connection() as connection, connection.transaction():
+            with self._connection(CONNECT_TIMEOUT) as connection, connection.transaction():
                 connection.execute("SELECT pg_advisory_xact_lock(%s)", (WRITERS_LOCK,))
                 yield _Transaction(connection)
         except psycopg.OperationalError as exc:
