@@ -323,7 +323,6 @@ def look(data: Path, seen_changes: dict[str, int]) -> Snapshot:
             lambda server: f"healthsetchanges?after={seen_changes.get(server, 0)}",
         )  # fmt: skip
         operator = screens.operator_actions(directory)
-        servers = {server.name for server in directory.list_servers()}
     unanswered = frozenset(
         str(r["Server"]) for r in actions_rows + alert_rows + change_rows if "Error" in r
     )
@@ -334,6 +333,6 @@ def look(data: Path, seen_changes: dict[str, int]) -> Snapshot:
         active={d["Name"]: d["ActiveServer"] for d in org.databases},
         operator={r["Id"]: r for r in operator},
         set_changes=[r for r in change_rows if "Id" in r],
-        answered=frozenset(servers - unanswered),
+        answered=frozenset(org.servers) - unanswered,
         unanswered=unanswered,
     )
